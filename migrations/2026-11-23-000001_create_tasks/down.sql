@@ -1,0 +1,2 @@
+DROP TABLE task_executions;
+DROP TABLE tasks;

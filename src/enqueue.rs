@@ -1,0 +1,111 @@
+//! Enqueueing from Rust: typed, inside the caller's own transaction when it has one.
+
+use chrono::{DateTime, Utc};
+use diesel::PgConnection;
+
+use crate::registry::{Registry, Task};
+use crate::storage::{self, TaskInsert};
+use crate::Error;
+
+/// A task about to be inserted, with its scheduling options.
+///
+/// ```no_run
+/// # use task_engine::{NewTask, Task, TaskContext, TaskError};
+/// # #[derive(serde::Serialize, serde::Deserialize)] struct SendEmail { to: String }
+/// # impl Task for SendEmail { const NAME: &'static str = "send_email"; type Output = ();
+/// #     fn run(&self, _: &TaskContext) -> Result<(), TaskError> { Ok(()) } }
+/// # fn f(conn: &mut diesel::PgConnection) -> Result<(), task_engine::Error> {
+/// use diesel::Connection;
+/// conn.transaction(|conn| {
+///     // ... the caller's own writes ...
+///     NewTask::new(&SendEmail { to: "a@example.com".into() })?.priority(5).insert(conn)
+/// })?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    task_class: String,
+    parameters: serde_json::Value,
+    priority: i32,
+    run_at: Option<DateTime<Utc>>,
+    max_attempts: i32,
+}
+
+impl NewTask {
+    /// Describes a typed task, with its type's defaults.
+    pub fn new<T: Task>(task: &T) -> Result<Self, Error> {
+        let parameters =
+            serde_json::to_value(task).map_err(|source| Error::Serialization { task_class: T::NAME, source })?;
+        Ok(Self::unchecked(T::NAME, parameters, T::MAX_ATTEMPTS))
+    }
+
+    /// Describes a task given by type name and JSON parameters, checked against the
+    /// registry: an unknown type or parameters that do not fit are refused.
+    pub fn from_json(registry: &Registry, task_class: &str, parameters: serde_json::Value) -> Result<Self, Error> {
+        let entry = registry.check(task_class, &parameters)?;
+        Ok(Self::unchecked(entry.name(), parameters, entry.max_attempts()))
+    }
+
+    fn unchecked(task_class: &str, parameters: serde_json::Value, max_attempts: i32) -> Self {
+        Self { task_class: task_class.to_owned(), parameters, priority: 0, run_at: None, max_attempts }
+    }
+
+    /// Sets the priority: higher runs first (default 0).
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Makes the task wait until `run_at` (default: due at once).
+    pub fn run_at(mut self, run_at: DateTime<Utc>) -> Self {
+        self.run_at = Some(run_at);
+        self
+    }
+
+    /// Overrides the type's number of attempts (at least 1).
+    pub fn max_attempts(mut self, max_attempts: i32) -> Self {
+        self.max_attempts = max_attempts.max(1);
+        self
+    }
+
+    /// Returns the task type's name.
+    pub fn task_class(&self) -> &str {
+        &self.task_class
+    }
+
+    fn as_insert(&self) -> TaskInsert<'_> {
+        TaskInsert {
+            task_class: &self.task_class,
+            parameters: &self.parameters,
+            priority: self.priority,
+            run_at: self.run_at,
+            max_attempts: self.max_attempts,
+        }
+    }
+
+    /// Inserts the task and returns its id. Inside the caller's transaction, the task
+    /// exists (and wakes workers) only if that transaction commits.
+    pub fn insert(&self, conn: &mut PgConnection) -> Result<i64, Error> {
+        let ids = storage::insert_tasks(conn, &[self.as_insert()])?;
+        Ok(ids[0])
+    }
+
+    /// Inserts `count` copies of the task in one statement and returns their ids.
+    pub fn insert_copies(&self, conn: &mut PgConnection, count: u32) -> Result<Vec<i64>, Error> {
+        Ok(storage::insert_copies(conn, &self.as_insert(), i64::from(count))?)
+    }
+}
+
+/// Inserts a typed task, due at once, and returns its id.
+pub fn enqueue<T: Task>(conn: &mut PgConnection, task: &T) -> Result<i64, Error> {
+    NewTask::new(task)?.insert(conn)
+}
+
+/// Inserts many tasks in one statement and returns their ids, in the order given.
+pub fn enqueue_many(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<Vec<i64>, Error> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let inserts: Vec<TaskInsert<'_>> = tasks.iter().map(NewTask::as_insert).collect();
+    Ok(storage::insert_tasks(conn, &inserts)?)
+}

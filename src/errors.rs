@@ -1,0 +1,73 @@
+//! The library's public errors.
+
+use std::error::Error as StdError;
+
+/// What can go wrong in the engine's own work (not in a task: see [`crate::TaskError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A query failed or its transaction was rolled back.
+    #[error("database error: {0}")]
+    Database(#[from] diesel::result::Error),
+
+    /// A connection to PostgreSQL could not be opened.
+    #[error("could not connect to PostgreSQL: {0}")]
+    Connection(#[from] diesel::ConnectionError),
+
+    /// The connection pool gave no connection in time (database away or pool exhausted).
+    #[error("no database connection available: {0}")]
+    Pool(#[from] diesel::r2d2::PoolError),
+
+    /// Applying the embedded migrations failed.
+    #[error("migration failed: {0}")]
+    Migration(Box<dyn StdError + Send + Sync>),
+
+    /// A task type name that no linked task crate registers.
+    #[error("unknown task type `{name}` (registered types: {})", known.join(", "))]
+    UnknownTaskType {
+        /// The name asked for.
+        name: String,
+        /// The names this registry knows, sorted.
+        known: Vec<&'static str>,
+    },
+
+    /// Parameters that do not deserialise into the task type's parameters.
+    #[error("parameters do not fit task type `{task_class}`: {source}")]
+    InvalidParameters {
+        /// The task type.
+        task_class: String,
+        /// What serde said.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A task value that could not be serialised to JSON.
+    #[error("could not serialise the parameters of task type `{task_class}`: {source}")]
+    Serialization {
+        /// The task type.
+        task_class: &'static str,
+        /// What serde said.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// Two linked task crates register task types under one name.
+    #[error("two task types are registered as `{name}`: `{first}` and `{second}`")]
+    DuplicateTaskType {
+        /// The shared name.
+        name: &'static str,
+        /// One Rust type registered under it.
+        first: &'static str,
+        /// The other.
+        second: &'static str,
+    },
+
+    /// An operating-system call of the engine failed (spawning a thread, say).
+    #[error("{context}: {source}")]
+    Io {
+        /// What the engine was doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}

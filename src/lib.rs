@@ -1,0 +1,25 @@
+#![doc = include_str!("../README.md")]
+
+pub mod cluster;
+mod context;
+mod enqueue;
+mod errors;
+mod migrate;
+pub mod models;
+mod registry;
+pub mod report;
+mod runner;
+pub mod schema;
+mod storage;
+mod wakeup;
+mod worker;
+
+pub use context::TaskContext;
+pub use enqueue::{enqueue, enqueue_many, NewTask};
+pub use errors::Error;
+pub use migrate::{pending_migrations, run_migrations};
+pub use registry::{Registry, Task, TaskEntry, TaskError};
+pub use runner::{connection_pool, default_instance_name, PgPool, PooledConnection, Runner, RunningEngine, StopHandle};
+
+#[doc(hidden)]
+pub use inventory as __inventory;

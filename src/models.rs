@@ -1,0 +1,55 @@
+//! Diesel models of the two tables: a [`Task`] has many [`TaskExecution`]s.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use serde::Serialize;
+
+use crate::schema::{task_executions, tasks};
+
+/// One unit of work, in any state, with its scheduling and retry bookkeeping.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable, Identifiable, Serialize)]
+#[diesel(table_name = tasks, check_for_backend(diesel::pg::Pg))]
+pub struct Task {
+    pub id: i64,
+    pub task_class: String,
+    pub task_parameters: serde_json::Value,
+    pub status: String,
+    pub instance: Option<String>,
+    pub priority: i32,
+    pub run_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One attempt at running a task: open while `stopped_at` is null.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable, Identifiable, Associations, Serialize)]
+#[diesel(belongs_to(Task), table_name = task_executions, check_for_backend(diesel::pg::Pg))]
+pub struct TaskExecution {
+    pub id: i64,
+    pub task_id: i64,
+    pub attempt: i32,
+    pub started_at: DateTime<Utc>,
+    pub stopped_at: Option<DateTime<Utc>>,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub instance: String,
+    pub worker: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The values a task row can have in `status` (the migration's CHECK constraint).
+pub mod status {
+    /// Runnable once `run_at` has passed.
+    pub const WAITING: &str = "waiting";
+    /// Claimed by an instance, with an open execution.
+    pub const RUNNING: &str = "running";
+    /// Ran to completion.
+    pub const STOPPED: &str = "stopped";
+    /// Failed for good: attempts exhausted or a permanent error.
+    pub const FAILED: &str = "failed";
+    /// Cancelled by an operator before it could complete.
+    pub const CANCELLED: &str = "cancelled";
+}

@@ -1,0 +1,109 @@
+//! Read-only monitoring queries, for `engine status` and `engine demo`. Nothing here
+//! locks or changes a row.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Double, Nullable, Text};
+
+use crate::models::{Task, TaskExecution};
+use crate::schema::{task_executions, tasks};
+use crate::Error;
+
+/// How many tasks of one type are in one state.
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+pub struct StatusCount {
+    #[diesel(sql_type = Text)]
+    pub task_class: String,
+    #[diesel(sql_type = Text)]
+    pub status: String,
+    #[diesel(sql_type = BigInt)]
+    pub count: i64,
+}
+
+/// Counts tasks by type and state, sorted by type then state.
+pub fn status_counts(conn: &mut PgConnection) -> Result<Vec<StatusCount>, Error> {
+    Ok(diesel::sql_query(
+        "SELECT task_class, status, count(*) AS count FROM tasks
+         GROUP BY task_class, status ORDER BY task_class, status",
+    )
+    .load(conn)?)
+}
+
+/// Returns the `limit` most recently started executions, newest first, with their
+/// task's type.
+pub fn recent_executions(conn: &mut PgConnection, limit: i64) -> Result<Vec<(TaskExecution, String)>, Error> {
+    Ok(task_executions::table
+        .inner_join(tasks::table)
+        .select((TaskExecution::as_select(), tasks::task_class))
+        .order(task_executions::id.desc())
+        .limit(limit)
+        .load(conn)?)
+}
+
+/// Returns a task with every execution of it, oldest first, through the models'
+/// one-to-many relation; `None` if there is no such task.
+pub fn task_with_executions(conn: &mut PgConnection, id: i64) -> Result<Option<(Task, Vec<TaskExecution>)>, Error> {
+    let Some(task) = tasks::table.find(id).select(Task::as_select()).first(conn).optional()? else {
+        return Ok(None);
+    };
+    let executions =
+        TaskExecution::belonging_to(&task).select(TaskExecution::as_select()).order(task_executions::id).load(conn)?;
+    Ok(Some((task, executions)))
+}
+
+/// Run-time statistics of one task type, from its finished executions.
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+pub struct TypeSummary {
+    #[diesel(sql_type = Text)]
+    pub task_class: String,
+    /// Tasks of the type.
+    #[diesel(sql_type = BigInt)]
+    pub tasks: i64,
+    /// Finished executions.
+    #[diesel(sql_type = BigInt)]
+    pub executions: i64,
+    /// Executions that ended with an error.
+    #[diesel(sql_type = BigInt)]
+    pub failures: i64,
+    /// Mean run time, milliseconds.
+    #[diesel(sql_type = Nullable<Double>)]
+    pub mean_ms: Option<f64>,
+    /// 95th percentile of run time, milliseconds.
+    #[diesel(sql_type = Nullable<Double>)]
+    pub p95_ms: Option<f64>,
+}
+
+/// Summarises every task type among the tasks whose id is `first_id` or more: tasks,
+/// finished executions, failures, mean and p95 run time (from `started_at` to
+/// `stopped_at`), sorted by type.
+pub fn type_summaries(conn: &mut PgConnection, first_id: i64) -> Result<Vec<TypeSummary>, Error> {
+    Ok(diesel::sql_query(
+        "WITH runs AS (
+             SELECT t.task_class, e.error,
+                    extract(epoch FROM e.stopped_at - e.started_at)::float8 * 1000 AS ms
+             FROM task_executions e JOIN tasks t ON t.id = e.task_id
+             WHERE e.stopped_at IS NOT NULL AND t.id >= $1
+         ), counts AS (
+             SELECT task_class, count(*) AS tasks FROM tasks WHERE id >= $1 GROUP BY task_class
+         )
+         SELECT c.task_class, c.tasks,
+                count(r.ms) AS executions,
+                count(r.error) AS failures,
+                avg(r.ms) AS mean_ms,
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY r.ms) AS p95_ms
+         FROM counts c LEFT JOIN runs r ON r.task_class = c.task_class
+         GROUP BY c.task_class, c.tasks ORDER BY c.task_class",
+    )
+    .bind::<BigInt, _>(first_id)
+    .load(conn)?)
+}
+
+/// Counts tasks not yet in a final state (`waiting` or `running`).
+pub fn unfinished_tasks(conn: &mut PgConnection) -> Result<i64, Error> {
+    Ok(tasks::table.filter(tasks::status.eq_any(["waiting", "running"])).count().get_result(conn)?)
+}
+
+/// The time of the database server, for comparisons with stored times.
+pub fn database_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, Error> {
+    Ok(diesel::select(diesel::dsl::now.into_sql::<diesel::sql_types::Timestamptz>()).get_result(conn)?)
+}

@@ -1,0 +1,37 @@
+// @generated automatically by Diesel CLI.
+
+diesel::table! {
+    task_executions (id) {
+        id -> Int8,
+        task_id -> Int8,
+        attempt -> Int4,
+        started_at -> Timestamptz,
+        stopped_at -> Nullable<Timestamptz>,
+        result -> Nullable<Jsonb>,
+        error -> Nullable<Text>,
+        instance -> Text,
+        worker -> Int4,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    tasks (id) {
+        id -> Int8,
+        task_class -> Text,
+        task_parameters -> Jsonb,
+        status -> Text,
+        instance -> Nullable<Text>,
+        priority -> Int4,
+        run_at -> Timestamptz,
+        attempts -> Int4,
+        max_attempts -> Int4,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::joinable!(task_executions -> tasks (task_id));
+
+diesel::allow_tables_to_appear_in_same_query!(task_executions, tasks,);

@@ -1,0 +1,227 @@
+//! Every statement that changes the state of tasks and executions. Each is a single
+//! statement (one implicit transaction), so a crash between two of them never leaves a
+//! task half-claimed or half-finished. Claims and completions take slices and return
+//! vectors: one worker claims one task today, and a producer claiming for all idle
+//! workers (or a completer recording many attempts) uses the same statements.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};
+
+/// A task claimed by this instance, with its freshly opened execution.
+#[derive(Debug, Clone, QueryableByName)]
+pub(crate) struct ClaimedTask {
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+    #[diesel(sql_type = Text)]
+    pub task_class: String,
+    #[diesel(sql_type = Jsonb)]
+    pub task_parameters: serde_json::Value,
+    /// This attempt's number, 1 for the first.
+    #[diesel(sql_type = Integer)]
+    pub attempt: i32,
+    #[diesel(sql_type = Integer)]
+    pub max_attempts: i32,
+    #[diesel(sql_type = BigInt)]
+    pub execution_id: i64,
+    #[diesel(sql_type = Timestamptz)]
+    #[allow(dead_code)]
+    pub started_at: DateTime<Utc>,
+}
+
+/// Claims up to `limit` runnable tasks of the given types for `instance`: locks them
+/// with `FOR UPDATE SKIP LOCKED` (rows other claimers hold are passed over, not
+/// waited for), marks them `running` with one more attempt, and opens one execution
+/// per task, all in one statement. Highest priority first, then earliest due, then
+/// oldest; the walk follows `tasks_waiting_idx`.
+pub(crate) fn claim(
+    conn: &mut PgConnection,
+    instance: &str,
+    worker: i32,
+    task_classes: &[&str],
+    limit: i64,
+) -> QueryResult<Vec<ClaimedTask>> {
+    diesel::sql_query(
+        "WITH picked AS (
+             SELECT id FROM tasks
+             WHERE status = 'waiting' AND run_at <= now() AND task_class = ANY($1)
+             ORDER BY priority DESC, run_at, id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         ), claimed AS (
+             UPDATE tasks t
+             SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
+             FROM picked
+             WHERE t.id = picked.id
+             RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts,
+                       t.priority, t.run_at
+         ), opened AS (
+             INSERT INTO task_executions (task_id, attempt, started_at, instance, worker)
+             SELECT id, attempts, now(), $3, $4 FROM claimed
+             RETURNING id, task_id, started_at
+         )
+         SELECT c.id, c.task_class, c.task_parameters, c.attempts AS attempt, c.max_attempts,
+                o.id AS execution_id, o.started_at
+         FROM claimed c JOIN opened o ON o.task_id = c.id
+         ORDER BY c.priority DESC, c.run_at, c.id",
+    )
+    .bind::<Array<Text>, _>(task_classes)
+    .bind::<BigInt, _>(limit)
+    .bind::<Text, _>(instance)
+    .bind::<Integer, _>(worker)
+    .load(conn)
+}
+
+/// How an attempt ended, as the task row will show it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Outcome {
+    /// Ran to completion with this result: the task becomes `stopped`.
+    Succeeded(serde_json::Value),
+    /// Failed for good: the task becomes `failed`.
+    Failed(String),
+    /// Failed, to be tried again at the given time: the task goes back to `waiting`.
+    #[allow(dead_code)] // produced once retries land; the statement handles it already
+    Retry { error: String, run_at: DateTime<Utc> },
+}
+
+/// A finished attempt, waiting to be recorded.
+#[derive(Debug, Clone)]
+pub(crate) struct Completion {
+    pub execution_id: i64,
+    pub task_id: i64,
+    pub attempt: i32,
+    pub worker: i32,
+    /// How long the attempt ran, measured by the worker: `stopped_at` is
+    /// `started_at` plus this, so that both come from the server's clock.
+    pub elapsed: Duration,
+    pub outcome: Outcome,
+}
+
+/// Records finished attempts, in one statement: closes each still-open execution with
+/// its result or error and moves its task to the outcome's state. An attempt whose
+/// execution was already closed (the rescue took it), or whose task has moved on to
+/// another attempt, changes nothing. Returns how many tasks changed state.
+pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> QueryResult<usize> {
+    let n = completions.len();
+    let (mut execution_ids, mut task_ids, mut attempts, mut workers, mut elapsed_us) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut statuses, mut results, mut errors, mut run_ats) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for c in completions {
+        execution_ids.push(c.execution_id);
+        task_ids.push(c.task_id);
+        attempts.push(c.attempt);
+        workers.push(c.worker);
+        elapsed_us.push(i64::try_from(c.elapsed.as_micros()).unwrap_or(i64::MAX));
+        let (status, result, error, run_at) = match &c.outcome {
+            Outcome::Succeeded(result) => ("stopped", Some(result.clone()), None, None),
+            Outcome::Failed(error) => ("failed", None, Some(error.clone()), None),
+            Outcome::Retry { error, run_at } => ("waiting", None, Some(error.clone()), Some(*run_at)),
+        };
+        statuses.push(status);
+        results.push(result);
+        errors.push(error);
+        run_ats.push(run_at);
+    }
+    diesel::sql_query(
+        "WITH done AS (
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[],
+                                  $6::text[], $7::jsonb[], $8::text[], $9::timestamptz[])
+                 AS d(execution_id, task_id, attempt, worker, elapsed_us, status, result, error, run_at)
+         ), closed AS (
+             UPDATE task_executions e
+             SET stopped_at = e.started_at + d.elapsed_us * interval '1 microsecond',
+                 result = d.result, error = d.error, worker = d.worker, updated_at = now()
+             FROM done d
+             WHERE e.id = d.execution_id AND e.stopped_at IS NULL
+             RETURNING d.task_id, d.attempt, d.status, d.run_at
+         )
+         UPDATE tasks t
+         SET status = c.status, run_at = COALESCE(c.run_at, t.run_at), updated_at = now()
+         FROM closed c
+         WHERE t.id = c.task_id AND t.status = 'running' AND t.attempts = c.attempt",
+    )
+    .bind::<Array<BigInt>, _>(execution_ids)
+    .bind::<Array<BigInt>, _>(task_ids)
+    .bind::<Array<Integer>, _>(attempts)
+    .bind::<Array<Integer>, _>(workers)
+    .bind::<Array<BigInt>, _>(elapsed_us)
+    .bind::<Array<Text>, _>(statuses)
+    .bind::<Array<Nullable<Jsonb>>, _>(results)
+    .bind::<Array<Nullable<Text>>, _>(errors)
+    .bind::<Array<Nullable<Timestamptz>>, _>(run_ats)
+    .execute(conn)
+}
+
+/// A task to insert: see [`crate::NewTask`].
+pub(crate) struct TaskInsert<'a> {
+    pub task_class: &'a str,
+    pub parameters: &'a serde_json::Value,
+    pub priority: i32,
+    pub run_at: Option<DateTime<Utc>>,
+    pub max_attempts: i32,
+}
+
+#[derive(QueryableByName)]
+struct InsertedId {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+/// Inserts tasks in one statement, whatever their number, and returns their ids in
+/// the order given. A task without a run-at time is due at once (`now()`).
+pub(crate) fn insert_tasks(conn: &mut PgConnection, tasks: &[TaskInsert<'_>]) -> QueryResult<Vec<i64>> {
+    let classes: Vec<&str> = tasks.iter().map(|t| t.task_class).collect();
+    let parameters: Vec<&serde_json::Value> = tasks.iter().map(|t| t.parameters).collect();
+    let priorities: Vec<i32> = tasks.iter().map(|t| t.priority).collect();
+    let run_ats: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.run_at).collect();
+    let max_attempts: Vec<i32> = tasks.iter().map(|t| t.max_attempts).collect();
+    // WITH ORDINALITY and the ORDER BY make the ids come back in input order.
+    let rows: Vec<InsertedId> = diesel::sql_query(
+        "WITH inserted AS (
+             INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts)
+             SELECT c, p, pr, COALESCE(r, now()), m
+             FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::int[])
+                  WITH ORDINALITY AS n(c, p, pr, r, m, ord)
+             ORDER BY ord
+             RETURNING id
+         )
+         SELECT id FROM inserted ORDER BY id",
+    )
+    .bind::<Array<Text>, _>(classes)
+    .bind::<Array<Jsonb>, _>(parameters)
+    .bind::<Array<Integer>, _>(priorities)
+    .bind::<Array<Nullable<Timestamptz>>, _>(run_ats)
+    .bind::<Array<Integer>, _>(max_attempts)
+    .load(conn)?;
+    Ok(rows.into_iter().map(|r| r.id).collect())
+}
+
+/// Inserts `count` copies of one task in one statement (the parameters cross the wire
+/// once) and returns their ids, ascending.
+pub(crate) fn insert_copies(conn: &mut PgConnection, task: &TaskInsert<'_>, count: i64) -> QueryResult<Vec<i64>> {
+    let rows: Vec<InsertedId> = diesel::sql_query(
+        "WITH inserted AS (
+             INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts)
+             SELECT $1, $2, $3, COALESCE($4, now()), $5 FROM generate_series(1, $6)
+             RETURNING id
+         )
+         SELECT id FROM inserted ORDER BY id",
+    )
+    .bind::<Text, _>(task.task_class)
+    .bind::<Jsonb, _>(task.parameters)
+    .bind::<Integer, _>(task.priority)
+    .bind::<Nullable<Timestamptz>, _>(task.run_at)
+    .bind::<Integer, _>(task.max_attempts)
+    .bind::<BigInt, _>(count)
+    .load(conn)?;
+    Ok(rows.into_iter().map(|r| r.id).collect())
+}
