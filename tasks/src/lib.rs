@@ -1,0 +1,93 @@
+//! The project's own task types, used by the demo, the tests and the benchmarks.
+//! Each registers itself with `register_task!`: nothing else lists them.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use task_engine::{register_task, Task, TaskContext, TaskError};
+
+/// Makes sure the linker keeps this crate's registrations: call it once from the
+/// binary (an `inventory` registration in a crate nothing references is dropped).
+pub fn link() {}
+
+/// Does nothing; parameters `{}`, result `null`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Noop {}
+
+impl Task for Noop {
+    const NAME: &'static str = "noop";
+    type Output = ();
+
+    fn run(&self, _ctx: &TaskContext) -> Result<(), TaskError> {
+        Ok(())
+    }
+}
+register_task!(Noop);
+
+/// Returns its parameters, whatever JSON they are, as its result.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Echo(pub serde_json::Value);
+
+impl Task for Echo {
+    const NAME: &'static str = "echo";
+    type Output = serde_json::Value;
+
+    fn run(&self, _ctx: &TaskContext) -> Result<serde_json::Value, TaskError> {
+        Ok(self.0.clone())
+    }
+}
+register_task!(Echo);
+
+/// Sleeps `ms` milliseconds; result `null`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sleep {
+    pub ms: u64,
+}
+
+impl Task for Sleep {
+    const NAME: &'static str = "sleep";
+    type Output = ();
+
+    fn run(&self, _ctx: &TaskContext) -> Result<(), TaskError> {
+        std::thread::sleep(Duration::from_millis(self.ms));
+        Ok(())
+    }
+}
+register_task!(Sleep);
+
+/// Fails with `message`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fail {
+    pub message: String,
+}
+
+impl Task for Fail {
+    const NAME: &'static str = "fail";
+    type Output = ();
+
+    fn run(&self, _ctx: &TaskContext) -> Result<(), TaskError> {
+        Err(TaskError::new(&self.message))
+    }
+}
+register_task!(Fail);
+
+/// Panics with `message`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Panic {
+    pub message: String,
+}
+
+impl Task for Panic {
+    const NAME: &'static str = "panic";
+    type Output = ();
+
+    fn run(&self, _ctx: &TaskContext) -> Result<(), TaskError> {
+        panic!("{}", self.message)
+    }
+}
+register_task!(Panic);
