@@ -1,0 +1,219 @@
+//! The command line: subcommands, configuration (flags win over environment
+//! variables), logging set-up, and what each subcommand does.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use log::LevelFilter;
+use task_engine::{NewTask, Registry, Runner};
+
+use crate::database::Database;
+use crate::{demo, duration, status, UsageError};
+
+#[derive(Debug, Parser)]
+#[command(name = "engine", version, about = "A background task engine that keeps its tasks in PostgreSQL")]
+pub struct Cli {
+    /// PostgreSQL connection URL. Unset: a private cluster under --data-dir, created
+    /// and started on first use.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Where the embedded default keeps its PostgreSQL cluster (used without DATABASE_URL).
+    #[arg(long, env = "TASK_ENGINE_DATA_DIR", global = true, default_value = ".task_engine")]
+    pub data_dir: PathBuf,
+
+    /// Log level: off, error, warn, info, debug, trace.
+    #[arg(long, env = "TASK_ENGINE_LOG", global = true, default_value = "info")]
+    pub log_level: LevelFilter,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Applies the schema's migrations (the same files `diesel migration run` applies).
+    Migrate,
+    /// Lists the registered task types.
+    Tasks,
+    /// Enqueues tasks and prints their ids, one a line.
+    Enqueue {
+        /// The task type (see `engine tasks`).
+        task_type: String,
+        /// The parameters, as JSON.
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// How many copies to insert (in one statement).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        count: u32,
+    },
+    /// Runs an engine instance until SIGINT or SIGTERM.
+    Run {
+        /// Number of worker threads.
+        #[arg(long, env = "TASK_ENGINE_WORKERS", default_value_t = Runner::DEFAULT_WORKERS)]
+        workers: usize,
+        /// The instance's name (default: host name and process id).
+        #[arg(long, env = "TASK_ENGINE_INSTANCE")]
+        instance: Option<String>,
+        /// How long an idle worker sleeps before looking for work unprompted (500ms, 30s, 1h).
+        #[arg(long, value_parser = duration::parse, default_value = "1s")]
+        poll_interval: Duration,
+    },
+    /// Shows tasks by type and status and the latest executions, or one task's history.
+    Status {
+        /// Show this task and every attempt at it.
+        #[arg(long)]
+        task: Option<i64>,
+        /// How many recent executions to show.
+        #[arg(long, default_value_t = 10)]
+        recent: i64,
+    },
+    /// Runs a mix of the example tasks through the engine and prints a summary.
+    Demo {
+        /// Number of worker threads.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+    },
+}
+
+impl Cli {
+    /// Returns the instance name `engine run` will use, for the log lines.
+    fn instance_name(&self) -> Option<String> {
+        match &self.command {
+            Command::Run { instance, .. } => Some(instance.clone().unwrap_or_else(task_engine::default_instance_name)),
+            Command::Demo { .. } => Some("demo".to_owned()),
+            _ => None,
+        }
+    }
+}
+
+/// Sends log lines to stderr: time, level, instance, thread (`worker-N`), message.
+pub fn setup_logging(cli: &Cli) {
+    let instance = cli.instance_name().map(|name| format!("{name} ")).unwrap_or_default();
+    let result = fern::Dispatch::new()
+        .format(move |out, message, record| {
+            let thread = std::thread::current();
+            out.finish(format_args!(
+                "{} {:<5} [{}{}] {}",
+                chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+                record.level(),
+                instance,
+                thread.name().unwrap_or("main"),
+                message
+            ))
+        })
+        .level(cli.log_level)
+        .chain(std::io::stderr())
+        .apply();
+    if let Err(error) = result {
+        eprintln!("warning: logging not set up: {error}");
+    }
+}
+
+/// Sends panic reports to the log at debug level: a task's panic is caught by its
+/// worker and logged there once, with the task id, so the default report on stderr
+/// would only say it twice.
+pub fn route_panics_to_the_log() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let on_worker = std::thread::current().name().is_some_and(|name| name.starts_with("worker-"));
+        if on_worker {
+            log::debug!("{info}");
+        } else {
+            default_hook(info);
+        }
+    }));
+}
+
+pub fn execute(cli: Cli) -> anyhow::Result<()> {
+    let registry = Registry::from_inventory()?;
+    match cli.command {
+        Command::Tasks => {
+            for entry in registry.entries() {
+                println!("{}\t{}\tmax attempts {}", entry.name(), entry.rust_type(), entry.max_attempts());
+            }
+            Ok(())
+        }
+        Command::Migrate => {
+            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            let mut conn = db.connect()?;
+            let applied = task_engine::run_migrations(&mut conn)?;
+            if applied.is_empty() {
+                println!("the schema is up to date");
+            }
+            for name in applied {
+                println!("applied {name}");
+            }
+            Ok(())
+        }
+        Command::Enqueue { task_type, params, count } => {
+            // Check everything before touching the database: bad input inserts nothing.
+            let parameters: serde_json::Value =
+                serde_json::from_str(&params).map_err(|e| UsageError(format!("--params is not valid JSON: {e}")))?;
+            let task = NewTask::from_json(&registry, &task_type, parameters)?;
+            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            let mut conn = db.connect_migrated()?;
+            let ids = if count == 1 { vec![task.insert(&mut conn)?] } else { task.insert_copies(&mut conn, count)? };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for id in ids {
+                use std::io::Write as _;
+                writeln!(out, "{id}")?;
+            }
+            Ok(())
+        }
+        Command::Run { workers, instance, poll_interval } => {
+            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            db.connect_migrated()?;
+            let pool = task_engine::connection_pool(db.url(), pool_size(workers))?;
+            let engine = Runner::new(pool, registry)
+                .workers(workers)
+                .instance(instance.unwrap_or_else(task_engine::default_instance_name))
+                .poll_interval(poll_interval)
+                .start()?;
+            stop_on_signals(engine.stop_handle())?;
+            engine.join();
+            Ok(())
+        }
+        Command::Status { task, recent } => {
+            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            let mut conn = db.connect_migrated()?;
+            match task {
+                Some(id) => status::print_task(&mut conn, id),
+                None => status::print_overview(&mut conn, recent),
+            }
+        }
+        Command::Demo { workers } => demo::run(cli.database_url, &cli.data_dir, registry, workers),
+    }
+}
+
+/// One connection per worker, plus a few for the tasks' own queries.
+pub fn pool_size(workers: usize) -> u32 {
+    u32::try_from(workers).unwrap_or(u32::MAX / 2).saturating_add(2)
+}
+
+/// Starts the signal thread: the first SIGINT or SIGTERM stops the instance
+/// gracefully, a second one exits at once.
+fn stop_on_signals(stop: task_engine::StopHandle) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("could not install signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".to_owned())
+        .spawn(move || {
+            let mut received = 0;
+            for signal in signals.forever() {
+                received += 1;
+                if received == 1 {
+                    log::info!("signal {signal} received: stopping (send it again to exit at once)");
+                    stop.stop();
+                } else {
+                    log::warn!("second signal: exiting at once; tasks in flight will be rescued as lost");
+                    std::process::exit(1);
+                }
+            }
+        })
+        .context("could not start the signal thread")?;
+    Ok(())
+}

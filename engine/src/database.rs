@@ -1,0 +1,87 @@
+//! Which database a command uses: `DATABASE_URL`, or the embedded default, a private
+//! PostgreSQL cluster under the data directory that is created and started on first
+//! use and left running for the next command.
+
+use std::path::Path;
+
+use anyhow::{bail, Context as _};
+use diesel::{Connection, PgConnection};
+use task_engine::cluster::{redact_url, Cluster, ClusterOptions};
+
+/// The embedded cluster's database.
+const EMBEDDED_DATABASE: &str = "task_engine";
+
+pub struct Database {
+    url: String,
+    /// The embedded cluster, when there is no `DATABASE_URL`.
+    embedded: Option<Embedded>,
+}
+
+struct Embedded {
+    cluster: Cluster,
+    /// Whether this command started it (it was not running before).
+    started_here: bool,
+}
+
+impl Database {
+    /// Uses `url`, or else the embedded cluster under `data_dir`, started if needed.
+    pub fn open(url: Option<String>, data_dir: &Path) -> anyhow::Result<Self> {
+        if let Some(url) = url.filter(|u| !u.trim().is_empty()) {
+            return Ok(Self { url, embedded: None });
+        }
+        let data_dir = std::path::absolute(data_dir.join("pg"))
+            .with_context(|| format!("bad data directory {}", data_dir.display()))?;
+        let mut cluster = Cluster::init_or_open(&data_dir, ClusterOptions::default())?;
+        let started_here = !cluster.is_running();
+        cluster.start()?;
+        cluster.create_database_if_missing(EMBEDDED_DATABASE)?;
+        if started_here {
+            log::info!(
+                "embedded PostgreSQL started: {} on port {} (stop it with `pg_ctl -D {} stop`)",
+                data_dir.display(),
+                cluster.port(),
+                data_dir.display()
+            );
+        }
+        let url = cluster.url(EMBEDDED_DATABASE);
+        Ok(Self { url, embedded: Some(Embedded { cluster, started_here }) })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Connects, with an error that names the server without its password.
+    pub fn connect(&self) -> anyhow::Result<PgConnection> {
+        PgConnection::establish(&self.url).with_context(|| format!("could not connect to {}", redact_url(&self.url)))
+    }
+
+    /// Connects and makes sure the schema is there: the embedded cluster is migrated
+    /// on the spot; a server of the user's is never changed unasked.
+    pub fn connect_migrated(&self) -> anyhow::Result<PgConnection> {
+        let mut conn = self.connect()?;
+        if self.embedded.is_some() {
+            task_engine::run_migrations(&mut conn)?;
+            return Ok(conn);
+        }
+        let pending = task_engine::pending_migrations(&mut conn)?;
+        if !pending.is_empty() {
+            bail!(
+                "the database at {} lacks {} migration(s) ({}): run `engine migrate` first",
+                redact_url(&self.url),
+                pending.len(),
+                pending.join(", ")
+            );
+        }
+        Ok(conn)
+    }
+
+    /// Stops the embedded cluster if this command started it.
+    pub fn stop_if_started_here(&self) -> anyhow::Result<()> {
+        if let Some(Embedded { cluster, started_here: true }) = &self.embedded {
+            cluster.stop()?;
+            log::info!("embedded PostgreSQL stopped");
+        }
+        Ok(())
+    }
+}

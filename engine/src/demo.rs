@@ -1,0 +1,97 @@
+//! `engine demo`: the main job on the embedded default. Enqueues a mix of the example
+//! tasks, runs them with a few workers until every one has ended, and prints a
+//! summary read back from `task_executions`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use diesel::prelude::*;
+use task_engine::schema::tasks;
+use task_engine::{report, NewTask, Registry, Runner};
+
+use crate::database::Database;
+
+pub fn run(database_url: Option<String>, data_dir: &Path, registry: Registry, workers: usize) -> anyhow::Result<()> {
+    let db = Database::open(database_url, data_dir)?;
+    let result = run_on(&db, registry, workers);
+    // Leave the machine as we found it, even when the demo failed.
+    db.stop_if_started_here()?;
+    result
+}
+
+fn run_on(db: &Database, registry: Registry, workers: usize) -> anyhow::Result<()> {
+    let mut conn = db.connect_migrated()?;
+    let mix = mix(&registry)?;
+    let ids = task_engine::enqueue_many(&mut conn, &mix)?;
+    let (first, last) = (ids[0], ids[ids.len() - 1]);
+    println!("enqueued {} tasks ({}..={}): noop, echo, sleep, fail, panic", ids.len(), first, last);
+
+    let pool = task_engine::connection_pool(db.url(), crate::cli::pool_size(workers))?;
+    let started = Instant::now();
+    let engine = Runner::new(pool, registry)
+        .workers(workers)
+        .instance("demo")
+        .poll_interval(Duration::from_millis(100))
+        .start()?;
+    // Wait until each of our tasks has ended; give up after a minute.
+    let outcome = loop {
+        let unfinished: i64 = tasks::table
+            .filter(tasks::id.between(first, last))
+            .filter(tasks::status.eq_any(["waiting", "running"]))
+            .count()
+            .get_result(&mut conn)
+            .context("could not follow the demo's tasks")?;
+        if unfinished == 0 {
+            break Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            break Err(anyhow::anyhow!("{unfinished} demo tasks still unfinished after a minute"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    engine.shutdown();
+    outcome?;
+    let elapsed = started.elapsed();
+
+    println!("ran them with {workers} workers in {:.2} s\n", elapsed.as_secs_f64());
+    println!("{:<8} {:>6} {:>11} {:>9} {:>10} {:>10}", "TYPE", "TASKS", "EXECUTIONS", "FAILURES", "MEAN MS", "P95 MS");
+    for s in report::type_summaries(&mut conn, first)? {
+        println!(
+            "{:<8} {:>6} {:>11} {:>9} {:>10.3} {:>10.3}",
+            s.task_class,
+            s.tasks,
+            s.executions,
+            s.failures,
+            s.mean_ms.unwrap_or(0.0),
+            s.p95_ms.unwrap_or(0.0)
+        );
+    }
+    println!("\nsee every task with `engine status`, one task's history with `engine status --task ID`");
+    Ok(())
+}
+
+/// The demo's tasks: mostly quick ones, some sleeping, a few failing and panicking.
+fn mix(registry: &Registry) -> anyhow::Result<Vec<NewTask>> {
+    let mut mix = Vec::new();
+    let mut add = |task_class: &str, parameters: serde_json::Value| -> anyhow::Result<()> {
+        mix.push(NewTask::from_json(registry, task_class, parameters)?);
+        Ok(())
+    };
+    for i in 0..100 {
+        add("noop", serde_json::json!({}))?;
+        if i % 2 == 0 {
+            add("echo", serde_json::json!({ "greeting": "hello", "n": i }))?;
+        }
+        if i % 4 == 0 {
+            add("sleep", serde_json::json!({ "ms": 5 + (i * 7) % 45 }))?;
+        }
+        if i % 10 == 0 {
+            add("fail", serde_json::json!({ "message": format!("demo failure {i}") }))?;
+        }
+        if i % 20 == 0 {
+            add("panic", serde_json::json!({ "message": format!("demo panic {i}") }))?;
+        }
+    }
+    Ok(mix)
+}

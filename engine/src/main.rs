@@ -1,0 +1,61 @@
+//! The `engine` command: the task engine library with every task crate of the
+//! workspace linked in. Argument parsing, logging and signals live here; everything
+//! else is the library's.
+
+mod cli;
+mod database;
+mod demo;
+mod duration;
+mod status;
+
+use std::fmt;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::Cli;
+
+/// An error in what the user gave (exit code 2), as opposed to a failure (exit code 1).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn main() -> ExitCode {
+    // Reference every task crate, or the linker may drop its registrations. Add one
+    // line here for each task crate you add to the workspace.
+    tasks::link();
+
+    let cli = Cli::parse();
+    cli::setup_logging(&cli);
+    cli::route_panics_to_the_log();
+
+    match cli::execute(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(exit_code_of(&error))
+        }
+    }
+}
+
+/// Bad input is 2; everything else (database away, migration failed, ...) is 1.
+fn exit_code_of(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<UsageError>().is_some() {
+        return 2;
+    }
+    match error.downcast_ref::<task_engine::Error>() {
+        Some(
+            task_engine::Error::UnknownTaskType { .. }
+            | task_engine::Error::InvalidParameters { .. }
+            | task_engine::Error::Serialization { .. },
+        ) => 2,
+        _ => 1,
+    }
+}

@@ -1,0 +1,95 @@
+//! `engine status`: what the tables say, for a person.
+
+use std::collections::BTreeMap;
+
+use diesel::PgConnection;
+use task_engine::models::{status, TaskExecution};
+use task_engine::report;
+
+use crate::UsageError;
+
+const STATES: [&str; 5] = [status::WAITING, status::RUNNING, status::STOPPED, status::FAILED, status::CANCELLED];
+
+/// Prints counts by type and state, then the latest executions.
+pub fn print_overview(conn: &mut PgConnection, recent: i64) -> anyhow::Result<()> {
+    let counts = report::status_counts(conn)?;
+    let mut by_type: BTreeMap<&str, [i64; 5]> = BTreeMap::new();
+    let mut totals = [0i64; 5];
+    for row in &counts {
+        if let Some(column) = STATES.iter().position(|s| *s == row.status) {
+            by_type.entry(&row.task_class).or_default()[column] += row.count;
+            totals[column] += row.count;
+        }
+    }
+    println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", "TYPE", STATES[0], STATES[1], STATES[2], STATES[3], STATES[4]);
+    for (task_class, n) in &by_type {
+        println!("{task_class:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", n[0], n[1], n[2], n[3], n[4]);
+    }
+    let t = totals;
+    println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", "(all)", t[0], t[1], t[2], t[3], t[4]);
+
+    let executions = report::recent_executions(conn, recent)?;
+    if executions.is_empty() {
+        return Ok(());
+    }
+    println!("\nlatest executions:");
+    println!(
+        "{:>8} {:>8} {:<10} {:>3} {:<24} {:<20} {:>10}  OUTCOME",
+        "EXEC", "TASK", "TYPE", "TRY", "STARTED", "INSTANCE", "MS"
+    );
+    for (execution, task_class) in executions {
+        print_execution(&execution, Some(&task_class));
+    }
+    Ok(())
+}
+
+/// Prints one task and every attempt at it; an unknown id is a usage error.
+pub fn print_task(conn: &mut PgConnection, id: i64) -> anyhow::Result<()> {
+    let Some((task, executions)) = report::task_with_executions(conn, id)? else {
+        return Err(UsageError(format!("there is no task {id}")).into());
+    };
+    println!("task {}: {}", task.id, task.task_class);
+    println!("  status       {}", task.status);
+    println!("  parameters   {}", task.task_parameters);
+    println!("  priority     {}", task.priority);
+    println!("  run at       {}", task.run_at.to_rfc3339());
+    println!("  attempts     {} of {}", task.attempts, task.max_attempts);
+    println!("  instance     {}", task.instance.as_deref().unwrap_or("-"));
+    println!("  created      {}", task.created_at.to_rfc3339());
+    println!("  updated      {}", task.updated_at.to_rfc3339());
+    println!("executions: {}", executions.len());
+    if !executions.is_empty() {
+        println!(
+            "{:>8} {:>8} {:<10} {:>3} {:<24} {:<20} {:>10}  OUTCOME",
+            "EXEC", "TASK", "", "TRY", "STARTED", "INSTANCE", "MS"
+        );
+    }
+    for execution in &executions {
+        print_execution(execution, None);
+    }
+    Ok(())
+}
+
+fn print_execution(e: &TaskExecution, task_class: Option<&str>) {
+    let ms = e
+        .stopped_at
+        .map(|stopped| format!("{:.3}", (stopped - e.started_at).num_microseconds().unwrap_or(0) as f64 / 1000.0))
+        .unwrap_or_else(|| "-".to_owned());
+    let outcome = match (&e.stopped_at, &e.error, &e.result) {
+        (None, _, _) => "running".to_owned(),
+        (Some(_), Some(error), _) => format!("error: {error}"),
+        (Some(_), None, Some(result)) => format!("ok: {result}"),
+        (Some(_), None, None) => "ok".to_owned(),
+    };
+    println!(
+        "{:>8} {:>8} {:<10} {:>3} {:<24} {:<20} {:>10}  {}",
+        e.id,
+        e.task_id,
+        task_class.unwrap_or(""),
+        e.attempt,
+        e.started_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+        format!("{}/{}", e.instance, e.worker),
+        ms,
+        outcome
+    );
+}

@@ -1,0 +1,156 @@
+//! The `engine` command as a user runs it: the real binary, against a test database.
+
+use std::process::{Command, Output, Stdio};
+
+use diesel::prelude::*;
+use task_engine::schema::{task_executions, tasks};
+use test_db::TestDatabase;
+
+fn engine(db: &TestDatabase, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .env_remove("TASK_ENGINE_INSTANCE")
+        .stdin(Stdio::null())
+        .output()
+        .expect("engine runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Polls `condition` until it holds; fails the test after 30 s.
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn count_in_status(conn: &mut PgConnection, status: &str) -> i64 {
+    tasks::table.filter(tasks::status.eq(status)).count().get_result(conn).unwrap()
+}
+
+fn task_count(db: &TestDatabase) -> i64 {
+    tasks::table.count().get_result(&mut db.connect()).unwrap()
+}
+
+#[test]
+fn engine_tasks_lists_every_type_of_the_linked_tasks_crate() {
+    let out = Command::new(env!("CARGO_BIN_EXE_engine")).arg("tasks").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: Vec<String> = text(&out.stdout).lines().map(|l| l.split('\t').next().unwrap().to_owned()).collect();
+    assert_eq!(listed, ["echo", "fail", "noop", "panic", "sleep"]);
+}
+
+#[test]
+fn engine_enqueue_prints_the_new_ids_and_count_inserts_in_bulk() {
+    let db = TestDatabase::new();
+    let out = engine(&db, &["enqueue", "sleep", "--params", r#"{"ms": 3}"#]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id: i64 = text(&out.stdout).trim().parse().expect("one id");
+    let row: (String, serde_json::Value) =
+        tasks::table.find(id).select((tasks::task_class, tasks::task_parameters)).first(&mut db.connect()).unwrap();
+    assert_eq!(row, ("sleep".to_owned(), serde_json::json!({"ms": 3})));
+
+    let out = engine(&db, &["enqueue", "noop", "--count", "2500"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 2500);
+    assert_eq!(task_count(&db), 2501);
+}
+
+#[test]
+fn engine_enqueue_refuses_bad_input_with_exit_code_2_and_inserts_nothing() {
+    let db = TestDatabase::new();
+    for (args, says) in [
+        (vec!["enqueue", "no_such_type"], "unknown task type `no_such_type`"),
+        (vec!["enqueue", "sleep", "--params", "{ms: 3"], "--params is not valid JSON"),
+        (vec!["enqueue", "sleep", "--params", r#"{"ms": "later"}"#], "parameters do not fit task type `sleep`"),
+        (vec!["enqueue", "noop", "--count", "0"], "--count"),
+    ] {
+        let out = engine(&db, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(says), "{args:?}: stderr lacks `{says}`: {}", text(&out.stderr));
+    }
+    assert_eq!(task_count(&db), 0);
+}
+
+#[test]
+fn engine_migrate_on_a_migrated_database_says_it_is_up_to_date() {
+    let db = TestDatabase::new();
+    let out = engine(&db, &["migrate"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "the schema is up to date");
+}
+
+#[test]
+fn a_connection_failure_exits_1_without_printing_the_password() {
+    let out = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(["status"])
+        .env("DATABASE_URL", "postgres://app:s3cr3t-pw@127.0.0.1:1/app")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(all.contains("could not connect"), "{all}");
+    assert!(!all.contains("s3cr3t-pw"), "the password was printed: {all}");
+}
+
+#[test]
+fn engine_run_works_through_the_queue_and_exits_0_on_sigterm() {
+    let db = TestDatabase::new();
+    let out = engine(&db, &["enqueue", "echo", "--params", r#"{"x": 1}"#, "--count", "20"]);
+    assert!(out.status.success());
+    let child = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(["run", "--workers", "3", "--instance", "cli-run", "--poll-interval", "50ms"])
+        .env("DATABASE_URL", db.url())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut conn = db.connect();
+    wait_until("engine run has finished the 20 tasks", || count_in_status(&mut conn, "stopped") == 20);
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("task types: echo, fail, noop, panic, sleep"),
+        "no start-up line listing the types: {stderr}"
+    );
+    assert!(stderr.contains("instance cli-run stopped"), "{stderr}");
+    let instances: Vec<String> = task_executions::table.select(task_executions::instance).load(&mut conn).unwrap();
+    assert!(instances.iter().all(|i| i == "cli-run"));
+}
+
+#[test]
+fn engine_status_shows_a_task_with_every_attempt() {
+    let db = TestDatabase::new();
+    let out = engine(&db, &["enqueue", "fail", "--params", r#"{"message": "quota exceeded"}"#]);
+    let id = text(&out.stdout).trim().to_owned();
+    let mut conn = db.connect();
+    let engine_handle = task_engine::Runner::new(db.pool(3), task_engine::Registry::from_inventory().unwrap())
+        .workers(1)
+        .start()
+        .unwrap();
+    wait_until("the task has failed", || count_in_status(&mut conn, "failed") == 1);
+    engine_handle.shutdown();
+
+    let out = engine(&db, &["status", "--task", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.contains(&format!("task {id}: fail")), "{shown}");
+    assert!(shown.contains("status       failed"), "{shown}");
+    assert!(shown.contains("executions: 1"), "{shown}");
+    assert!(shown.contains("error: quota exceeded"), "{shown}");
+
+    let overview = text(&engine(&db, &["status"]).stdout);
+    assert!(overview.lines().any(|l| l.starts_with("fail") && l.split_whitespace().nth(4) == Some("1")), "{overview}");
+
+    let missing = engine(&db, &["status", "--task", "999999"]);
+    assert_eq!(missing.status.code(), Some(2));
+}
