@@ -1,0 +1,9 @@
+//! Integration tests of the engine library against a real PostgreSQL: a private
+//! cluster that the `test_db` harness starts (or `TEST_DATABASE_URL`), one database
+//! per test so that tests run in parallel.
+
+mod enqueueing;
+mod running;
+mod schema;
+mod stopping;
+mod support;

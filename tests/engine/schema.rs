@@ -1,0 +1,103 @@
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+use task_engine::models::{Task as TaskRow, TaskExecution};
+use test_db::TestDatabase;
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+fn table_count(conn: &mut PgConnection) -> i64 {
+    diesel::sql_query(
+        "SELECT count(*) AS n FROM information_schema.tables
+         WHERE table_schema = 'public' AND table_name IN ('tasks', 'task_executions')",
+    )
+    .get_result::<Count>(conn)
+    .unwrap()
+    .n
+}
+
+#[test]
+fn migrations_create_the_tables_on_an_empty_database_and_a_second_run_changes_nothing() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    diesel::sql_query("DROP TABLE task_executions, tasks, __diesel_schema_migrations").execute(&mut conn).unwrap();
+    assert_eq!(table_count(&mut conn), 0);
+
+    let applied = task_engine::run_migrations(&mut conn).unwrap();
+    assert_eq!(applied.len(), 1, "the first run applies the migration: {applied:?}");
+    assert_eq!(table_count(&mut conn), 2);
+    assert!(task_engine::pending_migrations(&mut conn).unwrap().is_empty());
+
+    let again = task_engine::run_migrations(&mut conn).unwrap();
+    assert!(again.is_empty(), "a second run applies nothing: {again:?}");
+}
+
+#[test]
+fn the_status_column_refuses_a_state_the_engine_does_not_know() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let refused =
+        diesel::sql_query("INSERT INTO tasks (task_class, status) VALUES ('noop', 'lost')").execute(&mut conn);
+    assert!(refused.is_err(), "an unknown status was accepted");
+}
+
+#[test]
+fn the_claim_query_walks_the_waiting_index_not_the_table() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    // Enough finished history that a scan would be the expensive choice.
+    conn.batch_execute(
+        "INSERT INTO tasks (task_class, status) SELECT 'noop', 'stopped' FROM generate_series(1, 20000);
+         INSERT INTO tasks (task_class) SELECT 'noop' FROM generate_series(1, 100)",
+    )
+    .unwrap();
+    diesel::sql_query("ANALYZE tasks").execute(&mut conn).unwrap();
+
+    #[derive(QueryableByName)]
+    struct Plan {
+        #[diesel(sql_type = diesel::sql_types::Text, column_name = "QUERY PLAN")]
+        line: String,
+    }
+    let plan: Vec<Plan> = diesel::sql_query(
+        "EXPLAIN SELECT id FROM tasks
+         WHERE status = 'waiting' AND run_at <= now() AND task_class = ANY(ARRAY['noop'])
+         ORDER BY priority DESC, run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
+    )
+    .load(&mut conn)
+    .unwrap();
+    let plan: Vec<String> = plan.into_iter().map(|p| p.line).collect();
+    assert!(
+        plan.iter().any(|line| line.contains("tasks_waiting_idx")),
+        "the claim does not use tasks_waiting_idx:\n{}",
+        plan.join("\n")
+    );
+}
+
+#[test]
+fn the_models_read_a_task_and_its_executions_through_their_relation() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    conn.batch_execute(
+        "INSERT INTO tasks (id, task_class, task_parameters, status, attempts)
+             VALUES (7, 'echo', '{\"a\": 1}', 'stopped', 2);
+         INSERT INTO task_executions (task_id, attempt, started_at, stopped_at, error, instance, worker)
+             VALUES (7, 1, now(), now(), 'first try failed', 'i1', 0);
+         INSERT INTO task_executions (task_id, attempt, started_at, stopped_at, result, instance, worker)
+             VALUES (7, 2, now(), now(), '{\"a\": 1}', 'i1', 3)",
+    )
+    .unwrap();
+
+    let (task, executions): (TaskRow, Vec<TaskExecution>) =
+        task_engine::report::task_with_executions(&mut conn, 7).unwrap().expect("task 7");
+    assert_eq!(task.task_class, "echo");
+    assert_eq!(task.task_parameters, serde_json::json!({"a": 1}));
+    assert_eq!(executions.len(), 2);
+    assert_eq!(executions[0].error.as_deref(), Some("first try failed"));
+    assert_eq!(executions[1].result, Some(serde_json::json!({"a": 1})));
+    assert_eq!(executions[1].worker, 3);
+    assert!(task_engine::report::task_with_executions(&mut conn, 8).unwrap().is_none());
+}

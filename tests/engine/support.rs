@@ -1,0 +1,116 @@
+//! What the tests share: a runner factory, waiting on a condition with a deadline,
+//! and task types declared for the tests only.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use serde::{Deserialize, Serialize};
+use task_engine::models::{Task as TaskRow, TaskExecution};
+use task_engine::schema::{task_executions, tasks};
+use task_engine::{register_task, Registry, Runner, RunningEngine, Task, TaskContext, TaskError};
+use test_db::TestDatabase;
+
+/// How long a test waits for the engine before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Starts an instance on `db` with every registered type and polling every 50 ms.
+pub fn start_engine(db: &TestDatabase, instance: &str, workers: usize) -> RunningEngine {
+    Runner::new(db.pool(workers as u32 + 2), Registry::from_inventory().expect("registry"))
+        .instance(instance)
+        .workers(workers)
+        .poll_interval(Duration::from_millis(50))
+        .start()
+        .expect("engine starts")
+}
+
+/// Calls `condition` until it returns true; panics with `what` after [`PATIENCE`].
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until no task of the database is waiting or running.
+pub fn wait_until_all_ended(conn: &mut PgConnection) {
+    wait_until("every task has ended", || unfinished(conn) == 0);
+}
+
+pub fn unfinished(conn: &mut PgConnection) -> i64 {
+    tasks::table
+        .filter(tasks::status.eq_any(["waiting", "running"]))
+        .count()
+        .get_result(conn)
+        .expect("count unfinished tasks")
+}
+
+pub fn load_task(conn: &mut PgConnection, id: i64) -> TaskRow {
+    tasks::table.find(id).select(TaskRow::as_select()).first(conn).expect("task row")
+}
+
+pub fn executions_of(conn: &mut PgConnection, id: i64) -> Vec<TaskExecution> {
+    task_executions::table
+        .filter(task_executions::task_id.eq(id))
+        .order(task_executions::id)
+        .select(TaskExecution::as_select())
+        .load(conn)
+        .expect("executions")
+}
+
+/// A task that reports its start and then blocks until its gate is opened: it lets a
+/// test act while a task is known to be running, with no sleep.
+#[derive(Serialize, Deserialize)]
+pub struct Gated {
+    pub gate: String,
+}
+
+impl Task for Gated {
+    const NAME: &'static str = "test_gated";
+    type Output = ();
+
+    fn run(&self, _ctx: &TaskContext) -> Result<(), TaskError> {
+        let gate = Gate::named(&self.gate);
+        let mut state = gate.state.lock().unwrap();
+        state.started += 1;
+        gate.changed.notify_all();
+        let _state = gate.changed.wait_while(state, |s| !s.open).unwrap();
+        Ok(())
+    }
+}
+register_task!(Gated);
+
+#[derive(Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    started: usize,
+    open: bool,
+}
+
+impl Gate {
+    /// Returns the gate of that name, shared by every task that names it.
+    pub fn named(name: &str) -> Arc<Gate> {
+        static GATES: OnceLock<Mutex<HashMap<String, Arc<Gate>>>> = OnceLock::new();
+        let gates = GATES.get_or_init(Default::default);
+        Arc::clone(gates.lock().unwrap().entry(name.to_owned()).or_default())
+    }
+
+    /// Blocks until `count` tasks have started behind the gate.
+    pub fn wait_for_started(&self, count: usize) {
+        let state = self.state.lock().unwrap();
+        let (_state, timeout) = self.changed.wait_timeout_while(state, PATIENCE, |s| s.started < count).unwrap();
+        assert!(!timeout.timed_out(), "timed out waiting for {count} gated tasks to start");
+    }
+
+    pub fn open(&self) {
+        self.state.lock().unwrap().open = true;
+        self.changed.notify_all();
+    }
+}
