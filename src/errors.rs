@@ -70,4 +70,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+
+    /// A setting the engine cannot use (a malformed database URL, say).
+    #[error("{0}")]
+    Config(String),
 }

@@ -4,6 +4,7 @@ pub mod cluster;
 mod context;
 mod enqueue;
 mod errors;
+mod listener;
 mod migrate;
 pub mod models;
 mod registry;
@@ -17,9 +18,12 @@ mod worker;
 pub use context::TaskContext;
 pub use enqueue::{enqueue, enqueue_many, NewTask};
 pub use errors::Error;
+pub use listener::channel_name;
 pub use migrate::{pending_migrations, run_migrations};
 pub use registry::{Registry, Task, TaskEntry, TaskError};
-pub use runner::{connection_pool, default_instance_name, PgPool, PooledConnection, Runner, RunningEngine, StopHandle};
+pub use runner::{
+    connection_pool, default_instance_name, EngineStats, PgPool, PooledConnection, Runner, RunningEngine, StopHandle,
+};
 
 #[doc(hidden)]
 pub use inventory as __inventory;

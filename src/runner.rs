@@ -1,6 +1,7 @@
 //! Starting and stopping an engine instance: the builder, the state its threads
 //! share, and the handle that stops them.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -8,8 +9,9 @@ use std::time::Duration;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::PgConnection;
 
+use crate::listener::Listener;
 use crate::registry::Registry;
-use crate::wakeup::WakeupQueue;
+use crate::wakeup::{StopSignal, WakeupQueue};
 use crate::worker::Worker;
 use crate::Error;
 
@@ -50,23 +52,56 @@ pub(crate) struct Shared {
     pub registry: Registry,
     /// The type names this instance claims: only those it can run.
     pub task_classes: Vec<&'static str>,
+    /// Where idle workers sleep.
     pub wakeup: WakeupQueue,
+    /// The stop flag of the threads that do not sleep in `wakeup`.
+    pub stop: StopSignal,
+    /// How long an idle worker sleeps before it looks for work unprompted.
     pub poll_interval: Duration,
+    pub counters: Counters,
+}
+
+/// What the instance counts, for [`RunningEngine::stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub claims: AtomicU64,
+    pub empty_claims: AtomicU64,
+    pub notifications: AtomicU64,
+    pub listener_connections: AtomicU64,
+    pub listening: AtomicBool,
+}
+
+/// A snapshot of an instance's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Claim queries run by the workers.
+    pub claims: u64,
+    /// Claims that found nothing: the cost of wake-ups without work for the waker
+    /// (another worker or instance took the task) and of fallback polls.
+    pub wasted_claims: u64,
+    /// Notifications received by the listener.
+    pub notifications: u64,
+    /// Times the listener has connected and started listening.
+    pub listener_connections: u64,
+    /// Whether the listener is connected and listening now.
+    pub listening: bool,
+    /// Workers asleep in the wake-up queue now, with no wake-up on its way to them.
+    pub sleeping_workers: usize,
 }
 
 /// Configures and starts an engine instance.
 ///
 /// ```no_run
 /// # fn main() -> Result<(), task_engine::Error> {
-/// let pool = task_engine::connection_pool("postgres://localhost/app", 10)?;
 /// let registry = task_engine::Registry::from_inventory()?;
-/// let engine = task_engine::Runner::new(pool, registry).workers(8).start()?;
+/// let engine = task_engine::Runner::new("postgres://localhost/app", registry).workers(8).start()?;
 /// // ... later, on shutdown:
 /// engine.shutdown();
 /// # Ok(()) }
 /// ```
 pub struct Runner {
-    pool: PgPool,
+    database_url: String,
+    pool: Option<PgPool>,
     registry: Registry,
     instance: Option<String>,
     workers: usize,
@@ -76,18 +111,28 @@ pub struct Runner {
 impl Runner {
     /// Number of worker threads unless [`Runner::workers`] says otherwise.
     pub const DEFAULT_WORKERS: usize = 4;
-    /// How long an idle worker sleeps before it looks for work unprompted.
-    pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+    /// How long an idle worker sleeps before it looks for work unprompted: a safety
+    /// net only, since notifications wake workers as soon as tasks are inserted.
+    pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(10);
 
-    /// Starts configuring an instance that runs the registry's task types on `pool`.
-    pub fn new(pool: PgPool, registry: Registry) -> Self {
+    /// Starts configuring an instance that runs the registry's task types on the
+    /// database at `database_url`.
+    pub fn new(database_url: impl Into<String>, registry: Registry) -> Self {
         Self {
-            pool,
+            database_url: database_url.into(),
+            pool: None,
             registry,
             instance: None,
             workers: Self::DEFAULT_WORKERS,
             poll_interval: Self::DEFAULT_POLL_INTERVAL,
         }
+    }
+
+    /// Uses this pool (of the same database) for the workers instead of opening one
+    /// of `workers + 2` connections. The listener always has a connection of its own.
+    pub fn pool(mut self, pool: PgPool) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     /// Names the instance (default: [`default_instance_name`]).
@@ -108,39 +153,40 @@ impl Runner {
         self
     }
 
-    /// Starts the worker threads and returns the running instance.
+    /// Starts the listener and the worker threads and returns the running instance.
     pub fn start(self) -> Result<RunningEngine, Error> {
         let instance = self.instance.unwrap_or_else(default_instance_name);
         let task_classes = self.registry.names();
+        let pool = match self.pool {
+            Some(pool) => pool,
+            None => connection_pool(&self.database_url, u32::try_from(self.workers + 2).unwrap_or(u32::MAX))?,
+        };
         let shared = Arc::new(Shared {
             instance,
-            pool: self.pool,
+            pool,
             registry: self.registry,
             task_classes,
             wakeup: WakeupQueue::new(self.workers),
+            stop: StopSignal::default(),
             poll_interval: self.poll_interval,
+            counters: Counters::default(),
         });
+        let listener = Listener::new(Arc::clone(&shared), &self.database_url)?;
         log::info!(
             "instance {} starting {} workers; task types: {}",
             shared.instance,
             self.workers,
             shared.task_classes.join(", ")
         );
-        let mut workers = Vec::with_capacity(self.workers);
+        let mut engine = RunningEngine { shared, threads: Vec::with_capacity(self.workers + 1) };
+        let spawned = std::thread::Builder::new().name("listener".into()).spawn(move || listener.run());
+        engine.adopt(spawned, "the listener")?;
         for index in 0..self.workers {
-            let worker = Worker::new(index, Arc::clone(&shared));
+            let worker = Worker::new(index, Arc::clone(&engine.shared));
             let spawned = std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || worker.run());
-            match spawned {
-                Ok(handle) => workers.push(handle),
-                Err(source) => {
-                    // Do not leave the workers already started running unowned.
-                    let partial = RunningEngine { shared, workers };
-                    partial.shutdown();
-                    return Err(Error::Io { context: format!("could not start worker {index}"), source });
-                }
-            }
+            engine.adopt(spawned, &format!("worker {index}"))?;
         }
-        Ok(RunningEngine { shared, workers })
+        Ok(engine)
     }
 }
 
@@ -148,13 +194,42 @@ impl Runner {
 /// [`RunningEngine::shutdown`] (or [`StopHandle::stop`] then [`RunningEngine::join`]).
 pub struct RunningEngine {
     shared: Arc<Shared>,
-    workers: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl RunningEngine {
+    /// Keeps a spawned thread, or stops the ones already started if it failed.
+    fn adopt(&mut self, spawned: std::io::Result<JoinHandle<()>>, what: &str) -> Result<(), Error> {
+        match spawned {
+            Ok(handle) => {
+                self.threads.push(handle);
+                Ok(())
+            }
+            Err(source) => {
+                let partial =
+                    RunningEngine { shared: Arc::clone(&self.shared), threads: std::mem::take(&mut self.threads) };
+                partial.shutdown();
+                Err(Error::Io { context: format!("could not start {what}"), source })
+            }
+        }
+    }
+
     /// Returns the instance's name.
     pub fn instance(&self) -> &str {
         &self.shared.instance
+    }
+
+    /// Returns the instance's counters.
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.shared.counters;
+        EngineStats {
+            claims: c.claims.load(Ordering::SeqCst),
+            wasted_claims: c.empty_claims.load(Ordering::SeqCst),
+            notifications: c.notifications.load(Ordering::SeqCst),
+            listener_connections: c.listener_connections.load(Ordering::SeqCst),
+            listening: c.listening.load(Ordering::SeqCst),
+            sleeping_workers: self.shared.wakeup.sleeping(),
+        }
     }
 
     /// Returns a handle that stops the instance from another thread (a signal handler,
@@ -170,9 +245,9 @@ impl RunningEngine {
         self.join();
     }
 
-    /// Waits for the worker threads to end (after a stop).
+    /// Waits for the instance's threads to end (after a stop).
     pub fn join(self) {
-        for handle in self.workers {
+        for handle in self.threads {
             let name = handle.thread().name().unwrap_or("worker").to_owned();
             if handle.join().is_err() {
                 log::error!("{name} ended by a panic outside any task");
@@ -195,5 +270,6 @@ impl StopHandle {
             log::info!("instance {} stopping: finishing the tasks in flight", self.shared.instance);
         }
         self.shared.wakeup.stop();
+        self.shared.stop.stop();
     }
 }

@@ -27,12 +27,22 @@ pub(crate) enum Wake {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Wake-ups not yet taken by a worker; capped at the number of workers, since
-    /// more could only produce claims that find nothing.
+    /// Wake-ups not yet taken by a worker. Capped at the number of idle workers (not
+    /// running a task): a busy worker looks for work anyway when its task ends, after
+    /// whatever commit the wake-up announced, so a wake-up kept for it could only
+    /// produce a claim that finds nothing.
     pending: usize,
     /// Workers blocked in `wait`.
     sleeping: usize,
+    /// Workers running a task.
+    busy: usize,
     stopping: bool,
+}
+
+impl State {
+    fn clamp(&mut self, capacity: usize) {
+        self.pending = self.pending.min(capacity - self.busy);
+    }
 }
 
 #[derive(Debug)]
@@ -74,21 +84,43 @@ impl WakeupQueue {
         }
     }
 
-    /// Adds `count` pending wake-ups (at most one per worker in all) and wakes as many
-    /// sleepers.
+    /// Adds `count` pending wake-ups (at most one per idle worker in all) and wakes as
+    /// many sleepers.
     pub(crate) fn wake(&self, count: usize) {
         let mut state = self.lock();
-        let added = count.min(self.capacity - state.pending);
-        state.pending += added;
+        let before = state.pending;
+        state.pending = state.pending.saturating_add(count);
+        state.clamp(self.capacity);
+        let added = state.pending - before.min(state.pending);
         drop(state);
         for _ in 0..added {
             self.condvar.notify_one();
         }
     }
 
-    /// Returns how many workers are asleep right now.
+    /// Wakes every idle worker: after a (re)connection, when notifications may have
+    /// been missed.
+    pub(crate) fn wake_all(&self) {
+        self.wake(self.capacity);
+    }
+
+    /// A worker starts running a task.
+    pub(crate) fn task_started(&self) {
+        let mut state = self.lock();
+        state.busy = (state.busy + 1).min(self.capacity);
+        state.clamp(self.capacity);
+    }
+
+    /// A worker has finished its task (and looks for the next before any wait).
+    pub(crate) fn task_finished(&self) {
+        let mut state = self.lock();
+        state.busy = state.busy.saturating_sub(1);
+    }
+
+    /// Returns how many workers are asleep with no wake-up on its way to them.
     pub(crate) fn sleeping(&self) -> usize {
-        self.lock().sleeping
+        let state = self.lock();
+        state.sleeping.saturating_sub(state.pending)
     }
 
     /// Makes every current and future `wait` return [`Wake::Stop`].
@@ -103,6 +135,34 @@ impl WakeupQueue {
     }
 }
 
+/// The stop flag of the threads that do not sleep in the [`WakeupQueue`] (the
+/// listener, the timers): they wait on their own condvar, so that a stop reaches them
+/// at once and a worker's wake-up is never taken by one of them.
+#[derive(Debug, Default)]
+pub(crate) struct StopSignal {
+    stopped: Mutex<bool>,
+    condvar: Condvar,
+}
+
+impl StopSignal {
+    pub(crate) fn stop(&self) {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.condvar.notify_all();
+    }
+
+    pub(crate) fn is_stopped(&self) -> bool {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits up to `timeout`; returns true if the stop came.
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        let (stopped, _) =
+            self.condvar.wait_timeout_while(stopped, timeout, |s| !*s).unwrap_or_else(PoisonError::into_inner);
+        *stopped
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +174,22 @@ mod tests {
         let queue = WakeupQueue::new(2);
         queue.wake(1);
         assert_eq!(queue.wait(Duration::from_secs(3600)), Wake::Work);
+    }
+
+    #[test]
+    fn wake_ups_are_not_kept_for_busy_workers() {
+        let queue = WakeupQueue::new(3);
+        queue.task_started();
+        queue.task_started();
+        queue.wake(3);
+        assert_eq!(queue.wait(Duration::ZERO), Wake::Work);
+        assert_eq!(queue.wait(Duration::ZERO), Wake::Timeout, "a wake-up was kept for a busy worker");
+        // A wake-up pending when a worker takes a task is dropped for it too.
+        queue.task_finished();
+        queue.wake(2);
+        queue.task_started();
+        assert_eq!(queue.wait(Duration::ZERO), Wake::Work);
+        assert_eq!(queue.wait(Duration::ZERO), Wake::Timeout);
     }
 
     #[test]

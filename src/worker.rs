@@ -3,6 +3,7 @@
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,13 +37,11 @@ impl Worker {
             let pause = match self.claim() {
                 Ok(Some(task)) => {
                     failures = 0;
-                    // Where there was one task there may be more: pass the wake-up on
-                    // to one sleeper, which does the same if it finds one too. A burst
-                    // fans out to every worker; a single task wakes nobody else.
-                    if self.shared.wakeup.sleeping() > 0 {
-                        self.shared.wakeup.wake(1);
-                    }
+                    // Busy: wake-ups are no longer kept for this worker, which looks
+                    // for work again as soon as the task is recorded.
+                    self.shared.wakeup.task_started();
                     self.execute(task);
+                    self.shared.wakeup.task_finished();
                     continue;
                 }
                 Ok(None) => self.shared.poll_interval,
@@ -63,6 +62,11 @@ impl Worker {
         let mut conn = self.shared.pool.get()?;
         let worker = i32::try_from(self.index).unwrap_or(i32::MAX);
         let mut claimed = storage::claim(&mut conn, &self.shared.instance, worker, &self.shared.task_classes, 1)?;
+        let counters = &self.shared.counters;
+        counters.claims.fetch_add(1, Ordering::Relaxed);
+        if claimed.is_empty() {
+            counters.empty_claims.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(claimed.pop())
     }
 
