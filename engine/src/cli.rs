@@ -10,7 +10,7 @@ use log::LevelFilter;
 use task_engine::{NewTask, Registry, Runner};
 
 use crate::database::Database;
-use crate::{demo, duration, status, UsageError};
+use crate::{bench, demo, duration, status, UsageError};
 
 #[derive(Debug, Parser)]
 #[command(name = "engine", version, about = "A background task engine that keeps its tasks in PostgreSQL")]
@@ -57,8 +57,9 @@ pub enum Command {
         /// The instance's name (default: host name and process id).
         #[arg(long, env = "TASK_ENGINE_INSTANCE")]
         instance: Option<String>,
-        /// How long an idle worker sleeps before looking for work unprompted (500ms, 30s, 1h).
-        #[arg(long, value_parser = duration::parse, default_value = "1s")]
+        /// Fallback poll: how long an idle worker sleeps before looking for work unprompted
+        /// (500ms, 30s, 1h). A safety net only: inserts wake workers through LISTEN/NOTIFY.
+        #[arg(long, env = "TASK_ENGINE_POLL_INTERVAL", value_parser = duration::parse, default_value = "10s")]
         poll_interval: Duration,
     },
     /// Shows tasks by type and status and the latest executions, or one task's history.
@@ -70,6 +71,9 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         recent: i64,
     },
+    /// Measures the engine (see the README's Benchmarks section).
+    #[command(subcommand)]
+    Bench(bench::Bench),
     /// Runs a mix of the example tasks through the engine and prints a summary.
     Demo {
         /// Number of worker threads.
@@ -166,8 +170,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Run { workers, instance, poll_interval } => {
             let db = Database::open(cli.database_url, &cli.data_dir)?;
             db.connect_migrated()?;
-            let pool = task_engine::connection_pool(db.url(), pool_size(workers))?;
-            let engine = Runner::new(pool, registry)
+            let engine = Runner::new(db.url(), registry)
                 .workers(workers)
                 .instance(instance.unwrap_or_else(task_engine::default_instance_name))
                 .poll_interval(poll_interval)
@@ -185,12 +188,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Demo { workers } => demo::run(cli.database_url, &cli.data_dir, registry, workers),
+        Command::Bench(bench) => bench::run(bench, cli.database_url, &cli.data_dir, registry),
     }
-}
-
-/// One connection per worker, plus a few for the tasks' own queries.
-pub fn pool_size(workers: usize) -> u32 {
-    u32::try_from(workers).unwrap_or(u32::MAX / 2).saturating_add(2)
 }
 
 /// Starts the signal thread: the first SIGINT or SIGTERM stops the instance

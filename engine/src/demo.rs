@@ -27,13 +27,8 @@ fn run_on(db: &Database, registry: Registry, workers: usize) -> anyhow::Result<(
     let (first, last) = (ids[0], ids[ids.len() - 1]);
     println!("enqueued {} tasks ({}..={}): noop, echo, sleep, fail, panic", ids.len(), first, last);
 
-    let pool = task_engine::connection_pool(db.url(), crate::cli::pool_size(workers))?;
     let started = Instant::now();
-    let engine = Runner::new(pool, registry)
-        .workers(workers)
-        .instance("demo")
-        .poll_interval(Duration::from_millis(100))
-        .start()?;
+    let engine = Runner::new(db.url(), registry).workers(workers).instance("demo").start()?;
     // Wait until each of our tasks has ended; give up after a minute.
     let outcome = loop {
         let unfinished: i64 = tasks::table

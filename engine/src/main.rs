@@ -2,6 +2,7 @@
 //! workspace linked in. Argument parsing, logging and signals live here; everything
 //! else is the library's.
 
+mod bench;
 mod cli;
 mod database;
 mod demo;

@@ -104,7 +104,7 @@ fn engine_run_works_through_the_queue_and_exits_0_on_sigterm() {
     let out = engine(&db, &["enqueue", "echo", "--params", r#"{"x": 1}"#, "--count", "20"]);
     assert!(out.status.success());
     let child = Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(["run", "--workers", "3", "--instance", "cli-run", "--poll-interval", "50ms"])
+        .args(["run", "--workers", "3", "--instance", "cli-run", "--poll-interval", "1h"])
         .env("DATABASE_URL", db.url())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -133,7 +133,7 @@ fn engine_status_shows_a_task_with_every_attempt() {
     let out = engine(&db, &["enqueue", "fail", "--params", r#"{"message": "quota exceeded"}"#]);
     let id = text(&out.stdout).trim().to_owned();
     let mut conn = db.connect();
-    let engine_handle = task_engine::Runner::new(db.pool(3), task_engine::Registry::from_inventory().unwrap())
+    let engine_handle = task_engine::Runner::new(db.url(), task_engine::Registry::from_inventory().unwrap())
         .workers(1)
         .start()
         .unwrap();
@@ -153,4 +153,51 @@ fn engine_status_shows_a_task_with_every_attempt() {
 
     let missing = engine(&db, &["status", "--task", "999999"]);
     assert_eq!(missing.status.code(), Some(2));
+}
+
+#[test]
+fn engine_run_idle_exits_0_within_a_second_or_two_of_sigterm() {
+    let db = TestDatabase::new();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(["run", "--workers", "4", "--instance", "cli-idle", "--poll-interval", "1h"])
+        .env("DATABASE_URL", db.url())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut conn = db.connect();
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    wait_until("the listener waits", || {
+        diesel::sql_query(
+            "SELECT count(*) AS n FROM pg_stat_activity
+             WHERE application_name = 'task_engine listener cli-idle' AND state = 'idle' AND query LIKE 'LISTEN%'",
+        )
+        .get_result::<Count>(&mut conn)
+        .unwrap()
+        .n == 1
+    });
+
+    let signalled = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    // Its workers sleep for an hour and its listener blocks on the socket: only a
+    // prompt stop can end it before this deadline.
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if signalled.elapsed() > std::time::Duration::from_secs(10) {
+            child.kill().unwrap();
+            panic!("engine run still running 10 s after SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let took = signalled.elapsed();
+    eprintln!("idle engine exited {took:?} after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    assert!(took < std::time::Duration::from_secs(2), "took {took:?} to stop");
 }

@@ -7,3 +7,4 @@ mod running;
 mod schema;
 mod stopping;
 mod support;
+mod wakeups;

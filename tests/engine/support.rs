@@ -15,14 +15,24 @@ use test_db::TestDatabase;
 /// How long a test waits for the engine before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-/// Starts an instance on `db` with every registered type and polling every 50 ms.
+/// Starts an instance on `db` with every registered type. Its fallback poll is an
+/// hour: only a notification (or the check after the listener connects) can start a
+/// task within a test's patience.
 pub fn start_engine(db: &TestDatabase, instance: &str, workers: usize) -> RunningEngine {
-    Runner::new(db.pool(workers as u32 + 2), Registry::from_inventory().expect("registry"))
+    Runner::new(db.url(), Registry::from_inventory().expect("registry"))
         .instance(instance)
         .workers(workers)
-        .poll_interval(Duration::from_millis(50))
+        .poll_interval(Duration::from_secs(3600))
         .start()
         .expect("engine starts")
+}
+
+/// Waits until every worker of `engine` sleeps and its listener listens.
+pub fn wait_until_idle(engine: &RunningEngine, workers: usize) {
+    wait_until("the engine is idle and listening", || {
+        let stats = engine.stats();
+        stats.listening && stats.sleeping_workers == workers
+    });
 }
 
 /// Calls `condition` until it returns true; panics with `what` after [`PATIENCE`].

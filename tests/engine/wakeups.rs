@@ -1,0 +1,215 @@
+//! Wake-ups: every engine here polls once an hour, so only a notification (or the
+//! listener's check right after it connects) can start a task within a test.
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Timestamptz};
+use task_engine::models::status;
+use task_engine::schema::{task_executions, tasks};
+use task_engine::{EngineStats, Registry, Runner, RunningEngine};
+use test_db::TestDatabase;
+
+use crate::support::{executions_of, load_task, start_engine, wait_until, wait_until_idle};
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+/// Inserts an `echo` task with plain SQL, as psql would, and returns its id.
+fn insert_by_sql(conn: &mut PgConnection) -> i64 {
+    diesel::sql_query("INSERT INTO tasks (task_class, task_parameters) VALUES ('echo', '\"sql\"') RETURNING id")
+        .get_result::<Id>(conn)
+        .unwrap()
+        .id
+}
+
+fn wait_until_stopped(conn: &mut PgConnection, id: i64) {
+    wait_until(&format!("task {id} has run"), || load_task(conn, id).status == status::STOPPED);
+}
+
+fn wasted_since(engine: &RunningEngine, before: EngineStats) -> u64 {
+    engine.stats().wasted_claims - before.wasted_claims
+}
+
+#[test]
+fn a_task_inserted_by_plain_sql_while_every_worker_sleeps_starts() {
+    let db = TestDatabase::new();
+    let engine = start_engine(&db, "sql-insert", 4);
+    wait_until_idle(&engine, 4);
+    let before = engine.stats();
+
+    let mut conn = db.connect();
+    let id = insert_by_sql(&mut conn);
+    wait_until_stopped(&mut conn, id);
+
+    wait_until_idle(&engine, 4);
+    let after = engine.stats();
+    assert_eq!(after.notifications - before.notifications, 1);
+    // One worker woke and took the task; its look for a next task found nothing.
+    let wasted = after.wasted_claims - before.wasted_claims;
+    assert!(wasted <= 1, "one task, {wasted} claims wasted");
+    engine.shutdown();
+}
+
+#[test]
+fn a_task_inserted_in_a_transaction_starts_after_commit_and_a_rollback_wakes_nobody() {
+    let db = TestDatabase::new();
+    let engine = start_engine(&db, "transactions", 4);
+    wait_until_idle(&engine, 4);
+    let before = engine.stats();
+    let mut conn = db.connect();
+
+    conn.batch_execute("BEGIN").unwrap();
+    insert_by_sql(&mut conn);
+    conn.batch_execute("ROLLBACK").unwrap();
+
+    conn.batch_execute("BEGIN").unwrap();
+    let id = insert_by_sql(&mut conn);
+    #[derive(QueryableByName)]
+    struct Now {
+        #[diesel(sql_type = Timestamptz)]
+        now: chrono::DateTime<chrono::Utc>,
+    }
+    let before_commit = diesel::sql_query("SELECT clock_timestamp() AS now").get_result::<Now>(&mut conn).unwrap().now;
+    conn.batch_execute("COMMIT").unwrap();
+    wait_until_stopped(&mut conn, id);
+
+    let executions = executions_of(&mut conn, id);
+    assert_eq!(executions.len(), 1);
+    assert!(executions[0].started_at > before_commit, "started before its commit");
+    let all: i64 = tasks::table.count().get_result(&mut conn).unwrap();
+    assert_eq!(all, 1, "the rolled-back insert left a row");
+
+    wait_until_idle(&engine, 4);
+    let after = engine.stats();
+    assert_eq!(after.notifications - before.notifications, 1, "the rolled-back insert sent a notification");
+    // The only claim that finds nothing is the worker's look for a next task.
+    assert!(wasted_since(&engine, before) <= 1, "a worker woke for the rolled-back insert");
+    engine.shutdown();
+}
+
+#[test]
+fn one_task_with_three_idle_instances_of_8_workers_is_claimed_once_with_few_wasted_claims() {
+    let db = TestDatabase::new();
+    let engines: Vec<RunningEngine> = (0..3).map(|i| start_engine(&db, &format!("herd-{i}"), 8)).collect();
+    for engine in &engines {
+        wait_until_idle(engine, 8);
+    }
+    let before: Vec<EngineStats> = engines.iter().map(RunningEngine::stats).collect();
+
+    let mut conn = db.connect();
+    let id = insert_by_sql(&mut conn);
+    wait_until_stopped(&mut conn, id);
+    for engine in &engines {
+        wait_until_idle(engine, 8);
+    }
+
+    assert_eq!(executions_of(&mut conn, id).len(), 1, "the task ran more than once");
+    let wasted: u64 = engines.iter().zip(&before).map(|(e, b)| wasted_since(e, *b)).sum();
+    let claims: u64 = engines.iter().zip(&before).map(|(e, b)| e.stats().claims - b.claims).sum();
+    // One worker per instance wakes: one claim wins, the two other instances' claims
+    // find nothing, and so does the winner's look for a next task. A herd would waste
+    // 24.
+    eprintln!("one task, 3 instances x 8 idle workers: {claims} claims, {wasted} wasted");
+    assert!(wasted <= 3, "{wasted} claims wasted on one task ({claims} claims)");
+    for engine in engines {
+        engine.shutdown();
+    }
+}
+
+#[test]
+fn a_bulk_insert_of_1000_tasks_gets_every_idle_worker_busy() {
+    let db = TestDatabase::new();
+    let engine = start_engine(&db, "bulk", 8);
+    wait_until_idle(&engine, 8);
+    let before = engine.stats();
+    let mut conn = db.connect();
+
+    diesel::sql_query(
+        "INSERT INTO tasks (task_class, task_parameters)
+         SELECT 'sleep', '{\"ms\": 2}' FROM generate_series(1, 1000)",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    wait_until("the 1000 tasks have run", || crate::support::unfinished(&mut conn) == 0);
+    wait_until_idle(&engine, 8);
+
+    let workers: Vec<i32> = task_executions::table.select(task_executions::worker).distinct().load(&mut conn).unwrap();
+    assert_eq!(workers.len(), 8, "only workers {workers:?} took part");
+    let after = engine.stats();
+    assert_eq!(after.notifications - before.notifications, 1, "one statement, one notification");
+    let wasted = after.wasted_claims - before.wasted_claims;
+    eprintln!("1000 tasks, 8 workers: {} claims, {wasted} wasted", after.claims - before.claims);
+    // Each worker finds the queue empty once at the end.
+    assert!(wasted <= 16, "{wasted} claims wasted");
+    engine.shutdown();
+}
+
+#[test]
+fn a_task_inserted_while_the_listener_is_disconnected_runs_once_it_reconnects() {
+    let db = TestDatabase::new();
+    let engine = start_engine(&db, "reconnect", 2);
+    wait_until_idle(&engine, 2);
+    let mut conn = db.connect();
+
+    // Keep the listener out while the task goes in: the database refuses new
+    // connections (ours stays open), then its connection is terminated.
+    let mut admin = PgConnection::establish(&test_db::with_database(db.url(), "postgres")).unwrap();
+    let quoted = format!("\"{}\"", db.name());
+    admin.batch_execute(&format!("ALTER DATABASE {quoted} ALLOW_CONNECTIONS false")).unwrap();
+    #[derive(QueryableByName)]
+    struct Terminated {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let terminated = diesel::sql_query(
+        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity
+         WHERE application_name = 'task_engine listener reconnect'",
+    )
+    .get_result::<Terminated>(&mut conn)
+    .unwrap();
+    assert_eq!(terminated.n, 1, "no listener connection to terminate");
+    wait_until("the listener has noticed", || !engine.stats().listening);
+
+    let id = insert_by_sql(&mut conn);
+    assert!(!engine.stats().listening, "the listener reconnected before the insert");
+    admin.batch_execute(&format!("ALTER DATABASE {quoted} ALLOW_CONNECTIONS true")).unwrap();
+
+    wait_until_stopped(&mut conn, id);
+    assert_eq!(engine.stats().listener_connections, 2);
+    engine.shutdown();
+}
+
+#[test]
+fn engines_in_two_schemas_of_one_database_do_not_wake_each_other() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    conn.batch_execute("CREATE SCHEMA other").unwrap();
+    let other_url = format!("{}?options=-csearch_path%3Dother", db.url());
+    let mut other = PgConnection::establish(&other_url).unwrap();
+    task_engine::run_migrations(&mut other).unwrap();
+
+    let public_engine = start_engine(&db, "public", 2);
+    let other_engine = Runner::new(&other_url, Registry::from_inventory().unwrap())
+        .instance("other")
+        .workers(2)
+        .poll_interval(std::time::Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    wait_until_idle(&public_engine, 2);
+    wait_until_idle(&other_engine, 2);
+    let (public_before, other_before) = (public_engine.stats(), other_engine.stats());
+
+    let id = insert_by_sql(&mut other);
+    wait_until_stopped(&mut other, id);
+    wait_until_idle(&other_engine, 2);
+
+    assert_eq!(other_engine.stats().notifications - other_before.notifications, 1);
+    assert_eq!(public_engine.stats().notifications, public_before.notifications, "woken by the other schema");
+    let public_tasks: i64 = tasks::table.count().get_result(&mut conn).unwrap();
+    assert_eq!(public_tasks, 0);
+    public_engine.shutdown();
+    other_engine.shutdown();
+}
