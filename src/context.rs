@@ -47,10 +47,18 @@ impl TaskContext {
         self.worker
     }
 
-    /// Tells whether the engine asks running tasks to stop early; a long task checks
-    /// it between steps and returns. Tasks that ignore it are waited for.
+    /// Tells whether the task should stop early: its instance is shutting down, or an
+    /// operator cancelled it (`engine cancel`). A long task checks it between steps
+    /// and returns; tasks that ignore it are waited for. A task that returns an error
+    /// because of a shutdown is retried later; a cancelled task ends `cancelled`
+    /// whatever it returns.
     pub fn stop_requested(&self) -> bool {
-        self.shared.wakeup.is_stopping()
+        self.shared.wakeup.is_stopping() || self.cancel_requested()
+    }
+
+    /// Tells whether an operator cancelled this task while it runs.
+    pub fn cancel_requested(&self) -> bool {
+        self.shared.cancels.is_cancelled(self.task_id)
     }
 
     /// Takes a connection from the engine's pool for the task's own queries; it goes
@@ -62,5 +70,40 @@ impl TaskContext {
     /// Returns the engine's connection pool.
     pub fn pool(&self) -> &PgPool {
         &self.shared.pool
+    }
+}
+
+/// The running tasks of this instance that an operator cancelled (`engine cancel`
+/// notifies the instances; the listener records it here for [`TaskContext`]).
+#[derive(Debug, Default)]
+pub(crate) struct Cancels {
+    /// The tasks running here, and whether each was cancelled.
+    running: std::sync::Mutex<std::collections::HashMap<i64, bool>>,
+}
+
+impl Cancels {
+    fn running(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i64, bool>> {
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A task starts running here.
+    pub(crate) fn started(&self, task_id: i64) {
+        self.running().insert(task_id, false);
+    }
+
+    /// Marks a task cancelled, if it runs here.
+    pub(crate) fn cancel(&self, task_id: i64) {
+        if let Some(cancelled) = self.running().get_mut(&task_id) {
+            *cancelled = true;
+        }
+    }
+
+    pub(crate) fn is_cancelled(&self, task_id: i64) -> bool {
+        self.running().get(&task_id).copied().unwrap_or(false)
+    }
+
+    /// Forgets a task whose attempt has ended.
+    pub(crate) fn forget(&self, task_id: i64) {
+        self.running().remove(&task_id);
     }
 }

@@ -1,5 +1,7 @@
 //! Enqueueing from Rust: typed, inside the caller's own transaction when it has one.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use diesel::PgConnection;
 
@@ -28,6 +30,7 @@ pub struct NewTask {
     parameters: serde_json::Value,
     priority: i32,
     run_at: Option<DateTime<Utc>>,
+    delay: Duration,
     max_attempts: i32,
 }
 
@@ -47,7 +50,14 @@ impl NewTask {
     }
 
     fn unchecked(task_class: &str, parameters: serde_json::Value, max_attempts: i32) -> Self {
-        Self { task_class: task_class.to_owned(), parameters, priority: 0, run_at: None, max_attempts }
+        Self {
+            task_class: task_class.to_owned(),
+            parameters,
+            priority: 0,
+            run_at: None,
+            delay: Duration::ZERO,
+            max_attempts,
+        }
     }
 
     /// Sets the priority: higher runs first (default 0).
@@ -59,6 +69,15 @@ impl NewTask {
     /// Makes the task wait until `run_at` (default: due at once).
     pub fn run_at(mut self, run_at: DateTime<Utc>) -> Self {
         self.run_at = Some(run_at);
+        self.delay = Duration::ZERO;
+        self
+    }
+
+    /// Makes the task wait `delay` after its insert, measured on the database
+    /// server's clock (default: due at once).
+    pub fn run_in(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self.run_at = None;
         self
     }
 
@@ -79,6 +98,7 @@ impl NewTask {
             parameters: &self.parameters,
             priority: self.priority,
             run_at: self.run_at,
+            delay_us: i64::try_from(self.delay.as_micros()).unwrap_or(i64::MAX),
             max_attempts: self.max_attempts,
         }
     }

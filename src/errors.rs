@@ -74,4 +74,24 @@ pub enum Error {
     /// A setting the engine cannot use (a malformed database URL, say).
     #[error("{0}")]
     Config(String),
+
+    /// No task has this id.
+    #[error("there is no task {0}")]
+    TaskNotFound(i64),
+
+    /// The task's state does not allow what was asked.
+    #[error("cannot {action} task {task_id}: it is {status}{}", match (*action, status.as_str()) {
+        ("retry", "waiting" | "running") => " (it will run anyway)",
+        ("retry", _) => " (only failed or cancelled tasks can be retried)",
+        (_, "cancelled") => " already",
+        _ => " (only waiting or running tasks can be cancelled)",
+    })]
+    InvalidTransition {
+        /// The task.
+        task_id: i64,
+        /// Its status.
+        status: String,
+        /// What was asked: `retry` or `cancel`.
+        action: &'static str,
+    },
 }

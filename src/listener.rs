@@ -46,11 +46,17 @@ pub fn channel_name(schema: &str) -> String {
     format!("{prefix}.task_engine")
 }
 
-/// The payload of a notification (see the trigger function).
-#[derive(Debug, Deserialize)]
-struct Inserted {
+/// The payload of a notification: tasks inserted (see the trigger function), or a
+/// running task cancelled (`engine cancel`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Payload {
     /// Inserted tasks that are runnable now.
     ready: u64,
+    /// Seconds until the earliest inserted scheduled task is due.
+    next_in: Option<f64>,
+    /// A task to cancel.
+    cancel: Option<i64>,
 }
 
 /// How a listening session ended.
@@ -137,8 +143,10 @@ impl Listener {
     fn listen(&self, mut client: Client, channel: &str) -> Ended {
         let counters = &self.shared.counters;
         log::debug!("listening on {channel}");
-        // Whatever was inserted while we were not listening: look for it now.
+        // Whatever was inserted while we were not listening: look for it now, and for
+        // the next scheduled task.
         self.shared.wakeup.wake_all();
+        self.shared.timer.refresh();
         counters.listener_connections.fetch_add(1, Ordering::SeqCst);
         counters.listening.store(true, Ordering::SeqCst);
         loop {
@@ -166,10 +174,17 @@ impl Listener {
     }
 
     fn wake_for(&self, payload: &str) {
-        match serde_json::from_str::<Inserted>(payload) {
-            Ok(inserted) => {
-                if inserted.ready > 0 {
-                    self.shared.wakeup.wake(usize::try_from(inserted.ready).unwrap_or(usize::MAX));
+        match serde_json::from_str::<Payload>(payload) {
+            Ok(payload) => {
+                if payload.ready > 0 {
+                    self.shared.wakeup.wake(usize::try_from(payload.ready).unwrap_or(usize::MAX));
+                }
+                if let Some(next_in) = payload.next_in.filter(|s| s.is_finite()) {
+                    let delay = Duration::from_secs_f64(next_in.clamp(0.0, 1e9));
+                    self.shared.timer.arm(std::time::Instant::now() + delay);
+                }
+                if let Some(task_id) = payload.cancel {
+                    self.shared.cancels.cancel(task_id);
                 }
             }
             // Someone else's NOTIFY on our channel: look, to be safe.

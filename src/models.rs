@@ -21,6 +21,8 @@ pub struct Task {
     pub max_attempts: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When an operator asked to cancel the task while it ran.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
 }
 
 /// One attempt at running a task: open while `stopped_at` is null.

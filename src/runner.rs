@@ -9,8 +9,10 @@ use std::time::Duration;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::PgConnection;
 
+use crate::context::Cancels;
 use crate::listener::Listener;
 use crate::registry::Registry;
+use crate::scheduler::{self, Timer};
 use crate::wakeup::{StopSignal, WakeupQueue};
 use crate::worker::Worker;
 use crate::Error;
@@ -59,6 +61,10 @@ pub(crate) struct Shared {
     /// How long an idle worker sleeps before it looks for work unprompted.
     pub poll_interval: Duration,
     pub counters: Counters,
+    /// When the next scheduled task is due.
+    pub timer: Timer,
+    /// Running tasks an operator cancelled.
+    pub cancels: Cancels,
 }
 
 /// What the instance counts, for [`RunningEngine::stats`].
@@ -170,7 +176,11 @@ impl Runner {
             stop: StopSignal::default(),
             poll_interval: self.poll_interval,
             counters: Counters::default(),
+            timer: Timer::default(),
+            cancels: Cancels::default(),
         });
+        // The scheduler's first look: tasks already scheduled.
+        shared.timer.refresh();
         let listener = Listener::new(Arc::clone(&shared), &self.database_url)?;
         log::info!(
             "instance {} starting {} workers; task types: {}",
@@ -181,6 +191,9 @@ impl Runner {
         let mut engine = RunningEngine { shared, threads: Vec::with_capacity(self.workers + 1) };
         let spawned = std::thread::Builder::new().name("listener".into()).spawn(move || listener.run());
         engine.adopt(spawned, "the listener")?;
+        let for_scheduler = Arc::clone(&engine.shared);
+        let spawned = std::thread::Builder::new().name("scheduler".into()).spawn(move || scheduler::run(for_scheduler));
+        engine.adopt(spawned, "the scheduler")?;
         for index in 0..self.workers {
             let worker = Worker::new(index, Arc::clone(&engine.shared));
             let spawned = std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || worker.run());
@@ -271,5 +284,6 @@ impl StopHandle {
         }
         self.shared.wakeup.stop();
         self.shared.stop.stop();
+        self.shared.timer.stop();
     }
 }

@@ -29,6 +29,7 @@ diesel::table! {
         max_attempts -> Int4,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        cancel_requested_at -> Nullable<Timestamptz>,
     }
 }
 

@@ -82,9 +82,9 @@ pub(crate) enum Outcome {
     Succeeded(serde_json::Value),
     /// Failed for good: the task becomes `failed`.
     Failed(String),
-    /// Failed, to be tried again at the given time: the task goes back to `waiting`.
-    #[allow(dead_code)] // produced once retries land; the statement handles it already
-    Retry { error: String, run_at: DateTime<Utc> },
+    /// Failed, to be tried again after `delay` (from the server's clock): the task
+    /// goes back to `waiting`.
+    Retry { error: String, delay: Duration },
 }
 
 /// A finished attempt, waiting to be recorded.
@@ -101,7 +101,8 @@ pub(crate) struct Completion {
 }
 
 /// Records finished attempts, in one statement: closes each still-open execution with
-/// its result or error and moves its task to the outcome's state. An attempt whose
+/// its result or error and moves its task to the outcome's state; a task an operator
+/// cancelled while it ran ends `cancelled` unless the attempt succeeded. An attempt whose
 /// execution was already closed (the rescue took it), or whose task has moved on to
 /// another attempt, changes nothing. Returns how many tasks changed state.
 pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> QueryResult<usize> {
@@ -113,7 +114,7 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    let (mut statuses, mut results, mut errors, mut run_ats) =
+    let (mut statuses, mut results, mut errors, mut delays_us) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for c in completions {
         execution_ids.push(c.execution_id);
@@ -121,31 +122,35 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
         attempts.push(c.attempt);
         workers.push(c.worker);
         elapsed_us.push(i64::try_from(c.elapsed.as_micros()).unwrap_or(i64::MAX));
-        let (status, result, error, run_at) = match &c.outcome {
+        let (status, result, error, delay) = match &c.outcome {
             Outcome::Succeeded(result) => ("stopped", Some(result.clone()), None, None),
             Outcome::Failed(error) => ("failed", None, Some(error.clone()), None),
-            Outcome::Retry { error, run_at } => ("waiting", None, Some(error.clone()), Some(*run_at)),
+            Outcome::Retry { error, delay } => ("waiting", None, Some(error.clone()), Some(*delay)),
         };
         statuses.push(status);
         results.push(result);
         errors.push(error);
-        run_ats.push(run_at);
+        delays_us.push(delay.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)));
     }
     diesel::sql_query(
         "WITH done AS (
              SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[],
-                                  $6::text[], $7::jsonb[], $8::text[], $9::timestamptz[])
-                 AS d(execution_id, task_id, attempt, worker, elapsed_us, status, result, error, run_at)
+                                  $6::text[], $7::jsonb[], $8::text[], $9::bigint[])
+                 AS d(execution_id, task_id, attempt, worker, elapsed_us, status, result, error, delay_us)
          ), closed AS (
              UPDATE task_executions e
              SET stopped_at = e.started_at + d.elapsed_us * interval '1 microsecond',
                  result = d.result, error = d.error, worker = d.worker, updated_at = now()
              FROM done d
              WHERE e.id = d.execution_id AND e.stopped_at IS NULL
-             RETURNING d.task_id, d.attempt, d.status, d.run_at
+             RETURNING d.task_id, d.attempt, d.status, d.delay_us
          )
          UPDATE tasks t
-         SET status = c.status, run_at = COALESCE(c.run_at, t.run_at), updated_at = now()
+         SET status = CASE WHEN t.cancel_requested_at IS NOT NULL AND c.status <> 'stopped'
+                           THEN 'cancelled' ELSE c.status END,
+             run_at = CASE WHEN c.delay_us IS NULL THEN t.run_at
+                           ELSE now() + c.delay_us * interval '1 microsecond' END,
+             updated_at = now()
          FROM closed c
          WHERE t.id = c.task_id AND t.status = 'running' AND t.attempts = c.attempt",
     )
@@ -157,7 +162,7 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
     .bind::<Array<Text>, _>(statuses)
     .bind::<Array<Nullable<Jsonb>>, _>(results)
     .bind::<Array<Nullable<Text>>, _>(errors)
-    .bind::<Array<Nullable<Timestamptz>>, _>(run_ats)
+    .bind::<Array<Nullable<BigInt>>, _>(delays_us)
     .execute(conn)
 }
 
@@ -167,6 +172,8 @@ pub(crate) struct TaskInsert<'a> {
     pub parameters: &'a serde_json::Value,
     pub priority: i32,
     pub run_at: Option<DateTime<Utc>>,
+    /// Without `run_at`: due this long after the insert, on the server's clock.
+    pub delay_us: i64,
     pub max_attempts: i32,
 }
 
@@ -177,20 +184,22 @@ struct InsertedId {
 }
 
 /// Inserts tasks in one statement, whatever their number, and returns their ids in
-/// the order given. A task without a run-at time is due at once (`now()`).
+/// the order given. A task without a run-at time is due after its delay (`now()` plus
+/// the delay, usually none).
 pub(crate) fn insert_tasks(conn: &mut PgConnection, tasks: &[TaskInsert<'_>]) -> QueryResult<Vec<i64>> {
     let classes: Vec<&str> = tasks.iter().map(|t| t.task_class).collect();
     let parameters: Vec<&serde_json::Value> = tasks.iter().map(|t| t.parameters).collect();
     let priorities: Vec<i32> = tasks.iter().map(|t| t.priority).collect();
     let run_ats: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.run_at).collect();
     let max_attempts: Vec<i32> = tasks.iter().map(|t| t.max_attempts).collect();
+    let delays_us: Vec<i64> = tasks.iter().map(|t| t.delay_us).collect();
     // WITH ORDINALITY and the ORDER BY make the ids come back in input order.
     let rows: Vec<InsertedId> = diesel::sql_query(
         "WITH inserted AS (
              INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts)
-             SELECT c, p, pr, COALESCE(r, now()), m
-             FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::int[])
-                  WITH ORDINALITY AS n(c, p, pr, r, m, ord)
+             SELECT c, p, pr, COALESCE(r, now() + d * interval '1 microsecond'), m
+             FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::int[], $6::bigint[])
+                  WITH ORDINALITY AS n(c, p, pr, r, m, d, ord)
              ORDER BY ord
              RETURNING id
          )
@@ -201,6 +210,7 @@ pub(crate) fn insert_tasks(conn: &mut PgConnection, tasks: &[TaskInsert<'_>]) ->
     .bind::<Array<Integer>, _>(priorities)
     .bind::<Array<Nullable<Timestamptz>>, _>(run_ats)
     .bind::<Array<Integer>, _>(max_attempts)
+    .bind::<Array<BigInt>, _>(delays_us)
     .load(conn)?;
     Ok(rows.into_iter().map(|r| r.id).collect())
 }
@@ -211,7 +221,8 @@ pub(crate) fn insert_copies(conn: &mut PgConnection, task: &TaskInsert<'_>, coun
     let rows: Vec<InsertedId> = diesel::sql_query(
         "WITH inserted AS (
              INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts)
-             SELECT $1, $2, $3, COALESCE($4, now()), $5 FROM generate_series(1, $6)
+             SELECT $1, $2, $3, COALESCE($4, now() + $7 * interval '1 microsecond'), $5
+             FROM generate_series(1, $6)
              RETURNING id
          )
          SELECT id FROM inserted ORDER BY id",
@@ -222,6 +233,7 @@ pub(crate) fn insert_copies(conn: &mut PgConnection, task: &TaskInsert<'_>, coun
     .bind::<Nullable<Timestamptz>, _>(task.run_at)
     .bind::<Integer, _>(task.max_attempts)
     .bind::<BigInt, _>(count)
+    .bind::<BigInt, _>(task.delay_us)
     .load(conn)?;
     Ok(rows.into_iter().map(|r| r.id).collect())
 }

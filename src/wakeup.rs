@@ -98,6 +98,11 @@ impl WakeupQueue {
         }
     }
 
+    /// Returns the number of workers.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Wakes every idle worker: after a (re)connection, when notifications may have
     /// been missed.
     pub(crate) fn wake_all(&self) {

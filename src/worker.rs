@@ -80,6 +80,7 @@ impl Worker {
             worker: self.index,
             shared: Arc::clone(&self.shared),
         };
+        self.shared.cancels.started(task.id);
         let started = Instant::now();
         let ran = match self.shared.registry.get(&task.task_class) {
             Ok(entry) => catch_unwind(AssertUnwindSafe(|| entry.run(&task.task_parameters, &ctx)))
@@ -88,16 +89,34 @@ impl Worker {
             Err(error) => Err(RunFailure::Parameters(error.to_string())),
         };
         let elapsed = started.elapsed();
+        let cancelled = ctx.cancel_requested();
         let outcome = match ran {
             Ok(result) => {
                 log::debug!("task {} ({}) succeeded in {elapsed:?}", task.id, task.task_class);
                 Outcome::Succeeded(result)
             }
             Err(failure) => {
+                let permanent = failure.is_permanent();
                 let message = failure.into_message();
-                log::warn!("task {} ({}) attempt {} failed: {message}", task.id, task.task_class, task.attempt);
-                Outcome::Failed(message)
+                let (id, class, attempt, max) = (task.id, &task.task_class, task.attempt, task.max_attempts);
+                if cancelled {
+                    log::warn!("task {id} ({class}) attempt {attempt}/{max} failed after its cancellation: {message}");
+                    Outcome::Failed(message)
+                } else if permanent || attempt >= max {
+                    let why = if permanent { "permanently" } else { "on its last attempt" };
+                    log::error!("task {id} ({class}) attempt {attempt}/{max} failed {why}: {message}");
+                    Outcome::Failed(message)
+                } else {
+                    let delay = self.shared.registry.get(class).map(|e| e.retry_delay(attempt)).unwrap_or_default();
+                    log::warn!("task {id} ({class}) attempt {attempt}/{max} failed: {message}; retry in {delay:.1?}");
+                    Outcome::Retry { error: message, delay }
+                }
             }
+        };
+        self.shared.cancels.forget(task.id);
+        let retry_in = match &outcome {
+            Outcome::Retry { delay, .. } => Some(*delay),
+            _ => None,
         };
         self.record(Completion {
             execution_id: task.execution_id,
@@ -107,6 +126,10 @@ impl Worker {
             elapsed,
             outcome,
         });
+        // The retry is ours to wake for: no notification announces it.
+        if let Some(delay) = retry_in {
+            self.shared.timer.arm(Instant::now() + delay);
+        }
     }
 
     /// Records a finished attempt, trying again with backoff while the database is

@@ -40,7 +40,8 @@ impl Task for Echo {
 }
 register_task!(Echo);
 
-/// Sleeps `ms` milliseconds; result `null`.
+/// Sleeps `ms` milliseconds; result `null`. A cancellation (`engine cancel`) cuts the
+/// sleep short with an error.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sleep {
@@ -51,18 +52,29 @@ impl Task for Sleep {
     const NAME: &'static str = "sleep";
     type Output = ();
 
-    fn run(&self, _ctx: &TaskContext) -> Result<(), TaskError> {
-        std::thread::sleep(Duration::from_millis(self.ms));
-        Ok(())
+    fn run(&self, ctx: &TaskContext) -> Result<(), TaskError> {
+        let until = std::time::Instant::now() + Duration::from_millis(self.ms);
+        loop {
+            let now = std::time::Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            if ctx.cancel_requested() {
+                return Err(TaskError::new("cancelled while sleeping"));
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(10)));
+        }
     }
 }
 register_task!(Sleep);
 
-/// Fails with `message`.
+/// Fails with `message`; with `"permanent": true`, an error no retry can fix.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fail {
     pub message: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub permanent: bool,
 }
 
 impl Task for Fail {
@@ -70,7 +82,11 @@ impl Task for Fail {
     type Output = ();
 
     fn run(&self, _ctx: &TaskContext) -> Result<(), TaskError> {
-        Err(TaskError::new(&self.message))
+        if self.permanent {
+            Err(TaskError::permanent(&self.message))
+        } else {
+            Err(TaskError::new(&self.message))
+        }
     }
 }
 register_task!(Fail);
