@@ -48,6 +48,28 @@ pub enum Command {
         /// How many copies to insert (in one statement).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         count: u32,
+        /// Run no earlier than this time (RFC 3339, e.g. 2026-12-01T09:00:00Z).
+        #[arg(long, conflicts_with = "run_in", value_parser = parse_time)]
+        at: Option<chrono::DateTime<chrono::Utc>>,
+        /// Run no earlier than this long from now (30s, 5m, 2h, 1d).
+        #[arg(long = "in", value_parser = duration::parse)]
+        run_in: Option<Duration>,
+        /// Higher runs first among runnable tasks (default 0).
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// Attempts in all before the task fails for good (default: the type's).
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+        max_attempts: Option<i32>,
+    },
+    /// Puts a failed or cancelled task back to waiting, keeping its history.
+    Retry {
+        /// The task's id.
+        id: i64,
+    },
+    /// Cancels a waiting task, or asks the instance running a task to stop it.
+    Cancel {
+        /// The task's id.
+        id: i64,
     },
     /// Runs an engine instance until SIGINT or SIGTERM.
     Run {
@@ -152,11 +174,20 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Enqueue { task_type, params, count } => {
+        Command::Enqueue { task_type, params, count, at, run_in, priority, max_attempts } => {
             // Check everything before touching the database: bad input inserts nothing.
             let parameters: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| UsageError(format!("--params is not valid JSON: {e}")))?;
-            let task = NewTask::from_json(&registry, &task_type, parameters)?;
+            let mut task = NewTask::from_json(&registry, &task_type, parameters)?.priority(priority);
+            if let Some(at) = at {
+                task = task.run_at(at);
+            }
+            if let Some(delay) = run_in {
+                task = task.run_in(delay);
+            }
+            if let Some(max_attempts) = max_attempts {
+                task = task.max_attempts(max_attempts);
+            }
             let db = Database::open(cli.database_url, &cli.data_dir)?;
             let mut conn = db.connect_migrated()?;
             let ids = if count == 1 { vec![task.insert(&mut conn)?] } else { task.insert_copies(&mut conn, count)? };
@@ -184,8 +215,24 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             let mut conn = db.connect_migrated()?;
             match task {
                 Some(id) => status::print_task(&mut conn, id),
-                None => status::print_overview(&mut conn, recent),
+                None => status::print_overview(&mut conn, &registry, recent),
             }
+        }
+        Command::Retry { id } => {
+            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            task_engine::retry(&mut db.connect_migrated()?, id)?;
+            println!("task {id} is waiting again");
+            Ok(())
+        }
+        Command::Cancel { id } => {
+            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            match task_engine::cancel(&mut db.connect_migrated()?, id)? {
+                task_engine::Cancelled::Waiting => println!("task {id} cancelled: it will not run"),
+                task_engine::Cancelled::Running => println!(
+                    "task {id} is running: its instance is asked to stop it; it ends cancelled unless this attempt succeeds"
+                ),
+            }
+            Ok(())
         }
         Command::Demo { workers } => demo::run(cli.database_url, &cli.data_dir, registry, workers),
         Command::Bench(bench) => bench::run(bench, cli.database_url, &cli.data_dir, registry),
@@ -215,4 +262,10 @@ fn stop_on_signals(stop: task_engine::StopHandle) -> anyhow::Result<()> {
         })
         .context("could not start the signal thread")?;
     Ok(())
+}
+
+fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("not an RFC 3339 time (e.g. 2026-12-01T09:00:00Z): {e}"))
 }

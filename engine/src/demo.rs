@@ -66,11 +66,17 @@ fn run_on(db: &Database, registry: Registry, workers: usize) -> anyhow::Result<(
     Ok(())
 }
 
-/// The demo's tasks: mostly quick ones, some sleeping, a few failing and panicking.
+/// The demo's tasks: mostly quick ones, some sleeping, a few failing (tried twice,
+/// the retry some 4 s later) and panicking (once).
 fn mix(registry: &Registry) -> anyhow::Result<Vec<NewTask>> {
     let mut mix = Vec::new();
     let mut add = |task_class: &str, parameters: serde_json::Value| -> anyhow::Result<()> {
-        mix.push(NewTask::from_json(registry, task_class, parameters)?);
+        let attempts = match task_class {
+            "fail" => 2,
+            "panic" => 1,
+            _ => 3,
+        };
+        mix.push(NewTask::from_json(registry, task_class, parameters)?.max_attempts(attempts));
         Ok(())
     };
     for i in 0..100 {

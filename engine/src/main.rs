@@ -55,7 +55,9 @@ fn exit_code_of(error: &anyhow::Error) -> u8 {
         Some(
             task_engine::Error::UnknownTaskType { .. }
             | task_engine::Error::InvalidParameters { .. }
-            | task_engine::Error::Serialization { .. },
+            | task_engine::Error::Serialization { .. }
+            | task_engine::Error::TaskNotFound(_)
+            | task_engine::Error::InvalidTransition { .. },
         ) => 2,
         _ => 1,
     }

@@ -4,14 +4,14 @@ use std::collections::BTreeMap;
 
 use diesel::PgConnection;
 use task_engine::models::{status, TaskExecution};
-use task_engine::report;
+use task_engine::{report, Registry};
 
 use crate::UsageError;
 
 const STATES: [&str; 5] = [status::WAITING, status::RUNNING, status::STOPPED, status::FAILED, status::CANCELLED];
 
 /// Prints counts by type and state, then the latest executions.
-pub fn print_overview(conn: &mut PgConnection, recent: i64) -> anyhow::Result<()> {
+pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64) -> anyhow::Result<()> {
     let counts = report::status_counts(conn)?;
     let mut by_type: BTreeMap<&str, [i64; 5]> = BTreeMap::new();
     let mut totals = [0i64; 5];
@@ -27,6 +27,15 @@ pub fn print_overview(conn: &mut PgConnection, recent: i64) -> anyhow::Result<()
     }
     let t = totals;
     println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", "(all)", t[0], t[1], t[2], t[3], t[4]);
+    // Instances claim only the types they know: tasks of other types wait.
+    let unknown: Vec<String> = by_type
+        .iter()
+        .filter(|(task_class, n)| n[0] > 0 && registry.get(task_class).is_err())
+        .map(|(task_class, n)| format!("{task_class} ({} waiting)", n[0]))
+        .collect();
+    if !unknown.is_empty() {
+        println!("\ntypes this engine does not know (they wait for an instance that does): {}", unknown.join(", "));
+    }
 
     let executions = report::recent_executions(conn, recent)?;
     if executions.is_empty() {
@@ -55,6 +64,9 @@ pub fn print_task(conn: &mut PgConnection, id: i64) -> anyhow::Result<()> {
     println!("  run at       {}", task.run_at.to_rfc3339());
     println!("  attempts     {} of {}", task.attempts, task.max_attempts);
     println!("  instance     {}", task.instance.as_deref().unwrap_or("-"));
+    if let Some(at) = task.cancel_requested_at {
+        println!("  cancel asked {}", at.to_rfc3339());
+    }
     println!("  created      {}", task.created_at.to_rfc3339());
     println!("  updated      {}", task.updated_at.to_rfc3339());
     println!("executions: {}", executions.len());

@@ -130,7 +130,10 @@ fn engine_run_works_through_the_queue_and_exits_0_on_sigterm() {
 #[test]
 fn engine_status_shows_a_task_with_every_attempt() {
     let db = TestDatabase::new();
-    let out = engine(&db, &["enqueue", "fail", "--params", r#"{"message": "quota exceeded"}"#]);
+    let out = engine(
+        &db,
+        &["enqueue", "fail", "--params", r#"{"message": "quota exceeded"}"#, "--max-attempts", "1", "--priority", "-3"],
+    );
     let id = text(&out.stdout).trim().to_owned();
     let mut conn = db.connect();
     let engine_handle = task_engine::Runner::new(db.url(), task_engine::Registry::from_inventory().unwrap())
@@ -146,6 +149,8 @@ fn engine_status_shows_a_task_with_every_attempt() {
     assert!(shown.contains(&format!("task {id}: fail")), "{shown}");
     assert!(shown.contains("status       failed"), "{shown}");
     assert!(shown.contains("executions: 1"), "{shown}");
+    assert!(shown.contains("attempts     1 of 1"), "{shown}");
+    assert!(shown.contains("priority     -3"), "{shown}");
     assert!(shown.contains("error: quota exceeded"), "{shown}");
 
     let overview = text(&engine(&db, &["status"]).stdout);
@@ -200,4 +205,88 @@ fn engine_run_idle_exits_0_within_a_second_or_two_of_sigterm() {
     eprintln!("idle engine exited {took:?} after SIGTERM");
     assert_eq!(status.code(), Some(0));
     assert!(took < std::time::Duration::from_secs(2), "took {took:?} to stop");
+}
+
+#[test]
+fn engine_enqueue_schedules_with_in_or_at_and_refuses_a_bad_time() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let later = text(&engine(&db, &["enqueue", "noop", "--in", "2h"]).stdout).trim().parse::<i64>().unwrap();
+    let at =
+        text(&engine(&db, &["enqueue", "noop", "--at", "2031-05-06T07:08:09Z"]).stdout).trim().parse::<i64>().unwrap();
+    let (run_at, created_at): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+        tasks::table.find(later).select((tasks::run_at, tasks::created_at)).first(&mut conn).unwrap();
+    assert_eq!((run_at - created_at).num_seconds(), 7200);
+    let run_at: chrono::DateTime<chrono::Utc> = tasks::table.find(at).select(tasks::run_at).first(&mut conn).unwrap();
+    assert_eq!(run_at.to_rfc3339(), "2031-05-06T07:08:09+00:00");
+
+    for bad in [
+        &["enqueue", "noop", "--at", "tomorrow"][..],
+        &["enqueue", "noop", "--in", "soon"],
+        &["enqueue", "noop", "--max-attempts", "0"],
+    ] {
+        let out = engine(&db, bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", text(&out.stderr));
+    }
+    assert_eq!(task_count(&db), 2);
+}
+
+#[test]
+fn engine_cancel_and_retry_do_what_they_say_and_refuse_what_they_cannot() {
+    let db = TestDatabase::new();
+    let waiting = text(&engine(&db, &["enqueue", "noop", "--in", "1h"]).stdout).trim().to_owned();
+    let out = engine(&db, &["cancel", &waiting]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("task {waiting} cancelled")));
+    let mut conn = db.connect();
+    assert_eq!(count_in_status(&mut conn, "cancelled"), 1);
+
+    // Cancelled already: a clear refusal, exit 2; the state is unchanged.
+    let out = engine(&db, &["cancel", &waiting]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains(&format!("cannot cancel task {waiting}: it is cancelled already")),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A cancelled task can be retried: it waits again, due now.
+    let out = engine(&db, &["retry", &waiting]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(count_in_status(&mut conn, "waiting"), 1);
+    let out = engine(&db, &["retry", &waiting]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("it is waiting (it will run anyway)"), "{}", text(&out.stderr));
+
+    let stopped: i64 = diesel::insert_into(tasks::table)
+        .values((tasks::task_class.eq("noop"), tasks::status.eq("stopped")))
+        .returning(tasks::id)
+        .get_result(&mut conn)
+        .unwrap();
+    let out = engine(&db, &["cancel", &stopped.to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains(&format!("cannot cancel task {stopped}: it is stopped")),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = engine(&db, &["cancel", "424242"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("there is no task 424242"));
+}
+
+#[test]
+fn engine_status_lists_waiting_types_this_engine_does_not_know() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    diesel::insert_into(tasks::table)
+        .values(&vec![tasks::task_class.eq("resize_image"), tasks::task_class.eq("resize_image")])
+        .execute(&mut conn)
+        .unwrap();
+    let out = engine(&db, &["status"]);
+    assert!(out.status.success());
+    let shown = text(&out.stdout);
+    assert!(shown.contains("types this engine does not know"), "{shown}");
+    assert!(shown.contains("resize_image (2 waiting)"), "{shown}");
 }

@@ -4,6 +4,7 @@
 
 mod enqueueing;
 mod running;
+mod scheduling;
 mod schema;
 mod stopping;
 mod support;

@@ -42,8 +42,14 @@ fn errors_and_panics_are_recorded_and_the_worker_goes_on_to_the_next_task() {
     let ids = task_engine::enqueue_many(
         &mut conn,
         &[
-            NewTask::new(&::tasks::Fail { message: "disk full".into() }).unwrap().priority(3),
-            NewTask::new(&::tasks::Panic { message: "index out of bounds".into() }).unwrap().priority(2),
+            NewTask::new(&::tasks::Fail { message: "disk full".into(), permanent: false })
+                .unwrap()
+                .max_attempts(1)
+                .priority(3),
+            NewTask::new(&::tasks::Panic { message: "index out of bounds".into() })
+                .unwrap()
+                .max_attempts(1)
+                .priority(2),
             NewTask::new(&::tasks::Echo(serde_json::json!("after"))).unwrap().priority(1),
         ],
     )
@@ -80,7 +86,9 @@ fn stored_parameters_that_no_longer_fit_the_type_fail_the_task_with_the_reason()
     engine.shutdown();
 
     assert_eq!(load_task(&mut conn, id).status, status::FAILED);
-    let error = executions_of(&mut conn, id)[0].error.clone().unwrap();
+    let executions = executions_of(&mut conn, id);
+    assert_eq!(executions.len(), 1, "undeserialisable parameters were retried");
+    let error = executions[0].error.clone().unwrap();
     assert!(error.contains("parameters do not fit task type `sleep`"), "{error}");
 }
 

@@ -124,3 +124,81 @@ impl Gate {
         self.changed.notify_all();
     }
 }
+
+/// How many times each key has been run, for the tasks below.
+fn runs_of(key: &str) -> u32 {
+    static RUNS: OnceLock<Mutex<HashMap<String, u32>>> = OnceLock::new();
+    let mut runs = RUNS.get_or_init(Default::default).lock().unwrap();
+    let n = runs.entry(key.to_owned()).or_default();
+    *n += 1;
+    *n
+}
+
+/// Fails its first `failures` runs, then succeeds with the attempt number. Retries
+/// after 10 ms.
+#[derive(Serialize, Deserialize)]
+pub struct Flaky {
+    pub key: String,
+    pub failures: u32,
+}
+
+impl Task for Flaky {
+    const NAME: &'static str = "test_flaky";
+    type Output = i32;
+
+    fn run(&self, ctx: &TaskContext) -> Result<i32, TaskError> {
+        let run = runs_of(&self.key);
+        if run <= self.failures {
+            return Err(TaskError::new(format!("failure {run}")));
+        }
+        Ok(ctx.attempt())
+    }
+
+    fn retry_delay(_attempt: i32) -> Duration {
+        Duration::from_millis(10)
+    }
+}
+register_task!(Flaky);
+
+/// Always fails, saying which attempt it was; 3 attempts unless enqueued otherwise;
+/// retries after 10 ms.
+#[derive(Serialize, Deserialize)]
+pub struct AlwaysFails {}
+
+impl Task for AlwaysFails {
+    const NAME: &'static str = "test_always_fails";
+    const MAX_ATTEMPTS: i32 = 3;
+    type Output = ();
+
+    fn run(&self, ctx: &TaskContext) -> Result<(), TaskError> {
+        Err(TaskError::new(format!("attempt {} failed", ctx.attempt())))
+    }
+
+    fn retry_delay(_attempt: i32) -> Duration {
+        Duration::from_millis(10)
+    }
+}
+register_task!(AlwaysFails);
+
+/// Panics on its first run, succeeds on the next; retries after 10 ms.
+#[derive(Serialize, Deserialize)]
+pub struct PanicsOnce {
+    pub key: String,
+}
+
+impl Task for PanicsOnce {
+    const NAME: &'static str = "test_panics_once";
+    type Output = ();
+
+    fn run(&self, _ctx: &TaskContext) -> Result<(), TaskError> {
+        if runs_of(&self.key) == 1 {
+            panic!("first run of {}", self.key);
+        }
+        Ok(())
+    }
+
+    fn retry_delay(_attempt: i32) -> Duration {
+        Duration::from_millis(10)
+    }
+}
+register_task!(PanicsOnce);

@@ -1,0 +1,257 @@
+//! Due times, priorities, retries, permanent failures, unknown types, retry and cancel.
+//! Engines poll once an hour: a start can only come from a notification, the
+//! scheduler's timer or a worker looking for its next task.
+
+use std::time::Duration;
+
+use diesel::prelude::*;
+use task_engine::models::status;
+use task_engine::schema::{task_executions, tasks};
+use task_engine::{Cancelled, Error, NewTask};
+use test_db::TestDatabase;
+
+use crate::support::{
+    executions_of, load_task, start_engine, wait_until, wait_until_all_ended, wait_until_idle, AlwaysFails, Flaky,
+    PanicsOnce,
+};
+
+fn wait_for_status(conn: &mut PgConnection, id: i64, wanted: &str) {
+    wait_until(&format!("task {id} is {wanted}"), || load_task(conn, id).status == wanted);
+}
+
+fn echo(value: serde_json::Value) -> NewTask {
+    NewTask::new(&::tasks::Echo(value)).unwrap()
+}
+
+#[test]
+fn a_scheduled_task_never_starts_early_and_starts_on_time_without_polling() {
+    let db = TestDatabase::new();
+    let engine = start_engine(&db, "on-time", 2);
+    wait_until_idle(&engine, 2);
+    let mut conn = db.connect();
+
+    let id = echo(serde_json::json!("later")).run_in(Duration::from_millis(1500)).insert(&mut conn).unwrap();
+    wait_for_status(&mut conn, id, status::STOPPED);
+
+    let task = load_task(&mut conn, id);
+    let started = executions_of(&mut conn, id)[0].started_at;
+    assert!((task.run_at - task.created_at).num_milliseconds() >= 1500);
+    assert!(started >= task.run_at, "started {started} before its time {}", task.run_at);
+    let late = (started - task.run_at).num_microseconds().unwrap() as f64 / 1000.0;
+    eprintln!("a task due in 1.5 s started {late:.2} ms after its time");
+    // The bound is loose for a loaded machine; without the timer it would be an hour.
+    assert!(late < 1000.0, "started {late} ms late");
+    engine.shutdown();
+}
+
+#[test]
+fn a_task_scheduled_earlier_than_everything_waiting_rearms_the_timer() {
+    let db = TestDatabase::new();
+    let engine = start_engine(&db, "rearm", 2);
+    wait_until_idle(&engine, 2);
+    let mut conn = db.connect();
+
+    let later = echo(serde_json::json!("in an hour")).run_in(Duration::from_secs(3600)).insert(&mut conn).unwrap();
+    wait_until("the engine has heard of the first task", || engine.stats().notifications == 1);
+    let sooner = echo(serde_json::json!("in a second")).run_in(Duration::from_secs(1)).insert(&mut conn).unwrap();
+    wait_for_status(&mut conn, sooner, status::STOPPED);
+    assert_eq!(load_task(&mut conn, later).status, status::WAITING);
+    engine.shutdown();
+}
+
+#[test]
+fn a_task_scheduled_before_the_engine_started_runs_when_due() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let id = echo(serde_json::json!(1)).run_in(Duration::from_millis(800)).insert(&mut conn).unwrap();
+    let engine = start_engine(&db, "found-at-start", 1);
+    wait_for_status(&mut conn, id, status::STOPPED);
+    let task = load_task(&mut conn, id);
+    assert!(executions_of(&mut conn, id)[0].started_at >= task.run_at);
+    engine.shutdown();
+}
+
+#[test]
+fn higher_priority_runs_first_then_older_first() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let ids = task_engine::enqueue_many(
+        &mut conn,
+        &[
+            echo(serde_json::json!("a")),
+            echo(serde_json::json!("b")).priority(5),
+            echo(serde_json::json!("c")),
+            echo(serde_json::json!("d")).priority(5),
+            echo(serde_json::json!("e")).priority(-1),
+        ],
+    )
+    .unwrap();
+    let engine = start_engine(&db, "priority", 1);
+    wait_until_all_ended(&mut conn);
+    engine.shutdown();
+
+    let order: Vec<i64> =
+        task_executions::table.order(task_executions::id).select(task_executions::task_id).load(&mut conn).unwrap();
+    assert_eq!(order, [ids[1], ids[3], ids[0], ids[2], ids[4]]);
+}
+
+#[test]
+fn a_task_that_fails_twice_then_succeeds_has_three_executions_and_ends_stopped() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let id = task_engine::enqueue(&mut conn, &Flaky { key: format!("{}-flaky", db.name()), failures: 2 }).unwrap();
+    let engine = start_engine(&db, "flaky", 2);
+    wait_for_status(&mut conn, id, status::STOPPED);
+    engine.shutdown();
+
+    let executions = executions_of(&mut conn, id);
+    let errors: Vec<Option<&str>> = executions.iter().map(|e| e.error.as_deref()).collect();
+    assert_eq!(errors, [Some("failure 1"), Some("failure 2"), None]);
+    assert_eq!(executions.iter().map(|e| e.attempt).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(executions[2].result, Some(serde_json::json!(3)));
+    assert!(executions.iter().all(|e| e.stopped_at.is_some()));
+    // Each retry waited for its due time.
+    for pair in executions.windows(2) {
+        assert!(pair[1].started_at >= pair[0].stopped_at.unwrap() + chrono::Duration::milliseconds(10));
+    }
+    assert_eq!(load_task(&mut conn, id).attempts, 3);
+}
+
+#[test]
+fn a_task_that_always_fails_ends_failed_after_its_maximum_with_every_error() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let by_type = task_engine::enqueue(&mut conn, &AlwaysFails {}).unwrap();
+    let by_enqueue = NewTask::new(&AlwaysFails {}).unwrap().max_attempts(5).insert(&mut conn).unwrap();
+    let engine = start_engine(&db, "hopeless", 2);
+    wait_for_status(&mut conn, by_type, status::FAILED);
+    wait_for_status(&mut conn, by_enqueue, status::FAILED);
+    engine.shutdown();
+
+    for (id, max) in [(by_type, 3), (by_enqueue, 5)] {
+        let executions = executions_of(&mut conn, id);
+        let errors: Vec<String> = executions.iter().map(|e| e.error.clone().unwrap()).collect();
+        let expected: Vec<String> = (1..=max).map(|n| format!("attempt {n} failed")).collect();
+        assert_eq!(errors, expected, "task {id}");
+        let task = load_task(&mut conn, id);
+        assert_eq!((task.attempts, task.max_attempts), (max, max));
+    }
+}
+
+#[test]
+fn a_permanent_error_is_not_retried() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let fail = ::tasks::Fail { message: "account closed".into(), permanent: true };
+    let id = task_engine::enqueue(&mut conn, &fail).unwrap();
+    let engine = start_engine(&db, "permanent", 1);
+    wait_for_status(&mut conn, id, status::FAILED);
+    engine.shutdown();
+    let executions = executions_of(&mut conn, id);
+    assert_eq!(executions.len(), 1);
+    assert_eq!(executions[0].error.as_deref(), Some("account closed"));
+    assert_eq!(load_task(&mut conn, id).max_attempts, 25, "it had attempts left");
+}
+
+#[test]
+fn a_panic_is_recorded_and_retried_like_an_error() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let id = task_engine::enqueue(&mut conn, &PanicsOnce { key: format!("{}-panic", db.name()) }).unwrap();
+    let engine = start_engine(&db, "panics", 1);
+    wait_for_status(&mut conn, id, status::STOPPED);
+    engine.shutdown();
+    let executions = executions_of(&mut conn, id);
+    assert_eq!(executions.len(), 2);
+    let first_error = executions[0].error.clone().unwrap();
+    assert!(first_error.starts_with("panicked: first run of"), "{first_error}");
+    assert_eq!(executions[1].error, None);
+}
+
+#[test]
+fn a_task_of_a_type_no_instance_knows_stays_waiting() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let unknown: i64 = diesel::insert_into(tasks::table)
+        .values(tasks::task_class.eq("from_the_next_deploy"))
+        .returning(tasks::id)
+        .get_result(&mut conn)
+        .unwrap();
+    let known = echo(serde_json::json!("known")).insert(&mut conn).unwrap();
+    let engine = start_engine(&db, "old-deploy", 2);
+    wait_for_status(&mut conn, known, status::STOPPED);
+    wait_until_idle(&engine, 2);
+    engine.shutdown();
+
+    let task = load_task(&mut conn, unknown);
+    assert_eq!((task.status.as_str(), task.attempts), (status::WAITING, 0));
+    assert!(executions_of(&mut conn, unknown).is_empty());
+}
+
+#[test]
+fn a_cancelled_waiting_task_never_runs_and_an_ended_one_cannot_be_cancelled() {
+    let db = TestDatabase::new();
+    let engine = start_engine(&db, "cancel-waiting", 2);
+    wait_until_idle(&engine, 2);
+    let mut conn = db.connect();
+
+    let cancelled = echo(serde_json::json!("never")).run_in(Duration::from_millis(300)).insert(&mut conn).unwrap();
+    assert_eq!(task_engine::cancel(&mut conn, cancelled).unwrap(), Cancelled::Waiting);
+    // Due after the cancelled one: once it has run, the cancelled one had its chance.
+    let witness = echo(serde_json::json!("after")).run_in(Duration::from_millis(600)).insert(&mut conn).unwrap();
+    wait_for_status(&mut conn, witness, status::STOPPED);
+    assert_eq!(load_task(&mut conn, cancelled).status, status::CANCELLED);
+    assert!(executions_of(&mut conn, cancelled).is_empty());
+
+    let refused = task_engine::cancel(&mut conn, witness).unwrap_err();
+    assert!(matches!(&refused, Error::InvalidTransition { status, .. } if status == "stopped"), "{refused}");
+    assert_eq!(
+        refused.to_string(),
+        format!("cannot cancel task {witness}: it is stopped (only waiting or running tasks can be cancelled)")
+    );
+    assert!(matches!(task_engine::cancel(&mut conn, 999_999), Err(Error::TaskNotFound(999_999))));
+    engine.shutdown();
+}
+
+#[test]
+fn a_cancelled_running_task_is_asked_to_stop_and_ends_cancelled() {
+    let db = TestDatabase::new();
+    let engine = start_engine(&db, "cancel-running", 1);
+    wait_until_idle(&engine, 1);
+    let mut conn = db.connect();
+    let id = task_engine::enqueue(&mut conn, &::tasks::Sleep { ms: 600_000 }).unwrap();
+    wait_for_status(&mut conn, id, status::RUNNING);
+
+    assert_eq!(task_engine::cancel(&mut conn, id).unwrap(), Cancelled::Running);
+    wait_for_status(&mut conn, id, status::CANCELLED);
+    let executions = executions_of(&mut conn, id);
+    assert_eq!(executions.len(), 1, "a cancelled task was retried");
+    assert_eq!(executions[0].error.as_deref(), Some("cancelled while sleeping"));
+    assert!(load_task(&mut conn, id).cancel_requested_at.is_some());
+    engine.shutdown();
+}
+
+#[test]
+fn a_failed_task_retried_by_an_operator_runs_again_and_keeps_its_history() {
+    let db = TestDatabase::new();
+    let engine = start_engine(&db, "operator-retry", 1);
+    wait_until_idle(&engine, 1);
+    let mut conn = db.connect();
+    let id = NewTask::new(&AlwaysFails {}).unwrap().max_attempts(1).insert(&mut conn).unwrap();
+    wait_for_status(&mut conn, id, status::FAILED);
+
+    let waiting = echo(serde_json::json!("w")).run_in(Duration::from_secs(3600)).insert(&mut conn).unwrap();
+    assert!(matches!(task_engine::retry(&mut conn, waiting), Err(Error::InvalidTransition { .. })));
+    assert!(matches!(task_engine::retry(&mut conn, 999_999), Err(Error::TaskNotFound(999_999))));
+
+    let runs_before = engine.stats().claims;
+    task_engine::retry(&mut conn, id).unwrap();
+    wait_until("the retried task has run again", || executions_of(&mut conn, id).len() == 2);
+    wait_for_status(&mut conn, id, status::FAILED);
+    assert!(engine.stats().claims > runs_before);
+    let task = load_task(&mut conn, id);
+    assert_eq!((task.attempts, task.max_attempts), (2, 2));
+    let errors: Vec<String> = executions_of(&mut conn, id).into_iter().map(|e| e.error.unwrap()).collect();
+    assert_eq!(errors, ["attempt 1 failed", "attempt 2 failed"]);
+    engine.shutdown();
+}
