@@ -98,6 +98,11 @@ impl Cancels {
         }
     }
 
+    /// The tasks running here now.
+    pub(crate) fn running_ids(&self) -> Vec<i64> {
+        self.running().keys().copied().collect()
+    }
+
     pub(crate) fn is_cancelled(&self, task_id: i64) -> bool {
         self.running().get(&task_id).copied().unwrap_or(false)
     }

@@ -6,6 +6,7 @@ mod context;
 mod enqueue;
 mod errors;
 mod listener;
+mod liveness;
 mod migrate;
 pub mod models;
 mod registry;

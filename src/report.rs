@@ -107,3 +107,34 @@ pub fn unfinished_tasks(conn: &mut PgConnection) -> Result<i64, Error> {
 pub fn database_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, Error> {
     Ok(diesel::select(diesel::dsl::now.into_sql::<diesel::sql_types::Timestamptz>()).get_result(conn)?)
 }
+
+/// An instance as `task_engine_instances` shows it, with its running tasks.
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+pub struct InstanceRow {
+    #[diesel(sql_type = Text)]
+    pub name: String,
+    #[diesel(sql_type = Text)]
+    pub host: String,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pub pid: i32,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    pub started_at: DateTime<Utc>,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    pub last_seen_at: DateTime<Utc>,
+    /// Seconds since its last heartbeat, on the server's clock.
+    #[diesel(sql_type = Double)]
+    pub silent_for: f64,
+    #[diesel(sql_type = BigInt)]
+    pub running: i64,
+}
+
+/// The instances that have registered and not yet been forgotten, by name.
+pub fn instances(conn: &mut PgConnection) -> Result<Vec<InstanceRow>, Error> {
+    Ok(diesel::sql_query(
+        "SELECT i.name, i.host, i.pid, i.started_at, i.last_seen_at,
+                extract(epoch FROM now() - i.last_seen_at)::float8 AS silent_for,
+                (SELECT count(*) FROM tasks t WHERE t.status = 'running' AND t.instance = i.name) AS running
+         FROM task_engine_instances i ORDER BY i.name",
+    )
+    .load(conn)?)
+}

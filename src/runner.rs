@@ -11,6 +11,7 @@ use diesel::PgConnection;
 
 use crate::context::Cancels;
 use crate::listener::Listener;
+use crate::liveness::{self, Heartbeat};
 use crate::registry::Registry;
 use crate::scheduler::{self, Timer};
 use crate::wakeup::{StopSignal, WakeupQueue};
@@ -29,22 +30,18 @@ pub fn connection_pool(database_url: &str, max_size: u32) -> Result<PgPool, Erro
     Ok(Pool::builder()
         .max_size(max_size)
         .min_idle(Some(1))
-        // A checkout test costs a round trip per claim; a broken connection shows
-        // up as a failed query instead, which every caller already handles.
-        .test_on_check_out(false)
+        // A connection that died with the server (restart, failover) is not marked
+        // broken by diesel when it fails outside a transaction: without a test at
+        // checkout it would go back to the pool and fail every query after. The test
+        // costs a round trip per checkout.
+        .test_on_check_out(true)
         .connection_timeout(Duration::from_secs(5))
         .build(ConnectionManager::new(database_url))?)
 }
 
 /// Returns the instance name used when none is given: host name and process id.
 pub fn default_instance_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned());
-    format!("{host}-{}", std::process::id())
+    format!("{}-{}", crate::liveness::host_name(), std::process::id())
 }
 
 /// What every thread of an instance shares.
@@ -75,6 +72,9 @@ pub(crate) struct Counters {
     pub notifications: AtomicU64,
     pub listener_connections: AtomicU64,
     pub listening: AtomicBool,
+    pub heartbeats: AtomicU64,
+    pub rescue_passes: AtomicU64,
+    pub rescued: AtomicU64,
 }
 
 /// A snapshot of an instance's counters.
@@ -93,6 +93,12 @@ pub struct EngineStats {
     pub listening: bool,
     /// Workers asleep in the wake-up queue now, with no wake-up on its way to them.
     pub sleeping_workers: usize,
+    /// Heartbeats recorded.
+    pub heartbeats: u64,
+    /// Times this instance looked for the tasks of dead instances.
+    pub rescue_passes: u64,
+    /// Lost attempts this instance recorded (tasks put back to waiting).
+    pub rescued: u64,
 }
 
 /// Configures and starts an engine instance.
@@ -112,6 +118,7 @@ pub struct Runner {
     instance: Option<String>,
     workers: usize,
     poll_interval: Duration,
+    lease: Duration,
 }
 
 impl Runner {
@@ -120,6 +127,9 @@ impl Runner {
     /// How long an idle worker sleeps before it looks for work unprompted: a safety
     /// net only, since notifications wake workers as soon as tasks are inserted.
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(10);
+    /// How long an instance may go without a heartbeat before its running tasks are
+    /// rescued by another.
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
     /// Starts configuring an instance that runs the registry's task types on the
     /// database at `database_url`.
@@ -131,7 +141,16 @@ impl Runner {
             instance: None,
             workers: Self::DEFAULT_WORKERS,
             poll_interval: Self::DEFAULT_POLL_INTERVAL,
+            lease: Self::DEFAULT_LEASE,
         }
+    }
+
+    /// Sets the lease: an instance silent for this long is taken for dead and its
+    /// running tasks are put back to waiting by another (heartbeats go six times per
+    /// lease). Every instance sharing a database should use the same lease.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(60));
+        self
     }
 
     /// Uses this pool (of the same database) for the workers instead of opening one
@@ -182,6 +201,9 @@ impl Runner {
         // The scheduler's first look: tasks already scheduled.
         shared.timer.refresh();
         let listener = Listener::new(Arc::clone(&shared), &self.database_url)?;
+        // Takes the instance's name (or fails here) and recovers what a previous run
+        // of it left running, before any worker claims.
+        let heartbeat = Heartbeat::start(Arc::clone(&shared), &self.database_url, self.lease)?;
         log::info!(
             "instance {} starting {} workers; task types: {}",
             shared.instance,
@@ -194,6 +216,8 @@ impl Runner {
         let for_scheduler = Arc::clone(&engine.shared);
         let spawned = std::thread::Builder::new().name("scheduler".into()).spawn(move || scheduler::run(for_scheduler));
         engine.adopt(spawned, "the scheduler")?;
+        let spawned = std::thread::Builder::new().name("heartbeat".into()).spawn(move || heartbeat.run());
+        engine.adopt(spawned, "the heartbeat")?;
         for index in 0..self.workers {
             let worker = Worker::new(index, Arc::clone(&engine.shared));
             let spawned = std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || worker.run());
@@ -242,6 +266,9 @@ impl RunningEngine {
             listener_connections: c.listener_connections.load(Ordering::SeqCst),
             listening: c.listening.load(Ordering::SeqCst),
             sleeping_workers: self.shared.wakeup.sleeping(),
+            heartbeats: c.heartbeats.load(Ordering::SeqCst),
+            rescue_passes: c.rescue_passes.load(Ordering::SeqCst),
+            rescued: c.rescued.load(Ordering::SeqCst),
         }
     }
 
@@ -266,6 +293,8 @@ impl RunningEngine {
                 log::error!("{name} ended by a panic outside any task");
             }
         }
+        // Every attempt is recorded: the instance can go.
+        liveness::deregister(&self.shared);
         log::info!("instance {} stopped", self.shared.instance);
     }
 }

@@ -1,6 +1,17 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
+    task_engine_instances (name) {
+        name -> Text,
+        host -> Text,
+        pid -> Int4,
+        task_types -> Array<Nullable<Text>>,
+        started_at -> Timestamptz,
+        last_seen_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     task_executions (id) {
         id -> Int8,
         task_id -> Int8,
@@ -35,4 +46,4 @@ diesel::table! {
 
 diesel::joinable!(task_executions -> tasks (task_id));
 
-diesel::allow_tables_to_appear_in_same_query!(task_executions, tasks,);
+diesel::allow_tables_to_appear_in_same_query!(task_engine_instances, task_executions, tasks,);

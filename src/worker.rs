@@ -113,7 +113,6 @@ impl Worker {
                 }
             }
         };
-        self.shared.cancels.forget(task.id);
         let retry_in = match &outcome {
             Outcome::Retry { delay, .. } => Some(*delay),
             _ => None,
@@ -126,6 +125,9 @@ impl Worker {
             elapsed,
             outcome,
         });
+        // Only now: until its outcome is recorded (or given up on), the task is not a
+        // ghost for the heartbeat's rescue.
+        self.shared.cancels.forget(task.id);
         // The retry is ours to wake for: no notification announces it.
         if let Some(delay) = retry_in {
             self.shared.timer.arm(Instant::now() + delay);

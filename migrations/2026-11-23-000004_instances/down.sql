@@ -1,0 +1,2 @@
+DROP INDEX tasks_running_idx;
+DROP TABLE task_engine_instances;
