@@ -83,6 +83,10 @@ pub enum Command {
         /// (500ms, 30s, 1h). A safety net only: inserts wake workers through LISTEN/NOTIFY.
         #[arg(long, env = "TASK_ENGINE_POLL_INTERVAL", value_parser = duration::parse, default_value = "10s")]
         poll_interval: Duration,
+        /// An instance silent for this long is taken for dead and its running tasks are
+        /// rescued; use the same value on every instance.
+        #[arg(long, env = "TASK_ENGINE_LEASE", value_parser = duration::parse, default_value = "30s")]
+        lease: Duration,
     },
     /// Shows tasks by type and status and the latest executions, or one task's history.
     Status {
@@ -198,13 +202,14 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { workers, instance, poll_interval } => {
+        Command::Run { workers, instance, poll_interval, lease } => {
             let db = Database::open(cli.database_url, &cli.data_dir)?;
             db.connect_migrated()?;
             let engine = Runner::new(db.url(), registry)
                 .workers(workers)
                 .instance(instance.unwrap_or_else(task_engine::default_instance_name))
                 .poll_interval(poll_interval)
+                .lease(lease)
                 .start()?;
             stop_on_signals(engine.stop_handle())?;
             engine.join();

@@ -37,6 +37,23 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
         println!("\ntypes this engine does not know (they wait for an instance that does): {}", unknown.join(", "));
     }
 
+    let instances = report::instances(conn)?;
+    if !instances.is_empty() {
+        println!("\ninstances:");
+        println!("{:<24} {:<16} {:>8} {:<20} {:<20} {:>8}", "NAME", "HOST", "PID", "STARTED", "LAST SEEN", "RUNNING");
+        for i in instances {
+            println!(
+                "{:<24} {:<16} {:>8} {:<20} {:<20} {:>8}",
+                i.name,
+                i.host,
+                i.pid,
+                i.started_at.format("%Y-%m-%d %H:%M:%S"),
+                format!("{:.1} s ago", i.silent_for),
+                i.running
+            );
+        }
+    }
+
     let executions = report::recent_executions(conn, recent)?;
     if executions.is_empty() {
         return Ok(());

@@ -33,6 +33,12 @@ fn count_in_status(conn: &mut PgConnection, status: &str) -> i64 {
     tasks::table.filter(tasks::status.eq(status)).count().get_result(conn).unwrap()
 }
 
+#[derive(QueryableByName)]
+struct N {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
 fn task_count(db: &TestDatabase) -> i64 {
     tasks::table.count().get_result(&mut db.connect()).unwrap()
 }
@@ -113,6 +119,9 @@ fn engine_run_works_through_the_queue_and_exits_0_on_sigterm() {
         .unwrap();
     let mut conn = db.connect();
     wait_until("engine run has finished the 20 tasks", || count_in_status(&mut conn, "stopped") == 20);
+    let shown = text(&engine(&db, &["status"]).stdout);
+    let line = shown.lines().find(|l| l.starts_with("cli-run")).unwrap_or_else(|| panic!("no instance line: {shown}"));
+    assert!(line.contains(&child.id().to_string()) && line.contains("s ago"), "{line}");
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
@@ -125,6 +134,9 @@ fn engine_run_works_through_the_queue_and_exits_0_on_sigterm() {
     assert!(stderr.contains("instance cli-run stopped"), "{stderr}");
     let instances: Vec<String> = task_executions::table.select(task_executions::instance).load(&mut conn).unwrap();
     assert!(instances.iter().all(|i| i == "cli-run"));
+    let registered: i64 =
+        diesel::sql_query("SELECT count(*) AS n FROM task_engine_instances").get_result::<N>(&mut conn).unwrap().n;
+    assert_eq!(registered, 0, "a cleanly stopped instance left its row");
 }
 
 #[test]
@@ -289,4 +301,61 @@ fn engine_status_lists_waiting_types_this_engine_does_not_know() {
     let shown = text(&out.stdout);
     assert!(shown.contains("types this engine does not know"), "{shown}");
     assert!(shown.contains("resize_image (2 waiting)"), "{shown}");
+}
+
+#[test]
+fn the_tasks_of_a_killed_engine_run_come_back_and_complete_elsewhere() {
+    let db = TestDatabase::new();
+    let ids: Vec<i64> = text(&engine(&db, &["enqueue", "sleep", "--params", r#"{"ms": 1500}"#, "--count", "3"]).stdout)
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let mut victim = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(["run", "--workers", "3", "--instance", "victim", "--lease", "1s", "--poll-interval", "1h"])
+        .env("DATABASE_URL", db.url())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut conn = db.connect();
+    wait_until("the victim runs the three tasks", || count_in_status(&mut conn, "running") == 3);
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+
+    let rescuer = task_engine::Runner::new(db.url(), task_engine::Registry::from_inventory().unwrap())
+        .instance("rescuer")
+        .workers(3)
+        .lease(std::time::Duration::from_secs(1))
+        .poll_interval(std::time::Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    wait_until("the three tasks have run elsewhere", || count_in_status(&mut conn, "stopped") == 3);
+    rescuer.shutdown();
+
+    for id in ids {
+        type Run = (String, Option<String>, chrono::DateTime<chrono::Utc>, Option<chrono::DateTime<chrono::Utc>>);
+        let runs: Vec<Run> = task_executions::table
+            .filter(task_executions::task_id.eq(id))
+            .order(task_executions::id)
+            .select((
+                task_executions::instance,
+                task_executions::error,
+                task_executions::started_at,
+                task_executions::stopped_at,
+            ))
+            .load(&mut conn)
+            .unwrap();
+        assert_eq!(runs.len(), 2, "task {id}: {runs:?}");
+        assert_eq!(runs[0].0, "victim");
+        assert_eq!(
+            runs[0].1.as_deref(),
+            Some("lost: its instance stopped sending heartbeats (instance victim, attempt 1)")
+        );
+        let lost_at = runs[0].3.expect("the lost attempt is closed");
+        assert_eq!((runs[1].0.as_str(), runs[1].1.as_deref()), ("rescuer", None));
+        assert!(runs[1].2 >= lost_at, "task {id}: the second attempt overlaps the lost one");
+        let attempts: i32 = tasks::table.find(id).select(tasks::attempts).first(&mut conn).unwrap();
+        assert_eq!(attempts, 2);
+    }
 }

@@ -202,3 +202,32 @@ impl Task for PanicsOnce {
     }
 }
 register_task!(PanicsOnce);
+
+/// Pairs of executions of one task that overlap in time (an open one runs forever).
+pub fn overlapping_executions(conn: &mut PgConnection) -> i64 {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(
+        "SELECT count(*) AS n FROM task_executions a JOIN task_executions b
+           ON a.task_id = b.task_id AND a.id < b.id
+         WHERE tstzrange(a.started_at, coalesce(a.stopped_at, 'infinity'))
+            && tstzrange(b.started_at, coalesce(b.stopped_at, 'infinity'))",
+    )
+    .get_result::<Count>(conn)
+    .expect("count overlapping executions")
+    .n
+}
+
+/// Starts an instance like [`start_engine`], with its lease.
+pub fn start_engine_with_lease(db: &TestDatabase, instance: &str, workers: usize, lease: Duration) -> RunningEngine {
+    Runner::new(db.url(), Registry::from_inventory().expect("registry"))
+        .instance(instance)
+        .workers(workers)
+        .poll_interval(Duration::from_secs(3600))
+        .lease(lease)
+        .start()
+        .expect("engine starts")
+}

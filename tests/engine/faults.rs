@@ -1,0 +1,116 @@
+//! Faults caused for real: a live instance's long task, an instance restarted under
+//! its name, the server restarted under a running engine. (A killed `engine run`
+//! process is in `engine/tests/cli.rs`.)
+
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use task_engine::models::status;
+use task_engine::schema::{task_executions, tasks};
+use task_engine::{NewTask, Registry, Runner};
+use test_db::TestDatabase;
+
+use crate::support::{
+    executions_of, load_task, overlapping_executions, start_engine_with_lease, unfinished, wait_until, wait_until_idle,
+    Gate, Gated,
+};
+
+#[test]
+fn a_long_task_on_a_live_instance_is_never_rescued() {
+    let db = TestDatabase::new();
+    let lease = Duration::from_millis(300);
+    let owner = start_engine_with_lease(&db, "owner", 1, lease);
+    let gate = Gate::named(&format!("{}-long", db.name()));
+    let mut conn = db.connect();
+    let id = task_engine::enqueue(&mut conn, &Gated { gate: format!("{}-long", db.name()) }).unwrap();
+    gate.wait_for_started(1);
+    let watcher = start_engine_with_lease(&db, "watcher", 1, lease);
+
+    // The watcher looks for dead instances every 50 ms: give it many looks, over
+    // several leases, while the task runs on.
+    let passes = watcher.stats().rescue_passes;
+    wait_until("the watcher has looked 20 times", || watcher.stats().rescue_passes >= passes + 20);
+    assert_eq!(load_task(&mut conn, id).status, status::RUNNING);
+    assert_eq!(watcher.stats().rescued, 0);
+
+    gate.open();
+    wait_until("the long task has ended", || load_task(&mut conn, id).status == status::STOPPED);
+    let executions = executions_of(&mut conn, id);
+    assert_eq!(executions.len(), 1, "the task of a live instance was rescued");
+    assert_eq!(executions[0].instance, "owner");
+    owner.shutdown();
+    watcher.shutdown();
+}
+
+#[test]
+fn an_instance_restarted_under_its_name_recovers_its_orphans_at_start_and_a_live_name_is_refused() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    // What a crash leaves: a running task with an open execution, and a fresh row.
+    conn.batch_execute(
+        "INSERT INTO tasks (id, task_class, task_parameters, status, instance, attempts)
+             VALUES (41, 'echo', '\"again\"', 'running', 'phoenix', 1);
+         INSERT INTO task_executions (task_id, attempt, started_at, instance, worker)
+             VALUES (41, 1, now(), 'phoenix', 0);
+         INSERT INTO task_engine_instances (name, host, pid) VALUES ('phoenix', 'h', 1)",
+    )
+    .unwrap();
+
+    // The default lease is 30 s: only the recovery at start can explain a quick rerun.
+    let engine = Runner::new(db.url(), Registry::from_inventory().unwrap())
+        .instance("phoenix")
+        .poll_interval(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    wait_until("the orphan has run again", || load_task(&mut conn, 41).status == status::STOPPED);
+    let executions = executions_of(&mut conn, 41);
+    assert_eq!(executions.len(), 2);
+    assert_eq!(executions[0].error.as_deref(), Some("lost: its instance restarted (instance phoenix, attempt 1)"));
+    assert!(executions[0].stopped_at.is_some());
+    assert_eq!(executions[1].result, Some(serde_json::json!("again")));
+    assert_eq!(load_task(&mut conn, 41).attempts, 2);
+
+    let twin = Runner::new(db.url(), Registry::from_inventory().unwrap()).instance("phoenix").start();
+    let refused = twin.err().expect("a second live instance took the name").to_string();
+    assert!(refused.contains("instance name `phoenix` is in use"), "{refused}");
+    engine.shutdown();
+}
+
+#[test]
+fn the_server_restarting_under_a_running_engine_loses_nothing_and_runs_nothing_twice_at_once() {
+    let mut db = TestDatabase::on_own_cluster();
+    let mut conn = db.connect();
+    let ids = NewTask::new(&::tasks::Sleep { ms: 10 }).unwrap().insert_copies(&mut conn, 400).unwrap();
+    let engine = start_engine_with_lease(&db, "survivor", 4, Duration::from_secs(2));
+    wait_until("some tasks have run", || {
+        tasks::table.filter(tasks::status.eq(status::STOPPED)).count().get_result::<i64>(&mut conn).unwrap() >= 40
+    });
+
+    db.cluster().restart();
+    let mut conn = db.connect();
+    wait_until("every task has run after the restart", || unfinished(&mut conn) == 0);
+    let stopped: i64 = tasks::table.filter(tasks::status.eq(status::STOPPED)).count().get_result(&mut conn).unwrap();
+    assert_eq!(stopped, ids.len() as i64);
+    assert_eq!(overlapping_executions(&mut conn), 0);
+    let errors: Vec<String> = task_executions::table
+        .filter(task_executions::error.is_not_null())
+        .select(task_executions::error.assume_not_null())
+        .load(&mut conn)
+        .unwrap();
+    assert!(errors.iter().all(|e| e.starts_with("lost: ")), "{errors:?}");
+    let open: i64 =
+        task_executions::table.filter(task_executions::stopped_at.is_null()).count().get_result(&mut conn).unwrap();
+    assert_eq!(open, 0);
+
+    // And while idle: the listener comes back and a new task starts without polling.
+    wait_until_idle(&engine, 4);
+    db.cluster().restart();
+    let mut conn = db.connect();
+    let id = task_engine::enqueue(&mut conn, &::tasks::Echo(serde_json::json!("after"))).unwrap();
+    wait_until("a task inserted after the second restart has run", || {
+        load_task(&mut conn, id).status == status::STOPPED
+    });
+    eprintln!("restart: {} lost attempts recorded, stats {:?}", errors.len(), engine.stats());
+    engine.shutdown();
+}
