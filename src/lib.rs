@@ -2,6 +2,7 @@
 
 mod admin;
 pub mod cluster;
+mod completer;
 mod context;
 mod enqueue;
 mod errors;
@@ -9,6 +10,7 @@ mod listener;
 mod liveness;
 mod migrate;
 pub mod models;
+mod producer;
 mod registry;
 pub mod report;
 mod runner;

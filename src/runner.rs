@@ -9,9 +9,11 @@ use std::time::Duration;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::PgConnection;
 
+use crate::completer::{self, Completer};
 use crate::context::Cancels;
 use crate::listener::Listener;
 use crate::liveness::{self, Heartbeat};
+use crate::producer;
 use crate::registry::Registry;
 use crate::scheduler::{self, Timer};
 use crate::wakeup::{StopSignal, WakeupQueue};
@@ -60,8 +62,10 @@ pub(crate) struct Shared {
     pub counters: Counters,
     /// When the next scheduled task is due.
     pub timer: Timer,
-    /// Running tasks an operator cancelled.
+    /// The tasks claimed or running here, and which were cancelled.
     pub cancels: Cancels,
+    /// Where workers leave their outcomes.
+    pub completer: Completer,
 }
 
 /// What the instance counts, for [`RunningEngine::stats`].
@@ -75,12 +79,14 @@ pub(crate) struct Counters {
     pub heartbeats: AtomicU64,
     pub rescue_passes: AtomicU64,
     pub rescued: AtomicU64,
+    pub completions: AtomicU64,
+    pub completion_batches: AtomicU64,
 }
 
 /// A snapshot of an instance's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineStats {
-    /// Claim queries run by the workers.
+    /// Claim statements run by the producer (each for up to all idle workers).
     pub claims: u64,
     /// Claims that found nothing: the cost of wake-ups without work for the waker
     /// (another worker or instance took the task) and of fallback polls.
@@ -99,6 +105,10 @@ pub struct EngineStats {
     pub rescue_passes: u64,
     /// Lost attempts this instance recorded (tasks put back to waiting).
     pub rescued: u64,
+    /// Outcomes recorded by the completer.
+    pub completions: u64,
+    /// Statements the completer used for them.
+    pub completion_batches: u64,
 }
 
 /// Configures and starts an engine instance.
@@ -119,6 +129,8 @@ pub struct Runner {
     workers: usize,
     poll_interval: Duration,
     lease: Duration,
+    buffer: Option<usize>,
+    flush_delay: Duration,
 }
 
 impl Runner {
@@ -130,6 +142,8 @@ impl Runner {
     /// How long an instance may go without a heartbeat before its running tasks are
     /// rescued by another.
     pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+    /// How long the completer waits for more outcomes before recording a batch.
+    pub const DEFAULT_FLUSH_DELAY: Duration = Duration::from_millis(1);
 
     /// Starts configuring an instance that runs the registry's task types on the
     /// database at `database_url`.
@@ -142,7 +156,24 @@ impl Runner {
             workers: Self::DEFAULT_WORKERS,
             poll_interval: Self::DEFAULT_POLL_INTERVAL,
             lease: Self::DEFAULT_LEASE,
+            buffer: None,
+            flush_delay: Self::DEFAULT_FLUSH_DELAY,
         }
+    }
+
+    /// How many tasks the producer may claim beyond the idle workers, so that a
+    /// worker finishing a short task finds the next one waiting (default: as many as
+    /// there are workers). 0 claims only for idle workers.
+    pub fn claim_buffer(mut self, buffer: usize) -> Self {
+        self.buffer = Some(buffer);
+        self
+    }
+
+    /// How long the completer waits for more outcomes before it records a batch
+    /// (default 1 ms).
+    pub fn flush_delay(mut self, delay: Duration) -> Self {
+        self.flush_delay = delay;
+        self
     }
 
     /// Sets the lease: an instance silent for this long is taken for dead and its
@@ -184,19 +215,21 @@ impl Runner {
         let task_classes = self.registry.names();
         let pool = match self.pool {
             Some(pool) => pool,
-            None => connection_pool(&self.database_url, u32::try_from(self.workers + 2).unwrap_or(u32::MAX))?,
+            // The producer, the completer, the scheduler, and the tasks' own queries.
+            None => connection_pool(&self.database_url, u32::try_from(self.workers + 3).unwrap_or(u32::MAX))?,
         };
         let shared = Arc::new(Shared {
             instance,
             pool,
             registry: self.registry,
             task_classes,
-            wakeup: WakeupQueue::new(self.workers),
+            wakeup: WakeupQueue::new(self.workers, self.buffer.unwrap_or(self.workers)),
             stop: StopSignal::default(),
             poll_interval: self.poll_interval,
             counters: Counters::default(),
             timer: Timer::default(),
             cancels: Cancels::default(),
+            completer: Completer::new(self.flush_delay),
         });
         // The scheduler's first look: tasks already scheduled.
         shared.timer.refresh();
@@ -210,19 +243,25 @@ impl Runner {
             self.workers,
             shared.task_classes.join(", ")
         );
-        let mut engine = RunningEngine { shared, threads: Vec::with_capacity(self.workers + 1) };
+        let mut engine = RunningEngine { shared, threads: Threads::default() };
         let spawned = std::thread::Builder::new().name("listener".into()).spawn(move || listener.run());
-        engine.adopt(spawned, "the listener")?;
+        engine.adopt(spawned, "the listener", Role::Other)?;
         let for_scheduler = Arc::clone(&engine.shared);
         let spawned = std::thread::Builder::new().name("scheduler".into()).spawn(move || scheduler::run(for_scheduler));
-        engine.adopt(spawned, "the scheduler")?;
+        engine.adopt(spawned, "the scheduler", Role::Other)?;
         let spawned = std::thread::Builder::new().name("heartbeat".into()).spawn(move || heartbeat.run());
-        engine.adopt(spawned, "the heartbeat")?;
+        engine.adopt(spawned, "the heartbeat", Role::Other)?;
+        let for_completer = Arc::clone(&engine.shared);
+        let spawned = std::thread::Builder::new().name("completer".into()).spawn(move || completer::run(for_completer));
+        engine.adopt(spawned, "the completer", Role::Completer)?;
         for index in 0..self.workers {
             let worker = Worker::new(index, Arc::clone(&engine.shared));
             let spawned = std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || worker.run());
-            engine.adopt(spawned, &format!("worker {index}"))?;
+            engine.adopt(spawned, &format!("worker {index}"), Role::Worker)?;
         }
+        let for_producer = Arc::clone(&engine.shared);
+        let spawned = std::thread::Builder::new().name("producer".into()).spawn(move || producer::run(for_producer));
+        engine.adopt(spawned, "the producer", Role::Producer)?;
         Ok(engine)
     }
 }
@@ -231,15 +270,37 @@ impl Runner {
 /// [`RunningEngine::shutdown`] (or [`StopHandle::stop`] then [`RunningEngine::join`]).
 pub struct RunningEngine {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Threads,
+}
+
+/// An instance's threads, by the order they end in.
+#[derive(Default)]
+struct Threads {
+    producer: Vec<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    completer: Vec<JoinHandle<()>>,
+    others: Vec<JoinHandle<()>>,
+}
+
+enum Role {
+    Producer,
+    Worker,
+    Completer,
+    Other,
 }
 
 impl RunningEngine {
     /// Keeps a spawned thread, or stops the ones already started if it failed.
-    fn adopt(&mut self, spawned: std::io::Result<JoinHandle<()>>, what: &str) -> Result<(), Error> {
+    fn adopt(&mut self, spawned: std::io::Result<JoinHandle<()>>, what: &str, role: Role) -> Result<(), Error> {
         match spawned {
             Ok(handle) => {
-                self.threads.push(handle);
+                let threads = &mut self.threads;
+                match role {
+                    Role::Producer => threads.producer.push(handle),
+                    Role::Worker => threads.workers.push(handle),
+                    Role::Completer => threads.completer.push(handle),
+                    Role::Other => threads.others.push(handle),
+                }
                 Ok(())
             }
             Err(source) => {
@@ -269,6 +330,8 @@ impl RunningEngine {
             heartbeats: c.heartbeats.load(Ordering::SeqCst),
             rescue_passes: c.rescue_passes.load(Ordering::SeqCst),
             rescued: c.rescued.load(Ordering::SeqCst),
+            completions: c.completions.load(Ordering::SeqCst),
+            completion_batches: c.completion_batches.load(Ordering::SeqCst),
         }
     }
 
@@ -286,13 +349,17 @@ impl RunningEngine {
     }
 
     /// Waits for the instance's threads to end (after a stop).
+    ///
+    /// In order: the producer (it gives back the tasks no worker started), the
+    /// workers (they finish their tasks), the completer (it records every outcome),
+    /// the listener, the scheduler and the heartbeat.
     pub fn join(self) {
-        for handle in self.threads {
-            let name = handle.thread().name().unwrap_or("worker").to_owned();
-            if handle.join().is_err() {
-                log::error!("{name} ended by a panic outside any task");
-            }
-        }
+        let Threads { producer, workers, completer, others } = self.threads;
+        join_all(producer);
+        join_all(workers);
+        self.shared.completer.stop();
+        join_all(completer);
+        join_all(others);
         // Every attempt is recorded: the instance can go.
         liveness::deregister(&self.shared);
         log::info!("instance {} stopped", self.shared.instance);
@@ -314,5 +381,14 @@ impl StopHandle {
         self.shared.wakeup.stop();
         self.shared.stop.stop();
         self.shared.timer.stop();
+    }
+}
+
+fn join_all(handles: Vec<JoinHandle<()>>) {
+    for handle in handles {
+        let name = handle.thread().name().unwrap_or("thread").to_owned();
+        if handle.join().is_err() {
+            log::error!("{name} ended by a panic outside any task");
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! Every statement that changes the state of tasks and executions. Each is a single
 //! statement (one implicit transaction), so a crash between two of them never leaves a
-//! task half-claimed or half-finished. Claims and completions take slices and return
-//! vectors: one worker claims one task today, and a producer claiming for all idle
-//! workers (or a completer recording many attempts) uses the same statements.
+//! task half-claimed or half-finished. Claims and completions work on batches: the
+//! producer claims for all idle workers at once, the completer records many attempts
+//! in one statement.
 
 use std::time::Duration;
 
@@ -94,8 +94,11 @@ pub(crate) struct Completion {
     pub task_id: i64,
     pub attempt: i32,
     pub worker: i32,
-    /// How long the attempt ran, measured by the worker: `stopped_at` is
-    /// `started_at` plus this, so that both come from the server's clock.
+    /// How long the task waited in the instance between its claim and its start:
+    /// the execution's `started_at` (the claim's time) moves on by this much.
+    pub queued: Duration,
+    /// How long the attempt ran, measured by the worker: `stopped_at` is the
+    /// corrected `started_at` plus this, so that both come from the server's clock.
     pub elapsed: Duration,
     pub outcome: Outcome,
 }
@@ -107,6 +110,7 @@ pub(crate) struct Completion {
 /// another attempt, changes nothing. Returns how many tasks changed state.
 pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> QueryResult<usize> {
     let n = completions.len();
+    let mut queued_us = Vec::with_capacity(n);
     let (mut execution_ids, mut task_ids, mut attempts, mut workers, mut elapsed_us) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -122,6 +126,7 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
         attempts.push(c.attempt);
         workers.push(c.worker);
         elapsed_us.push(i64::try_from(c.elapsed.as_micros()).unwrap_or(i64::MAX));
+        queued_us.push(i64::try_from(c.queued.as_micros()).unwrap_or(i64::MAX));
         let (status, result, error, delay) = match &c.outcome {
             Outcome::Succeeded(result) => ("stopped", Some(result.clone()), None, None),
             Outcome::Failed(error) => ("failed", None, Some(error.clone()), None),
@@ -135,11 +140,13 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
     diesel::sql_query(
         "WITH done AS (
              SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[],
-                                  $6::text[], $7::jsonb[], $8::text[], $9::bigint[])
-                 AS d(execution_id, task_id, attempt, worker, elapsed_us, status, result, error, delay_us)
+                                  $6::text[], $7::jsonb[], $8::text[], $9::bigint[], $10::bigint[])
+                 AS d(execution_id, task_id, attempt, worker, elapsed_us, status, result, error, delay_us,
+                      queued_us)
          ), closed AS (
              UPDATE task_executions e
-             SET stopped_at = e.started_at + d.elapsed_us * interval '1 microsecond',
+             SET started_at = e.started_at + d.queued_us * interval '1 microsecond',
+                 stopped_at = e.started_at + (d.queued_us + d.elapsed_us) * interval '1 microsecond',
                  result = d.result, error = d.error, worker = d.worker, updated_at = now()
              FROM done d
              WHERE e.id = d.execution_id AND e.stopped_at IS NULL
@@ -163,6 +170,27 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
     .bind::<Array<Nullable<Jsonb>>, _>(results)
     .bind::<Array<Nullable<Text>>, _>(errors)
     .bind::<Array<Nullable<BigInt>>, _>(delays_us)
+    .bind::<Array<BigInt>, _>(queued_us)
+    .execute(conn)
+}
+
+/// Undoes the claims of tasks that never started (claimed for a worker, then the
+/// instance stopped): their executions are deleted and the tasks wait again with the
+/// attempt given back. Returns how many tasks wait again.
+pub(crate) fn release(conn: &mut PgConnection, claimed: &[ClaimedTask]) -> QueryResult<usize> {
+    let execution_ids: Vec<i64> = claimed.iter().map(|t| t.execution_id).collect();
+    diesel::sql_query(
+        "WITH gone AS (
+             DELETE FROM task_executions e
+             WHERE e.id = ANY($1) AND e.stopped_at IS NULL
+             RETURNING e.task_id, e.attempt
+         )
+         UPDATE tasks t
+         SET status = 'waiting', attempts = t.attempts - 1, updated_at = now()
+         FROM gone
+         WHERE t.id = gone.task_id AND t.status = 'running' AND t.attempts = gone.attempt",
+    )
+    .bind::<Array<BigInt>, _>(execution_ids)
     .execute(conn)
 }
 

@@ -1,61 +1,72 @@
-//! The wake-up queue: where idle workers sleep, and what wakes them.
+//! The instance's in-process queue: what the producer claims, workers take.
 //!
-//! The mutex guards a count of pending wake-ups, the number of sleepers and the stop
-//! flag. Whoever learns of new work (a worker that found some, a notification, the
-//! timer of a scheduled task) adds pending wake-ups and signals the condvar; a worker
-//! that found nothing waits until a wake-up is pending, the engine stops, or its
-//! timeout (the fallback poll) runs out.
+//! One mutex guards the tasks claimed and not yet started, how many workers are busy,
+//! and whether there is a reason to claim (`want`): a notification, the scheduler's
+//! timer, a (re)connection of the listener, the fallback poll, or a claim that came
+//! back full (there may be more). The producer waits on one condvar until there is
+//! both a reason and room (idle workers, plus a small buffer); workers wait on the
+//! other until a task is queued.
 //!
-//! No wake-up is lost: a wake-up that arrives while a worker is between "found
-//! nothing" and "asleep" stays counted under the mutex, and the wait's predicate sees
-//! it before blocking. The predicate also makes spurious condvar wake-ups harmless,
-//! and the timeout bounds every wait, so a stop is always noticed promptly.
+//! No wake-up is lost: a wake-up bumps a sequence number under the mutex, and a claim
+//! that comes back short clears `want` only if no wake-up arrived while it ran (its
+//! snapshot may predate the insert that woke us). No herd: however many workers are
+//! idle, a notification costs one claim per instance, and only for as many tasks as
+//! there is room for.
 
+use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// Why [`WakeupQueue::wait`] returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Wake {
-    /// A wake-up was pending: there may be work.
-    Work,
-    /// The timeout ran out with nothing pending.
-    Timeout,
-    /// The engine is stopping.
-    Stop,
-}
+use crate::storage::ClaimedTask;
 
 #[derive(Debug, Default)]
 struct State {
-    /// Wake-ups not yet taken by a worker. Capped at the number of idle workers (not
-    /// running a task): a busy worker looks for work anyway when its task ends, after
-    /// whatever commit the wake-up announced, so a wake-up kept for it could only
-    /// produce a claim that finds nothing.
-    pending: usize,
-    /// Workers blocked in `wait`.
-    sleeping: usize,
+    /// Claimed, not yet taken by a worker, with when they were queued.
+    tasks: VecDeque<(ClaimedTask, Instant)>,
     /// Workers running a task.
     busy: usize,
+    /// Workers blocked waiting for a task.
+    waiting: usize,
+    /// There may be runnable tasks in the database.
+    want: bool,
+    /// Bumped by every wake-up.
+    wake_seq: u64,
+    /// The producer is blocked waiting for a reason or room.
+    producer_parked: bool,
     stopping: bool,
-}
-
-impl State {
-    fn clamp(&mut self, capacity: usize) {
-        self.pending = self.pending.min(capacity - self.busy);
-    }
+    /// The producer has ended: nothing more will be queued.
+    producer_done: bool,
 }
 
 #[derive(Debug)]
 pub(crate) struct WakeupQueue {
     state: Mutex<State>,
-    condvar: Condvar,
+    producer: Condvar,
+    workers: Condvar,
     capacity: usize,
+    buffer: usize,
+}
+
+/// What the producer should claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Demand {
+    /// How many tasks there is room for.
+    pub count: usize,
+    /// The wake-up sequence number when the claim starts.
+    pub seq: u64,
 }
 
 impl WakeupQueue {
-    /// Creates the queue of an instance with `workers` workers.
-    pub(crate) fn new(workers: usize) -> Self {
-        Self { state: Mutex::new(State::default()), condvar: Condvar::new(), capacity: workers.max(1) }
+    /// The queue of an instance with `workers` workers and room for `buffer` claimed
+    /// tasks beyond the idle workers.
+    pub(crate) fn new(workers: usize, buffer: usize) -> Self {
+        Self {
+            state: Mutex::new(State { want: true, ..State::default() }),
+            producer: Condvar::new(),
+            workers: Condvar::new(),
+            capacity: workers.max(1),
+            buffer,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -64,74 +75,130 @@ impl WakeupQueue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Blocks until a wake-up is pending, the engine stops, or `timeout` passes, and
-    /// takes one pending wake-up if it returns [`Wake::Work`].
-    pub(crate) fn wait(&self, timeout: Duration) -> Wake {
-        let mut state = self.lock();
-        state.sleeping += 1;
-        let (mut state, _) = self
-            .condvar
-            .wait_timeout_while(state, timeout, |s| s.pending == 0 && !s.stopping)
-            .unwrap_or_else(PoisonError::into_inner);
-        state.sleeping -= 1;
-        if state.stopping {
-            Wake::Stop
-        } else if state.pending > 0 {
-            state.pending -= 1;
-            Wake::Work
-        } else {
-            Wake::Timeout
-        }
+    fn room(&self, state: &State) -> usize {
+        (self.capacity + self.buffer).saturating_sub(state.busy + state.tasks.len())
     }
 
-    /// Adds `count` pending wake-ups (at most one per idle worker in all) and wakes as
-    /// many sleepers.
+    /// There may be runnable tasks (`count` says how many, when known: only the fact
+    /// matters, the claim asks for as many as there is room for).
     pub(crate) fn wake(&self, count: usize) {
-        let mut state = self.lock();
-        let before = state.pending;
-        state.pending = state.pending.saturating_add(count);
-        state.clamp(self.capacity);
-        let added = state.pending - before.min(state.pending);
-        drop(state);
-        for _ in 0..added {
-            self.condvar.notify_one();
+        if count == 0 {
+            return;
         }
+        let mut state = self.lock();
+        state.want = true;
+        state.wake_seq += 1;
+        drop(state);
+        self.producer.notify_one();
     }
 
-    /// Returns the number of workers.
-    pub(crate) fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Wakes every idle worker: after a (re)connection, when notifications may have
-    /// been missed.
+    /// After a (re)connection, when notifications may have been missed.
     pub(crate) fn wake_all(&self) {
         self.wake(self.capacity);
     }
 
-    /// A worker starts running a task.
-    pub(crate) fn task_started(&self) {
-        let mut state = self.lock();
-        state.busy = (state.busy + 1).min(self.capacity);
-        state.clamp(self.capacity);
+    /// The number of workers.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
     }
 
-    /// A worker has finished its task (and looks for the next before any wait).
-    pub(crate) fn task_finished(&self) {
+    /// For the producer: blocks until there is a reason to claim and room for at
+    /// least one task, or `poll` passes with room (the fallback poll). `None` when
+    /// the instance stops.
+    pub(crate) fn demand(&self, poll: Duration) -> Option<Demand> {
+        let mut state = self.lock();
+        loop {
+            if state.stopping {
+                return None;
+            }
+            let room = self.room(&state);
+            if state.want && room > 0 {
+                return Some(Demand { count: room, seq: state.wake_seq });
+            }
+            state.producer_parked = true;
+            let (next, timeout) = self.producer.wait_timeout(state, poll).unwrap_or_else(PoisonError::into_inner);
+            state = next;
+            state.producer_parked = false;
+            if timeout.timed_out() && self.room(&state) > 0 {
+                state.want = true;
+            }
+        }
+    }
+
+    /// For the producer: hands claimed tasks to the workers. A claim that came back
+    /// with fewer tasks than asked found the queue empty, unless a wake-up arrived
+    /// while it ran.
+    pub(crate) fn deliver(&self, tasks: Vec<ClaimedTask>, demand: Demand) {
+        let mut state = self.lock();
+        if tasks.len() < demand.count && state.wake_seq == demand.seq {
+            state.want = false;
+        }
+        let n = tasks.len();
+        let now = Instant::now();
+        state.tasks.extend(tasks.into_iter().map(|t| (t, now)));
+        drop(state);
+        for _ in 0..n {
+            self.workers.notify_one();
+        }
+    }
+
+    /// For the producer, when it ends: takes back the tasks no worker has started.
+    pub(crate) fn finish(&self) -> Vec<ClaimedTask> {
+        let mut state = self.lock();
+        state.producer_done = true;
+        let left = state.tasks.drain(..).map(|(t, _)| t).collect();
+        drop(state);
+        self.workers.notify_all();
+        left
+    }
+
+    /// For a worker: blocks until a task is queued (and takes it, with how long it
+    /// waited in the queue, the worker being busy from then on) or the instance stops
+    /// (`None`).
+    pub(crate) fn next_task(&self) -> Option<(ClaimedTask, Duration)> {
+        let mut state = self.lock();
+        loop {
+            if state.stopping {
+                // Queued tasks are not started after a stop: the producer releases them.
+                return None;
+            }
+            if let Some((task, queued_at)) = state.tasks.pop_front() {
+                state.busy += 1;
+                return Some((task, queued_at.elapsed()));
+            }
+            state.waiting += 1;
+            state = self.workers.wait(state).unwrap_or_else(PoisonError::into_inner);
+            state.waiting -= 1;
+        }
+    }
+
+    /// For a worker: its task has ended (its outcome is with the completer).
+    pub(crate) fn task_done(&self) {
         let mut state = self.lock();
         state.busy = state.busy.saturating_sub(1);
+        let parked = state.producer_parked;
+        drop(state);
+        if parked {
+            self.producer.notify_one();
+        }
     }
 
-    /// Returns how many workers are asleep with no wake-up on its way to them.
+    /// Workers waiting for a task while the producer has nothing to claim: the
+    /// instance is idle when this equals the number of workers.
     pub(crate) fn sleeping(&self) -> usize {
         let state = self.lock();
-        state.sleeping.saturating_sub(state.pending)
+        if state.producer_parked && (!state.want || self.room(&state) == 0) && state.tasks.is_empty() {
+            state.waiting
+        } else {
+            0
+        }
     }
 
-    /// Makes every current and future `wait` return [`Wake::Stop`].
+    /// Ends every current and future wait.
     pub(crate) fn stop(&self) {
         self.lock().stopping = true;
-        self.condvar.notify_all();
+        self.producer.notify_all();
+        self.workers.notify_all();
     }
 
     /// Tells whether [`WakeupQueue::stop`] was called.
@@ -174,74 +241,104 @@ mod tests {
     use std::sync::Arc;
     use std::thread;
 
+    fn task(id: i64) -> ClaimedTask {
+        ClaimedTask {
+            id,
+            task_class: "noop".into(),
+            task_parameters: serde_json::Value::Null,
+            attempt: 1,
+            max_attempts: 1,
+            execution_id: id,
+            started_at: chrono::Utc::now(),
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
     #[test]
-    fn a_wake_up_sent_before_the_wait_is_not_lost() {
-        let queue = WakeupQueue::new(2);
+    fn a_wake_up_during_a_short_claim_is_not_lost() {
+        let queue = WakeupQueue::new(2, 0);
+        let demand = queue.demand(HOUR).unwrap(); // the start-up look
+        assert_eq!(demand.count, 2);
+        queue.wake(1); // an insert commits while the claim runs
+        queue.deliver(vec![], demand);
+        let again = queue.demand(Duration::ZERO).expect("stopped");
+        assert_eq!(again.count, 2, "the wake-up during the claim was lost");
+    }
+
+    #[test]
+    fn a_short_claim_without_wake_ups_stops_claiming_until_the_next_one() {
+        let queue = WakeupQueue::new(2, 0);
+        let demand = queue.demand(HOUR).unwrap();
+        queue.deliver(vec![task(1)], demand);
+        assert!(queue.next_task().is_some());
+        let parked = {
+            let state = queue.lock();
+            !state.want
+        };
+        assert!(parked, "claimed again after a short claim with no wake-up");
         queue.wake(1);
-        assert_eq!(queue.wait(Duration::from_secs(3600)), Wake::Work);
+        assert_eq!(queue.demand(HOUR).unwrap().count, 1, "room is what idle workers leave");
     }
 
     #[test]
-    fn wake_ups_are_not_kept_for_busy_workers() {
-        let queue = WakeupQueue::new(3);
-        queue.task_started();
-        queue.task_started();
-        queue.wake(3);
-        assert_eq!(queue.wait(Duration::ZERO), Wake::Work);
-        assert_eq!(queue.wait(Duration::ZERO), Wake::Timeout, "a wake-up was kept for a busy worker");
-        // A wake-up pending when a worker takes a task is dropped for it too.
-        queue.task_finished();
-        queue.wake(2);
-        queue.task_started();
-        assert_eq!(queue.wait(Duration::ZERO), Wake::Work);
-        assert_eq!(queue.wait(Duration::ZERO), Wake::Timeout);
+    fn room_is_idle_workers_plus_the_buffer() {
+        let queue = WakeupQueue::new(3, 2);
+        let demand = queue.demand(HOUR).unwrap();
+        assert_eq!(demand.count, 5);
+        queue.deliver((1..=5).map(task).collect(), demand);
+        assert!(queue.next_task().is_some());
+        assert!(queue.next_task().is_some());
+        // 2 busy, 3 queued: no room until a task ends.
+        assert_eq!(queue_room(&queue), None);
+        queue.task_done();
+        assert_eq!(queue_room(&queue), Some(1));
+    }
+
+    fn queue_room(queue: &WakeupQueue) -> Option<usize> {
+        let state = queue.lock();
+        Some(queue.room(&state)).filter(|r| *r > 0)
     }
 
     #[test]
-    fn pending_wake_ups_are_capped_at_the_number_of_workers() {
-        let queue = WakeupQueue::new(2);
-        queue.wake(10);
-        assert_eq!(queue.wait(Duration::ZERO), Wake::Work);
-        assert_eq!(queue.wait(Duration::ZERO), Wake::Work);
-        assert_eq!(queue.wait(Duration::ZERO), Wake::Timeout);
-    }
-
-    #[test]
-    fn a_stop_wakes_every_sleeper() {
-        let queue = Arc::new(WakeupQueue::new(4));
-        let sleepers: Vec<_> = (0..4)
+    fn a_stop_ends_every_wait_and_queued_tasks_go_back_to_the_producer() {
+        let queue = Arc::new(WakeupQueue::new(2, 0));
+        let demand = queue.demand(HOUR).unwrap();
+        let workers: Vec<_> = (0..2)
             .map(|_| {
                 let queue = Arc::clone(&queue);
-                thread::spawn(move || queue.wait(Duration::from_secs(3600)))
+                thread::spawn(move || queue.next_task().map(|(t, _)| t.id))
             })
             .collect();
-        while queue.sleeping() < 4 {
+        while queue.lock().waiting < 2 {
             thread::yield_now();
         }
         queue.stop();
-        for sleeper in sleepers {
-            assert_eq!(sleeper.join().unwrap(), Wake::Stop);
+        for worker in workers {
+            assert_eq!(worker.join().unwrap(), None);
         }
+        queue.deliver(vec![task(7)], demand);
+        assert_eq!(queue.finish().len(), 1);
+        assert!(queue.demand(HOUR).is_none());
     }
 
     #[test]
-    fn one_wake_up_wakes_one_of_several_sleepers() {
-        let queue = Arc::new(WakeupQueue::new(3));
+    fn one_queued_task_is_taken_by_one_worker() {
+        let queue = Arc::new(WakeupQueue::new(3, 0));
         let (tx, rx) = std::sync::mpsc::channel();
         for _ in 0..3 {
             let (queue, tx) = (Arc::clone(&queue), tx.clone());
-            thread::spawn(move || tx.send(queue.wait(Duration::from_secs(3600))).unwrap());
+            thread::spawn(move || tx.send(queue.next_task().map(|(t, _)| t.id)).unwrap());
         }
-        while queue.sleeping() < 3 {
+        while queue.lock().waiting < 3 {
             thread::yield_now();
         }
-        queue.wake(1);
-        assert_eq!(rx.recv().unwrap(), Wake::Work);
-        // The other two stay asleep until the stop.
-        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
-        assert_eq!(queue.sleeping(), 2);
+        let demand = queue.demand(HOUR).unwrap();
+        queue.deliver(vec![task(9)], demand);
+        assert_eq!(rx.recv().unwrap(), Some(9));
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "a second worker woke for one task");
         queue.stop();
-        assert_eq!(rx.recv().unwrap(), Wake::Stop);
-        assert_eq!(rx.recv().unwrap(), Wake::Stop);
+        assert_eq!(rx.recv().unwrap(), None);
+        assert_eq!(rx.recv().unwrap(), None);
     }
 }

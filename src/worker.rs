@@ -1,24 +1,15 @@
-//! One worker thread: claim a task, run it with panics contained, record the attempt,
-//! and sleep in the wake-up queue when there is nothing to claim.
+//! One worker thread: take a claimed task from the instance's queue, run it with panics
+//! contained, hand its outcome to the completer, take the next.
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::context::TaskContext;
 use crate::registry::RunFailure;
 use crate::runner::Shared;
-use crate::storage::{self, ClaimedTask, Completion, Outcome};
-use crate::wakeup::Wake;
-use crate::Error;
-
-/// The longest pause between two tries when the database fails.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How long a worker keeps trying to record a finished attempt before it leaves the
-/// task to the rescue of lost attempts.
-const RECORD_PATIENCE: Duration = Duration::from_secs(120);
+use crate::storage::{ClaimedTask, Completion, Outcome};
 
 pub(crate) struct Worker {
     index: usize,
@@ -32,45 +23,15 @@ impl Worker {
 
     /// Runs until the instance stops.
     pub(crate) fn run(self) {
-        let mut failures = 0;
-        while !self.shared.wakeup.is_stopping() {
-            let pause = match self.claim() {
-                Ok(Some(task)) => {
-                    failures = 0;
-                    // Busy: wake-ups are no longer kept for this worker, which looks
-                    // for work again as soon as the task is recorded.
-                    self.shared.wakeup.task_started();
-                    self.execute(task);
-                    self.shared.wakeup.task_finished();
-                    continue;
-                }
-                Ok(None) => self.shared.poll_interval,
-                Err(error) => {
-                    failures += 1;
-                    log::error!("worker {} could not claim a task: {error}", self.index);
-                    backoff(failures)
-                }
-            };
-            if self.shared.wakeup.wait(pause) == Wake::Stop {
-                break;
-            }
+        while let Some((task, queued)) = self.shared.wakeup.next_task() {
+            let completion = self.execute(task, queued);
+            self.shared.completer.submit(completion);
+            self.shared.wakeup.task_done();
         }
         log::debug!("worker {} stopped", self.index);
     }
 
-    fn claim(&self) -> Result<Option<ClaimedTask>, Error> {
-        let mut conn = self.shared.pool.get()?;
-        let worker = i32::try_from(self.index).unwrap_or(i32::MAX);
-        let mut claimed = storage::claim(&mut conn, &self.shared.instance, worker, &self.shared.task_classes, 1)?;
-        let counters = &self.shared.counters;
-        counters.claims.fetch_add(1, Ordering::Relaxed);
-        if claimed.is_empty() {
-            counters.empty_claims.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(claimed.pop())
-    }
-
-    fn execute(&self, task: ClaimedTask) {
+    fn execute(&self, task: ClaimedTask, queued: Duration) -> Completion {
         log::debug!("task {} ({}) attempt {} starting", task.id, task.task_class, task.attempt);
         let ctx = TaskContext {
             task_id: task.id,
@@ -80,7 +41,6 @@ impl Worker {
             worker: self.index,
             shared: Arc::clone(&self.shared),
         };
-        self.shared.cancels.started(task.id);
         let started = Instant::now();
         let ran = match self.shared.registry.get(&task.task_class) {
             Ok(entry) => catch_unwind(AssertUnwindSafe(|| entry.run(&task.task_parameters, &ctx)))
@@ -113,68 +73,16 @@ impl Worker {
                 }
             }
         };
-        let retry_in = match &outcome {
-            Outcome::Retry { delay, .. } => Some(*delay),
-            _ => None,
-        };
-        self.record(Completion {
+        Completion {
             execution_id: task.execution_id,
             task_id: task.id,
             attempt: task.attempt,
             worker: i32::try_from(self.index).unwrap_or(i32::MAX),
+            queued,
             elapsed,
             outcome,
-        });
-        // Only now: until its outcome is recorded (or given up on), the task is not a
-        // ghost for the heartbeat's rescue.
-        self.shared.cancels.forget(task.id);
-        // The retry is ours to wake for: no notification announces it.
-        if let Some(delay) = retry_in {
-            self.shared.timer.arm(Instant::now() + delay);
         }
     }
-
-    /// Records a finished attempt, trying again with backoff while the database is
-    /// away. Recording twice is harmless (an already closed execution is left alone).
-    fn record(&self, completion: Completion) {
-        let deadline = Instant::now() + RECORD_PATIENCE;
-        let mut failures = 0;
-        loop {
-            let recorded = self
-                .shared
-                .pool
-                .get()
-                .map_err(Error::from)
-                .and_then(|mut conn| Ok(storage::complete(&mut conn, std::slice::from_ref(&completion))?));
-            let error = match recorded {
-                Ok(_) => return,
-                Err(error) => error,
-            };
-            failures += 1;
-            if Instant::now() >= deadline {
-                log::error!(
-                    "task {} attempt {}: giving up recording its outcome ({error}); \
-                     the attempt stays open and will be rescued as lost",
-                    completion.task_id,
-                    completion.attempt
-                );
-                return;
-            }
-            log::error!(
-                "task {} attempt {}: could not record its outcome, trying again: {error}",
-                completion.task_id,
-                completion.attempt
-            );
-            std::thread::sleep(backoff(failures));
-        }
-    }
-}
-
-/// Returns the pause after `failures` consecutive failures: 100 ms doubling up to
-/// [`MAX_BACKOFF`].
-fn backoff(failures: u32) -> Duration {
-    let exponent = failures.saturating_sub(1).min(16);
-    (Duration::from_millis(100) * 2u32.pow(exponent)).min(MAX_BACKOFF)
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {
@@ -190,14 +98,6 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_from_100ms_up_to_the_cap() {
-        assert_eq!(backoff(1), Duration::from_millis(100));
-        assert_eq!(backoff(2), Duration::from_millis(200));
-        assert_eq!(backoff(4), Duration::from_millis(800));
-        assert_eq!(backoff(40), MAX_BACKOFF);
-    }
 
     #[test]
     fn panic_messages_are_read_from_str_and_string_payloads() {
