@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use crate::runner::Shared;
 use crate::storage::{self, Completion, Outcome};
-use crate::Error;
+use crate::{Error, PooledConnection};
 
 /// The most outcomes recorded in one statement.
-pub(crate) const MAX_BATCH: usize = 1000;
+pub(crate) const DEFAULT_MAX_BATCH: usize = 1000;
 /// How long the completer keeps trying to record a batch while the database is away.
 const RECORD_PATIENCE: Duration = Duration::from_secs(120);
 /// The longest pause between two tries.
@@ -36,11 +36,12 @@ pub(crate) struct Completer {
     state: Mutex<State>,
     condvar: Condvar,
     delay: Duration,
+    max_batch: usize,
 }
 
 impl Completer {
-    pub(crate) fn new(delay: Duration) -> Self {
-        Self { state: Mutex::new(State::default()), condvar: Condvar::new(), delay }
+    pub(crate) fn new(delay: Duration, max_batch: usize) -> Self {
+        Self { state: Mutex::new(State::default()), condvar: Condvar::new(), delay, max_batch: max_batch.max(1) }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -55,7 +56,7 @@ impl Completer {
         if first {
             state.since = Some(Instant::now());
         }
-        let full = state.pending.len() >= MAX_BATCH;
+        let full = state.pending.len() >= self.max_batch;
         drop(state);
         if first || full {
             self.condvar.notify_one();
@@ -76,8 +77,8 @@ impl Completer {
             if let Some(since) = state.since {
                 let deadline = since + self.delay;
                 let now = Instant::now();
-                if state.stopping || state.pending.len() >= MAX_BATCH || now >= deadline {
-                    let n = state.pending.len().min(MAX_BATCH);
+                if state.stopping || state.pending.len() >= self.max_batch || now >= deadline {
+                    let n = state.pending.len().min(self.max_batch);
                     let batch: Vec<Completion> = state.pending.drain(..n).collect();
                     state.since = if state.pending.is_empty() { None } else { Some(now) };
                     return Some(batch);
@@ -94,21 +95,27 @@ impl Completer {
 
 /// Records batches until the completer is stopped and empty.
 pub(crate) fn run(shared: Arc<Shared>) {
+    // Kept between batches, like the producer's.
+    let mut conn: Option<PooledConnection> = None;
     while let Some(batch) = shared.completer.next_batch() {
-        record(&shared, &batch);
+        record(&shared, &mut conn, &batch);
     }
     log::debug!("completer stopped");
 }
 
-fn record(shared: &Shared, batch: &[Completion]) {
+fn record(shared: &Shared, conn: &mut Option<PooledConnection>, batch: &[Completion]) {
     let deadline = Instant::now() + RECORD_PATIENCE;
     let mut failures = 0u32;
     loop {
-        let recorded =
-            shared.pool.get().map_err(Error::from).and_then(|mut conn| Ok(storage::complete(&mut conn, batch)?));
+        let recorded = match conn {
+            Some(conn) => Ok(conn),
+            None => shared.pool.get().map(|c| conn.insert(c)).map_err(Error::from),
+        }
+        .and_then(|conn| Ok(storage::complete(conn, batch)?));
         match recorded {
             Ok(_) => break,
             Err(error) => {
+                *conn = None;
                 failures += 1;
                 if Instant::now() >= deadline {
                     log::error!(

@@ -190,15 +190,15 @@ fn rescue(conn: &mut PgConnection, shared: &Shared, scope: Scope, lease: Duratio
              SET stopped_at = now(), updated_at = now(),
                  error = format('lost: %s (instance %s, attempt %s)', $4::text, e.instance, e.attempt)
              FROM lost
-             WHERE e.task_id = lost.id AND e.attempt = lost.attempts AND e.stopped_at IS NULL
+             WHERE e.task_id = ANY(ARRAY(SELECT id FROM lost)) AND e.task_id = lost.id
+               AND e.attempt = lost.attempts AND e.stopped_at IS NULL
          ), moved AS (
              UPDATE tasks t
-             SET status = CASE WHEN lost.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                               WHEN lost.attempts >= lost.max_attempts THEN 'failed'
+             SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                               WHEN t.attempts >= t.max_attempts THEN 'failed'
                                ELSE 'waiting' END,
                  run_at = now(), updated_at = now()
-             FROM lost
-             WHERE t.id = lost.id
+             WHERE t.id = ANY(ARRAY(SELECT id FROM lost))
              RETURNING t.status
          )
          SELECT count(*) FILTER (WHERE status = 'waiting') AS waiting FROM moved"

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::runner::Shared;
 use crate::storage::{self, ClaimedTask};
-use crate::Error;
+use crate::{Error, PooledConnection};
 
 /// The longest pause between two claims when the database fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -20,8 +20,11 @@ const NOT_YET_TAKEN: i32 = -1;
 /// Claims until the instance stops, then gives back what no worker started.
 pub(crate) fn run(shared: Arc<Shared>) {
     let mut failures = 0u32;
+    // Kept between claims: a checkout costs a round trip (the pool tests it). After
+    // an error it goes back to the pool, whose test weeds it out if it is dead.
+    let mut conn: Option<PooledConnection> = None;
     while let Some(demand) = shared.wakeup.demand(shared.poll_interval) {
-        match claim(&shared, demand.count) {
+        match claim(&shared, &mut conn, demand.count) {
             Ok(tasks) => {
                 failures = 0;
                 let counters = &shared.counters;
@@ -35,6 +38,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 shared.wakeup.deliver(tasks, demand);
             }
             Err(error) => {
+                conn = None;
                 failures += 1;
                 let pause = (Duration::from_millis(100) * 2u32.pow((failures - 1).min(16))).min(MAX_BACKOFF);
                 log::error!("could not claim tasks, trying again in {pause:?}: {error}");
@@ -48,10 +52,13 @@ pub(crate) fn run(shared: Arc<Shared>) {
     log::debug!("producer stopped");
 }
 
-fn claim(shared: &Shared, count: usize) -> Result<Vec<ClaimedTask>, Error> {
-    let mut conn = shared.pool.get()?;
+fn claim(shared: &Shared, conn: &mut Option<PooledConnection>, count: usize) -> Result<Vec<ClaimedTask>, Error> {
+    let conn = match conn {
+        Some(conn) => conn,
+        None => conn.insert(shared.pool.get()?),
+    };
     let limit = i64::try_from(count).unwrap_or(i64::MAX);
-    Ok(storage::claim(&mut conn, &shared.instance, NOT_YET_TAKEN, &shared.task_classes, limit)?)
+    Ok(storage::claim(conn, &shared.instance, NOT_YET_TAKEN, &shared.task_classes, limit)?)
 }
 
 /// Gives back tasks claimed but never started (the instance is stopping). If the

@@ -131,6 +131,8 @@ pub struct Runner {
     lease: Duration,
     buffer: Option<usize>,
     flush_delay: Duration,
+    max_claim: usize,
+    max_completion_batch: usize,
 }
 
 impl Runner {
@@ -158,7 +160,23 @@ impl Runner {
             lease: Self::DEFAULT_LEASE,
             buffer: None,
             flush_delay: Self::DEFAULT_FLUSH_DELAY,
+            max_claim: usize::MAX,
+            max_completion_batch: completer::DEFAULT_MAX_BATCH,
         }
+    }
+
+    /// Caps the tasks one claim statement asks for (default: no cap beyond the room
+    /// for them). 1, with [`Runner::max_completion_batch`] 1 and a zero
+    /// [`Runner::flush_delay`], is the one-task-per-round-trip engine, for comparison.
+    pub fn max_claim(mut self, max_claim: usize) -> Self {
+        self.max_claim = max_claim.max(1);
+        self
+    }
+
+    /// Caps the outcomes one completion statement records (default 1000).
+    pub fn max_completion_batch(mut self, max: usize) -> Self {
+        self.max_completion_batch = max.max(1);
+        self
     }
 
     /// How many tasks the producer may claim beyond the idle workers, so that a
@@ -223,13 +241,13 @@ impl Runner {
             pool,
             registry: self.registry,
             task_classes,
-            wakeup: WakeupQueue::new(self.workers, self.buffer.unwrap_or(self.workers)),
+            wakeup: WakeupQueue::new(self.workers, self.buffer.unwrap_or(self.workers)).with_max_claim(self.max_claim),
             stop: StopSignal::default(),
             poll_interval: self.poll_interval,
             counters: Counters::default(),
             timer: Timer::default(),
             cancels: Cancels::default(),
-            completer: Completer::new(self.flush_delay),
+            completer: Completer::new(self.flush_delay, self.max_completion_batch),
         });
         // The scheduler's first look: tasks already scheduled.
         shared.timer.refresh();

@@ -54,19 +54,17 @@ pub(crate) fn claim(
          ), claimed AS (
              UPDATE tasks t
              SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
-             FROM picked
-             WHERE t.id = picked.id
+             WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
              RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts,
-                       t.priority, t.run_at
+                       t.priority, t.run_at, nextval('task_executions_id_seq') AS execution_id
          ), opened AS (
-             INSERT INTO task_executions (task_id, attempt, started_at, instance, worker)
-             SELECT id, attempts, now(), $3, $4 FROM claimed
-             RETURNING id, task_id, started_at
+             INSERT INTO task_executions (id, task_id, attempt, started_at, instance, worker)
+             SELECT execution_id, id, attempts, now(), $3, $4 FROM claimed
          )
-         SELECT c.id, c.task_class, c.task_parameters, c.attempts AS attempt, c.max_attempts,
-                o.id AS execution_id, o.started_at
-         FROM claimed c JOIN opened o ON o.task_id = c.id
-         ORDER BY c.priority DESC, c.run_at, c.id",
+         SELECT id, task_class, task_parameters, attempts AS attempt, max_attempts, execution_id,
+                now() AS started_at
+         FROM claimed
+         ORDER BY priority DESC, run_at, id",
     )
     .bind::<Array<Text>, _>(task_classes)
     .bind::<BigInt, _>(limit)
@@ -150,16 +148,19 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
                  result = d.result, error = d.error, worker = d.worker, updated_at = now()
              FROM done d
              WHERE e.id = d.execution_id AND e.stopped_at IS NULL
-             RETURNING d.task_id, d.attempt, d.status, d.delay_us
+             RETURNING e.task_id
          )
+         -- Joined with `done`, whose size the planner knows, not with `closed`, which
+         -- it guesses at one row: a nested loop over a CTE scan is quadratic.
          UPDATE tasks t
-         SET status = CASE WHEN t.cancel_requested_at IS NOT NULL AND c.status <> 'stopped'
-                           THEN 'cancelled' ELSE c.status END,
-             run_at = CASE WHEN c.delay_us IS NULL THEN t.run_at
-                           ELSE now() + c.delay_us * interval '1 microsecond' END,
+         SET status = CASE WHEN t.cancel_requested_at IS NOT NULL AND d.status <> 'stopped'
+                           THEN 'cancelled' ELSE d.status END,
+             run_at = CASE WHEN d.delay_us IS NULL THEN t.run_at
+                           ELSE now() + d.delay_us * interval '1 microsecond' END,
              updated_at = now()
-         FROM closed c
-         WHERE t.id = c.task_id AND t.status = 'running' AND t.attempts = c.attempt",
+         FROM done d
+         WHERE t.id = ANY(ARRAY(SELECT task_id FROM closed)) AND t.id = d.task_id
+           AND t.status = 'running' AND t.attempts = d.attempt",
     )
     .bind::<Array<BigInt>, _>(execution_ids)
     .bind::<Array<BigInt>, _>(task_ids)
@@ -188,7 +189,8 @@ pub(crate) fn release(conn: &mut PgConnection, claimed: &[ClaimedTask]) -> Query
          UPDATE tasks t
          SET status = 'waiting', attempts = t.attempts - 1, updated_at = now()
          FROM gone
-         WHERE t.id = gone.task_id AND t.status = 'running' AND t.attempts = gone.attempt",
+         WHERE t.id = ANY(ARRAY(SELECT task_id FROM gone)) AND t.id = gone.task_id
+           AND t.status = 'running' AND t.attempts = gone.attempt",
     )
     .bind::<Array<BigInt>, _>(execution_ids)
     .execute(conn)

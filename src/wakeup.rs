@@ -45,6 +45,8 @@ pub(crate) struct WakeupQueue {
     workers: Condvar,
     capacity: usize,
     buffer: usize,
+    /// The most tasks one claim asks for.
+    max_claim: usize,
 }
 
 /// What the producer should claim.
@@ -66,7 +68,14 @@ impl WakeupQueue {
             workers: Condvar::new(),
             capacity: workers.max(1),
             buffer,
+            max_claim: usize::MAX,
         }
+    }
+
+    /// Caps the tasks one claim asks for (1: one task per round trip).
+    pub(crate) fn with_max_claim(mut self, max_claim: usize) -> Self {
+        self.max_claim = max_claim.max(1);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -113,7 +122,7 @@ impl WakeupQueue {
             }
             let room = self.room(&state);
             if state.want && room > 0 {
-                return Some(Demand { count: room, seq: state.wake_seq });
+                return Some(Demand { count: room.min(self.max_claim), seq: state.wake_seq });
             }
             state.producer_parked = true;
             let (next, timeout) = self.producer.wait_timeout(state, poll).unwrap_or_else(PoisonError::into_inner);

@@ -39,6 +39,26 @@ pub enum Bench {
         #[arg(long, value_parser = duration::parse, default_value = "10ms")]
         gap: Duration,
     },
+    /// Drain: no-op tasks enqueued in bulk, then one instance runs them all; every
+    /// attempt recorded. Runs the batched engine, then the same engine with one task
+    /// per round trip, for the ratio.
+    Drain {
+        /// Tasks to drain.
+        #[arg(long, default_value_t = 20_000)]
+        tasks: u32,
+        /// Workers of the instance.
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        /// Runs of each mode (the figure is their median).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Skip the one-task-per-round-trip runs.
+        #[arg(long)]
+        batched_only: bool,
+        /// Tasks claimed beyond the idle workers (default: the engine's).
+        #[arg(long)]
+        buffer: Option<usize>,
+    },
 }
 
 pub fn run(bench: Bench, url: Option<String>, data_dir: &std::path::Path, registry: Registry) -> anyhow::Result<()> {
@@ -47,6 +67,9 @@ pub fn run(bench: Bench, url: Option<String>, data_dir: &std::path::Path, regist
         Bench::Latency { tasks, instances, workers, gap } => {
             let instances = if instances.is_empty() { vec![1, 3] } else { instances };
             instances.into_iter().try_for_each(|n| latency(&db, &registry, tasks, n, workers, gap))
+        }
+        Bench::Drain { tasks, workers, runs, batched_only, buffer } => {
+            drain(&db, &registry, Drain { tasks, workers, runs, batched_only, buffer })
         }
     };
     db.stop_if_started_here()?;
@@ -185,6 +208,168 @@ fn latency(
         bail!("the benchmark's tasks did not all run exactly once ({check}, {missed} missed)");
     }
     Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Batched,
+    SingleRoundTrip,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Batched => "batched",
+            Mode::SingleRoundTrip => "one task per round trip",
+        }
+    }
+}
+
+struct Drain {
+    tasks: u32,
+    workers: usize,
+    runs: usize,
+    batched_only: bool,
+    buffer: Option<usize>,
+}
+
+fn drain(db: &Database, registry: &Registry, options: Drain) -> anyhow::Result<()> {
+    let Drain { tasks, workers, runs, batched_only, buffer } = options;
+    if tasks == 0 || workers == 0 || runs == 0 {
+        bail!(crate::UsageError("--tasks, --workers and --runs must be at least 1".into()));
+    }
+    let modes: &[Mode] = if batched_only { &[Mode::Batched] } else { &[Mode::Batched, Mode::SingleRoundTrip] };
+    let mut medians = Vec::new();
+    for &mode in modes {
+        let mut rates = Vec::new();
+        for run in 1..=runs {
+            rates.push(drain_once(db, registry, tasks, workers, mode, run, buffer)?);
+        }
+        rates.sort_by(f64::total_cmp);
+        let median = rates[rates.len() / 2];
+        println!("drain, {}: median {median:.0} tasks/s over {runs} run(s)", mode.name());
+        medians.push(median);
+    }
+    if let [batched, single] = medians[..] {
+        println!("drain: batched / one task per round trip = {:.1}x", batched / single);
+    }
+    Ok(())
+}
+
+fn drain_once(
+    db: &Database,
+    registry: &Registry,
+    tasks: u32,
+    workers: usize,
+    mode: Mode,
+    run: usize,
+    buffer: Option<usize>,
+) -> anyhow::Result<f64> {
+    let url = fresh_schema(db)?;
+    let mut conn = PgConnection::establish(&url)?;
+    let enqueue_started = Instant::now();
+    NewTask::new(&tasks::Noop {})?.insert_copies(&mut conn, tasks)?;
+    let enqueue_secs = enqueue_started.elapsed().as_secs_f64();
+    conn.batch_execute("VACUUM ANALYZE tasks")?;
+
+    let cpu_before = (process_cpu(std::process::id()), db.server_pid().map(server_cpu));
+    let started = Instant::now();
+    let mut runner = Runner::new(&url, registry.clone())
+        .instance(format!("drain-{run}"))
+        .workers(workers)
+        .poll_interval(Duration::from_secs(3600));
+    if let Some(buffer) = buffer {
+        runner = runner.claim_buffer(buffer);
+    }
+    if mode == Mode::SingleRoundTrip {
+        runner = runner.max_claim(1).claim_buffer(0).max_completion_batch(1).flush_delay(Duration::ZERO);
+    }
+    let engine = runner.start()?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while engine.stats().completions < u64::from(tasks) {
+        if Instant::now() > deadline {
+            bail!("the drain did not finish in 10 minutes");
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let stats = engine.stats();
+    engine.shutdown();
+    let engine_cpu = process_cpu(std::process::id()) - cpu_before.0;
+    let server_cpu = match (cpu_before.1, db.server_pid()) {
+        (Some(before), Some(pid)) => Some(server_cpu(pid) - before),
+        _ => None,
+    };
+    let check = exactly_once(&mut conn)?;
+    drop_schema(db)?;
+
+    let rate = f64::from(tasks) / secs;
+    let per_thousand = |cpu: f64| round3(cpu / f64::from(tasks) * 1000.0);
+    println!(
+        "drain ({}), run {run}: {tasks} tasks, {workers} workers: {rate:.0} tasks/s ({secs:.3} s); {} claims, \
+         {} completion statements; engine CPU {:.3} s/1000 tasks{}; bulk enqueue {:.0} tasks/s; {check}",
+        mode.name(),
+        stats.claims,
+        stats.completion_batches,
+        engine_cpu / f64::from(tasks) * 1000.0,
+        server_cpu
+            .map(|c| format!(", PostgreSQL CPU {:.3} s/1000 tasks", c / f64::from(tasks) * 1000.0))
+            .unwrap_or_default(),
+        f64::from(tasks) / enqueue_secs,
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "drain",
+            "mode": mode.name(),
+            "run": run,
+            "tasks": tasks,
+            "workers": workers,
+            "seconds": round3(secs),
+            "tasks_per_s": rate.round(),
+            "claims": stats.claims,
+            "wasted_claims_per_task": round3(stats.wasted_claims as f64 / f64::from(tasks)),
+            "completion_statements": stats.completion_batches,
+            "engine_cpu_s_per_1000": per_thousand(engine_cpu),
+            "postgres_cpu_s_per_1000": server_cpu.map(per_thousand),
+            "bulk_enqueue_tasks_per_s": (f64::from(tasks) / enqueue_secs).round(),
+            "ran_exactly_once": check.ok(),
+        })
+    );
+    if !check.ok() {
+        bail!("the drain's tasks did not all run exactly once ({check})");
+    }
+    Ok(rate)
+}
+
+/// CPU seconds (user + system) a process has used, with its waited-for children.
+fn process_cpu(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let fields: Vec<f64> = rest.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect();
+    // utime, stime, cutime, cstime are fields 14-17, i.e. 11-14 after the state.
+    let ticks: f64 = fields.get(11..15).map(|f| f.iter().sum()).unwrap_or(0.0);
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
+/// CPU seconds of the PostgreSQL server: the postmaster (with the backends it has
+/// reaped) and its live children.
+fn server_cpu(postmaster: u32) -> f64 {
+    let mut total = process_cpu(postmaster);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let parent = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if parent == Some(postmaster) {
+            let fields: Vec<f64> = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect())
+                .unwrap_or_default();
+            total += fields.get(11..13).map(|f| f.iter().sum::<f64>()).unwrap_or(0.0) / 100.0;
+        }
+    }
+    total
 }
 
 /// What the exactly-once check found.

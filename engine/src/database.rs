@@ -76,6 +76,13 @@ impl Database {
         Ok(conn)
     }
 
+    /// The process id of the embedded cluster's server, when there is one.
+    pub fn server_pid(&self) -> Option<u32> {
+        let embedded = self.embedded.as_ref()?;
+        let pid_file = std::fs::read_to_string(embedded.cluster.data_dir().join("postmaster.pid")).ok()?;
+        pid_file.lines().next()?.trim().parse().ok()
+    }
+
     /// Stops the embedded cluster if this command started it.
     pub fn stop_if_started_here(&self) -> anyhow::Result<()> {
         if let Some(Embedded { cluster, started_here: true }) = &self.embedded {
