@@ -84,3 +84,28 @@ pub(crate) fn notify(conn: &mut PgConnection, payload: &serde_json::Value) -> Re
     .execute(conn)?;
     Ok(())
 }
+
+/// Deletes finished tasks (`stopped`, `failed`, `cancelled`) last updated more than
+/// `older_than` ago, with their executions, in batches of at most `batch` tasks (one
+/// short transaction each, so the tables stay available). Returns how many tasks
+/// were deleted.
+pub fn prune(conn: &mut PgConnection, older_than: std::time::Duration, batch: i64) -> Result<u64, Error> {
+    let older_than_us = i64::try_from(older_than.as_micros()).unwrap_or(i64::MAX);
+    let mut deleted = 0u64;
+    loop {
+        let n = diesel::sql_query(
+            "DELETE FROM tasks WHERE id = ANY(ARRAY(
+                 SELECT id FROM tasks
+                 WHERE status IN ('stopped', 'failed', 'cancelled')
+                   AND updated_at < now() - $1 * interval '1 microsecond'
+                 LIMIT $2))",
+        )
+        .bind::<BigInt, _>(older_than_us)
+        .bind::<BigInt, _>(batch.max(1))
+        .execute(conn)?;
+        deleted += n as u64;
+        if (n as i64) < batch.max(1) {
+            return Ok(deleted);
+        }
+    }
+}

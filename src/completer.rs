@@ -117,6 +117,7 @@ fn record(shared: &Shared, conn: &mut Option<PooledConnection>, batch: &[Complet
             Err(error) => {
                 *conn = None;
                 failures += 1;
+                shared.counters.completion_failures.fetch_add(1, Ordering::Relaxed);
                 if Instant::now() >= deadline {
                     log::error!(
                         "giving up recording {} outcome(s) ({error}); their attempts stay open and will be \

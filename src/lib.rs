@@ -20,7 +20,7 @@ mod storage;
 mod wakeup;
 mod worker;
 
-pub use admin::{cancel, retry, Cancelled};
+pub use admin::{cancel, prune, retry, Cancelled};
 pub use context::TaskContext;
 pub use enqueue::{enqueue, enqueue_many, NewTask};
 pub use errors::Error;

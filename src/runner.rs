@@ -81,6 +81,7 @@ pub(crate) struct Counters {
     pub rescued: AtomicU64,
     pub completions: AtomicU64,
     pub completion_batches: AtomicU64,
+    pub completion_failures: AtomicU64,
 }
 
 /// A snapshot of an instance's counters.
@@ -109,6 +110,8 @@ pub struct EngineStats {
     pub completions: u64,
     /// Statements the completer used for them.
     pub completion_batches: u64,
+    /// Times the completer failed to record a batch (and tried again).
+    pub completion_failures: u64,
 }
 
 /// Configures and starts an engine instance.
@@ -350,6 +353,7 @@ impl RunningEngine {
             rescued: c.rescued.load(Ordering::SeqCst),
             completions: c.completions.load(Ordering::SeqCst),
             completion_batches: c.completion_batches.load(Ordering::SeqCst),
+            completion_failures: c.completion_failures.load(Ordering::SeqCst),
         }
     }
 

@@ -71,6 +71,16 @@ pub enum Command {
         /// The task's id.
         id: i64,
     },
+    /// Deletes finished tasks (stopped, failed, cancelled) older than a duration, with
+    /// their executions, in bounded batches.
+    Prune {
+        /// Age of the last change beyond which a finished task goes (7d, 12h, ...).
+        #[arg(long, value_parser = duration::parse)]
+        older_than: Duration,
+        /// Tasks deleted per transaction.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(1..))]
+        batch: i64,
+    },
     /// Runs an engine instance until SIGINT or SIGTERM.
     Run {
         /// Number of worker threads.
@@ -227,6 +237,12 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             let db = Database::open(cli.database_url, &cli.data_dir)?;
             task_engine::retry(&mut db.connect_migrated()?, id)?;
             println!("task {id} is waiting again");
+            Ok(())
+        }
+        Command::Prune { older_than, batch } => {
+            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            let deleted = task_engine::prune(&mut db.connect_migrated()?, older_than, batch)?;
+            println!("{deleted} finished task(s) deleted, with their executions");
             Ok(())
         }
         Command::Cancel { id } => {

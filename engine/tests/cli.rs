@@ -359,3 +359,36 @@ fn the_tasks_of_a_killed_engine_run_come_back_and_complete_elsewhere() {
         assert_eq!(attempts, 2);
     }
 }
+
+#[test]
+fn engine_prune_deletes_only_old_finished_tasks_with_their_executions_in_batches() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut conn,
+        "INSERT INTO tasks (id, task_class, status, updated_at) VALUES
+             (1, 'noop', 'stopped',   now() - interval '8 days'),
+             (2, 'noop', 'failed',    now() - interval '8 days'),
+             (3, 'noop', 'cancelled', now() - interval '9 days'),
+             (4, 'noop', 'stopped',   now() - interval '6 days'),
+             (5, 'noop', 'waiting',   now() - interval '30 days'),
+             (6, 'noop', 'running',   now() - interval '30 days'),
+             (7, 'noop', 'stopped',   now() - interval '10 days');
+         INSERT INTO task_executions (task_id, attempt, started_at, stopped_at, instance, worker)
+             SELECT id, 1, now() - interval '10 days', now() - interval '10 days', 'i', 0 FROM tasks;",
+    )
+    .unwrap();
+    let out = engine(&db, &["prune", "--older-than", "7d", "--batch", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "4 finished task(s) deleted, with their executions");
+    let left: Vec<i64> = tasks::table.order(tasks::id).select(tasks::id).load(&mut conn).unwrap();
+    assert_eq!(left, [4, 5, 6]);
+    let executions: Vec<i64> = task_executions::table
+        .order(task_executions::task_id)
+        .select(task_executions::task_id)
+        .load(&mut conn)
+        .unwrap();
+    assert_eq!(executions, [4, 5, 6]);
+    let out = engine(&db, &["prune", "--older-than", "soon"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -2,6 +2,7 @@
 //! cluster that the `test_db` harness starts (or `TEST_DATABASE_URL`), one database
 //! per test so that tests run in parallel.
 
+mod batching;
 mod enqueueing;
 mod faults;
 mod running;

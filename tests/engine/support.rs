@@ -231,3 +231,34 @@ pub fn start_engine_with_lease(db: &TestDatabase, instance: &str, workers: usize
         .start()
         .expect("engine starts")
 }
+
+/// Counts its runs under its key, and panics on a second run of one task id: for
+/// the batching tests.
+#[derive(Serialize, Deserialize)]
+pub struct Counted {
+    pub key: String,
+}
+
+/// Runs so far of the [`Counted`] tasks under `key`.
+pub fn counted_runs(key: &str) -> usize {
+    counted_ids(key).len()
+}
+
+fn counted_ids(key: &str) -> std::collections::HashSet<i64> {
+    COUNTED.get_or_init(Default::default).lock().unwrap().get(key).cloned().unwrap_or_default()
+}
+
+static COUNTED: OnceLock<Mutex<HashMap<String, std::collections::HashSet<i64>>>> = OnceLock::new();
+
+impl Task for Counted {
+    const NAME: &'static str = "test_counted";
+    type Output = ();
+
+    fn run(&self, ctx: &TaskContext) -> Result<(), TaskError> {
+        let mut all = COUNTED.get_or_init(Default::default).lock().unwrap();
+        let first = all.entry(self.key.clone()).or_default().insert(ctx.task_id());
+        assert!(first, "task {} handed to a second worker", ctx.task_id());
+        Ok(())
+    }
+}
+register_task!(Counted);

@@ -1,0 +1,111 @@
+//! Batched claims and completions.
+
+use std::time::Duration;
+
+use diesel::prelude::*;
+use task_engine::models::status;
+use task_engine::schema::{task_executions, tasks};
+use task_engine::{NewTask, Registry, Runner};
+use test_db::TestDatabase;
+
+use crate::support::{counted_runs, start_engine, wait_until, wait_until_idle, Counted, Gate, Gated};
+
+fn count_status(conn: &mut PgConnection, wanted: &str) -> i64 {
+    tasks::table.filter(tasks::status.eq(wanted)).count().get_result(conn).unwrap()
+}
+
+#[test]
+fn a_batch_of_claims_never_hands_one_task_to_two_workers() {
+    let db = TestDatabase::new();
+    let key = format!("{}-once", db.name());
+    let mut conn = db.connect();
+    NewTask::new(&Counted { key: key.clone() }).unwrap().insert_copies(&mut conn, 5000).unwrap();
+    let engine = Runner::new(db.url(), Registry::from_inventory().unwrap())
+        .instance("batches")
+        .workers(8)
+        .claim_buffer(100)
+        .poll_interval(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    wait_until("the 5000 tasks have run", || count_status(&mut conn, status::STOPPED) == 5000);
+    let stats = engine.stats();
+    engine.shutdown();
+    assert_eq!(counted_runs(&key), 5000);
+    let executions: i64 = task_executions::table.count().get_result(&mut conn).unwrap();
+    assert_eq!(executions, 5000);
+    let untaken: i64 =
+        task_executions::table.filter(task_executions::worker.lt(0)).count().get_result(&mut conn).unwrap();
+    assert_eq!(untaken, 0, "an execution does not name the worker that ran it");
+    assert!(stats.claims < 1000, "claims were not batched: {} claims for 5000 tasks", stats.claims);
+    assert!(stats.completion_batches < 5000, "completions were not batched");
+}
+
+#[test]
+fn a_stop_records_every_completion_still_buffered() {
+    let db = TestDatabase::new();
+    let key = format!("{}-buffered", db.name());
+    let mut conn = db.connect();
+    NewTask::new(&Counted { key: key.clone() }).unwrap().insert_copies(&mut conn, 50).unwrap();
+    // The completer would wait an hour before writing.
+    let engine = Runner::new(db.url(), Registry::from_inventory().unwrap())
+        .instance("buffered")
+        .workers(4)
+        .flush_delay(Duration::from_secs(3600))
+        .poll_interval(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    wait_until("the 50 tasks have run", || counted_runs(&key) == 50);
+    assert_eq!(count_status(&mut conn, status::STOPPED), 0, "the outcomes were not buffered");
+    engine.shutdown();
+    assert_eq!(count_status(&mut conn, status::STOPPED), 50);
+    let open: i64 =
+        task_executions::table.filter(task_executions::stopped_at.is_null()).count().get_result(&mut conn).unwrap();
+    assert_eq!(open, 0);
+}
+
+#[test]
+fn outcomes_that_cannot_reach_the_database_are_kept_and_recorded_when_it_is_back() {
+    let mut db = TestDatabase::on_own_cluster();
+    let gate_name = format!("{}-{}-away", db.name(), std::process::id());
+    let gate = Gate::named(&gate_name);
+    let mut conn = db.connect();
+    let ids: Vec<i64> =
+        (0..3).map(|_| task_engine::enqueue(&mut conn, &Gated { gate: gate_name.clone() }).unwrap()).collect();
+    let engine = start_engine(&db, "patient", 3);
+    gate.wait_for_started(3);
+
+    db.cluster().stop();
+    gate.open(); // the tasks end while the database is away
+                 // Their outcomes wait in the completer; the database comes back.
+    wait_until("the completer has failed to record them", || engine.stats().completion_failures >= 1);
+    db.cluster().start();
+    let mut conn = db.connect();
+    wait_until("the outcomes are recorded", || count_status(&mut conn, status::STOPPED) == 3);
+    for id in ids {
+        let errors: Vec<Option<String>> = task_executions::table
+            .filter(task_executions::task_id.eq(id))
+            .select(task_executions::error)
+            .load(&mut conn)
+            .unwrap();
+        assert_eq!(errors, [None], "task {id}");
+    }
+    engine.shutdown();
+}
+
+#[test]
+fn a_bulk_insert_of_10000_tasks_wakes_the_idle_workers_and_every_task_runs_once() {
+    let db = TestDatabase::new();
+    let key = format!("{}-bulk", db.name());
+    let engine = start_engine(&db, "bulk-10k", 8);
+    wait_until_idle(&engine, 8);
+    let before = engine.stats();
+    let mut conn = db.connect();
+    let batch: Vec<NewTask> = (0..10_000).map(|_| NewTask::new(&Counted { key: key.clone() }).unwrap()).collect();
+    task_engine::enqueue_many(&mut conn, &batch).unwrap();
+    wait_until("the 10,000 tasks have run", || count_status(&mut conn, status::STOPPED) == 10_000);
+    assert_eq!(counted_runs(&key), 10_000);
+    let executions: i64 = task_executions::table.count().get_result(&mut conn).unwrap();
+    assert_eq!(executions, 10_000);
+    assert_eq!(engine.stats().notifications - before.notifications, 1, "one statement, one notification");
+    engine.shutdown();
+}
