@@ -50,6 +50,8 @@ impl NewTask {
     }
 
     fn unchecked(task_class: &str, parameters: serde_json::Value, max_attempts: i32) -> Self {
+        // A type declaring fewer than one attempt still gets one.
+        let max_attempts = max_attempts.max(1);
         Self {
             task_class: task_class.to_owned(),
             parameters,

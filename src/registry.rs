@@ -362,9 +362,20 @@ mod tests {
 
     #[test]
     fn errors_converted_from_std_errors_keep_their_causes() {
-        let io = std::io::Error::other("connection reset");
-        let error = TaskError::from(io);
-        assert_eq!(error.message(), "connection reset");
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("request failed")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let error = TaskError::from(Outer(std::io::Error::other("connection reset")));
+        assert_eq!(error.message(), "request failed: connection reset");
         assert!(!error.is_permanent());
         assert!(TaskError::permanent("bad address").is_permanent());
     }

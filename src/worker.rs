@@ -102,7 +102,8 @@ mod tests {
     #[test]
     fn panic_messages_are_read_from_str_and_string_payloads() {
         let a = catch_unwind(|| panic!("plain")).unwrap_err();
-        let b = catch_unwind(|| panic!("formatted {}", 42)).unwrap_err();
+        let b = catch_unwind(|| std::panic::panic_any(format!("formatted {}", 42))).unwrap_err();
+        assert!(b.downcast_ref::<String>().is_some(), "the payload is meant to be a String");
         assert_eq!(panic_message(&*a), "plain");
         assert_eq!(panic_message(&*b), "formatted 42");
     }
