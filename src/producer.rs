@@ -1,80 +1,203 @@
 //! The producer: claims runnable tasks for the idle workers of its instance, as many
 //! as there is room for in one statement, and hands them over through the wake-up
 //! queue. Workers never ask the database for work.
+//!
+//! It also tells inserters whether a notification is needed (fifth migration): while
+//! the instance is idle, the producer's connection holds a shared advisory lock on
+//! each of the 16 stripes the insert trigger tries; while it is busy, it holds none,
+//! and inserts that no idle instance would hear skip their NOTIFY. Going idle is
+//! race-free: the producer takes the stripes only when no inserter holds one (an
+//! inserter that skipped its NOTIFY holds its stripe until it commits), then claims
+//! once more before it sleeps. The locks live as long as the producer's own
+//! connection (not from the pool): a lost connection drops them, and the producer
+//! checks its connection every second while it sleeps.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use diesel::prelude::*;
+use diesel::sql_types::{Bool, Integer};
+
+use crate::cluster::redact_url;
 use crate::runner::Shared;
 use crate::storage::{self, ClaimedTask};
-use crate::{Error, PooledConnection};
+use crate::wakeup::Next;
+use crate::Error;
 
 /// The longest pause between two claims when the database fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a sleeping producer checks its connection (and the fallback poll).
+const TICK: Duration = Duration::from_secs(1);
+/// The stripes of the insert trigger's lock.
+const STRIPES: i32 = 16;
 
 /// The `worker` recorded on an execution until its outcome names the worker that ran
 /// it: the claim is made before any worker takes the task.
 const NOT_YET_TAKEN: i32 = -1;
 
+struct Producer {
+    shared: Arc<Shared>,
+    conn: Option<PgConnection>,
+    /// Whether this connection holds the stripes (the instance is idle).
+    holding: bool,
+}
+
 /// Claims until the instance stops, then gives back what no worker started.
 pub(crate) fn run(shared: Arc<Shared>) {
+    let mut producer = Producer { shared: Arc::clone(&shared), conn: None, holding: false };
     let mut failures = 0u32;
-    // Kept between claims: a checkout costs a round trip (the pool tests it). After
-    // an error it goes back to the pool, whose test weeds it out if it is dead.
-    let mut conn: Option<PooledConnection> = None;
-    while let Some(demand) = shared.wakeup.demand(shared.poll_interval) {
-        match claim(&shared, &mut conn, demand.count) {
-            Ok(tasks) => {
-                failures = 0;
-                let counters = &shared.counters;
-                counters.claims.fetch_add(1, Ordering::Relaxed);
-                if tasks.is_empty() {
-                    counters.empty_claims.fetch_add(1, Ordering::Relaxed);
+    let mut last_claim = Instant::now();
+    loop {
+        match shared.wakeup.next(TICK.min(shared.poll_interval)) {
+            Next::Stop => break,
+            Next::Tick => {
+                if producer.holding && producer.ping().is_err() {
+                    // The stripes went with the connection: look again, anew.
+                    producer.lost();
+                    shared.wakeup.wake(1);
+                } else if last_claim.elapsed() >= shared.poll_interval {
+                    shared.wakeup.wake(1); // the fallback poll
                 }
-                for task in &tasks {
-                    shared.cancels.started(task.id);
-                }
-                shared.wakeup.deliver(tasks, demand);
             }
-            Err(error) => {
-                conn = None;
-                failures += 1;
-                let pause = (Duration::from_millis(100) * 2u32.pow((failures - 1).min(16))).min(MAX_BACKOFF);
-                log::error!("could not claim tasks, trying again in {pause:?}: {error}");
-                if shared.stop.wait(pause) {
-                    break;
+            Next::Claim(demand) => {
+                last_claim = Instant::now();
+                match producer.claim(demand.count) {
+                    Ok(tasks) => {
+                        failures = 0;
+                        let counters = &shared.counters;
+                        counters.claims.fetch_add(1, Ordering::Relaxed);
+                        if tasks.is_empty() {
+                            counters.empty_claims.fetch_add(1, Ordering::Relaxed);
+                        }
+                        for task in &tasks {
+                            shared.cancels.started(task.id);
+                        }
+                        let full = tasks.len() == demand.count;
+                        let idle = shared.wakeup.deliver(tasks, demand);
+                        if idle && !producer.holding {
+                            producer.fall_asleep();
+                        } else if full && producer.holding {
+                            producer.wake_up();
+                        }
+                    }
+                    Err(error) => {
+                        producer.lost();
+                        failures += 1;
+                        let pause = (Duration::from_millis(100) * 2u32.pow((failures - 1).min(16))).min(MAX_BACKOFF);
+                        log::error!("could not claim tasks, trying again in {pause:?}: {error}");
+                        if shared.stop.wait(pause) {
+                            break;
+                        }
+                        shared.wakeup.wake(1);
+                    }
                 }
             }
         }
     }
-    release(&shared, shared.wakeup.finish());
+    let left = shared.wakeup.finish();
+    producer.release(left);
     log::debug!("producer stopped");
 }
 
-fn claim(shared: &Shared, conn: &mut Option<PooledConnection>, count: usize) -> Result<Vec<ClaimedTask>, Error> {
-    let conn = match conn {
-        Some(conn) => conn,
-        None => conn.insert(shared.pool.get()?),
-    };
-    let limit = i64::try_from(count).unwrap_or(i64::MAX);
-    Ok(storage::claim(conn, &shared.instance, NOT_YET_TAKEN, &shared.task_classes, limit)?)
-}
-
-/// Gives back tasks claimed but never started (the instance is stopping). If the
-/// database is away they stay running and are rescued as lost attempts later.
-fn release(shared: &Shared, tasks: Vec<ClaimedTask>) {
-    if tasks.is_empty() {
-        return;
+impl Producer {
+    fn conn(&mut self) -> Result<&mut PgConnection, Error> {
+        if self.conn.is_none() {
+            let url = &self.shared.database_url;
+            let conn = PgConnection::establish(url)
+                .map_err(|e| Error::Config(format!("could not connect to {}: {e}", redact_url(url))))?;
+            self.conn = Some(conn);
+            self.set_holding(false);
+        }
+        Ok(self.conn.as_mut().expect("just connected"))
     }
-    let released = shared.pool.get().map_err(Error::from).and_then(|mut conn| Ok(storage::release(&mut conn, &tasks)?));
-    match released {
-        Ok(n) => log::debug!("{n} claimed task(s) given back unstarted"),
-        Err(error) => {
-            log::error!("could not give back {} unstarted task(s) ({error}); they will be rescued", tasks.len())
+
+    /// Forgets a connection that failed (closing it drops its locks).
+    fn lost(&mut self) {
+        self.conn = None;
+        self.set_holding(false);
+    }
+
+    fn set_holding(&mut self, holding: bool) {
+        self.holding = holding;
+        self.shared.counters.marked_idle.store(holding, Ordering::SeqCst);
+    }
+
+    fn ping(&mut self) -> Result<(), Error> {
+        diesel::sql_query("SELECT 1").execute(self.conn()?)?;
+        Ok(())
+    }
+
+    fn claim(&mut self, count: usize) -> Result<Vec<ClaimedTask>, Error> {
+        let limit = i64::try_from(count).unwrap_or(i64::MAX);
+        let shared = Arc::clone(&self.shared);
+        Ok(storage::claim(self.conn()?, &shared.instance, NOT_YET_TAKEN, &shared.task_classes, limit)?)
+    }
+
+    /// The instance goes idle: take the stripes, then look once more (what was
+    /// inserted without a notification before we held them), and arm the scheduler
+    /// for what was scheduled meanwhile. If an inserter holds a stripe, it is about to
+    /// commit: look again shortly and try again.
+    fn fall_asleep(&mut self) {
+        #[derive(QueryableByName)]
+        struct Taken {
+            #[diesel(sql_type = Bool)]
+            taken: bool,
+        }
+        let taken = self.conn().and_then(|conn| {
+            let taken: Taken = diesel::sql_query(
+                "SELECT bool_and(pg_try_advisory_lock_shared(
+                     hashtext(left(n.nspname, 50) || '.task_engine'), s)) AS taken
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+                      generate_series(0, $1 - 1) s
+                 WHERE c.oid = 'tasks'::regclass",
+            )
+            .bind::<Integer, _>(STRIPES)
+            .get_result(conn)?;
+            if !taken.taken {
+                diesel::sql_query("SELECT pg_advisory_unlock_all()").execute(conn)?;
+            }
+            Ok(taken.taken)
+        });
+        match taken {
+            Ok(true) => {
+                self.set_holding(true);
+                self.shared.timer.refresh();
+            }
+            Ok(false) => std::thread::sleep(Duration::from_millis(1)),
+            Err(error) => {
+                log::warn!("could not mark the instance idle ({error}); looking again");
+                self.lost();
+            }
+        }
+        self.shared.wakeup.wake(1);
+    }
+
+    /// The instance is busy: inserts need not notify it.
+    fn wake_up(&mut self) {
+        let released =
+            self.conn().and_then(|conn| Ok(diesel::sql_query("SELECT pg_advisory_unlock_all()").execute(conn)?));
+        match released {
+            Ok(_) => self.set_holding(false),
+            Err(_) => self.lost(),
         }
     }
-    for task in &tasks {
-        shared.cancels.forget(task.id);
+
+    /// Gives back tasks claimed but never started (the instance is stopping). If the
+    /// database is away they stay running and are rescued as lost attempts later.
+    fn release(&mut self, tasks: Vec<ClaimedTask>) {
+        if !tasks.is_empty() {
+            let released = self.conn().and_then(|conn| Ok(storage::release(conn, &tasks)?));
+            match released {
+                Ok(n) => log::debug!("{n} claimed task(s) given back unstarted"),
+                Err(error) => {
+                    log::error!("could not give back {} unstarted task(s) ({error}); they will be rescued", tasks.len())
+                }
+            }
+            for task in &tasks {
+                self.shared.cancels.forget(task.id);
+            }
+        }
+        self.lost();
     }
 }

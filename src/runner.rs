@@ -49,6 +49,8 @@ pub fn default_instance_name() -> String {
 /// What every thread of an instance shares.
 pub(crate) struct Shared {
     pub instance: String,
+    /// For the connections of the instance's own (outside the pool).
+    pub database_url: String,
     pub pool: PgPool,
     pub registry: Registry,
     /// The type names this instance claims: only those it can run.
@@ -82,6 +84,7 @@ pub(crate) struct Counters {
     pub completions: AtomicU64,
     pub completion_batches: AtomicU64,
     pub completion_failures: AtomicU64,
+    pub marked_idle: AtomicBool,
 }
 
 /// A snapshot of an instance's counters.
@@ -112,6 +115,8 @@ pub struct EngineStats {
     pub completion_batches: u64,
     /// Times the completer failed to record a batch (and tried again).
     pub completion_failures: u64,
+    /// Whether the instance holds the stripes that make inserts notify (it is idle).
+    pub marked_idle: bool,
 }
 
 /// Configures and starts an engine instance.
@@ -236,11 +241,12 @@ impl Runner {
         let task_classes = self.registry.names();
         let pool = match self.pool {
             Some(pool) => pool,
-            // The producer, the completer, the scheduler, and the tasks' own queries.
-            None => connection_pool(&self.database_url, u32::try_from(self.workers + 3).unwrap_or(u32::MAX))?,
+            // The completer, the scheduler, and the tasks' own queries.
+            None => connection_pool(&self.database_url, u32::try_from(self.workers + 2).unwrap_or(u32::MAX))?,
         };
         let shared = Arc::new(Shared {
             instance,
+            database_url: self.database_url.clone(),
             pool,
             registry: self.registry,
             task_classes,
@@ -354,6 +360,7 @@ impl RunningEngine {
             completions: c.completions.load(Ordering::SeqCst),
             completion_batches: c.completion_batches.load(Ordering::SeqCst),
             completion_failures: c.completion_failures.load(Ordering::SeqCst),
+            marked_idle: c.marked_idle.load(Ordering::SeqCst),
         }
     }
 

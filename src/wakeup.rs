@@ -49,6 +49,15 @@ pub(crate) struct WakeupQueue {
     max_claim: usize,
 }
 
+/// What the producer does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    Claim(Demand),
+    /// Nothing to claim for a while.
+    Tick,
+    Stop,
+}
+
 /// What the producer should claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Demand {
@@ -114,32 +123,48 @@ impl WakeupQueue {
     /// For the producer: blocks until there is a reason to claim and room for at
     /// least one task, or `poll` passes with room (the fallback poll). `None` when
     /// the instance stops.
+    #[cfg(test)]
     pub(crate) fn demand(&self, poll: Duration) -> Option<Demand> {
+        loop {
+            match self.next(poll) {
+                Next::Claim(demand) => return Some(demand),
+                Next::Stop => return None,
+                Next::Tick => self.wake(1),
+            }
+        }
+    }
+
+    /// For the producer: blocks until there is a reason to claim and room for at
+    /// least one task ([`Next::Claim`]), or `tick` passes ([`Next::Tick`]), or the
+    /// instance stops.
+    pub(crate) fn next(&self, tick: Duration) -> Next {
         let mut state = self.lock();
         loop {
             if state.stopping {
-                return None;
+                return Next::Stop;
             }
             let room = self.room(&state);
             if state.want && room > 0 {
-                return Some(Demand { count: room.min(self.max_claim), seq: state.wake_seq });
+                return Next::Claim(Demand { count: room.min(self.max_claim), seq: state.wake_seq });
             }
             state.producer_parked = true;
-            let (next, timeout) = self.producer.wait_timeout(state, poll).unwrap_or_else(PoisonError::into_inner);
+            let (next, timeout) = self.producer.wait_timeout(state, tick).unwrap_or_else(PoisonError::into_inner);
             state = next;
             state.producer_parked = false;
-            if timeout.timed_out() && self.room(&state) > 0 {
-                state.want = true;
+            if timeout.timed_out() {
+                return Next::Tick;
             }
         }
     }
 
     /// For the producer: hands claimed tasks to the workers. A claim that came back
     /// with fewer tasks than asked found the queue empty, unless a wake-up arrived
-    /// while it ran.
-    pub(crate) fn deliver(&self, tasks: Vec<ClaimedTask>, demand: Demand) {
+    /// while it ran: then the instance is idle until the next wake-up, and this
+    /// returns true.
+    pub(crate) fn deliver(&self, tasks: Vec<ClaimedTask>, demand: Demand) -> bool {
         let mut state = self.lock();
-        if tasks.len() < demand.count && state.wake_seq == demand.seq {
+        let idle = tasks.len() < demand.count && state.wake_seq == demand.seq;
+        if idle {
             state.want = false;
         }
         let n = tasks.len();
@@ -149,6 +174,7 @@ impl WakeupQueue {
         for _ in 0..n {
             self.workers.notify_one();
         }
+        idle
     }
 
     /// For the producer, when it ends: takes back the tasks no worker has started.
@@ -273,8 +299,8 @@ mod tests {
         assert_eq!(demand.count, 2);
         queue.wake(1); // an insert commits while the claim runs
         queue.deliver(vec![], demand);
-        let again = queue.demand(Duration::ZERO).expect("stopped");
-        assert_eq!(again.count, 2, "the wake-up during the claim was lost");
+        let again = queue.next(Duration::ZERO);
+        assert!(matches!(again, Next::Claim(d) if d.count == 2), "the wake-up during the claim was lost: {again:?}");
     }
 
     #[test]

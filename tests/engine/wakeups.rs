@@ -213,3 +213,117 @@ fn engines_in_two_schemas_of_one_database_do_not_wake_each_other() {
     public_engine.shutdown();
     other_engine.shutdown();
 }
+
+#[test]
+fn no_wake_up_is_lost_to_a_race_between_an_instance_going_idle_and_an_insert() {
+    let db = TestDatabase::new();
+    // One worker, no buffer: every claim of one task comes back full (the instance
+    // is busy and lets inserts skip their NOTIFY), and the claim after it comes back
+    // empty (the instance goes idle: it takes the stripes and looks once more).
+    let engine = Runner::new(db.url(), Registry::from_inventory().unwrap())
+        .instance("racer")
+        .workers(1)
+        .claim_buffer(0)
+        .poll_interval(std::time::Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    wait_until_idle(&engine, 1);
+    let mut conn = db.connect();
+    // The second insert of each round lands somewhere in the instance's way from
+    // busy back to idle. With the fallback poll at an hour, a lost wake-up leaves a
+    // task waiting and the test times out.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..200 {
+        let first = insert_by_sql(&mut conn);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(std::time::Duration::from_micros(seed % 2000));
+        let second = insert_by_sql(&mut conn);
+        for id in [first, second] {
+            wait_until(&format!("round {round}: task {id} has run"), || {
+                load_task(&mut conn, id).status == status::STOPPED
+            });
+        }
+    }
+    let stats = engine.stats();
+    eprintln!(
+        "race: 400 tasks, {} notifications, {} claims, {} wasted",
+        stats.notifications, stats.claims, stats.wasted_claims
+    );
+    engine.shutdown();
+}
+
+#[test]
+fn an_insert_that_would_wake_nobody_does_not_notify() {
+    let db = TestDatabase::new();
+    let gate_name = format!("{}-busy", db.name());
+    let gate = crate::support::Gate::named(&gate_name);
+    let engine = Runner::new(db.url(), Registry::from_inventory().unwrap())
+        .instance("busy")
+        .workers(2)
+        .claim_buffer(0)
+        .poll_interval(std::time::Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    wait_until_idle(&engine, 2);
+    let mut conn = db.connect();
+    for _ in 0..2 {
+        task_engine::enqueue(&mut conn, &crate::support::Gated { gate: gate_name.clone() }).unwrap();
+    }
+    gate.wait_for_started(2);
+    wait_until("the instance no longer marks itself idle", || !engine.stats().marked_idle);
+    let before = engine.stats();
+
+    // Every worker busy, no room: these inserts skip their NOTIFY...
+    let ids: Vec<i64> = (0..5).map(|_| insert_by_sql(&mut conn)).collect();
+    // ...and still run once the workers are free.
+    gate.open();
+    for id in ids {
+        wait_until_stopped(&mut conn, id);
+    }
+    assert_eq!(engine.stats().notifications, before.notifications, "an insert notified a busy instance");
+    engine.shutdown();
+}
+
+/// The trigger's side of "notify only when an instance sleeps", step by step, with
+/// a stand-in for an idle producer.
+#[test]
+fn an_insert_notifies_only_if_an_instance_sleeps_and_a_sleeper_waits_for_uncommitted_inserts() {
+    use postgres::fallible_iterator::FallibleIterator;
+    let db = TestDatabase::new();
+    let mut listener = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
+    listener.batch_execute("LISTEN \"public.task_engine\"").unwrap();
+    let heard = |listener: &mut postgres::Client| -> usize {
+        listener.notifications().timeout_iter(std::time::Duration::from_millis(200)).count().unwrap()
+    };
+    let take_stripes = "SELECT bool_and(pg_try_advisory_lock_shared(hashtext('public.task_engine'), s)) AS taken
+                        FROM generate_series(0, 15) s";
+    #[derive(QueryableByName)]
+    struct Taken {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        taken: bool,
+    }
+    let mut sleeper = db.connect();
+    let mut inserter = db.connect();
+
+    // Nobody sleeps: no notification, and the inserter holds its stripe until it
+    // commits, so a would-be sleeper cannot take the stripes in between...
+    inserter.batch_execute("BEGIN").unwrap();
+    insert_by_sql(&mut inserter);
+    let taken: Taken = diesel::sql_query(take_stripes).get_result(&mut sleeper).unwrap();
+    assert!(!taken.taken, "a sleeper took the stripes while an insert that skipped its NOTIFY was uncommitted");
+    sleeper.batch_execute("SELECT pg_advisory_unlock_all()").unwrap();
+    inserter.batch_execute("COMMIT").unwrap();
+    assert_eq!(heard(&mut listener), 0, "an insert notified though nobody slept");
+
+    // ...and can once it has committed (its next look sees the task).
+    let taken: Taken = diesel::sql_query(take_stripes).get_result(&mut sleeper).unwrap();
+    assert!(taken.taken);
+    // A sleeper holds the stripes: every insert notifies.
+    insert_by_sql(&mut inserter);
+    assert_eq!(heard(&mut listener), 1, "an insert did not notify a sleeping instance");
+    sleeper.batch_execute("SELECT pg_advisory_unlock_all()").unwrap();
+    insert_by_sql(&mut inserter);
+    assert_eq!(heard(&mut listener), 0);
+}
