@@ -59,6 +59,20 @@ pub enum Bench {
         #[arg(long)]
         buffer: Option<usize>,
     },
+    /// Enqueue rates: bulk (one statement, one notification), then 8 clients
+    /// inserting single tasks by plain SQL without the notifying trigger, with an idle
+    /// engine, and with a busy one.
+    Enqueue {
+        /// Tasks in the bulk insert.
+        #[arg(long, default_value_t = 200_000)]
+        bulk: u32,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// How long each concurrent phase lasts.
+        #[arg(long, value_parser = duration::parse, default_value = "3s")]
+        duration: Duration,
+    },
 }
 
 pub fn run(bench: Bench, url: Option<String>, data_dir: &std::path::Path, registry: Registry) -> anyhow::Result<()> {
@@ -68,6 +82,7 @@ pub fn run(bench: Bench, url: Option<String>, data_dir: &std::path::Path, regist
             let instances = if instances.is_empty() { vec![1, 3] } else { instances };
             instances.into_iter().try_for_each(|n| latency(&db, &registry, tasks, n, workers, gap))
         }
+        Bench::Enqueue { bulk, clients, duration } => enqueue(&db, &registry, bulk, clients, duration),
         Bench::Drain { tasks, workers, runs, batched_only, buffer } => {
             drain(&db, &registry, Drain { tasks, workers, runs, batched_only, buffer })
         }
@@ -370,6 +385,131 @@ fn server_cpu(postmaster: u32) -> f64 {
         }
     }
     total
+}
+
+fn enqueue(db: &Database, registry: &Registry, bulk: u32, clients: usize, duration: Duration) -> anyhow::Result<()> {
+    if bulk == 0 || clients == 0 {
+        bail!(crate::UsageError("--bulk and --clients must be at least 1".into()));
+    }
+    // Bulk: one statement whatever the number, one notification.
+    let url = fresh_schema(db)?;
+    let mut conn = PgConnection::establish(&url)?;
+    let started = Instant::now();
+    NewTask::new(&tasks::Noop {})?.insert_copies(&mut conn, bulk)?;
+    let copies = f64::from(bulk) / started.elapsed().as_secs_f64();
+    let batch: Vec<NewTask> = (0..bulk).map(|_| NewTask::new(&tasks::Noop {})).collect::<Result<_, _>>()?;
+    let started = Instant::now();
+    task_engine::enqueue_many(&mut conn, &batch)?;
+    let many = f64::from(bulk) / started.elapsed().as_secs_f64();
+    drop_schema(db)?;
+    println!(
+        "enqueue, bulk of {bulk}: insert_copies (--count) {copies:.0} tasks/s, enqueue_many (arrays) {many:.0} tasks/s"
+    );
+    println!(
+        "{}",
+        serde_json::json!({"bench": "enqueue_bulk", "tasks": bulk, "copies_tasks_per_s": copies.round(),
+                           "enqueue_many_tasks_per_s": many.round()})
+    );
+
+    // Concurrent single inserts, three ways.
+    let mut rates = Vec::new();
+    for phase in ["no trigger", "engine idle", "engine busy"] {
+        let url = fresh_schema(db)?;
+        let mut conn = PgConnection::establish(&url)?;
+        let mut engine = None;
+        match phase {
+            "no trigger" => conn.batch_execute("DROP TRIGGER tasks_notify_insert ON tasks")?,
+            "engine idle" => {
+                // An instance with nothing to do: every insert finds it asleep.
+                let e = start(&url, registry, "bench-idle".into(), 8)?;
+                if !wait_idle(std::slice::from_ref(&e), 8, 0, Duration::from_secs(30)) {
+                    bail!("the engine did not become idle");
+                }
+                engine = Some(e);
+            }
+            _ => {
+                // Every worker on a long task, no room: the instance is busy.
+                let e = Runner::new(&url, registry.clone())
+                    .instance("bench-busy")
+                    .workers(8)
+                    .claim_buffer(0)
+                    .poll_interval(Duration::from_secs(3600))
+                    .start()?;
+                NewTask::new(&tasks::Sleep { ms: 600_000 })?.insert_copies(&mut conn, 8)?;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while e.stats().marked_idle || e.stats().claims == 0 || running(&mut conn)? < 8 {
+                    if Instant::now() > deadline {
+                        bail!("the engine did not become busy");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                engine = Some(e);
+            }
+        }
+        let before = engine.as_ref().map(|e| e.stats().notifications).unwrap_or(0);
+        let total = concurrent_inserts(&url, clients, duration)?;
+        let rate = total as f64 / duration.as_secs_f64();
+        // The inserted tasks are of a type no instance runs: the engine stays as it was.
+        let notifications = engine.as_ref().map(|e| e.stats().notifications - before);
+        if let Some(engine) = engine {
+            // The long sleeps end when cancelled (the listener hears it): stop after.
+            for id in running_ids(&mut conn)? {
+                task_engine::cancel(&mut conn, id)?;
+            }
+            engine.shutdown();
+        }
+        drop_schema(db)?;
+        println!(
+            "enqueue, {clients} clients x single plain-SQL inserts, {phase}: {rate:.0} tasks/s{}",
+            notifications.map(|n| format!(" ({n} notifications)")).unwrap_or_default()
+        );
+        println!(
+            "{}",
+            serde_json::json!({"bench": "enqueue_concurrent", "phase": phase, "clients": clients,
+                               "tasks_per_s": rate.round(), "notifications": notifications})
+        );
+        rates.push(rate);
+    }
+    println!(
+        "enqueue: idle engine {:.0}% and busy engine {:.0}% of the rate without the trigger",
+        rates[1] / rates[0] * 100.0,
+        rates[2] / rates[0] * 100.0
+    );
+    Ok(())
+}
+
+fn running(conn: &mut PgConnection) -> anyhow::Result<i64> {
+    Ok(running_ids(conn)?.len() as i64)
+}
+
+fn running_ids(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
+    use task_engine::schema::tasks::dsl;
+    Ok(dsl::tasks.filter(dsl::status.eq("running")).select(dsl::id).load(conn)?)
+}
+
+/// `clients` threads insert single tasks of an unknown type for `duration`; returns
+/// how many went in.
+fn concurrent_inserts(url: &str, clients: usize, duration: Duration) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + duration;
+    let handles: Vec<std::thread::JoinHandle<anyhow::Result<u64>>> = (0..clients)
+        .map(|_| {
+            let url = url.to_owned();
+            std::thread::spawn(move || {
+                let mut conn = PgConnection::establish(&url)?;
+                let mut n = 0;
+                while Instant::now() < deadline {
+                    conn.batch_execute("INSERT INTO tasks (task_class) VALUES ('bench_nobody_runs_this')")?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for handle in handles {
+        total += handle.join().map_err(|_| anyhow::anyhow!("an inserting client panicked"))??;
+    }
+    Ok(total)
 }
 
 /// What the exactly-once check found.
