@@ -8,6 +8,7 @@ mod enqueue;
 mod errors;
 mod listener;
 mod liveness;
+mod maintenance;
 mod migrate;
 pub mod models;
 mod producer;

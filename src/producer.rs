@@ -67,6 +67,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                         failures = 0;
                         let counters = &shared.counters;
                         counters.claims.fetch_add(1, Ordering::Relaxed);
+                        counters.claimed_tasks.fetch_add(tasks.len() as u64, Ordering::Relaxed);
                         if tasks.is_empty() {
                             counters.empty_claims.fetch_add(1, Ordering::Relaxed);
                         }

@@ -13,6 +13,7 @@ use crate::completer::{self, Completer};
 use crate::context::Cancels;
 use crate::listener::Listener;
 use crate::liveness::{self, Heartbeat};
+use crate::maintenance;
 use crate::producer;
 use crate::registry::Registry;
 use crate::scheduler::{self, Timer};
@@ -85,6 +86,8 @@ pub(crate) struct Counters {
     pub completion_batches: AtomicU64,
     pub completion_failures: AtomicU64,
     pub marked_idle: AtomicBool,
+    pub claimed_tasks: AtomicU64,
+    pub vacuums: AtomicU64,
 }
 
 /// A snapshot of an instance's counters.
@@ -117,6 +120,10 @@ pub struct EngineStats {
     pub completion_failures: u64,
     /// Whether the instance holds the stripes that make inserts notify (it is idle).
     pub marked_idle: bool,
+    /// Tasks claimed.
+    pub claimed_tasks: u64,
+    /// Times this instance ran `VACUUM tasks`.
+    pub vacuums: u64,
 }
 
 /// Configures and starts an engine instance.
@@ -278,6 +285,10 @@ impl Runner {
         engine.adopt(spawned, "the scheduler", Role::Other)?;
         let spawned = std::thread::Builder::new().name("heartbeat".into()).spawn(move || heartbeat.run());
         engine.adopt(spawned, "the heartbeat", Role::Other)?;
+        let for_maintenance = Arc::clone(&engine.shared);
+        let spawned =
+            std::thread::Builder::new().name("maintenance".into()).spawn(move || maintenance::run(for_maintenance));
+        engine.adopt(spawned, "the maintenance thread", Role::Other)?;
         let for_completer = Arc::clone(&engine.shared);
         let spawned = std::thread::Builder::new().name("completer".into()).spawn(move || completer::run(for_completer));
         engine.adopt(spawned, "the completer", Role::Completer)?;
@@ -361,6 +372,8 @@ impl RunningEngine {
             completion_batches: c.completion_batches.load(Ordering::SeqCst),
             completion_failures: c.completion_failures.load(Ordering::SeqCst),
             marked_idle: c.marked_idle.load(Ordering::SeqCst),
+            claimed_tasks: c.claimed_tasks.load(Ordering::SeqCst),
+            vacuums: c.vacuums.load(Ordering::SeqCst),
         }
     }
 
