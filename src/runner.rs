@@ -159,6 +159,11 @@ impl Runner {
     /// How long an instance may go without a heartbeat before its running tasks are
     /// rescued by another.
     pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+    /// Tasks the producer may claim ahead, per worker, unless [`Runner::claim_buffer`]
+    /// says otherwise: claims and completions of a few hundred tasks per statement
+    /// are what make a busy instance fast (measured with 8 workers and no-op tasks:
+    /// about 9,000 tasks/s with a buffer of 8, 27,000 with 128).
+    pub const DEFAULT_BUFFER_PER_WORKER: usize = 16;
     /// How long the completer waits for more outcomes before recording a batch.
     pub const DEFAULT_FLUSH_DELAY: Duration = Duration::from_millis(1);
 
@@ -195,8 +200,10 @@ impl Runner {
     }
 
     /// How many tasks the producer may claim beyond the idle workers, so that a
-    /// worker finishing a short task finds the next one waiting (default: as many as
-    /// there are workers). 0 claims only for idle workers.
+    /// worker finishing a short task finds the next one waiting, and claims and
+    /// completions go by hundreds (default: [`Runner::DEFAULT_BUFFER_PER_WORKER`] per
+    /// worker). Claimed tasks wait in the instance, in claim order: a task of higher
+    /// priority inserted meanwhile waits behind them. 0 claims only for idle workers.
     pub fn claim_buffer(mut self, buffer: usize) -> Self {
         self.buffer = Some(buffer);
         self
@@ -257,7 +264,11 @@ impl Runner {
             pool,
             registry: self.registry,
             task_classes,
-            wakeup: WakeupQueue::new(self.workers, self.buffer.unwrap_or(self.workers)).with_max_claim(self.max_claim),
+            wakeup: WakeupQueue::new(
+                self.workers,
+                self.buffer.unwrap_or(Self::DEFAULT_BUFFER_PER_WORKER * self.workers),
+            )
+            .with_max_claim(self.max_claim),
             stop: StopSignal::default(),
             poll_interval: self.poll_interval,
             counters: Counters::default(),
