@@ -90,8 +90,11 @@ fn higher_priority_runs_first_then_older_first() {
     wait_until_all_ended(&mut conn);
     engine.shutdown();
 
-    let order: Vec<i64> =
-        task_executions::table.order(task_executions::id).select(task_executions::task_id).load(&mut conn).unwrap();
+    let order: Vec<i64> = task_executions::table
+        .order((task_executions::started_at, task_executions::id))
+        .select(task_executions::task_id)
+        .load(&mut conn)
+        .unwrap();
     assert_eq!(order, [ids[1], ids[3], ids[0], ids[2], ids[4]]);
 }
 
