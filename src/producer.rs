@@ -62,6 +62,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
             }
             Next::Claim(demand) => {
                 last_claim = Instant::now();
+                let claimed_at = last_claim;
                 match producer.claim(demand.count) {
                     Ok(tasks) => {
                         failures = 0;
@@ -75,7 +76,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                             shared.cancels.started(task.id);
                         }
                         let full = tasks.len() == demand.count;
-                        let idle = shared.wakeup.deliver(tasks, demand);
+                        let idle = shared.wakeup.deliver_claimed_at(tasks, demand, claimed_at);
                         if idle && !producer.holding {
                             producer.fall_asleep();
                         } else if full && producer.holding {

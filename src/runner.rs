@@ -33,10 +33,10 @@ pub fn connection_pool(database_url: &str, max_size: u32) -> Result<PgPool, Erro
     Ok(Pool::builder()
         .max_size(max_size)
         .min_idle(Some(1))
-        // A connection that died with the server (restart, failover) is not marked
-        // broken by diesel when it fails outside a transaction: without a test at
-        // checkout it would go back to the pool and fail every query after. The test
-        // costs a round trip per checkout.
+        // A connection that died with the server (restart, failover) should be
+        // marked broken by diesel and dropped by r2d2; the test at checkout makes
+        // sure of it, for a round trip per checkout. Checkouts are rare: the
+        // producer and the completer keep their connections between batches.
         .test_on_check_out(true)
         .connection_timeout(Duration::from_secs(5))
         .build(ConnectionManager::new(database_url))?)

@@ -161,15 +161,22 @@ impl WakeupQueue {
     /// with fewer tasks than asked found the queue empty, unless a wake-up arrived
     /// while it ran: then the instance is idle until the next wake-up, and this
     /// returns true.
+    #[cfg(test)]
     pub(crate) fn deliver(&self, tasks: Vec<ClaimedTask>, demand: Demand) -> bool {
+        self.deliver_claimed_at(tasks, demand, Instant::now())
+    }
+
+    /// [`WakeupQueue::deliver`], for tasks claimed by a statement sent at
+    /// `claimed_at`: their time in the queue counts from then, as their executions'
+    /// `started_at` is the claim statement's time on the server.
+    pub(crate) fn deliver_claimed_at(&self, tasks: Vec<ClaimedTask>, demand: Demand, claimed_at: Instant) -> bool {
         let mut state = self.lock();
         let idle = tasks.len() < demand.count && state.wake_seq == demand.seq;
         if idle {
             state.want = false;
         }
         let n = tasks.len();
-        let now = Instant::now();
-        state.tasks.extend(tasks.into_iter().map(|t| (t, now)));
+        state.tasks.extend(tasks.into_iter().map(|t| (t, claimed_at)));
         drop(state);
         for _ in 0..n {
             self.workers.notify_one();

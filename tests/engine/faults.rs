@@ -19,7 +19,7 @@ use crate::support::{
 #[test]
 fn a_long_task_on_a_live_instance_is_never_rescued() {
     let db = TestDatabase::new();
-    let lease = Duration::from_millis(300);
+    let lease = Duration::from_secs(1);
     let owner = start_engine_with_lease(&db, "owner", 1, lease);
     let gate = Gate::named(&format!("{}-long", db.name()));
     let mut conn = db.connect();
@@ -27,7 +27,7 @@ fn a_long_task_on_a_live_instance_is_never_rescued() {
     gate.wait_for_started(1);
     let watcher = start_engine_with_lease(&db, "watcher", 1, lease);
 
-    // The watcher looks for dead instances every 50 ms: give it many looks, over
+    // The watcher looks for dead instances every 166 ms: give it many looks, over
     // several leases, while the task runs on.
     let passes = watcher.stats().rescue_passes;
     wait_until("the watcher has looked 20 times", || watcher.stats().rescue_passes >= passes + 20);
