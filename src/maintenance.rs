@@ -4,9 +4,10 @@
 //! measured here, a 100-task claim read 5 buffers on a fresh queue and 900 after
 //! 180,000 claims. Autovacuum comes too rarely for a queue (at most once a minute per
 //! table), so each instance, once it has claimed `VACUUM_EVERY` tasks since the last
-//! time, runs `VACUUM tasks` itself on a connection of its own, unless another
-//! instance is doing it (an advisory lock). A plain VACUUM does not block claims,
-//! inserts or completions.
+//! time, or `VACUUM_AFTER` tasks and `VACUUM_PERIOD` has passed (a slow stream of
+//! claims piles up dead entries too), runs `VACUUM tasks` itself on a connection of
+//! its own, unless another instance is doing it (an advisory lock). A plain VACUUM
+//! does not block claims, inserts or completions.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,6 +21,9 @@ use crate::runner::Shared;
 
 /// Tasks claimed by this instance between two vacuums.
 const VACUUM_EVERY: u64 = 20_000;
+/// Tasks claimed since the last vacuum that call for one once `VACUUM_PERIOD` has passed.
+const VACUUM_AFTER: u64 = 1_000;
+const VACUUM_PERIOD: Duration = Duration::from_secs(5);
 /// How often the thread looks.
 const LOOK_EVERY: Duration = Duration::from_millis(500);
 /// The advisory lock key of the vacuum ("vacu" in ASCII).
@@ -27,14 +31,18 @@ const VACUUM_LOCK: i64 = 0x7661_6375;
 
 pub(crate) fn run(shared: Arc<Shared>) {
     let mut last = 0u64;
+    let mut last_at = Instant::now();
     let mut conn: Option<PgConnection> = None;
     let mut disabled = false;
     while !shared.stop.wait(LOOK_EVERY) {
         let claimed = shared.counters.claimed_tasks.load(Ordering::Relaxed);
-        if disabled || claimed - last < VACUUM_EVERY {
+        let due =
+            claimed - last >= VACUUM_EVERY || (claimed - last >= VACUUM_AFTER && last_at.elapsed() >= VACUUM_PERIOD);
+        if disabled || !due {
             continue;
         }
         last = claimed;
+        last_at = Instant::now();
         if conn.is_none() {
             conn = PgConnection::establish(&shared.database_url).ok();
         }
