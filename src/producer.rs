@@ -11,6 +11,13 @@
 //! once more before it sleeps. The locks live as long as the producer's own
 //! connection (not from the pool): a lost connection drops them, and the producer
 //! checks its connection every second while it sleeps.
+//!
+//! An instance fed a stream of single inserts is idle between them, so each insert
+//! would notify it. When claims find tasks less than [`STREAMING`] apart, the producer
+//! lets go of the stripes and claims again after every short claim, until one comes
+//! back empty: then it takes the stripes and looks once more, as above. Inserts in
+//! the stream skip their NOTIFY; an isolated task still costs one notification and
+//! one claim.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,6 +39,11 @@ const TICK: Duration = Duration::from_secs(1);
 /// The stripes of the insert trigger's lock.
 const STRIPES: i32 = 16;
 
+/// Claims that find tasks this close together mean tasks are streaming in: the
+/// instance stays awake (inserts need not notify it) and claims again after each
+/// short claim, until one comes back empty.
+const STREAMING: Duration = Duration::from_millis(2);
+
 /// The `worker` recorded on an execution until its outcome names the worker that ran
 /// it: the claim is made before any worker takes the task.
 const NOT_YET_TAKEN: i32 = -1;
@@ -48,6 +60,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
     let mut producer = Producer { shared: Arc::clone(&shared), conn: None, holding: false };
     let mut failures = 0u32;
     let mut last_claim = Instant::now();
+    // When a claim last found tasks.
+    let mut last_found: Option<Instant> = None;
     loop {
         match shared.wakeup.next(TICK.min(shared.poll_interval)) {
             Next::Stop => break,
@@ -76,10 +90,14 @@ pub(crate) fn run(shared: Arc<Shared>) {
                             shared.cancels.started(task.id);
                         }
                         let full = tasks.len() == demand.count;
-                        let idle = shared.wakeup.deliver_claimed_at(tasks, demand, claimed_at);
+                        let streaming = !tasks.is_empty() && last_found.is_some_and(|t| t.elapsed() < STREAMING);
+                        if !tasks.is_empty() {
+                            last_found = Some(Instant::now());
+                        }
+                        let idle = shared.wakeup.deliver_claimed_at(tasks, demand, claimed_at, streaming);
                         if idle && !producer.holding {
                             producer.fall_asleep();
-                        } else if full && producer.holding {
+                        } else if (full || streaming) && producer.holding {
                             producer.wake_up();
                         }
                     }

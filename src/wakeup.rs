@@ -163,15 +163,24 @@ impl WakeupQueue {
     /// returns true.
     #[cfg(test)]
     pub(crate) fn deliver(&self, tasks: Vec<ClaimedTask>, demand: Demand) -> bool {
-        self.deliver_claimed_at(tasks, demand, Instant::now())
+        self.deliver_claimed_at(tasks, demand, Instant::now(), false)
     }
 
     /// [`WakeupQueue::deliver`], for tasks claimed by a statement sent at
     /// `claimed_at`: their time in the queue counts from then, as their executions'
-    /// `started_at` is the claim statement's time on the server.
-    pub(crate) fn deliver_claimed_at(&self, tasks: Vec<ClaimedTask>, demand: Demand, claimed_at: Instant) -> bool {
+    /// `started_at` is the claim statement's time on the server. With
+    /// `keep_looking` (tasks are streaming in and inserters no longer notify), only
+    /// an empty claim makes the instance idle: a short one is followed by another.
+    pub(crate) fn deliver_claimed_at(
+        &self,
+        tasks: Vec<ClaimedTask>,
+        demand: Demand,
+        claimed_at: Instant,
+        keep_looking: bool,
+    ) -> bool {
         let mut state = self.lock();
-        let idle = tasks.len() < demand.count && state.wake_seq == demand.seq;
+        let drained = if keep_looking { tasks.is_empty() } else { tasks.len() < demand.count };
+        let idle = drained && state.wake_seq == demand.seq;
         if idle {
             state.want = false;
         }
@@ -323,6 +332,17 @@ mod tests {
         assert!(parked, "claimed again after a short claim with no wake-up");
         queue.wake(1);
         assert_eq!(queue.demand(HOUR).unwrap().count, 1, "room is what idle workers leave");
+    }
+
+    #[test]
+    fn while_tasks_stream_in_only_an_empty_claim_stops_claiming() {
+        let queue = WakeupQueue::new(2, 2);
+        let demand = queue.demand(HOUR).unwrap();
+        assert!(!queue.deliver_claimed_at(vec![task(1)], demand, Instant::now(), true), "a short claim made it idle");
+        let again = queue.next(Duration::ZERO);
+        let Next::Claim(demand) = again else { panic!("no claim after a short one while streaming: {again:?}") };
+        assert!(queue.deliver_claimed_at(vec![], demand, Instant::now(), true), "an empty claim left it looking");
+        assert_eq!(queue.next(Duration::ZERO), Next::Tick);
     }
 
     #[test]

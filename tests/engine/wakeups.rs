@@ -340,3 +340,52 @@ fn an_insert_notifies_only_if_an_instance_sleeps_and_a_sleeper_waits_for_uncommi
     insert_by_sql(&mut inserter);
     assert_eq!(heard(&mut listener), 0);
 }
+
+#[test]
+fn no_wake_up_is_lost_while_a_stream_of_inserts_keeps_an_instance_awake() {
+    let db = TestDatabase::new();
+    // While claims keep finding tasks, the instance holds no stripes and inserts skip
+    // their NOTIFY; when a claim comes back empty it must take the stripes and look
+    // once more. Rounds of concurrent inserts with random pauses cross that edge many
+    // times; a lost wake-up leaves a task waiting (the fallback poll is an hour).
+    let engine = start_engine(&db, "streamed", 8);
+    wait_until_idle(&engine, 8);
+    let mut conn = db.connect();
+    let before = engine.stats();
+    let mut inserted = 0;
+    for round in 0..6u64 {
+        let clients: Vec<_> = (0..4u64)
+            .map(|client| {
+                let url = db.url().to_owned();
+                std::thread::spawn(move || {
+                    let mut conn = PgConnection::establish(&url).unwrap();
+                    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (round * 4 + client + 1);
+                    for _ in 0..80 {
+                        insert_by_sql(&mut conn);
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        std::thread::sleep(std::time::Duration::from_micros(seed % 600));
+                    }
+                })
+            })
+            .collect();
+        for client in clients {
+            client.join().unwrap();
+        }
+        inserted += 4 * 80;
+        wait_until(&format!("round {round}: every streamed task has run"), || {
+            crate::support::unfinished(&mut conn) == 0
+        });
+    }
+    let executions: i64 = task_executions::table.count().get_result(&mut conn).unwrap();
+    assert_eq!(executions, inserted, "each task runs once");
+    let stats = engine.stats();
+    eprintln!(
+        "stream: {inserted} tasks, {} notifications, {} claims, {} wasted",
+        stats.notifications - before.notifications,
+        stats.claims - before.claims,
+        stats.wasted_claims - before.wasted_claims
+    );
+    engine.shutdown();
+}
