@@ -3,13 +3,13 @@
 //! created, migrated and dropped), prints a human summary and one JSON line, and checks
 //! that every task ran exactly once.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _};
 use clap::Subcommand;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Double};
+use diesel::sql_types::{Array, BigInt, Bool, Double, Nullable};
 use task_engine::{EngineStats, NewTask, Registry, Runner, RunningEngine};
 
 use crate::database::Database;
@@ -23,8 +23,9 @@ const MISSED_AFTER: Duration = Duration::from_secs(5);
 #[derive(Debug, Subcommand)]
 pub enum Bench {
     /// Pickup latency of an idle engine: tasks enqueued one at a time, with gaps; time
-    /// from the enqueue (its transaction's start, so its commit included) to the
-    /// attempt's `started_at`.
+    /// from the enqueue's commit (when the insert returned, on the server's clock) to
+    /// the attempt's start; also from the insert's start (`created_at`), which adds
+    /// the insert and its commit.
     Latency {
         /// Tasks to enqueue, one at a time.
         #[arg(long, default_value_t = 200)]
@@ -170,11 +171,25 @@ fn latency(
     }
     let before: Vec<EngineStats> = engines.iter().map(RunningEngine::stats).collect();
     let mut conn = PgConnection::establish(&url)?;
+    // The commit's time: the server's commit timestamp when it keeps them, else
+    // when the insert returned (a little late: the reply comes after the commit).
+    let server_commit_times =
+        diesel::sql_query("SELECT 1 AS one WHERE current_setting('track_commit_timestamp') = 'on'")
+            .execute(&mut conn)?
+            == 1;
+    let offset = clock_offset(&mut conn)?;
     let task = NewTask::new(&tasks::Noop {})?;
     let mut missed = 0;
+    // (task id, transaction id, when the insert returned on the server's clock)
+    let mut inserted = Vec::with_capacity(tasks);
     for _ in 0..tasks {
         let claims = total_claims(&engines);
-        task.insert(&mut conn)?;
+        let (id, xid) = conn.transaction(|conn| {
+            let id = task.insert(conn)?;
+            let xid = if server_commit_times { current_xid(conn)? } else { 0 };
+            anyhow::Ok((id, xid))
+        })?;
+        inserted.push((id, xid, unix_seconds(SystemTime::now()) + offset));
         // Until the task has been claimed and every worker sleeps again: the next
         // task finds the engine idle.
         if !wait_idle(&engines, workers, claims, MISSED_AFTER) {
@@ -189,29 +204,57 @@ fn latency(
 
     #[derive(QueryableByName)]
     struct Pickup {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
         #[diesel(sql_type = Double)]
-        ms: f64,
+        started: f64,
+        #[diesel(sql_type = Double)]
+        created: f64,
+        #[diesel(sql_type = Nullable<Double>)]
+        committed: Option<f64>,
     }
-    let mut pickups: Vec<f64> = diesel::sql_query(
-        "SELECT extract(epoch FROM e.started_at - t.created_at)::float8 * 1000 AS ms
-         FROM tasks t JOIN task_executions e ON e.task_id = t.id",
+    let (ids, xids): (Vec<i64>, Vec<i64>) = inserted.iter().map(|&(id, xid, _)| (id, xid)).unzip();
+    let started: std::collections::HashMap<i64, Pickup> = diesel::sql_query(
+        "SELECT t.id, extract(epoch FROM e.started_at)::float8 AS started,
+                extract(epoch FROM t.created_at)::float8 AS created,
+                CASE WHEN $3 THEN extract(epoch FROM pg_xact_commit_timestamp(i.xid::text::xid))::float8 END
+                    AS committed
+         FROM unnest($1::bigint[], $2::bigint[]) AS i(id, xid)
+         JOIN tasks t ON t.id = i.id JOIN task_executions e ON e.task_id = t.id",
     )
+    .bind::<Array<BigInt>, _>(ids)
+    .bind::<Array<BigInt>, _>(xids)
+    .bind::<Bool, _>(server_commit_times)
     .load::<Pickup>(&mut conn)?
     .into_iter()
-    .map(|p| p.ms)
+    .map(|p| (p.id, p))
     .collect();
+    let mut pickups = Vec::with_capacity(tasks);
+    let mut from_insert = Vec::with_capacity(tasks);
+    for (id, _, returned_at) in &inserted {
+        if let Some(p) = started.get(id) {
+            pickups.push((p.started - p.committed.unwrap_or(*returned_at)) * 1000.0);
+            from_insert.push((p.started - p.created) * 1000.0);
+        }
+    }
     pickups.sort_by(f64::total_cmp);
+    from_insert.sort_by(f64::total_cmp);
     let check = exactly_once(&mut conn)?;
     drop_schema(db)?;
 
     let p = |q: f64| percentile(&pickups, q);
+    let i = |q: f64| percentile(&from_insert, q);
+    let commit_clock = if server_commit_times { "server's commit timestamps" } else { "when the insert returned" };
     println!(
         "latency: {instances} instance(s) x {workers} workers, {tasks} tasks one at a time: \
-         pickup p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms; wasted claims per task {:.2}; missed {missed}; {check}",
+         pickup from commit ({commit_clock}) p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms \
+         (from the insert's start p50 {:.2} ms, p99 {:.2} ms); wasted claims per task {:.2}; missed {missed}; {check}",
         p(0.50),
         p(0.95),
         p(0.99),
         p(1.0),
+        i(0.50),
+        i(0.99),
         wasted as f64 / tasks as f64,
     );
     println!(
@@ -226,6 +269,10 @@ fn latency(
             "p95_ms": round3(p(0.95)),
             "p99_ms": round3(p(0.99)),
             "max_ms": round3(p(1.0)),
+            "from_insert_p50_ms": round3(i(0.50)),
+            "from_insert_p99_ms": round3(i(0.99)),
+            "clock_offset_ms": round3(offset * 1000.0),
+            "commit_times": if server_commit_times { "server" } else { "client" },
             "wasted_claims_per_task": round3(wasted as f64 / tasks as f64),
             "missed": missed,
             "ran_exactly_once": check.ok(),
@@ -423,16 +470,36 @@ fn enqueue(db: &Database, registry: &Registry, bulk: u32, clients: usize, durati
                            "enqueue_many_tasks_per_s": many.round()})
     );
 
-    // Concurrent single inserts, three ways.
+    // Concurrent single inserts, four ways. The engine runs `noop` tasks; the other
+    // type is one no instance runs.
     let mut rates = Vec::new();
-    for phase in ["no trigger", "engine idle", "engine busy"] {
+    for phase in [
+        "no trigger",
+        "no trigger, engine polling every ms",
+        "engine idle",
+        "engine idle, tasks it does not run",
+        "engine busy",
+    ] {
         let url = fresh_schema(db)?;
         let mut conn = PgConnection::establish(&url)?;
         let mut engine = None;
         match phase {
             "no trigger" => conn.batch_execute("DROP TRIGGER tasks_notify_insert ON tasks")?,
-            "engine idle" => {
-                // An instance with nothing to do: every insert finds it asleep.
+            "no trigger, engine polling every ms" => {
+                // The same work as "engine idle" (the engine runs what is inserted),
+                // found by polling instead of notifications.
+                conn.batch_execute("DROP TRIGGER tasks_notify_insert ON tasks")?;
+                let e = Runner::new(&url, registry.clone())
+                    .instance("bench-polling")
+                    .workers(8)
+                    .poll_interval(Duration::from_millis(1))
+                    .start()?;
+                engine = Some(e);
+            }
+            "engine idle" | "engine idle, tasks it does not run" => {
+                // An instance with nothing to do. With tasks it runs, it wakes for the
+                // first ones and stays awake while they stream in; with tasks it does
+                // not run, every insert finds it asleep and notifies.
                 let e = start(&url, registry, "bench-idle".into(), 8)?;
                 if !wait_idle(std::slice::from_ref(&e), 8, 0, Duration::from_secs(30)) {
                     bail!("the engine did not become idle");
@@ -459,10 +526,23 @@ fn enqueue(db: &Database, registry: &Registry, bulk: u32, clients: usize, durati
             }
         }
         let before = engine.as_ref().map(|e| e.stats().notifications).unwrap_or(0);
-        let total = concurrent_inserts(&url, clients, duration)?;
+        let runs_them = phase == "engine idle" || phase == "no trigger, engine polling every ms";
+        let class = if runs_them { "noop" } else { "bench_nobody_runs_this" };
+        let total = concurrent_inserts(&url, class, clients, duration)?;
         let rate = total as f64 / duration.as_secs_f64();
-        // The inserted tasks are of a type no instance runs: the engine stays as it was.
         let notifications = engine.as_ref().map(|e| e.stats().notifications - before);
+        let mut check = None;
+        if runs_them {
+            // No wake-up missed: every inserted task runs, once, without the
+            // fallback poll (an hour).
+            let deadline = Instant::now() + MISSED_AFTER;
+            let mut c = exactly_once(&mut conn)?;
+            while c.not_stopped > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+                c = exactly_once(&mut conn)?;
+            }
+            check = Some((c.not_stopped, c));
+        }
         if let Some(engine) = engine {
             // The long sleeps end when cancelled (the listener hears it): stop after.
             for id in running_ids(&mut conn)? {
@@ -472,20 +552,32 @@ fn enqueue(db: &Database, registry: &Registry, bulk: u32, clients: usize, durati
         }
         drop_schema(db)?;
         println!(
-            "enqueue, {clients} clients x single plain-SQL inserts, {phase}: {rate:.0} tasks/s{}",
-            notifications.map(|n| format!(" ({n} notifications)")).unwrap_or_default()
+            "enqueue, {clients} clients x single plain-SQL inserts, {phase}: {rate:.0} tasks/s{}{}",
+            notifications.map(|n| format!(" ({n} notifications)")).unwrap_or_default(),
+            check.as_ref().map(|(left, c)| format!("; {left} missed; {c}")).unwrap_or_default()
         );
         println!(
             "{}",
             serde_json::json!({"bench": "enqueue_concurrent", "phase": phase, "clients": clients,
-                               "tasks_per_s": rate.round(), "notifications": notifications})
+                               "tasks": total, "tasks_per_s": rate.round(), "notifications": notifications,
+                               "missed": check.as_ref().map(|(left, _)| left),
+                               "ran_exactly_once": check.as_ref().map(|(_, c)| c.ok())})
         );
+        if let Some((left, c)) = &check {
+            if *left > 0 || !c.ok() {
+                bail!("the inserted tasks did not all run exactly once ({c}, {left} missed)");
+            }
+        }
         rates.push(rate);
     }
     println!(
-        "enqueue: idle engine {:.0}% and busy engine {:.0}% of the rate without the trigger",
-        rates[1] / rates[0] * 100.0,
-        rates[2] / rates[0] * 100.0
+        "enqueue: idle engine {:.0}% of the rate without the trigger with an engine polling for the same tasks \
+         ({:.0}% of the rate without trigger nor engine; with tasks it does not run {:.0}%); \
+         busy engine {:.0}% of the rate without the trigger",
+        rates[2] / rates[1] * 100.0,
+        rates[2] / rates[0] * 100.0,
+        rates[3] / rates[0] * 100.0,
+        rates[4] / rates[0] * 100.0
     );
     Ok(())
 }
@@ -499,9 +591,9 @@ fn running_ids(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
     Ok(dsl::tasks.filter(dsl::status.eq("running")).select(dsl::id).load(conn)?)
 }
 
-/// `clients` threads insert single tasks of an unknown type for `duration`; returns
-/// how many went in.
-fn concurrent_inserts(url: &str, clients: usize, duration: Duration) -> anyhow::Result<u64> {
+/// `clients` threads insert single tasks of type `class` (a plain SQL literal) for
+/// `duration`; returns how many went in.
+fn concurrent_inserts(url: &str, class: &'static str, clients: usize, duration: Duration) -> anyhow::Result<u64> {
     let deadline = Instant::now() + duration;
     let handles: Vec<std::thread::JoinHandle<anyhow::Result<u64>>> = (0..clients)
         .map(|_| {
@@ -510,7 +602,7 @@ fn concurrent_inserts(url: &str, clients: usize, duration: Duration) -> anyhow::
                 let mut conn = PgConnection::establish(&url)?;
                 let mut n = 0;
                 while Instant::now() < deadline {
-                    conn.batch_execute("INSERT INTO tasks (task_class) VALUES ('bench_nobody_runs_this')")?;
+                    conn.batch_execute(&format!("INSERT INTO tasks (task_class) VALUES ('{class}')"))?;
                     n += 1;
                 }
                 Ok(n)
@@ -677,6 +769,45 @@ fn exactly_once(conn: &mut PgConnection) -> anyhow::Result<Check> {
     )
     .get_result(conn)?;
     Ok(Check { tasks: row.tasks, not_stopped: row.not_stopped, without_one_execution: row.without_one_execution })
+}
+
+/// The current transaction's id (its 32-bit form, as `pg_xact_commit_timestamp` takes).
+fn current_xid(conn: &mut PgConnection) -> anyhow::Result<i64> {
+    #[derive(QueryableByName)]
+    struct Xid {
+        #[diesel(sql_type = BigInt)]
+        xid: i64,
+    }
+    let xid: Xid = diesel::sql_query("SELECT (txid_current() % 4294967296)::bigint AS xid").get_result(conn)?;
+    Ok(xid.xid)
+}
+
+/// Seconds since the Unix epoch.
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The server's clock minus ours, in seconds (zero when both are the machine's), from
+/// the quickest of a few round trips: the server read its clock about halfway through.
+fn clock_offset(conn: &mut PgConnection) -> anyhow::Result<f64> {
+    #[derive(QueryableByName)]
+    struct Now {
+        #[diesel(sql_type = Double)]
+        now: f64,
+    }
+    let mut best: Option<(Duration, f64)> = None;
+    for _ in 0..20 {
+        let sent = SystemTime::now();
+        let server: Now =
+            diesel::sql_query("SELECT extract(epoch FROM clock_timestamp())::float8 AS now").get_result(conn)?;
+        let back = SystemTime::now();
+        let trip = back.duration_since(sent).unwrap_or_default();
+        let offset = server.now - (unix_seconds(sent) + unix_seconds(back)) / 2.0;
+        if best.map_or(true, |(t, _)| trip < t) {
+            best = Some((trip, offset));
+        }
+    }
+    Ok(best.map_or(0.0, |(_, offset)| offset))
 }
 
 /// The nearest-rank percentile of sorted values.

@@ -31,7 +31,13 @@ impl Database {
         }
         let data_dir = std::path::absolute(data_dir.join("pg"))
             .with_context(|| format!("bad data directory {}", data_dir.display()))?;
-        let mut cluster = Cluster::init_or_open(&data_dir, ClusterOptions::default())?;
+        // Commit timestamps let `bench latency` time a pickup from the enqueue's
+        // commit as the server saw it.
+        let options = ClusterOptions {
+            settings: vec![("track_commit_timestamp".into(), "on".into())],
+            ..ClusterOptions::default()
+        };
+        let mut cluster = Cluster::init_or_open(&data_dir, options)?;
         let started_here = !cluster.is_running();
         cluster.start()?;
         cluster.create_database_if_missing(EMBEDDED_DATABASE)?;
