@@ -23,9 +23,9 @@ const MISSED_AFTER: Duration = Duration::from_secs(5);
 #[derive(Debug, Subcommand)]
 pub enum Bench {
     /// Pickup latency of an idle engine: tasks enqueued one at a time, with gaps; time
-    /// from the enqueue's commit (when the insert returned, on the server's clock) to
-    /// the attempt's start; also from the insert's start (`created_at`), which adds
-    /// the insert and its commit.
+    /// from the enqueue's commit (the server's commit timestamp when it keeps them,
+    /// else when the insert returned) to the attempt's start; also from the insert's
+    /// start (`created_at`), which adds the insert and its commit.
     Latency {
         /// Tasks to enqueue, one at a time.
         #[arg(long, default_value_t = 200)]
@@ -638,8 +638,13 @@ fn sustained(db: &Database, registry: &Registry, tasks: u32, workers: usize) -> 
     let (mut first_tenth, mut last_tenth_start) = (None, None);
     let mut samples: Vec<(u64, u64)> = Vec::new(); // (done, claim buffers)
     let mut next_sample = 0;
+    // When each tenth was done.
+    let mut tenths: Vec<Duration> = Vec::with_capacity(10);
     loop {
         let done = engine.stats().completions;
+        while tenths.len() < 10 && done >= tenth * (tenths.len() as u64 + 1) {
+            tenths.push(started.elapsed());
+        }
         if first_tenth.is_none() && done >= tenth {
             first_tenth = Some(started.elapsed());
         }
@@ -674,6 +679,18 @@ fn sustained(db: &Database, registry: &Registry, tasks: u32, workers: usize) -> 
         last / first * 100.0,
         stats.claims
     );
+    let tenth_rates: Vec<f64> = tenths
+        .iter()
+        .scan(Duration::ZERO, |previous, &t| {
+            let rate = tenth as f64 / (t - *previous).as_secs_f64();
+            *previous = t;
+            Some(rate.round())
+        })
+        .collect();
+    println!(
+        "sustained: tasks/s by tenth: {}",
+        tenth_rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
+    );
     println!(
         "sustained: claim buffers (EXPLAIN ANALYZE of a 100-task claim walk) at tasks done: {}",
         samples.iter().map(|(done, b)| format!("{done}: {b}")).collect::<Vec<_>>().join(", ")
@@ -686,6 +703,7 @@ fn sustained(db: &Database, registry: &Registry, tasks: u32, workers: usize) -> 
             "tasks_per_s": (total as f64 / elapsed.as_secs_f64()).round(),
             "first_tenth_tasks_per_s": first.round(), "last_tenth_tasks_per_s": last.round(),
             "last_over_first": round3(last / first),
+            "tasks_per_s_by_tenth": tenth_rates,
             "claim_buffers": samples.iter().map(|(d, b)| serde_json::json!([d, b])).collect::<Vec<_>>(),
             "ran_exactly_once": check.ok(),
         })
