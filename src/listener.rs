@@ -6,12 +6,14 @@
 //! inserting statement, inside the inserting transaction: PostgreSQL delivers it at
 //! commit and drops it on rollback, and it comes whoever inserts (this library, the
 //! CLI, plain SQL). Its payload says how many of the inserted tasks are runnable now,
-//! so the listener wakes that many idle workers (capped at the idle ones): one task
-//! wakes one worker per instance, a bulk insert wakes them all.
+//! and the listener wakes the producer, which claims once for as many tasks as its
+//! idle workers (and buffer) have room for: one claim per instance per notification.
+//! Since the fifth migration the trigger notifies only when some instance sleeps
+//! (see the producer).
 //!
 //! Notifications sent while the connection is down are lost for us, so after every
-//! (re)connection the listener wakes every idle worker to look for work as if
-//! notified. Reconnections back off from 100 ms to 5 s. The workers' own slow poll
+//! (re)connection the listener wakes the producer to look for work as if notified.
+//! Reconnections back off from 100 ms to 5 s. The producer's slow fallback poll
 //! remains as a safety net.
 
 use std::sync::atomic::Ordering;

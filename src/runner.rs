@@ -280,7 +280,7 @@ impl Runner {
         shared.timer.refresh();
         let listener = Listener::new(Arc::clone(&shared), &self.database_url)?;
         // Takes the instance's name (or fails here) and recovers what a previous run
-        // of it left running, before any worker claims.
+        // of it left running, before the producer claims.
         let heartbeat = Heartbeat::start(Arc::clone(&shared), &self.database_url, self.lease)?;
         log::info!(
             "instance {} starting {} workers; task types: {}",

@@ -112,7 +112,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
     // The fallback poll bounds every sleep, as a safety net.
     while let Some(alarm) = shared.timer.wait(shared.poll_interval) {
         if alarm == Alarm::Due {
-            // The task we armed for is due: a worker can claim it while we count
+            // The task we armed for is due: the producer can claim it while we count
             // the others (the armed time is never early: delays are measured from
             // before they reached us).
             shared.wakeup.wake(1);

@@ -22,7 +22,7 @@ const MISSED_AFTER: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
-    /// Pickup latency of an idle engine: tasks enqueued one at a time, with gaps; time
+    /// Pickup latency of an idle engine: tasks inserted one at a time by plain SQL, with gaps; time
     /// from the enqueue's commit (the server's commit timestamp when it keeps them,
     /// else when the insert returned) to the attempt's start; also from the insert's
     /// start (`created_at`), which adds the insert and its commit.
@@ -178,17 +178,19 @@ fn latency(
             .execute(&mut conn)?
             == 1;
     let offset = clock_offset(&mut conn)?;
-    let task = NewTask::new(&tasks::Noop {})?;
     let mut missed = 0;
     // (task id, transaction id, when the insert returned on the server's clock)
     let mut inserted = Vec::with_capacity(tasks);
     for _ in 0..tasks {
         let claims = total_claims(&engines);
-        let (id, xid) = conn.transaction(|conn| {
-            let id = task.insert(conn)?;
-            let xid = if server_commit_times { current_xid(conn)? } else { 0 };
-            anyhow::Ok((id, xid))
-        })?;
+        // One statement, as a client would send it; `xmin` names its transaction
+        // (32 bits, as `pg_xact_commit_timestamp` takes) without another round trip.
+        let inserted_row: InsertedRow = diesel::sql_query(
+            "INSERT INTO tasks (task_class, task_parameters) VALUES ('noop', '{}')
+             RETURNING id, xmin::text::bigint AS xid",
+        )
+        .get_result(&mut conn)?;
+        let (id, xid) = (inserted_row.id, inserted_row.xid);
         inserted.push((id, xid, unix_seconds(SystemTime::now()) + offset));
         // Until the task has been claimed and every worker sleeps again: the next
         // task finds the engine idle.
@@ -447,8 +449,8 @@ fn server_cpu(postmaster: u32) -> f64 {
 }
 
 fn enqueue(db: &Database, registry: &Registry, bulk: u32, clients: usize, duration: Duration) -> anyhow::Result<()> {
-    if bulk == 0 || clients == 0 {
-        bail!(crate::UsageError("--bulk and --clients must be at least 1".into()));
+    if bulk == 0 || clients == 0 || duration.is_zero() {
+        bail!(crate::UsageError("--bulk and --clients must be at least 1, --duration more than 0".into()));
     }
     // Bulk: one statement whatever the number, one notification.
     let url = fresh_schema(db)?;
@@ -789,15 +791,12 @@ fn exactly_once(conn: &mut PgConnection) -> anyhow::Result<Check> {
     Ok(Check { tasks: row.tasks, not_stopped: row.not_stopped, without_one_execution: row.without_one_execution })
 }
 
-/// The current transaction's id (its 32-bit form, as `pg_xact_commit_timestamp` takes).
-fn current_xid(conn: &mut PgConnection) -> anyhow::Result<i64> {
-    #[derive(QueryableByName)]
-    struct Xid {
-        #[diesel(sql_type = BigInt)]
-        xid: i64,
-    }
-    let xid: Xid = diesel::sql_query("SELECT (txid_current() % 4294967296)::bigint AS xid").get_result(conn)?;
-    Ok(xid.xid)
+#[derive(QueryableByName)]
+struct InsertedRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = BigInt)]
+    xid: i64,
 }
 
 /// Seconds since the Unix epoch.

@@ -1,6 +1,6 @@
 //! The `engine` command as a user runs it: the real binary, against a test database.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 
 use diesel::prelude::*;
 use task_engine::schema::{task_executions, tasks};
@@ -14,6 +14,20 @@ fn engine(db: &TestDatabase, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("engine runs")
+}
+
+/// Starts `engine run` with `args` on `db`, in the background.
+fn spawn_engine_run(db: &TestDatabase, args: &[&str], stderr: Stdio) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_engine"))
+        .arg("run")
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .env_remove("TASK_ENGINE_INSTANCE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("engine run starts")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -109,14 +123,8 @@ fn engine_run_works_through_the_queue_and_exits_0_on_sigterm() {
     let db = TestDatabase::new();
     let out = engine(&db, &["enqueue", "echo", "--params", r#"{"x": 1}"#, "--count", "20"]);
     assert!(out.status.success());
-    let child = Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(["run", "--workers", "3", "--instance", "cli-run", "--poll-interval", "1h"])
-        .env("DATABASE_URL", db.url())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child =
+        spawn_engine_run(&db, &["--workers", "3", "--instance", "cli-run", "--poll-interval", "1h"], Stdio::piped());
     let mut conn = db.connect();
     wait_until("engine run has finished the 20 tasks", || count_in_status(&mut conn, "stopped") == 20);
     let shown = text(&engine(&db, &["status"]).stdout);
@@ -175,26 +183,15 @@ fn engine_status_shows_a_task_with_every_attempt() {
 #[test]
 fn engine_run_idle_exits_0_within_a_second_or_two_of_sigterm() {
     let db = TestDatabase::new();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(["run", "--workers", "4", "--instance", "cli-idle", "--poll-interval", "1h"])
-        .env("DATABASE_URL", db.url())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child =
+        spawn_engine_run(&db, &["--workers", "4", "--instance", "cli-idle", "--poll-interval", "1h"], Stdio::null());
     let mut conn = db.connect();
-    #[derive(QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
     wait_until("the listener waits", || {
         diesel::sql_query(
             "SELECT count(*) AS n FROM pg_stat_activity
              WHERE application_name = 'task_engine listener cli-idle' AND state = 'idle' AND query LIKE 'LISTEN%'",
         )
-        .get_result::<Count>(&mut conn)
+        .get_result::<N>(&mut conn)
         .unwrap()
         .n == 1
     });
@@ -310,14 +307,11 @@ fn the_tasks_of_a_killed_engine_run_come_back_and_complete_elsewhere() {
         .lines()
         .map(|l| l.parse().unwrap())
         .collect();
-    let mut victim = Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(["run", "--workers", "3", "--instance", "victim", "--lease", "1s", "--poll-interval", "1h"])
-        .env("DATABASE_URL", db.url())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut victim = spawn_engine_run(
+        &db,
+        &["--workers", "3", "--instance", "victim", "--lease", "1s", "--poll-interval", "1h"],
+        Stdio::null(),
+    );
     let mut conn = db.connect();
     wait_until("the victim runs the three tasks", || count_in_status(&mut conn, "running") == 3);
     victim.kill().unwrap(); // SIGKILL
