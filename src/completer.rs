@@ -12,9 +12,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use diesel::{Connection, PgConnection};
+
+use crate::cluster::redact_url;
 use crate::runner::Shared;
 use crate::storage::{self, Completion, Outcome};
-use crate::{Error, PooledConnection};
+use crate::Error;
 
 /// The most outcomes recorded in one statement.
 pub(crate) const DEFAULT_MAX_BATCH: usize = 1000;
@@ -95,21 +98,30 @@ impl Completer {
 
 /// Records batches until the completer is stopped and empty.
 pub(crate) fn run(shared: Arc<Shared>) {
-    // Kept between batches, like the producer's.
-    let mut conn: Option<PooledConnection> = None;
+    // Its own connection, kept between batches like the producer's, with the session
+    // settings its statement is planned with (not from the pool, where they would
+    // leak to the workers' connections).
+    let mut conn: Option<PgConnection> = None;
     while let Some(batch) = shared.completer.next_batch() {
         record(&shared, &mut conn, &batch);
     }
     log::debug!("completer stopped");
 }
 
-fn record(shared: &Shared, conn: &mut Option<PooledConnection>, batch: &[Completion]) {
+fn connect(url: &str) -> Result<PgConnection, Error> {
+    let mut conn = PgConnection::establish(url)
+        .map_err(|e| Error::Config(format!("could not connect to {}: {e}", redact_url(url))))?;
+    storage::prepare_completer_session(&mut conn)?;
+    Ok(conn)
+}
+
+fn record(shared: &Shared, conn: &mut Option<PgConnection>, batch: &[Completion]) {
     let deadline = Instant::now() + RECORD_PATIENCE;
     let mut failures = 0u32;
     loop {
         let recorded = match conn {
             Some(conn) => Ok(conn),
-            None => shared.pool.get().map(|c| conn.insert(c)).map_err(Error::from),
+            None => connect(&shared.database_url).map(|c| conn.insert(c)),
         }
         .and_then(|conn| Ok(storage::complete(conn, batch)?));
         match recorded {
