@@ -6,6 +6,10 @@ use serde::Serialize;
 
 use crate::schema::{task_executions, tasks};
 
+// The relation's join, which `diesel print-schema` would derive from a foreign key:
+// the seventh migration replaced that key with triggers (see its up.sql).
+diesel::joinable!(task_executions -> tasks (task_id));
+
 /// One unit of work, in any state, with its scheduling and retry bookkeeping.
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable, Identifiable, Serialize)]
 #[diesel(table_name = tasks, check_for_backend(diesel::pg::Pg))]

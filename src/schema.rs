@@ -44,6 +44,4 @@ diesel::table! {
     }
 }
 
-diesel::joinable!(task_executions -> tasks (task_id));
-
 diesel::allow_tables_to_appear_in_same_query!(task_engine_instances, task_executions, tasks,);

@@ -26,7 +26,8 @@ fn migrations_create_the_tables_on_an_empty_database_and_a_second_run_changes_no
     let mut conn = db.connect();
     conn.batch_execute(
         "DROP TABLE task_executions, tasks, task_engine_instances, __diesel_schema_migrations;
-         DROP FUNCTION task_engine_notify_insert()",
+         DROP FUNCTION task_engine_notify_insert(), task_engine_delete_executions(),
+                       task_engine_truncate_executions()",
     )
     .unwrap();
     assert_eq!(table_count(&mut conn), 0);
@@ -40,6 +41,33 @@ fn migrations_create_the_tables_on_an_empty_database_and_a_second_run_changes_no
 
     let again = task_engine::run_migrations(&mut conn).unwrap();
     assert!(again.is_empty(), "a second run applies nothing: {again:?}");
+}
+
+fn execution_count(conn: &mut PgConnection) -> i64 {
+    diesel::sql_query("SELECT count(*) AS n FROM task_executions").get_result::<Count>(conn).unwrap().n
+}
+
+#[test]
+fn deleting_tasks_deletes_their_executions_and_only_theirs() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    // Two attempts of task 1, one of task 2, one of task 3.
+    conn.batch_execute(
+        "INSERT INTO tasks (id, task_class, status) VALUES (1, 'noop', 'stopped'), (2, 'noop', 'stopped'),
+                                                        (3, 'noop', 'failed');
+         INSERT INTO task_executions (task_id, attempt, started_at, instance, worker)
+         VALUES (1, 1, now(), 'i', 0), (1, 2, now(), 'i', 0), (2, 1, now(), 'i', 0), (3, 1, now(), 'i', 0)",
+    )
+    .unwrap();
+    conn.batch_execute("DELETE FROM tasks WHERE id IN (1, 3)").unwrap();
+    let left: Vec<i64> = task_engine::schema::task_executions::table
+        .select(task_engine::schema::task_executions::task_id)
+        .load(&mut conn)
+        .unwrap();
+    assert_eq!(left, [2]);
+
+    conn.batch_execute("TRUNCATE tasks").unwrap();
+    assert_eq!(execution_count(&mut conn), 0);
 }
 
 #[test]
