@@ -100,8 +100,9 @@ impl Completer {
 pub(crate) fn run(shared: Arc<Shared>) {
     // Its own connection, kept between batches like the producer's, with the session
     // settings its statement is planned with (not from the pool, where they would
-    // leak to the workers' connections).
-    let mut conn: Option<PgConnection> = None;
+    // leak to the workers' connections). Connected before the first outcome (a
+    // failure is met again, and handled, there).
+    let mut conn: Option<PgConnection> = connect(&shared.database_url).ok();
     while let Some(batch) = shared.completer.next_batch() {
         record(&shared, &mut conn, &batch);
     }

@@ -58,6 +58,8 @@ struct Producer {
 /// Claims until the instance stops, then gives back what no worker started.
 pub(crate) fn run(shared: Arc<Shared>) {
     let mut producer = Producer { shared: Arc::clone(&shared), conn: None, holding: false };
+    // Connect before the first claim is due (a failure is met again, and handled, there).
+    let _ = producer.conn();
     let mut failures = 0u32;
     let mut last_claim = Instant::now();
     // When a claim last found tasks.
@@ -76,9 +78,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
             }
             Next::Claim(demand) => {
                 last_claim = Instant::now();
-                let claimed_at = last_claim;
                 match producer.claim(demand.count) {
-                    Ok(tasks) => {
+                    Ok((tasks, claimed_at)) => {
                         failures = 0;
                         let counters = &shared.counters;
                         counters.claims.fetch_add(1, Ordering::Relaxed);
@@ -124,8 +125,13 @@ impl Producer {
     fn conn(&mut self) -> Result<&mut PgConnection, Error> {
         if self.conn.is_none() {
             let url = &self.shared.database_url;
-            let conn = PgConnection::establish(url)
+            let mut conn = PgConnection::establish(url)
                 .map_err(|e| Error::Config(format!("could not connect to {}: {e}", redact_url(url))))?;
+            // Prepare the claim with a claim of nothing: a real claim is then one round
+            // trip, and its `now()` (the executions' start) follows its sending closely,
+            // as the time its tasks spend in the queue assumes.
+            let shared = &self.shared;
+            storage::claim(&mut conn, &shared.instance, NOT_YET_TAKEN, &shared.task_classes, 0)?;
             self.conn = Some(conn);
             self.set_holding(false);
         }
@@ -148,10 +154,15 @@ impl Producer {
         Ok(())
     }
 
-    fn claim(&mut self, count: usize) -> Result<Vec<ClaimedTask>, Error> {
+    /// Claims up to `count` tasks; also returns when the statement was sent (after
+    /// connecting, if the connection had to be made), which the tasks' time in the
+    /// queue and the claim's round trip count from.
+    fn claim(&mut self, count: usize) -> Result<(Vec<ClaimedTask>, Instant), Error> {
         let limit = i64::try_from(count).unwrap_or(i64::MAX);
         let shared = Arc::clone(&self.shared);
-        Ok(storage::claim(self.conn()?, &shared.instance, NOT_YET_TAKEN, &shared.task_classes, limit)?)
+        let conn = self.conn()?;
+        let sent_at = Instant::now();
+        Ok((storage::claim(conn, &shared.instance, NOT_YET_TAKEN, &shared.task_classes, limit)?, sent_at))
     }
 
     /// The instance goes idle: take the stripes, then look once more (what was
