@@ -7,6 +7,12 @@
 //! both a reason and room (idle workers, plus a small buffer); workers wait on the
 //! other until a task is queued.
 //!
+//! The buffer adapts to the tasks: it holds what the workers get through in two
+//! claims' time at the recent pace (averages of task run times and claim round trips),
+//! up to its maximum. No-op tasks get the whole buffer, so claims and completions go by
+//! hundreds; tasks that run for seconds get none, so a busy instance does not hoard
+//! tasks that an idle instance could run.
+//!
 //! No wake-up is lost: a wake-up bumps a sequence number under the mutex, and a claim
 //! that comes back short clears `want` only if no wake-up arrived while it ran (its
 //! snapshot may predate the insert that woke us). No herd: however many workers are
@@ -36,6 +42,15 @@ struct State {
     stopping: bool,
     /// The producer has ended: nothing more will be queued.
     producer_done: bool,
+    /// Recent average of how long a task runs (unknown before the first ends).
+    task_time: Option<Duration>,
+    /// Recent average of a claim's round trip (unknown before the first claim).
+    claim_time: Option<Duration>,
+}
+
+/// A running average that follows the last eight or so values.
+fn average(old: Option<Duration>, new: Duration) -> Duration {
+    old.map_or(new, |old| (old * 7 + new) / 8)
 }
 
 #[derive(Debug)]
@@ -44,7 +59,8 @@ pub(crate) struct WakeupQueue {
     producer: Condvar,
     workers: Condvar,
     capacity: usize,
-    buffer: usize,
+    /// The most tasks claimed ahead of the idle workers.
+    max_buffer: usize,
     /// The most tasks one claim asks for.
     max_claim: usize,
 }
@@ -68,15 +84,15 @@ pub(crate) struct Demand {
 }
 
 impl WakeupQueue {
-    /// The queue of an instance with `workers` workers and room for `buffer` claimed
-    /// tasks beyond the idle workers.
-    pub(crate) fn new(workers: usize, buffer: usize) -> Self {
+    /// The queue of an instance with `workers` workers and room for up to
+    /// `max_buffer` claimed tasks beyond the idle workers.
+    pub(crate) fn new(workers: usize, max_buffer: usize) -> Self {
         Self {
             state: Mutex::new(State { want: true, ..State::default() }),
             producer: Condvar::new(),
             workers: Condvar::new(),
             capacity: workers.max(1),
-            buffer,
+            max_buffer,
             max_claim: usize::MAX,
         }
     }
@@ -94,7 +110,17 @@ impl WakeupQueue {
     }
 
     fn room(&self, state: &State) -> usize {
-        (self.capacity + self.buffer).saturating_sub(state.busy + state.tasks.len())
+        (self.capacity + self.buffer(state)).saturating_sub(state.busy + state.tasks.len())
+    }
+
+    /// The tasks to claim ahead of the idle workers: what they get through in two
+    /// claims' time at the recent pace, at most `max_buffer`; none until a task has
+    /// ended and a claim has come back.
+    fn buffer(&self, state: &State) -> usize {
+        let (Some(task), Some(claim)) = (state.task_time, state.claim_time) else { return 0 };
+        let per_worker = 2.0 * claim.as_secs_f64() / task.as_secs_f64().max(1e-6);
+        // Truncated: tasks that take longer than two claims get no buffer at all.
+        ((per_worker * self.capacity as f64) as usize).min(self.max_buffer)
     }
 
     /// There may be runnable tasks (`count` says how many, when known: only the fact
@@ -179,6 +205,7 @@ impl WakeupQueue {
         keep_looking: bool,
     ) -> bool {
         let mut state = self.lock();
+        state.claim_time = Some(average(state.claim_time, claimed_at.elapsed()));
         let drained = if keep_looking { tasks.is_empty() } else { tasks.len() < demand.count };
         let idle = drained && state.wake_seq == demand.seq;
         if idle {
@@ -223,10 +250,12 @@ impl WakeupQueue {
         }
     }
 
-    /// For a worker: its task has ended (its outcome is with the completer).
-    pub(crate) fn task_done(&self) {
+    /// For a worker: its task has ended after running for `ran` (its outcome is with
+    /// the completer).
+    pub(crate) fn task_done(&self, ran: Duration) {
         let mut state = self.lock();
         state.busy = state.busy.saturating_sub(1);
+        state.task_time = Some(average(state.task_time, ran));
         let parked = state.producer_parked;
         drop(state);
         if parked {
@@ -348,6 +377,7 @@ mod tests {
     #[test]
     fn room_is_idle_workers_plus_the_buffer() {
         let queue = WakeupQueue::new(3, 2);
+        short_tasks_seen(&queue);
         let demand = queue.demand(HOUR).unwrap();
         assert_eq!(demand.count, 5);
         queue.deliver((1..=5).map(task).collect(), demand);
@@ -355,8 +385,43 @@ mod tests {
         assert!(queue.next_task().is_some());
         // 2 busy, 3 queued: no room until a task ends.
         assert_eq!(queue_room(&queue), None);
-        queue.task_done();
+        queue.task_done(Duration::from_micros(1));
         assert_eq!(queue_room(&queue), Some(1));
+    }
+
+    /// One task that ran for a microsecond, one claim that took a millisecond: the
+    /// workers get through tasks far faster than claims come back.
+    fn short_tasks_seen(queue: &WakeupQueue) {
+        let demand = queue.demand(HOUR).unwrap();
+        queue.deliver_claimed_at(vec![task(0)], demand, Instant::now() - Duration::from_millis(1), false);
+        queue.next_task().unwrap();
+        queue.task_done(Duration::from_micros(1));
+        queue.wake(1);
+    }
+
+    #[test]
+    fn the_buffer_follows_the_pace_of_tasks_and_claims() {
+        let queue = WakeupQueue::new(4, 100);
+        // Nothing known yet: claim for the idle workers only.
+        assert_eq!(queue_room(&queue), Some(4));
+        // Tasks far shorter than a claim: the whole buffer.
+        short_tasks_seen(&queue);
+        assert_eq!(queue_room(&queue), Some(104));
+        // Tasks of a second, claims of a millisecond: none, whatever the maximum.
+        for _ in 0..64 {
+            let demand = queue.demand(HOUR).unwrap();
+            queue.deliver_claimed_at(vec![task(1)], demand, Instant::now() - Duration::from_millis(1), false);
+            queue.next_task().unwrap();
+            queue.task_done(Duration::from_secs(1));
+            queue.wake(1);
+        }
+        assert_eq!(queue_room(&queue), Some(4));
+        // Tasks as long as half a claim: four per worker fit in two claims' time.
+        let (claim, ran) = (Duration::from_millis(10), Duration::from_millis(5));
+        let mut state = queue.lock();
+        state.task_time = Some(ran);
+        state.claim_time = Some(claim);
+        assert_eq!(queue.buffer(&state), 16);
     }
 
     fn queue_room(queue: &WakeupQueue) -> Option<usize> {

@@ -25,8 +25,9 @@ impl Worker {
     pub(crate) fn run(self) {
         while let Some((task, queued)) = self.shared.wakeup.next_task() {
             let completion = self.execute(task, queued);
+            let ran = completion.elapsed;
             self.shared.completer.submit(completion);
-            self.shared.wakeup.task_done();
+            self.shared.wakeup.task_done(ran);
         }
         log::debug!("worker {} stopped", self.index);
     }
