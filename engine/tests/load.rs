@@ -1,6 +1,8 @@
 //! The load scenario of the fault issue, ignored by default (about a minute on two
 //! cores): 100,000 tasks across 4 `engine run` processes of 8 workers, one killed with
-//! SIGKILL half-way and restarted under its name.
+//! SIGKILL half-way and restarted under its name. Among them, 40 tasks that sleep for
+//! 3 s become due after 1 s, ahead of the rest: the instance killed is one that runs
+//! one of them, so that the kill surely takes attempts with it.
 //!
 //! cargo test --release -p engine --test load -- --ignored --nocapture
 
@@ -12,6 +14,8 @@ use diesel::sql_types::BigInt;
 use test_db::TestDatabase;
 
 const TASKS: u32 = 100_000;
+/// Of which, tasks that sleep.
+const SLEEPS: u32 = 40;
 
 fn spawn(db: &TestDatabase, name: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_engine"))
@@ -23,6 +27,12 @@ fn spawn(db: &TestDatabase, name: &str) -> Child {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("engine run starts")
+}
+
+#[derive(QueryableByName)]
+struct Name {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    name: String,
 }
 
 #[derive(QueryableByName)]
@@ -40,12 +50,13 @@ fn count(conn: &mut PgConnection, sql: &str) -> i64 {
 fn a_hundred_thousand_tasks_four_instances_one_killed_and_restarted() {
     let db = TestDatabase::new();
     let mut conn = db.connect();
-    let out = Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(["enqueue", "noop", "--count", &TASKS.to_string()])
-        .env("DATABASE_URL", db.url())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let enqueue = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_engine")).args(args).env("DATABASE_URL", db.url()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    enqueue(&["enqueue", "noop", "--count", &(TASKS - SLEEPS).to_string()]);
+    let sleeps = SLEEPS.to_string();
+    enqueue(&["enqueue", "sleep", "--params", r#"{"ms": 3000}"#, "--count", &sleeps, "--in", "1s", "--priority", "1"]);
 
     let started = Instant::now();
     let mut children: Vec<Child> = (0..4).map(|i| spawn(&db, &format!("load-{i}"))).collect();
@@ -53,13 +64,32 @@ fn a_hundred_thousand_tasks_four_instances_one_killed_and_restarted() {
     while stopped(&mut conn) < i64::from(TASKS / 2) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    children[0].kill().unwrap();
-    children[0].wait().unwrap();
+    // The instance to kill: one that claimed a sleeping task at least 100 ms ago. The
+    // task is still running when the kill comes, so the kill surely loses its attempt
+    // (no-op tasks alone may all be recorded by a statement still in flight).
+    let victim = loop {
+        let holder: Vec<String> = diesel::sql_query(
+            "SELECT instance AS name FROM tasks WHERE task_class = 'sleep' AND status = 'running'
+               AND updated_at < now() - interval '100 ms' LIMIT 1",
+        )
+        .load::<Name>(&mut conn)
+        .unwrap()
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+        match holder.first() {
+            Some(name) => break name.clone(),
+            None => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let index: usize = victim.strip_prefix("load-").and_then(|i| i.parse().ok()).expect("one of ours");
+    children[index].kill().unwrap();
+    children[index].wait().unwrap();
     let killed_at = started.elapsed();
     // The server notices the dead session (and frees its name) a moment later: start
     // again until the name is free.
-    children[0] = loop {
-        let mut child = spawn(&db, "load-0");
+    children[index] = loop {
+        let mut child = spawn(&db, &victim);
         std::thread::sleep(Duration::from_millis(300));
         match child.try_wait().unwrap() {
             None => break child,
@@ -104,7 +134,7 @@ fn a_hundred_thousand_tasks_four_instances_one_killed_and_restarted() {
          WHERE t.attempts <> (SELECT count(*) FROM task_executions e WHERE e.task_id = t.id)",
     );
     println!(
-        "load: {TASKS} tasks, 4 instances x 8 workers, load-0 killed at {killed_at:.1?} and restarted; all stopped in \
+        "load: {TASKS} tasks ({SLEEPS} of 3 s), 4 instances x 8 workers, {victim} killed at {killed_at:.1?} and restarted; all stopped in \
          {elapsed:.1?} ({:.0} tasks/s); executions {executions}, lost attempts recorded {lost}, tasks run twice \
          {rerun}, overlapping executions {overlapping}, open executions {open}, other errors {other_errors}",
         f64::from(TASKS) / elapsed.as_secs_f64()
