@@ -65,7 +65,11 @@ pub(crate) fn run(shared: Arc<Shared>) {
     // When a claim last found tasks.
     let mut last_found: Option<Instant> = None;
     loop {
-        match shared.wakeup.next(TICK.min(shared.poll_interval)) {
+        // Claimed tasks that wait too long for a worker go back, for other instances.
+        let stale = shared.wakeup.take_stale(shared.max_queue_wait);
+        producer.give_back(stale, "they waited too long for a worker");
+        let tick = TICK.min(shared.poll_interval).min(shared.max_queue_wait);
+        match shared.wakeup.next(tick) {
             Next::Stop => break,
             Next::Tick => {
                 if producer.holding && producer.ping().is_err() {
@@ -117,7 +121,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
         }
     }
     let left = shared.wakeup.finish();
-    producer.release(left);
+    producer.give_back(left, "the instance stops");
+    producer.lost();
     log::debug!("producer stopped");
 }
 
@@ -214,21 +219,26 @@ impl Producer {
         }
     }
 
-    /// Gives back tasks claimed but never started (the instance is stopping). If the
-    /// database is away they stay running and are rescued as lost attempts later.
-    fn release(&mut self, tasks: Vec<ClaimedTask>) {
-        if !tasks.is_empty() {
-            let released = self.conn().and_then(|conn| Ok(storage::release(conn, &tasks)?));
-            match released {
-                Ok(n) => log::debug!("{n} claimed task(s) given back unstarted"),
-                Err(error) => {
-                    log::error!("could not give back {} unstarted task(s) ({error}); they will be rescued", tasks.len())
-                }
+    /// Gives back tasks claimed but never started (the instance is stopping, or they
+    /// waited too long for a worker). If the database is away they stay running
+    /// here and are rescued as lost attempts later.
+    fn give_back(&mut self, tasks: Vec<ClaimedTask>, why: &str) {
+        if tasks.is_empty() {
+            return;
+        }
+        let released = self.conn().and_then(|conn| Ok(storage::release(conn, &tasks)?));
+        match released {
+            Ok(n) => {
+                log::debug!("{n} claimed task(s) given back unstarted: {why}");
+                self.shared.counters.given_back.fetch_add(n as u64, Ordering::Relaxed);
             }
-            for task in &tasks {
-                self.shared.cancels.forget(task.id);
+            Err(error) => {
+                log::error!("could not give back {} unstarted task(s) ({error}); they will be rescued", tasks.len());
+                self.lost();
             }
         }
-        self.lost();
+        for task in &tasks {
+            self.shared.cancels.forget(task.id);
+        }
     }
 }

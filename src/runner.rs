@@ -62,6 +62,8 @@ pub(crate) struct Shared {
     pub stop: StopSignal,
     /// How long an idle worker sleeps before it looks for work unprompted.
     pub poll_interval: Duration,
+    /// How long a claimed task may wait for a worker before it is given back.
+    pub max_queue_wait: Duration,
     pub counters: Counters,
     /// When the next scheduled task is due.
     pub timer: Timer,
@@ -88,6 +90,7 @@ pub(crate) struct Counters {
     pub marked_idle: AtomicBool,
     pub claimed_tasks: AtomicU64,
     pub vacuums: AtomicU64,
+    pub given_back: AtomicU64,
 }
 
 /// A snapshot of an instance's counters.
@@ -124,6 +127,9 @@ pub struct EngineStats {
     pub claimed_tasks: u64,
     /// Times this instance ran `VACUUM tasks`.
     pub vacuums: u64,
+    /// Claimed tasks given back to the database unstarted, for having waited longer
+    /// than [`Runner::max_queue_wait`] for a worker.
+    pub given_back: u64,
 }
 
 /// Configures and starts an engine instance.
@@ -143,6 +149,7 @@ pub struct Runner {
     instance: Option<String>,
     workers: usize,
     poll_interval: Duration,
+    max_queue_wait: Duration,
     lease: Duration,
     buffer: Option<usize>,
     flush_delay: Duration,
@@ -169,6 +176,9 @@ impl Runner {
     pub const DEFAULT_BUFFER_PER_WORKER: usize = 32;
     /// How long the completer waits for more outcomes before recording a batch.
     pub const DEFAULT_FLUSH_DELAY: Duration = Duration::from_millis(1);
+    /// How long a claimed task may wait in the instance for a worker, unless
+    /// [`Runner::max_queue_wait`] says otherwise.
+    pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_secs(1);
 
     /// Starts configuring an instance that runs the registry's task types on the
     /// database at `database_url`.
@@ -180,6 +190,7 @@ impl Runner {
             instance: None,
             workers: Self::DEFAULT_WORKERS,
             poll_interval: Self::DEFAULT_POLL_INTERVAL,
+            max_queue_wait: Self::DEFAULT_MAX_QUEUE_WAIT,
             lease: Self::DEFAULT_LEASE,
             buffer: None,
             flush_delay: Self::DEFAULT_FLUSH_DELAY,
@@ -211,6 +222,17 @@ impl Runner {
     /// meanwhile waits behind them. 0 claims only for idle workers.
     pub fn claim_buffer(mut self, buffer: usize) -> Self {
         self.buffer = Some(buffer);
+        self
+    }
+
+    /// How long a claimed task may wait in the instance for a worker (default 1 s):
+    /// then the producer gives it back to the database, where another instance can
+    /// claim it (it notifies them). The claim-ahead buffer follows the tasks' pace,
+    /// but a claim can still take slow tasks along with fast ones; this bounds what
+    /// that costs the slow tasks' neighbours. Checked about as often as this wait
+    /// (at least every second).
+    pub fn max_queue_wait(mut self, wait: Duration) -> Self {
+        self.max_queue_wait = wait.max(Duration::from_millis(1));
         self
     }
 
@@ -276,6 +298,7 @@ impl Runner {
             .with_max_claim(self.max_claim),
             stop: StopSignal::default(),
             poll_interval: self.poll_interval,
+            max_queue_wait: self.max_queue_wait,
             counters: Counters::default(),
             timer: Timer::default(),
             cancels: Cancels::default(),
@@ -390,6 +413,7 @@ impl RunningEngine {
             marked_idle: c.marked_idle.load(Ordering::SeqCst),
             claimed_tasks: c.claimed_tasks.load(Ordering::SeqCst),
             vacuums: c.vacuums.load(Ordering::SeqCst),
+            given_back: c.given_back.load(Ordering::SeqCst),
         }
     }
 

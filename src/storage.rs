@@ -224,25 +224,43 @@ pub(crate) fn prepare_completer_session(conn: &mut PgConnection) -> QueryResult<
     conn.batch_execute("SET enable_seqscan = off; SET enable_nestloop = off")
 }
 
-/// Undoes the claims of tasks that never started (claimed for a worker, then the
-/// instance stopped): their executions are deleted and the tasks wait again with the
-/// attempt given back. Returns how many tasks wait again.
+/// Undoes the claims of tasks that never started (the instance is stopping, or they
+/// waited too long for a worker): their executions are deleted and the tasks wait
+/// again with the attempt given back. A notification on the engine's channel wakes
+/// the instances that sleep (an update fires no insert trigger). Returns how many
+/// tasks wait again.
 pub(crate) fn release(conn: &mut PgConnection, claimed: &[ClaimedTask]) -> QueryResult<usize> {
+    #[derive(QueryableByName)]
+    struct Released {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
     let execution_ids: Vec<i64> = claimed.iter().map(|t| t.execution_id).collect();
-    diesel::sql_query(
+    let released: Released = diesel::sql_query(
         "WITH gone AS (
              DELETE FROM task_executions e
              WHERE e.id = ANY($1) AND e.stopped_at IS NULL
              RETURNING e.task_id, e.attempt
+         ), moved AS (
+             UPDATE tasks t
+             SET status = 'waiting', attempts = t.attempts - 1, updated_at = now()
+             FROM gone
+             WHERE t.id = ANY(ARRAY(SELECT task_id FROM gone)) AND t.id = gone.task_id
+               AND t.status = 'running' AND t.attempts = gone.attempt
+             RETURNING t.id
+         ), counted AS (
+             SELECT count(*) AS n FROM moved
+         ), notified AS (
+             -- The channel the insert trigger uses: `<schema of tasks>.task_engine`.
+             SELECT pg_notify(left(ns.nspname, 50) || '.task_engine', json_build_object('ready', counted.n)::text)
+             FROM counted, pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+             WHERE c.oid = 'tasks'::regclass AND counted.n > 0
          )
-         UPDATE tasks t
-         SET status = 'waiting', attempts = t.attempts - 1, updated_at = now()
-         FROM gone
-         WHERE t.id = ANY(ARRAY(SELECT task_id FROM gone)) AND t.id = gone.task_id
-           AND t.status = 'running' AND t.attempts = gone.attempt",
+         SELECT n + 0 * (SELECT count(*) FROM notified) AS n FROM counted",
     )
     .bind::<Array<BigInt>, _>(execution_ids)
-    .execute(conn)
+    .get_result(conn)?;
+    Ok(usize::try_from(released.n).unwrap_or(0))
 }
 
 /// A task to insert: see [`crate::NewTask`].

@@ -11,7 +11,9 @@
 //! claims' time at the recent pace (averages of task run times and claim round trips),
 //! up to its maximum. No-op tasks get the whole buffer, so claims and completions go by
 //! hundreds; tasks that run for seconds get none, so a busy instance does not hoard
-//! tasks that an idle instance could run.
+//! tasks that an idle instance could run. When tasks of both kinds mix, a claim may
+//! still take slow tasks with fast ones: a task that waits too long for a worker is
+//! given back to the database for other instances ([`WakeupQueue::take_stale`]).
 //!
 //! No wake-up is lost: a wake-up bumps a sequence number under the mutex, and a claim
 //! that comes back short clears `want` only if no wake-up arrived while it ran (its
@@ -220,6 +222,23 @@ impl WakeupQueue {
         idle
     }
 
+    /// For the producer: takes back the queued tasks that have waited longer than
+    /// `max_wait` for a worker (the oldest come first), to give them back to the
+    /// database. Their wait says the workers are slower than the buffer assumed: the
+    /// buffer counts tasks as lasting at least that long, so that the instance does
+    /// not claim them again ahead of its idle workers.
+    pub(crate) fn take_stale(&self, max_wait: Duration) -> Vec<ClaimedTask> {
+        let mut state = self.lock();
+        let mut stale = Vec::new();
+        while state.tasks.front().is_some_and(|(_, queued_at)| queued_at.elapsed() > max_wait) {
+            let (task, queued_at) = state.tasks.pop_front().expect("just seen");
+            let waited = queued_at.elapsed();
+            state.task_time = Some(state.task_time.map_or(waited, |t| t.max(waited)));
+            stale.push(task);
+        }
+        stale
+    }
+
     /// For the producer, when it ends: takes back the tasks no worker has started.
     pub(crate) fn finish(&self) -> Vec<ClaimedTask> {
         let mut state = self.lock();
@@ -422,6 +441,23 @@ mod tests {
         state.task_time = Some(ran);
         state.claim_time = Some(claim);
         assert_eq!(queue.buffer(&state), 16);
+    }
+
+    #[test]
+    fn tasks_given_back_for_waiting_too_long_are_not_claimed_again_ahead_of_idle_workers() {
+        let queue = WakeupQueue::new(1, 10);
+        short_tasks_seen(&queue);
+        let demand = queue.demand(HOUR).unwrap();
+        assert_eq!(demand.count, 11);
+        queue.deliver((1..=3).map(task).collect(), demand);
+        queue.next_task().unwrap(); // the only worker is busy from now on
+        thread::sleep(Duration::from_millis(2));
+        let stale: Vec<i64> = queue.take_stale(Duration::from_millis(1)).iter().map(|t| t.id).collect();
+        assert_eq!(stale, [2, 3]);
+        // They waited 2 ms for one worker: no more buffer for tasks that slow.
+        assert_eq!(queue_room(&queue), None);
+        queue.task_done(Duration::from_millis(2));
+        assert_eq!(queue_room(&queue), Some(1));
     }
 
     fn queue_room(queue: &WakeupQueue) -> Option<usize> {

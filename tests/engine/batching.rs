@@ -109,3 +109,71 @@ fn a_bulk_insert_of_10000_tasks_wakes_the_idle_workers_and_every_task_runs_once(
     assert_eq!(engine.stats().notifications - before.notifications, 1, "one statement, one notification");
     engine.shutdown();
 }
+
+#[test]
+fn a_claimed_task_that_waits_too_long_for_a_worker_is_given_back_and_an_idle_instance_runs_it() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let gate_name = format!("{}-{}-hoard", db.name(), std::process::id());
+    let gate = Gate::named(&gate_name);
+    let hoarder = Runner::new(db.url(), Registry::from_inventory().unwrap())
+        .instance("hoarder")
+        .workers(1)
+        .poll_interval(Duration::from_secs(3600))
+        .max_queue_wait(Duration::from_secs(2))
+        .start()
+        .unwrap();
+    // No-op tasks first: the instance learns that its tasks are short, and claims ahead.
+    NewTask::new(&::tasks::Noop {}).unwrap().insert_copies(&mut conn, 20).unwrap();
+    wait_until("the first tasks have run", || count_status(&mut conn, status::STOPPED) == 20);
+    // A task that blocks its only worker, ahead of 5 no-op tasks: one claim takes all six.
+    let mut batch = vec![NewTask::new(&Gated { gate: gate_name }).unwrap().priority(10)];
+    batch.extend((0..5).map(|_| NewTask::new(&::tasks::Noop {}).unwrap()));
+    let ids = task_engine::enqueue_many(&mut conn, &batch).unwrap();
+    gate.wait_for_started(1);
+    let held = |conn: &mut PgConnection| {
+        tasks::table
+            .filter(tasks::id.eq_any(&ids[1..]))
+            .filter(tasks::status.eq(status::RUNNING))
+            .filter(tasks::instance.eq("hoarder"))
+            .count()
+            .get_result::<i64>(conn)
+            .unwrap()
+    };
+    wait_until("the busy instance holds the 5 tasks", || held(&mut conn) == 5);
+
+    // An idle instance, asleep before they are given back: only a notification can
+    // wake it (its fallback poll is an hour away).
+    let helper = start_engine(&db, "helper", 2);
+    wait_until_idle(&helper, 2);
+    assert_eq!(hoarder.stats().given_back, 0, "the tasks were given back before the other instance slept");
+    wait_until("the helper has run the 5 tasks", || {
+        tasks::table
+            .filter(tasks::id.eq_any(&ids[1..]))
+            .filter(tasks::status.eq(status::STOPPED))
+            .filter(tasks::instance.eq("helper"))
+            .count()
+            .get_result::<i64>(&mut conn)
+            .unwrap()
+            == 5
+    });
+    assert_eq!(hoarder.stats().given_back, 5);
+    assert!(helper.stats().notifications >= 1);
+    // Given back unstarted: the attempt on the busy instance left no trace.
+    let executions: Vec<(i64, i32, String)> = task_executions::table
+        .filter(task_executions::task_id.eq_any(&ids[1..]))
+        .select((task_executions::task_id, task_executions::attempt, task_executions::instance))
+        .order(task_executions::task_id)
+        .load(&mut conn)
+        .unwrap();
+    let expected: Vec<(i64, i32, String)> = ids[1..].iter().map(|&id| (id, 1, "helper".to_owned())).collect();
+    assert_eq!(executions, expected);
+    // The gated task never left the busy instance, whose only worker it holds.
+    assert_eq!(
+        tasks::table.find(ids[0]).select(tasks::instance).first::<Option<String>>(&mut conn).unwrap().as_deref(),
+        Some("hoarder")
+    );
+    gate.open();
+    hoarder.shutdown();
+    helper.shutdown();
+}

@@ -90,8 +90,12 @@ fn higher_priority_runs_first_then_older_first() {
     wait_until_all_ended(&mut conn);
     engine.shutdown();
 
+    // In claim order (the claim's server time), then in the order the claim handed
+    // them out (`started_at` adds the engine's measure of each task's wait to the
+    // claim's time, an estimate: a claim delayed on a loaded server can overstate it
+    // by a few milliseconds, more than separates two claims).
     let order: Vec<i64> = task_executions::table
-        .order((task_executions::started_at, task_executions::id))
+        .order((task_executions::created_at, task_executions::started_at, task_executions::id))
         .select(task_executions::task_id)
         .load(&mut conn)
         .unwrap();
