@@ -139,6 +139,30 @@ pub(crate) struct Completion {
     pub outcome: Outcome,
 }
 
+/// The statement of [`complete`].
+const COMPLETE: &str = "WITH closed AS (
+             UPDATE task_executions e
+             SET started_at = e.started_at + d.queued_us * interval '1 microsecond',
+                 stopped_at = e.started_at + (d.queued_us + d.elapsed_us) * interval '1 microsecond',
+                 result = d.result, error = d.error, worker = d.worker, updated_at = now()
+             FROM unnest($1::bigint[], $4::int[], $5::bigint[], $7::jsonb[], $8::text[], $10::bigint[])
+                  AS d(execution_id, worker, elapsed_us, result, error, queued_us)
+             WHERE e.id = ANY($1) AND e.id = d.execution_id AND e.stopped_at IS NULL
+         )
+         UPDATE tasks t
+         SET status = CASE WHEN t.cancel_requested_at IS NOT NULL AND d.status <> 'stopped'
+                           THEN 'cancelled' ELSE d.status END,
+             run_at = CASE WHEN d.delay_us IS NULL THEN t.run_at
+                           ELSE now() + d.delay_us * interval '1 microsecond' END,
+             updated_at = now()
+         FROM unnest($2::bigint[], $3::int[], $6::text[], $9::bigint[]) AS d(task_id, attempt, status, delay_us)
+         -- `IS NOT DISTINCT FROM` (status is never null: the same as `=`) does not let
+         -- the planner prove the predicate of tasks_running_idx: statistics taken while
+         -- nothing ran make that index look empty, and a walk of every running task,
+         -- each checked against the whole batch, costs the square of the batch.
+         WHERE t.id = ANY($2) AND t.id = d.task_id AND t.attempts = d.attempt
+           AND t.status IS NOT DISTINCT FROM 'running'";
+
 /// Records finished attempts, in one statement: closes each still-open execution with
 /// its result or error and moves its task to the outcome's state; a task an operator
 /// cancelled while it ran ends `cancelled` unless the attempt succeeded. An attempt whose
@@ -147,9 +171,10 @@ pub(crate) struct Completion {
 /// in one statement, so a task still `running` the same attempt still has it open.
 /// Returns how many tasks changed state.
 ///
-/// Run it on a connection prepared by [`prepare_completer_session`]: the statement is
-/// planned anew for each batch (its size changes the plan) and must find its rows by
-/// primary key, whatever the statistics say.
+/// Run it on a connection prepared by [`prepare_completer_session`]: there the plan
+/// finds the batch's rows by primary key and joins them by hash (or merge) whatever
+/// the statistics and the batch's size, so the statement can stay prepared, with a
+/// generic plan, and is not planned again for every batch.
 pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> QueryResult<usize> {
     let n = completions.len();
     let mut queued_us = Vec::with_capacity(n);
@@ -179,40 +204,19 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
         errors.push(error);
         delays_us.push(delay.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)));
     }
-    diesel::sql_query(
-        "WITH closed AS (
-             UPDATE task_executions e
-             SET started_at = e.started_at + d.queued_us * interval '1 microsecond',
-                 stopped_at = e.started_at + (d.queued_us + d.elapsed_us) * interval '1 microsecond',
-                 result = d.result, error = d.error, worker = d.worker, updated_at = now()
-             FROM unnest($1::bigint[], $4::int[], $5::bigint[], $7::jsonb[], $8::text[], $10::bigint[])
-                  AS d(execution_id, worker, elapsed_us, result, error, queued_us)
-             WHERE e.id = ANY($1) AND e.id = d.execution_id AND e.stopped_at IS NULL
-         )
-         UPDATE tasks t
-         SET status = CASE WHEN t.cancel_requested_at IS NOT NULL AND d.status <> 'stopped'
-                           THEN 'cancelled' ELSE d.status END,
-             run_at = CASE WHEN d.delay_us IS NULL THEN t.run_at
-                           ELSE now() + d.delay_us * interval '1 microsecond' END,
-             updated_at = now()
-         FROM unnest($2::bigint[], $3::int[], $6::text[], $9::bigint[]) AS d(task_id, attempt, status, delay_us)
-         -- `IS NOT DISTINCT FROM` (status is never null: the same as `=`) does not let
-         -- the planner prove the predicate of tasks_running_idx: statistics taken while
-         -- nothing ran make that index look empty, and a walk of every running task,
-         -- each checked against the whole batch, costs the square of the batch.
-         WHERE t.id = ANY($2) AND t.id = d.task_id AND t.attempts = d.attempt
-           AND t.status IS NOT DISTINCT FROM 'running'",
+    Prepared(
+        diesel::sql_query(COMPLETE)
+            .bind::<Array<BigInt>, _>(execution_ids)
+            .bind::<Array<BigInt>, _>(task_ids)
+            .bind::<Array<Integer>, _>(attempts)
+            .bind::<Array<Integer>, _>(workers)
+            .bind::<Array<BigInt>, _>(elapsed_us)
+            .bind::<Array<Text>, _>(statuses)
+            .bind::<Array<Nullable<Jsonb>>, _>(results)
+            .bind::<Array<Nullable<Text>>, _>(errors)
+            .bind::<Array<Nullable<BigInt>>, _>(delays_us)
+            .bind::<Array<BigInt>, _>(queued_us),
     )
-    .bind::<Array<BigInt>, _>(execution_ids)
-    .bind::<Array<BigInt>, _>(task_ids)
-    .bind::<Array<Integer>, _>(attempts)
-    .bind::<Array<Integer>, _>(workers)
-    .bind::<Array<BigInt>, _>(elapsed_us)
-    .bind::<Array<Text>, _>(statuses)
-    .bind::<Array<Nullable<Jsonb>>, _>(results)
-    .bind::<Array<Nullable<Text>>, _>(errors)
-    .bind::<Array<Nullable<BigInt>>, _>(delays_us)
-    .bind::<Array<BigInt>, _>(queued_us)
     .execute(conn)
 }
 
@@ -335,4 +339,59 @@ pub(crate) fn insert_copies(conn: &mut PgConnection, task: &TaskInsert<'_>, coun
     .bind::<BigInt, _>(task.delay_us)
     .load(conn)?;
     Ok(rows.into_iter().map(|r| r.id).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(QueryableByName)]
+    struct PlanLine {
+        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
+        line: String,
+    }
+
+    /// The completion's plan stays linear in its batch with the statistics a queue
+    /// has: taken while every task waited and no attempt ran.
+    #[test]
+    fn the_completion_finds_its_rows_by_key_and_joins_them_by_hash_whatever_the_statistics() {
+        let db = test_db::TestDatabase::new();
+        let mut conn = db.connect();
+        conn.batch_execute(
+            "INSERT INTO tasks (task_class, status) SELECT 'noop', 'stopped' FROM generate_series(1, 20000);
+             INSERT INTO task_executions (task_id, attempt, started_at, stopped_at, instance, worker)
+                 SELECT id, 1, now(), now(), 'old', 0 FROM tasks;
+             INSERT INTO tasks (task_class) SELECT 'noop' FROM generate_series(1, 5000);
+             ANALYZE tasks; ANALYZE task_executions;",
+        )
+        .unwrap();
+        let claimed = claim(&mut conn, "i", 0, &["noop"], 300).unwrap();
+        assert_eq!(claimed.len(), 300);
+
+        let mut session = db.connect();
+        prepare_completer_session(&mut session).unwrap();
+        let n = claimed.len();
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            session.batch_execute(&format!("BEGIN; SET LOCAL plan_cache_mode = {mode}")).unwrap();
+            let plan: Vec<PlanLine> = diesel::sql_query(format!("EXPLAIN (ANALYZE, COSTS OFF) {COMPLETE}"))
+                .bind::<Array<BigInt>, _>(claimed.iter().map(|t| t.execution_id).collect::<Vec<_>>())
+                .bind::<Array<BigInt>, _>(claimed.iter().map(|t| t.id).collect::<Vec<_>>())
+                .bind::<Array<Integer>, _>(vec![1; n])
+                .bind::<Array<Integer>, _>(vec![0; n])
+                .bind::<Array<BigInt>, _>(vec![10i64; n])
+                .bind::<Array<Text>, _>(vec!["stopped"; n])
+                .bind::<Array<Nullable<Jsonb>>, _>(vec![Some(serde_json::Value::Null); n])
+                .bind::<Array<Nullable<Text>>, _>(vec![None::<String>; n])
+                .bind::<Array<Nullable<BigInt>>, _>(vec![None::<i64>; n])
+                .bind::<Array<BigInt>, _>(vec![5i64; n])
+                .load(&mut session)
+                .unwrap();
+            session.batch_execute("ROLLBACK").unwrap();
+            let plan = plan.into_iter().map(|p| p.line).collect::<Vec<_>>().join("\n");
+            for bad in ["Seq Scan", "Nested Loop", "Rows Removed by Join Filter", "tasks_running_idx"] {
+                assert!(!plan.contains(bad), "{mode}: the completion's plan has a {bad}:\n{plan}");
+            }
+            assert!(plan.contains("task_executions_pkey") && plan.contains("tasks_pkey"), "{mode}:\n{plan}");
+        }
+    }
 }
