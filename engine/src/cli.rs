@@ -97,6 +97,14 @@ pub enum Command {
         /// rescued; use the same value on every instance.
         #[arg(long, env = "TASK_ENGINE_LEASE", value_parser = duration::parse, default_value = "30s")]
         lease: Duration,
+        /// The most tasks claimed ahead of the idle workers, per worker; the buffer in
+        /// use follows the tasks' pace (none for tasks slower than two claims).
+        #[arg(long, env = "TASK_ENGINE_CLAIM_BUFFER", default_value_t = Runner::DEFAULT_BUFFER_PER_WORKER)]
+        claim_buffer: usize,
+        /// A claimed task that waits this long for a worker goes back to the database
+        /// for other instances.
+        #[arg(long, env = "TASK_ENGINE_MAX_QUEUE_WAIT", value_parser = duration::parse, default_value = "1s")]
+        max_queue_wait: Duration,
     },
     /// Shows tasks by type and status and the latest executions, or one task's history.
     Status {
@@ -212,7 +220,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { workers, instance, poll_interval, lease } => {
+        Command::Run { workers, instance, poll_interval, lease, claim_buffer, max_queue_wait } => {
             let db = Database::open(cli.database_url, &cli.data_dir)?;
             db.connect_migrated()?;
             let engine = Runner::new(db.url(), registry)
@@ -220,6 +228,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 .instance(instance.unwrap_or_else(task_engine::default_instance_name))
                 .poll_interval(poll_interval)
                 .lease(lease)
+                .claim_buffer(claim_buffer.saturating_mul(workers))
+                .max_queue_wait(max_queue_wait)
                 .start()?;
             stop_on_signals(engine.stop_handle())?;
             engine.join();
