@@ -247,7 +247,9 @@ pub(crate) fn release(conn: &mut PgConnection, claimed: &[ClaimedTask]) -> Query
              RETURNING e.task_id, e.attempt
          ), moved AS (
              UPDATE tasks t
-             SET status = 'waiting', attempts = t.attempts - 1, updated_at = now()
+             -- A cancel asked while the task waited here ends it: it never ran.
+             SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'waiting' END,
+                 attempts = t.attempts - 1, updated_at = now()
              FROM gone
              WHERE t.id = ANY(ARRAY(SELECT task_id FROM gone)) AND t.id = gone.task_id
                AND t.status = 'running' AND t.attempts = gone.attempt
@@ -260,7 +262,9 @@ pub(crate) fn release(conn: &mut PgConnection, claimed: &[ClaimedTask]) -> Query
              FROM counted, pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
              WHERE c.oid = 'tasks'::regclass AND counted.n > 0
          )
-         SELECT n + 0 * (SELECT count(*) FROM notified) AS n FROM counted",
+         -- Reading `notified` (in the select list, where no join removal drops it) is
+         -- what runs its pg_notify.
+         SELECT n, (SELECT count(*) FROM notified) AS notifications FROM counted",
     )
     .bind::<Array<BigInt>, _>(execution_ids)
     .get_result(conn)?;

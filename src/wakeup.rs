@@ -213,7 +213,8 @@ impl WakeupQueue {
         if idle {
             state.want = false;
         }
-        let n = tasks.len();
+        // Only waiting workers need a call; the others look at the queue before they wait.
+        let n = tasks.len().min(state.waiting);
         state.tasks.extend(tasks.into_iter().map(|t| (t, claimed_at)));
         drop(state);
         for _ in 0..n {

@@ -89,7 +89,7 @@ pub enum Command {
         /// The instance's name (default: host name and process id).
         #[arg(long, env = "TASK_ENGINE_INSTANCE")]
         instance: Option<String>,
-        /// Fallback poll: how long an idle worker sleeps before looking for work unprompted
+        /// Fallback poll: how long an idle instance waits before looking for work unprompted
         /// (500ms, 30s, 1h). A safety net only: inserts wake workers through LISTEN/NOTIFY.
         #[arg(long, env = "TASK_ENGINE_POLL_INTERVAL", value_parser = duration::parse, default_value = "10s")]
         poll_interval: Duration,
