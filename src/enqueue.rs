@@ -5,9 +5,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use diesel::PgConnection;
 
-use crate::registry::{Registry, Task};
-use crate::storage::{self, TaskInsert};
-use crate::Error;
+use crate::db::tasks::{self, micros, TaskInsert};
+use crate::error::Error;
+use crate::registry::Registry;
+use crate::task::Task;
 
 /// A task about to be inserted, with its scheduling options.
 ///
@@ -26,7 +27,7 @@ use crate::Error;
 /// ```
 #[derive(Debug, Clone)]
 pub struct NewTask {
-    task_class: String,
+    task_type: String,
     parameters: serde_json::Value,
     priority: i32,
     run_at: Option<DateTime<Utc>>,
@@ -38,22 +39,22 @@ impl NewTask {
     /// Describes a typed task, with its type's defaults.
     pub fn new<T: Task>(task: &T) -> Result<Self, Error> {
         let parameters =
-            serde_json::to_value(task).map_err(|source| Error::Serialization { task_class: T::NAME, source })?;
+            serde_json::to_value(task).map_err(|source| Error::Serialization { task_type: T::NAME, source })?;
         Ok(Self::unchecked(T::NAME, parameters, T::MAX_ATTEMPTS))
     }
 
     /// Describes a task given by type name and JSON parameters, checked against the
     /// registry: an unknown type or parameters that do not fit are refused.
-    pub fn from_json(registry: &Registry, task_class: &str, parameters: serde_json::Value) -> Result<Self, Error> {
-        let entry = registry.check(task_class, &parameters)?;
+    pub fn from_json(registry: &Registry, task_type: &str, parameters: serde_json::Value) -> Result<Self, Error> {
+        let entry = registry.check(task_type, &parameters)?;
         Ok(Self::unchecked(entry.name(), parameters, entry.max_attempts()))
     }
 
-    fn unchecked(task_class: &str, parameters: serde_json::Value, max_attempts: i32) -> Self {
+    fn unchecked(task_type: &str, parameters: serde_json::Value, max_attempts: i32) -> Self {
         // A type declaring fewer than one attempt still gets one.
         let max_attempts = max_attempts.max(1);
         Self {
-            task_class: task_class.to_owned(),
+            task_type: task_type.to_owned(),
             parameters,
             priority: 0,
             run_at: None,
@@ -90,17 +91,17 @@ impl NewTask {
     }
 
     /// Returns the task type's name.
-    pub fn task_class(&self) -> &str {
-        &self.task_class
+    pub fn task_type(&self) -> &str {
+        &self.task_type
     }
 
     fn as_insert(&self) -> TaskInsert<'_> {
         TaskInsert {
-            task_class: &self.task_class,
+            task_type: &self.task_type,
             parameters: &self.parameters,
             priority: self.priority,
             run_at: self.run_at,
-            delay_us: i64::try_from(self.delay.as_micros()).unwrap_or(i64::MAX),
+            delay_us: micros(self.delay),
             max_attempts: self.max_attempts,
         }
     }
@@ -108,13 +109,13 @@ impl NewTask {
     /// Inserts the task and returns its id. Inside the caller's transaction, the task
     /// exists (and wakes workers) only if that transaction commits.
     pub fn insert(&self, conn: &mut PgConnection) -> Result<i64, Error> {
-        let ids = storage::insert_tasks(conn, &[self.as_insert()])?;
+        let ids = tasks::insert_tasks(conn, &[self.as_insert()])?;
         Ok(ids[0])
     }
 
     /// Inserts `count` copies of the task in one statement and returns their ids.
     pub fn insert_copies(&self, conn: &mut PgConnection, count: u32) -> Result<Vec<i64>, Error> {
-        Ok(storage::insert_copies(conn, &self.as_insert(), i64::from(count))?)
+        Ok(tasks::insert_copies(conn, &self.as_insert(), i64::from(count))?)
     }
 }
 
@@ -129,5 +130,5 @@ pub fn enqueue_many(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<Vec<i6
         return Ok(Vec::new());
     }
     let inserts: Vec<TaskInsert<'_>> = tasks.iter().map(NewTask::as_insert).collect();
-    Ok(storage::insert_tasks(conn, &inserts)?)
+    Ok(tasks::insert_tasks(conn, &inserts)?)
 }

@@ -1,36 +1,31 @@
 #![doc = include_str!("../README.md")]
 
+// The map. What a task crate writes: `task` (the trait, its errors, the macro),
+// `context` (what a running task sees). What a program calls: `registry` (the types it
+// runs), `enqueue`, `admin` (retry, cancel, prune), `runner` (start and stop an
+// instance). Inside: `instance` (the threads of a running instance, one part a file)
+// and `db` (every SQL statement, and diesel's schema and models); `error` for all.
+
 mod admin;
-pub mod cluster;
-mod completer;
 mod context;
+mod db;
 mod enqueue;
-mod errors;
-mod listener;
-mod liveness;
-mod maintenance;
-mod migrate;
-pub mod models;
-mod producer;
+mod error;
+mod instance;
 mod registry;
-pub mod report;
 mod runner;
-mod scheduler;
-pub mod schema;
-mod storage;
-mod wakeup;
-mod worker;
+mod task;
 
 pub use admin::{cancel, prune, retry, Cancelled};
 pub use context::TaskContext;
+pub use db::connect::{connect, connection_pool, redact_url, PgPool, PooledConnection};
+pub use db::migrate::{pending_migrations, run_migrations};
+pub use db::{models, report, schema};
 pub use enqueue::{enqueue, enqueue_many, NewTask};
-pub use errors::Error;
-pub use listener::channel_name;
-pub use migrate::{pending_migrations, run_migrations};
-pub use registry::{default_retry_delay, Registry, Task, TaskEntry, TaskError};
-pub use runner::{
-    connection_pool, default_instance_name, EngineStats, PgPool, PooledConnection, Runner, RunningEngine, StopHandle,
-};
+pub use error::Error;
+pub use registry::{Registry, TaskEntry};
+pub use runner::{default_instance_name, EngineStats, Runner, RunningEngine, StopHandle};
+pub use task::{default_retry_delay, Task, TaskError};
 
 #[doc(hidden)]
 pub use inventory as __inventory;

@@ -1,96 +1,38 @@
-//! Starting and stopping an engine instance: the builder, the state its threads
-//! share, and the handle that stops them.
+//! Starting and stopping an instance: the [`Runner`] builder gives each part of the
+//! instance its inputs and starts its thread; the [`RunningEngine`] reports and stops
+//! them.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::PgConnection;
-
-use crate::completer::{self, Completer};
-use crate::context::Cancels;
-use crate::listener::Listener;
-use crate::liveness::{self, Heartbeat};
-use crate::maintenance;
-use crate::producer;
+use crate::context::InstanceHandle;
+use crate::db::connect::{connection_pool, PgPool};
+use crate::db::instances;
+use crate::error::Error;
+use crate::instance::handoff::Handoff;
+use crate::instance::heartbeat::{self, Heartbeat};
+use crate::instance::in_flight::InFlight;
+use crate::instance::listener::{self, Listener};
+use crate::instance::scheduler::{self, Timer};
+use crate::instance::shutdown::Shutdown;
+use crate::instance::{completer, producer, vacuum, worker};
 use crate::registry::Registry;
-use crate::scheduler::{self, Timer};
-use crate::wakeup::{StopSignal, WakeupQueue};
-use crate::worker::Worker;
-use crate::Error;
-
-/// The engine's pool of diesel connections.
-pub type PgPool = Pool<ConnectionManager<PgConnection>>;
-
-/// A connection taken from a [`PgPool`].
-pub type PooledConnection = diesel::r2d2::PooledConnection<ConnectionManager<PgConnection>>;
-
-/// Opens a pool of at most `max_size` connections to `database_url`, and fails at once
-/// if the database cannot be reached.
-pub fn connection_pool(database_url: &str, max_size: u32) -> Result<PgPool, Error> {
-    Ok(Pool::builder()
-        .max_size(max_size)
-        .min_idle(Some(1))
-        // A connection that died with the server (restart, failover) should be
-        // marked broken by diesel and dropped by r2d2; the test at checkout makes
-        // sure of it, for a round trip per checkout. Checkouts are rare: the
-        // producer and the completer keep their connections between batches.
-        .test_on_check_out(true)
-        .connection_timeout(Duration::from_secs(5))
-        .build(ConnectionManager::new(database_url))?)
-}
 
 /// Returns the instance name used when none is given: host name and process id.
 pub fn default_instance_name() -> String {
-    format!("{}-{}", crate::liveness::host_name(), std::process::id())
+    format!("{}-{}", host_name(), std::process::id())
 }
 
-/// What every thread of an instance shares.
-pub(crate) struct Shared {
-    pub instance: String,
-    /// For the connections of the instance's own (outside the pool).
-    pub database_url: String,
-    pub pool: PgPool,
-    pub registry: Registry,
-    /// The type names this instance claims: only those it can run.
-    pub task_classes: Vec<&'static str>,
-    /// Where idle workers sleep.
-    pub wakeup: WakeupQueue,
-    /// The stop flag of the threads that do not sleep in `wakeup`.
-    pub stop: StopSignal,
-    /// How long an idle worker sleeps before it looks for work unprompted.
-    pub poll_interval: Duration,
-    /// How long a claimed task may wait for a worker before it is given back.
-    pub max_queue_wait: Duration,
-    pub counters: Counters,
-    /// When the next scheduled task is due.
-    pub timer: Timer,
-    /// The tasks claimed or running here, and which were cancelled.
-    pub cancels: Cancels,
-    /// Where workers leave their outcomes.
-    pub completer: Completer,
-}
-
-/// What the instance counts, for [`RunningEngine::stats`].
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub claims: AtomicU64,
-    pub empty_claims: AtomicU64,
-    pub notifications: AtomicU64,
-    pub listener_connections: AtomicU64,
-    pub listening: AtomicBool,
-    pub heartbeats: AtomicU64,
-    pub rescue_passes: AtomicU64,
-    pub rescued: AtomicU64,
-    pub completions: AtomicU64,
-    pub completion_batches: AtomicU64,
-    pub completion_failures: AtomicU64,
-    pub marked_idle: AtomicBool,
-    pub claimed_tasks: AtomicU64,
-    pub vacuums: AtomicU64,
-    pub given_back: AtomicU64,
+/// This machine's name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// A snapshot of an instance's counters.
@@ -170,9 +112,7 @@ impl Runner {
     /// [`Runner::claim_buffer`] says otherwise. The buffer in use follows the tasks
     /// (what the workers get through in two claims' time): all of it for tasks much
     /// shorter than a claim's round trip, none for tasks of a second. Claims of a few
-    /// hundred tasks are what make a busy instance fast (measured with 8 workers and
-    /// no-op tasks, 12 paired runs: 39,100 tasks/s with a buffer of 128, 45,000 with
-    /// 256; 512 did no better than 256).
+    /// hundred tasks are what make a busy instance fast (the README's benchmarks).
     pub const DEFAULT_BUFFER_PER_WORKER: usize = 32;
     /// How long the completer waits for more outcomes before recording a batch.
     pub const DEFAULT_FLUSH_DELAY: Duration = Duration::from_millis(1);
@@ -276,78 +216,151 @@ impl Runner {
         self
     }
 
-    /// Starts the listener and the worker threads and returns the running instance.
+    /// Starts the instance's threads and returns the running instance. Fails if the
+    /// database cannot be reached or the instance's name is in use.
     pub fn start(self) -> Result<RunningEngine, Error> {
         let instance = self.instance.unwrap_or_else(default_instance_name);
-        let task_classes = self.registry.names();
+        let task_types = self.registry.names();
         let pool = match self.pool {
             Some(pool) => pool,
-            // The completer, the scheduler, and the tasks' own queries.
+            // The scheduler, the tasks' own queries, and a spare.
             None => connection_pool(&self.database_url, u32::try_from(self.workers + 2).unwrap_or(u32::MAX))?,
         };
-        let shared = Arc::new(Shared {
-            instance,
+        let buffer = self.buffer.unwrap_or(Self::DEFAULT_BUFFER_PER_WORKER.saturating_mul(self.workers));
+        let shutdown = Shutdown::default();
+        let handoff = Arc::new(Handoff::new(self.workers, buffer).with_max_claim(self.max_claim));
+        let timer = Arc::new(Timer::default());
+        let in_flight = Arc::new(InFlight::default());
+        shutdown.on_stop({
+            let handoff = Arc::clone(&handoff);
+            move || handoff.stop()
+        });
+        shutdown.on_stop({
+            let timer = Arc::clone(&timer);
+            move || timer.stop()
+        });
+        let stats = Stats::default();
+        // The scheduler's first look: tasks already scheduled.
+        timer.refresh();
+
+        let listener = Listener::new(listener::Input {
+            instance: instance.clone(),
             database_url: self.database_url.clone(),
-            pool,
-            registry: self.registry,
-            task_classes,
-            wakeup: WakeupQueue::new(
-                self.workers,
-                self.buffer.unwrap_or(Self::DEFAULT_BUFFER_PER_WORKER * self.workers),
-            )
-            .with_max_claim(self.max_claim),
-            stop: StopSignal::default(),
+            handoff: Arc::clone(&handoff),
+            timer: Arc::clone(&timer),
+            in_flight: Arc::clone(&in_flight),
+            shutdown: shutdown.clone(),
+            stats: Arc::clone(&stats.listener),
+        })?;
+        // Takes the instance's name (or fails here) and recovers what a previous run of
+        // it left running, before the producer claims.
+        let heartbeat = Heartbeat::start(heartbeat::Input {
+            instance: instance.clone(),
+            host: host_name(),
+            task_types: task_types.clone(),
+            database_url: self.database_url.clone(),
+            lease: self.lease,
+            handoff: Arc::clone(&handoff),
+            in_flight: Arc::clone(&in_flight),
+            shutdown: shutdown.clone(),
+            stats: Arc::clone(&stats.heartbeat),
+        })?;
+        log::info!("instance {instance} starting {} workers; task types: {}", self.workers, task_types.join(", "));
+
+        // The threads, in the order they start: the producer last, once there are
+        // workers to hand tasks to.
+        let mut threads: Vec<(String, Group, Body)> = Vec::new();
+        threads.push(("listener".into(), Group::Others, Box::new(move || listener.run())));
+        let input = scheduler::Input {
+            pool: pool.clone(),
+            task_types: task_types.clone(),
+            timer: Arc::clone(&timer),
+            handoff: Arc::clone(&handoff),
+            poll_interval: self.poll_interval,
+        };
+        threads.push(("scheduler".into(), Group::Others, Box::new(move || scheduler::run(input))));
+        threads.push(("heartbeat".into(), Group::Others, Box::new(move || heartbeat.run())));
+        let input = vacuum::Input {
+            database_url: self.database_url.clone(),
+            claims: Arc::clone(&stats.producer),
+            shutdown: shutdown.clone(),
+            stats: Arc::clone(&stats.vacuum),
+        };
+        threads.push(("vacuum".into(), Group::Others, Box::new(move || vacuum::run(input))));
+        // The completer ends once every worker's outbox is gone.
+        let (inbox, outboxes) = completer::inbox(self.flush_delay, self.max_completion_batch, self.workers);
+        let input = completer::Input {
+            database_url: self.database_url.clone(),
+            inbox,
+            in_flight: Arc::clone(&in_flight),
+            timer: Arc::clone(&timer),
+            stats: Arc::clone(&stats.completer),
+        };
+        threads.push(("completer".into(), Group::Completer, Box::new(move || completer::run(input))));
+        let context = Arc::new(InstanceHandle { name: instance.clone(), stopping: shutdown.flag(), pool: pool.clone() });
+        for (index, outbox) in outboxes.into_iter().enumerate() {
+            let input = worker::Input {
+                index,
+                handoff: Arc::clone(&handoff),
+                registry: self.registry.clone(),
+                outbox,
+                instance: Arc::clone(&context),
+                in_flight: Arc::clone(&in_flight),
+            };
+            threads.push((format!("worker-{index}"), Group::Workers, Box::new(move || worker::run(input))));
+        }
+        let input = producer::Input {
+            instance: instance.clone(),
+            database_url: self.database_url,
+            task_types,
+            handoff: Arc::clone(&handoff),
+            in_flight,
+            timer,
+            shutdown: shutdown.clone(),
             poll_interval: self.poll_interval,
             max_queue_wait: self.max_queue_wait,
-            counters: Counters::default(),
-            timer: Timer::default(),
-            cancels: Cancels::default(),
-            completer: Completer::new(self.flush_delay, self.max_completion_batch),
-        });
-        // The scheduler's first look: tasks already scheduled.
-        shared.timer.refresh();
-        let listener = Listener::new(Arc::clone(&shared), &self.database_url)?;
-        // Takes the instance's name (or fails here) and recovers what a previous run
-        // of it left running, before the producer claims.
-        let heartbeat = Heartbeat::start(Arc::clone(&shared), &self.database_url, self.lease)?;
-        log::info!(
-            "instance {} starting {} workers; task types: {}",
-            shared.instance,
-            self.workers,
-            shared.task_classes.join(", ")
-        );
-        let mut engine = RunningEngine { shared, threads: Threads::default() };
-        let spawned = std::thread::Builder::new().name("listener".into()).spawn(move || listener.run());
-        engine.adopt(spawned, "the listener", Role::Other)?;
-        let for_scheduler = Arc::clone(&engine.shared);
-        let spawned = std::thread::Builder::new().name("scheduler".into()).spawn(move || scheduler::run(for_scheduler));
-        engine.adopt(spawned, "the scheduler", Role::Other)?;
-        let spawned = std::thread::Builder::new().name("heartbeat".into()).spawn(move || heartbeat.run());
-        engine.adopt(spawned, "the heartbeat", Role::Other)?;
-        let for_maintenance = Arc::clone(&engine.shared);
-        let spawned =
-            std::thread::Builder::new().name("maintenance".into()).spawn(move || maintenance::run(for_maintenance));
-        engine.adopt(spawned, "the maintenance thread", Role::Other)?;
-        let for_completer = Arc::clone(&engine.shared);
-        let spawned = std::thread::Builder::new().name("completer".into()).spawn(move || completer::run(for_completer));
-        engine.adopt(spawned, "the completer", Role::Completer)?;
-        for index in 0..self.workers {
-            let worker = Worker::new(index, Arc::clone(&engine.shared));
-            let spawned = std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || worker.run());
-            engine.adopt(spawned, &format!("worker {index}"), Role::Worker)?;
+            stats: Arc::clone(&stats.producer),
+        };
+        threads.push(("producer".into(), Group::Producer, Box::new(move || producer::run(input))));
+
+        let mut engine = RunningEngine { instance, pool, shutdown, handoff, stats, threads: Threads::default() };
+        let mut pending = threads.into_iter();
+        while let Some((name, group, body)) = pending.next() {
+            if let Err(source) = engine.threads.spawn(&name, group, body) {
+                // What has not started goes first (a worker's outbox keeps the
+                // completer waiting), then the rest stops as usual.
+                drop(pending);
+                engine.shutdown();
+                return Err(Error::Io { context: format!("could not start thread {name}"), source });
+            }
         }
-        let for_producer = Arc::clone(&engine.shared);
-        let spawned = std::thread::Builder::new().name("producer".into()).spawn(move || producer::run(for_producer));
-        engine.adopt(spawned, "the producer", Role::Producer)?;
         Ok(engine)
     }
 }
 
+/// What a thread of the instance runs.
+type Body = Box<dyn FnOnce() + Send>;
+
 /// A running engine instance. Dropping it does not stop it: call
 /// [`RunningEngine::shutdown`] (or [`StopHandle::stop`] then [`RunningEngine::join`]).
 pub struct RunningEngine {
-    shared: Arc<Shared>,
+    instance: String,
+    /// For the deregistration, once every thread has ended.
+    pool: PgPool,
+    shutdown: Shutdown,
+    handoff: Arc<Handoff>,
+    stats: Stats,
     threads: Threads,
+}
+
+/// The counters of the instance's parts.
+#[derive(Default)]
+struct Stats {
+    producer: Arc<producer::Stats>,
+    completer: Arc<completer::Stats>,
+    listener: Arc<listener::Stats>,
+    heartbeat: Arc<heartbeat::Stats>,
+    vacuum: Arc<vacuum::Stats>,
 }
 
 /// An instance's threads, by the order they end in.
@@ -359,68 +372,61 @@ struct Threads {
     others: Vec<JoinHandle<()>>,
 }
 
-enum Role {
+#[derive(Clone, Copy)]
+enum Group {
     Producer,
-    Worker,
+    Workers,
     Completer,
-    Other,
+    Others,
+}
+
+impl Threads {
+    fn spawn(&mut self, name: &str, group: Group, body: Body) -> std::io::Result<()> {
+        let handle = std::thread::Builder::new().name(name.to_owned()).spawn(body)?;
+        match group {
+            Group::Producer => self.producer.push(handle),
+            Group::Workers => self.workers.push(handle),
+            Group::Completer => self.completer.push(handle),
+            Group::Others => self.others.push(handle),
+        }
+        Ok(())
+    }
 }
 
 impl RunningEngine {
-    /// Keeps a spawned thread, or stops the ones already started if it failed.
-    fn adopt(&mut self, spawned: std::io::Result<JoinHandle<()>>, what: &str, role: Role) -> Result<(), Error> {
-        match spawned {
-            Ok(handle) => {
-                let threads = &mut self.threads;
-                match role {
-                    Role::Producer => threads.producer.push(handle),
-                    Role::Worker => threads.workers.push(handle),
-                    Role::Completer => threads.completer.push(handle),
-                    Role::Other => threads.others.push(handle),
-                }
-                Ok(())
-            }
-            Err(source) => {
-                let partial =
-                    RunningEngine { shared: Arc::clone(&self.shared), threads: std::mem::take(&mut self.threads) };
-                partial.shutdown();
-                Err(Error::Io { context: format!("could not start {what}"), source })
-            }
-        }
-    }
-
     /// Returns the instance's name.
     pub fn instance(&self) -> &str {
-        &self.shared.instance
+        &self.instance
     }
 
     /// Returns the instance's counters.
     pub fn stats(&self) -> EngineStats {
-        let c = &self.shared.counters;
+        let Stats { producer, completer, listener, heartbeat, vacuum } = &self.stats;
+        let read = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::SeqCst);
         EngineStats {
-            claims: c.claims.load(Ordering::SeqCst),
-            wasted_claims: c.empty_claims.load(Ordering::SeqCst),
-            notifications: c.notifications.load(Ordering::SeqCst),
-            listener_connections: c.listener_connections.load(Ordering::SeqCst),
-            listening: c.listening.load(Ordering::SeqCst),
-            sleeping_workers: self.shared.wakeup.sleeping(),
-            heartbeats: c.heartbeats.load(Ordering::SeqCst),
-            rescue_passes: c.rescue_passes.load(Ordering::SeqCst),
-            rescued: c.rescued.load(Ordering::SeqCst),
-            completions: c.completions.load(Ordering::SeqCst),
-            completion_batches: c.completion_batches.load(Ordering::SeqCst),
-            completion_failures: c.completion_failures.load(Ordering::SeqCst),
-            marked_idle: c.marked_idle.load(Ordering::SeqCst),
-            claimed_tasks: c.claimed_tasks.load(Ordering::SeqCst),
-            vacuums: c.vacuums.load(Ordering::SeqCst),
-            given_back: c.given_back.load(Ordering::SeqCst),
+            claims: read(&producer.claims),
+            wasted_claims: read(&producer.wasted_claims),
+            notifications: read(&listener.notifications),
+            listener_connections: read(&listener.connections),
+            listening: listener.listening.load(Ordering::SeqCst),
+            sleeping_workers: self.handoff.sleeping(),
+            heartbeats: read(&heartbeat.heartbeats),
+            rescue_passes: read(&heartbeat.rescue_passes),
+            rescued: read(&heartbeat.rescued),
+            completions: read(&completer.completions),
+            completion_batches: read(&completer.batches),
+            completion_failures: read(&completer.failures),
+            marked_idle: producer.marked_idle.load(Ordering::SeqCst),
+            claimed_tasks: read(&producer.claimed_tasks),
+            vacuums: read(&vacuum.vacuums),
+            given_back: read(&producer.given_back),
         }
     }
 
     /// Returns a handle that stops the instance from another thread (a signal handler,
     /// say).
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle { shared: Arc::clone(&self.shared) }
+        StopHandle { instance: self.instance.clone(), shutdown: self.shutdown.clone() }
     }
 
     /// Stops claiming and waits until the tasks in flight have finished and been
@@ -432,37 +438,41 @@ impl RunningEngine {
 
     /// Waits for the instance's threads to end (after a stop).
     ///
-    /// In order: the producer (it gives back the tasks no worker started), the
-    /// workers (they finish their tasks), the completer (it records every outcome),
-    /// the listener, the scheduler and the heartbeat.
+    /// In order: the producer (it gives back the tasks no worker started), the workers
+    /// (they finish their tasks), the completer (it records every outcome, and ends
+    /// with the last worker), then the listener, the scheduler, the heartbeat and the
+    /// vacuum.
     pub fn join(self) {
         let Threads { producer, workers, completer, others } = self.threads;
         join_all(producer);
         join_all(workers);
-        self.shared.completer.stop();
         join_all(completer);
         join_all(others);
         // Every attempt is recorded: the instance can go.
-        liveness::deregister(&self.shared);
-        log::info!("instance {} stopped", self.shared.instance);
+        let removed = self.pool.get().map_err(Error::from).and_then(|mut conn| {
+            instances::deregister(&mut conn, &self.instance)?;
+            Ok(())
+        });
+        if let Err(error) = removed {
+            log::warn!("instance {}: could not remove its row: {error}", self.instance);
+        }
+        log::info!("instance {} stopped", self.instance);
     }
 }
 
 /// Stops an instance: no new claims; tasks in flight finish and are recorded.
 #[derive(Clone)]
 pub struct StopHandle {
-    shared: Arc<Shared>,
+    instance: String,
+    shutdown: Shutdown,
 }
 
 impl StopHandle {
     /// Asks the instance to stop; returns at once.
     pub fn stop(&self) {
-        if !self.shared.wakeup.is_stopping() {
-            log::info!("instance {} stopping: finishing the tasks in flight", self.shared.instance);
+        if self.shutdown.stop() {
+            log::info!("instance {} stopping: finishing the tasks in flight", self.instance);
         }
-        self.shared.wakeup.stop();
-        self.shared.stop.stop();
-        self.shared.timer.stop();
     }
 }
 

@@ -266,7 +266,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { workers } => demo::run(cli.database_url, &cli.data_dir, registry, workers),
-        Command::Bench(bench) => bench::run(bench, cli.database_url, &cli.data_dir, registry),
+        Command::Bench(bench) => bench::run(bench, cli.database_url, &cli.data_dir),
     }
 }
 

@@ -5,8 +5,9 @@
 use std::path::Path;
 
 use anyhow::{bail, Context as _};
-use diesel::{Connection, PgConnection};
-use task_engine::cluster::{redact_url, Cluster, ClusterOptions};
+use diesel::PgConnection;
+use pg_cluster::{Cluster, ClusterOptions};
+use task_engine::redact_url;
 
 /// The embedded cluster's database.
 const EMBEDDED_DATABASE: &str = "task_engine";
@@ -59,7 +60,7 @@ impl Database {
 
     /// Connects, with an error that names the server without its password.
     pub fn connect(&self) -> anyhow::Result<PgConnection> {
-        PgConnection::establish(&self.url).with_context(|| format!("could not connect to {}", redact_url(&self.url)))
+        Ok(task_engine::connect(&self.url)?)
     }
 
     /// Connects and makes sure the schema is there: the embedded cluster is migrated

@@ -6,8 +6,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use diesel::prelude::*;
-use task_engine::schema::tasks;
 use task_engine::{report, NewTask, Registry, Runner};
 
 use crate::database::Database;
@@ -31,12 +29,8 @@ fn run_on(db: &Database, registry: Registry, workers: usize) -> anyhow::Result<(
     let engine = Runner::new(db.url(), registry).workers(workers).instance("demo").start()?;
     // Wait until each of our tasks has ended; give up after a minute.
     let outcome = loop {
-        let unfinished: i64 = tasks::table
-            .filter(tasks::id.between(first, last))
-            .filter(tasks::status.eq_any(["waiting", "running"]))
-            .count()
-            .get_result(&mut conn)
-            .context("could not follow the demo's tasks")?;
+        let unfinished =
+            report::unfinished_tasks(&mut conn, first..=last).context("could not follow the demo's tasks")?;
         if unfinished == 0 {
             break Ok(());
         }
@@ -70,13 +64,13 @@ fn run_on(db: &Database, registry: Registry, workers: usize) -> anyhow::Result<(
 /// the retry some 4 s later) and panicking (once).
 fn mix(registry: &Registry) -> anyhow::Result<Vec<NewTask>> {
     let mut mix = Vec::new();
-    let mut add = |task_class: &str, parameters: serde_json::Value| -> anyhow::Result<()> {
-        let attempts = match task_class {
+    let mut add = |task_type: &str, parameters: serde_json::Value| -> anyhow::Result<()> {
+        let attempts = match task_type {
             "fail" => 2,
             "panic" => 1,
             _ => 3,
         };
-        mix.push(NewTask::from_json(registry, task_class, parameters)?.max_attempts(attempts));
+        mix.push(NewTask::from_json(registry, task_type, parameters)?.max_attempts(attempts));
         Ok(())
     };
     for i in 0..100 {

@@ -13,8 +13,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use diesel::{sql_query, Connection, PgConnection, RunQueryDsl};
-use task_engine::cluster::{quote_identifier, redact_url, Cluster, ClusterOptions};
-use task_engine::PgPool;
+use pg_cluster::{quote_identifier, Cluster, ClusterOptions};
+use task_engine::{redact_url, PgPool};
 
 /// The server every [`TestDatabase`] of this process lives on.
 struct Server {

@@ -5,10 +5,10 @@ use std::time::Duration;
 use diesel::prelude::*;
 use task_engine::models::status;
 use task_engine::schema::{task_executions, tasks};
-use task_engine::{NewTask, Registry, Runner};
+use task_engine::NewTask;
 use test_db::TestDatabase;
 
-use crate::support::{counted_runs, start_engine, wait_until, wait_until_idle, Counted, Gate, Gated};
+use crate::support::{counted_runs, runner, start_engine, wait_until, wait_until_idle, Counted, Gate, Gated};
 
 fn count_status(conn: &mut PgConnection, wanted: &str) -> i64 {
     tasks::table.filter(tasks::status.eq(wanted)).count().get_result(conn).unwrap()
@@ -20,11 +20,8 @@ fn a_batch_of_claims_never_hands_one_task_to_two_workers() {
     let key = format!("{}-once", db.name());
     let mut conn = db.connect();
     NewTask::new(&Counted { key: key.clone() }).unwrap().insert_copies(&mut conn, 5000).unwrap();
-    let engine = Runner::new(db.url(), Registry::from_inventory().unwrap())
-        .instance("batches")
-        .workers(8)
+    let engine = runner(&db, "batches", 8)
         .claim_buffer(100)
-        .poll_interval(Duration::from_secs(3600))
         .start()
         .unwrap();
     wait_until("the 5000 tasks have run", || count_status(&mut conn, status::STOPPED) == 5000);
@@ -47,11 +44,8 @@ fn a_stop_records_every_completion_still_buffered() {
     let mut conn = db.connect();
     NewTask::new(&Counted { key: key.clone() }).unwrap().insert_copies(&mut conn, 50).unwrap();
     // The completer would wait an hour before writing.
-    let engine = Runner::new(db.url(), Registry::from_inventory().unwrap())
-        .instance("buffered")
-        .workers(4)
+    let engine = runner(&db, "buffered", 4)
         .flush_delay(Duration::from_secs(3600))
-        .poll_interval(Duration::from_secs(3600))
         .start()
         .unwrap();
     wait_until("the 50 tasks have run", || counted_runs(&key) == 50);
@@ -116,10 +110,7 @@ fn a_claimed_task_that_waits_too_long_for_a_worker_is_given_back_and_an_idle_ins
     let mut conn = db.connect();
     let gate_name = format!("{}-{}-hoard", db.name(), std::process::id());
     let gate = Gate::named(&gate_name);
-    let hoarder = Runner::new(db.url(), Registry::from_inventory().unwrap())
-        .instance("hoarder")
-        .workers(1)
-        .poll_interval(Duration::from_secs(3600))
+    let hoarder = runner(&db, "hoarder", 1)
         .max_queue_wait(Duration::from_secs(2))
         .start()
         .unwrap();

@@ -12,7 +12,7 @@ use task_engine::{NewTask, Registry, Runner};
 use test_db::TestDatabase;
 
 use crate::support::{
-    executions_of, load_task, overlapping_executions, start_engine_with_lease, unfinished, wait_until, wait_until_idle,
+    executions_of, load_task, overlapping_executions, runner, unfinished, wait_until, wait_until_idle,
     Gate, Gated,
 };
 
@@ -20,12 +20,12 @@ use crate::support::{
 fn a_long_task_on_a_live_instance_is_never_rescued() {
     let db = TestDatabase::new();
     let lease = Duration::from_secs(1);
-    let owner = start_engine_with_lease(&db, "owner", 1, lease);
+    let owner = runner(&db, "owner", 1).lease(lease).start().unwrap();
     let gate = Gate::named(&format!("{}-long", db.name()));
     let mut conn = db.connect();
     let id = task_engine::enqueue(&mut conn, &Gated { gate: format!("{}-long", db.name()) }).unwrap();
     gate.wait_for_started(1);
-    let watcher = start_engine_with_lease(&db, "watcher", 1, lease);
+    let watcher = runner(&db, "watcher", 1).lease(lease).start().unwrap();
 
     // The watcher looks for dead instances every 166 ms: give it many looks, over
     // several leases, while the task runs on.
@@ -58,11 +58,7 @@ fn an_instance_restarted_under_its_name_recovers_its_orphans_at_start_and_a_live
     .unwrap();
 
     // The default lease is 30 s: only the recovery at start can explain a quick rerun.
-    let engine = Runner::new(db.url(), Registry::from_inventory().unwrap())
-        .instance("phoenix")
-        .poll_interval(Duration::from_secs(3600))
-        .start()
-        .unwrap();
+    let engine = runner(&db, "phoenix", Runner::DEFAULT_WORKERS).start().unwrap();
     wait_until("the orphan has run again", || load_task(&mut conn, 41).status == status::STOPPED);
     let executions = executions_of(&mut conn, 41);
     assert_eq!(executions.len(), 2);
@@ -82,7 +78,7 @@ fn the_server_restarting_under_a_running_engine_loses_nothing_and_runs_nothing_t
     let mut db = TestDatabase::on_own_cluster();
     let mut conn = db.connect();
     let ids = NewTask::new(&::tasks::Sleep { ms: 10 }).unwrap().insert_copies(&mut conn, 400).unwrap();
-    let engine = start_engine_with_lease(&db, "survivor", 4, Duration::from_secs(2));
+    let engine = runner(&db, "survivor", 4).lease(Duration::from_secs(2)).start().unwrap();
     wait_until("some tasks have run", || {
         tasks::table.filter(tasks::status.eq(status::STOPPED)).count().get_result::<i64>(&mut conn).unwrap() >= 40
     });

@@ -27,7 +27,8 @@ fn migrations_create_the_tables_on_an_empty_database_and_a_second_run_changes_no
     conn.batch_execute(
         "DROP TABLE task_executions, tasks, task_engine_instances, __diesel_schema_migrations;
          DROP FUNCTION task_engine_notify_insert(), task_engine_delete_executions(),
-                       task_engine_truncate_executions()",
+                       task_engine_truncate_executions(), task_engine_channel(), task_engine_channel(text),
+                       task_engine_stripes()",
     )
     .unwrap();
     assert_eq!(table_count(&mut conn), 0);
@@ -145,4 +146,28 @@ fn the_models_read_a_task_and_its_executions_through_their_relation() {
     assert_eq!(executions[1].result, Some(serde_json::json!({"a": 1})));
     assert_eq!(executions[1].worker, 3);
     assert!(task_engine::report::task_with_executions(&mut conn, 8).unwrap().is_none());
+}
+
+#[test]
+fn the_channel_is_the_schema_with_a_suffix_within_63_bytes() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    #[derive(QueryableByName)]
+    struct Channels {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        public: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        seen: String,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        long_bytes: i32,
+    }
+    let channels: Channels = diesel::sql_query(
+        "SELECT task_engine_channel('public') AS public, task_engine_channel() AS seen,
+                octet_length(task_engine_channel(repeat('é', 40))) AS long_bytes",
+    )
+    .get_result(&mut conn)
+    .unwrap();
+    assert_eq!(channels.public, "public.task_engine");
+    assert_eq!(channels.seen, "public.task_engine", "the channel of the tasks table this session sees");
+    assert!(channels.long_bytes <= 63, "a channel of {} bytes", channels.long_bytes);
 }

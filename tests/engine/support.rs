@@ -15,16 +15,19 @@ use test_db::TestDatabase;
 /// How long a test waits for the engine before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-/// Starts an instance on `db` with every registered type. Its fallback poll is an
-/// hour: only a notification (or the check after the listener connects) can start a
-/// task within a test's patience.
-pub fn start_engine(db: &TestDatabase, instance: &str, workers: usize) -> RunningEngine {
+/// An instance on `db` with every registered type, ready to configure further. Its
+/// fallback poll is an hour: only a notification (or the check after the listener
+/// connects) can start a task within a test's patience.
+pub fn runner(db: &TestDatabase, instance: &str, workers: usize) -> Runner {
     Runner::new(db.url(), Registry::from_inventory().expect("registry"))
         .instance(instance)
         .workers(workers)
         .poll_interval(Duration::from_secs(3600))
-        .start()
-        .expect("engine starts")
+}
+
+/// Starts an instance like [`runner`] makes it.
+pub fn start_engine(db: &TestDatabase, instance: &str, workers: usize) -> RunningEngine {
+    runner(db, instance, workers).start().expect("engine starts")
 }
 
 /// Waits until every worker of `engine` sleeps and its listener listens.
@@ -50,11 +53,7 @@ pub fn wait_until_all_ended(conn: &mut PgConnection) {
 }
 
 pub fn unfinished(conn: &mut PgConnection) -> i64 {
-    tasks::table
-        .filter(tasks::status.eq_any(["waiting", "running"]))
-        .count()
-        .get_result(conn)
-        .expect("count unfinished tasks")
+    task_engine::report::unfinished_tasks(conn, ..).expect("count unfinished tasks")
 }
 
 pub fn load_task(conn: &mut PgConnection, id: i64) -> TaskRow {
@@ -219,17 +218,6 @@ pub fn overlapping_executions(conn: &mut PgConnection) -> i64 {
     .get_result::<Count>(conn)
     .expect("count overlapping executions")
     .n
-}
-
-/// Starts an instance like [`start_engine`], with its lease.
-pub fn start_engine_with_lease(db: &TestDatabase, instance: &str, workers: usize, lease: Duration) -> RunningEngine {
-    Runner::new(db.url(), Registry::from_inventory().expect("registry"))
-        .instance(instance)
-        .workers(workers)
-        .poll_interval(Duration::from_secs(3600))
-        .lease(lease)
-        .start()
-        .expect("engine starts")
 }
 
 /// Counts its runs under its key, and panics on a second run of one task id: for

@@ -9,7 +9,7 @@ use task_engine::schema::{task_executions, tasks};
 use task_engine::{EngineStats, Registry, Runner, RunningEngine};
 use test_db::TestDatabase;
 
-use crate::support::{executions_of, load_task, start_engine, wait_until, wait_until_idle};
+use crate::support::{executions_of, load_task, runner, start_engine, wait_until, wait_until_idle};
 
 #[derive(QueryableByName)]
 struct Id {
@@ -233,11 +233,8 @@ fn no_wake_up_is_lost_to_a_race_between_an_instance_going_idle_and_an_insert() {
     // One worker, no buffer: every claim of one task comes back full (the instance
     // is busy and lets inserts skip their NOTIFY), and the claim after it comes back
     // empty (the instance goes idle: it takes the stripes and looks once more).
-    let engine = Runner::new(db.url(), Registry::from_inventory().unwrap())
-        .instance("racer")
-        .workers(1)
+    let engine = runner(&db, "racer", 1)
         .claim_buffer(0)
-        .poll_interval(std::time::Duration::from_secs(3600))
         .start()
         .unwrap();
     wait_until_idle(&engine, 1);
@@ -272,11 +269,8 @@ fn an_insert_that_would_wake_nobody_does_not_notify() {
     let db = TestDatabase::new();
     let gate_name = format!("{}-busy", db.name());
     let gate = crate::support::Gate::named(&gate_name);
-    let engine = Runner::new(db.url(), Registry::from_inventory().unwrap())
-        .instance("busy")
-        .workers(2)
+    let engine = runner(&db, "busy", 2)
         .claim_buffer(0)
-        .poll_interval(std::time::Duration::from_secs(3600))
         .start()
         .unwrap();
     wait_until_idle(&engine, 2);
@@ -306,12 +300,14 @@ fn an_insert_notifies_only_if_an_instance_sleeps_and_a_sleeper_waits_for_uncommi
     use postgres::fallible_iterator::FallibleIterator;
     let db = TestDatabase::new();
     let mut listener = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
-    listener.batch_execute("LISTEN \"public.task_engine\"").unwrap();
+    let channel: String = listener.query_one("SELECT task_engine_channel()", &[]).unwrap().get(0);
+    assert_eq!(channel, "public.task_engine");
+    listener.batch_execute(&format!("LISTEN \"{channel}\"")).unwrap();
     let heard = |listener: &mut postgres::Client| -> usize {
         listener.notifications().timeout_iter(std::time::Duration::from_millis(200)).count().unwrap()
     };
-    let take_stripes = "SELECT bool_and(pg_try_advisory_lock_shared(hashtext('public.task_engine'), s)) AS taken
-                        FROM generate_series(0, 15) s";
+    let take_stripes = "SELECT bool_and(pg_try_advisory_lock_shared(hashtext(task_engine_channel()), s)) AS taken
+                        FROM generate_series(0, task_engine_stripes() - 1) s";
     #[derive(QueryableByName)]
     struct Taken {
         #[diesel(sql_type = diesel::sql_types::Bool)]

@@ -4,7 +4,7 @@
 use diesel::PgConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use crate::Error;
+use crate::error::Error;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 

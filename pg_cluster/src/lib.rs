@@ -1,6 +1,7 @@
 //! A private PostgreSQL cluster: created with `initdb` in a directory of ours, started
 //! on a free loopback port, stopped when asked. It is the embedded default of the
-//! `engine` command (no `DATABASE_URL`) and the server of the test harness.
+//! `engine` command (no `DATABASE_URL`) and the server of the test harness; the engine
+//! library does not use it, so programs that link the library never compile it.
 //!
 //! The server binaries are the machine's own (`TASK_ENGINE_PG_BIN`, `PATH`,
 //! `pg_config --bindir`, `/usr/lib/postgresql/*/bin`). PostgreSQL refuses to run as
@@ -11,7 +12,9 @@
 use std::ffi::OsString;
 use std::fs;
 use std::net::TcpListener;
+#[cfg(unix)]
 use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
+#[cfg(unix)]
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -181,11 +184,15 @@ impl Cluster {
     fn initdb(&self) -> Result<(), ClusterError> {
         let dir = &self.data_dir;
         fs::create_dir_all(dir).map_err(io(format!("could not create {}", dir.display())))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(io(format!("could not set the mode of {}", dir.display())))?;
-        if let Some((uid, gid)) = self.run_as {
-            chown(dir, Some(uid), Some(gid)).map_err(io(format!("could not give {} to postgres", dir.display())))?;
-            check_reachable(dir, uid, gid)?;
+        #[cfg(unix)]
+        {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(io(format!("could not set the mode of {}", dir.display())))?;
+            if let Some((uid, gid)) = self.run_as {
+                chown(dir, Some(uid), Some(gid))
+                    .map_err(io(format!("could not give {} to postgres", dir.display())))?;
+                check_reachable(dir, uid, gid)?;
+            }
         }
         let mut cmd = self.command("initdb");
         cmd.arg("-D").arg(dir).args(["--auth=trust", "--encoding=UTF8", "--locale=C", "-U", SUPERUSER]);
@@ -331,7 +338,9 @@ impl Cluster {
 
     /// Makes sure the server is stopped, and `remove` deleted if given, once this
     /// process has exited, however it exits (a watchdog process outside our process
-    /// group waits for it). For throwaway clusters: tests, benchmarks.
+    /// group waits for it). For throwaway clusters: tests, benchmarks. Unix only (the
+    /// watchdog is a `sh` script).
+    #[cfg(unix)]
     pub fn stop_when_this_process_exits(&self, remove: Option<&Path>) -> Result<(), ClusterError> {
         let script = r#"
             while kill -0 "$1" 2>/dev/null; do sleep 1; done
@@ -366,6 +375,7 @@ impl Cluster {
         cmd.stdin(Stdio::null());
         // The server inherits the environment; keep the locale out of its way.
         cmd.env("LC_ALL", "C").env_remove("PGDATA").env_remove("PGPORT");
+        #[cfg(unix)]
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid);
             // A working directory that `postgres` can read.
@@ -394,7 +404,11 @@ fn run(mut cmd: Command) -> Result<Output, ClusterError> {
 }
 
 fn is_executable(path: &Path) -> bool {
-    fs::metadata(path).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    #[cfg(unix)]
+    let executable = |m: &fs::Metadata| m.permissions().mode() & 0o111 != 0;
+    #[cfg(not(unix))]
+    let executable = |_: &fs::Metadata| true;
+    fs::metadata(path).map(|m| m.is_file() && executable(&m)).unwrap_or(false)
 }
 
 /// A loopback port that nobody listens on right now.
@@ -403,7 +417,7 @@ fn free_port() -> Result<u16, ClusterError> {
     Ok(listener.local_addr().map_err(io("could not find a free port"))?.port())
 }
 
-/// Our effective user id, from `/proc` (Linux), without `libc`.
+/// Our effective user id, from `/proc` (Linux), without `libc`; `None` elsewhere.
 fn effective_uid() -> Option<u32> {
     let status = fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
@@ -422,6 +436,7 @@ fn postgres_user() -> Result<(u32, u32), ClusterError> {
 }
 
 /// Fails unless `uid`/`gid` may enter every directory down to `dir`.
+#[cfg(unix)]
 fn check_reachable(dir: &Path, uid: u32, gid: u32) -> Result<(), ClusterError> {
     let dir = fs::canonicalize(dir).map_err(io(format!("could not resolve {}", dir.display())))?;
     for ancestor in dir.ancestors().skip(1) {
@@ -446,113 +461,9 @@ pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// A connection string fit to print: the password, if any, replaced by `***`.
-/// Handles URLs (`postgres://user:secret@host/db?password=secret`) and key=value
-/// strings (`host=h password=secret`).
-pub fn redact_url(url: &str) -> String {
-    let url = url.trim();
-    if let Some(scheme_end) = url.find("://") {
-        let (scheme, rest) = url.split_at(scheme_end + 3);
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(authority_end);
-        let authority = match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                match userinfo.find(':') {
-                    Some(colon) => format!("{}:***{}", &userinfo[..colon], &authority[at..]),
-                    None => authority.to_owned(),
-                }
-            }
-            None => authority.to_owned(),
-        };
-        let tail = match tail.find('?') {
-            Some(q) => {
-                let (path, query) = tail.split_at(q + 1);
-                let query: Vec<String> = query
-                    .split('&')
-                    .map(|pair| match pair.split_once('=') {
-                        Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                        _ => pair.to_owned(),
-                    })
-                    .collect();
-                format!("{path}{}", query.join("&"))
-            }
-            None => tail.to_owned(),
-        };
-        return format!("{scheme}{authority}{tail}");
-    }
-    // key=value form; values may be quoted with single quotes.
-    let mut out = String::new();
-    let mut rest = url;
-    while let Some(eq) = rest.find('=') {
-        let key = rest[..eq].trim();
-        let after = rest[eq + 1..].trim_start();
-        let (value, remaining) = if let Some(quoted) = after.strip_prefix('\'') {
-            let mut end = quoted.len();
-            let mut escaped = false;
-            for (i, c) in quoted.char_indices() {
-                if escaped {
-                    escaped = false;
-                } else if c == '\\' {
-                    escaped = true;
-                } else if c == '\'' {
-                    end = i;
-                    break;
-                }
-            }
-            (&after[..(end + 2).min(after.len())], &quoted[(end + 1).min(quoted.len())..])
-        } else {
-            let end = after.find(char::is_whitespace).unwrap_or(after.len());
-            (&after[..end], &after[end..])
-        };
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        if key.eq_ignore_ascii_case("password") {
-            out.push_str(&format!("{key}=***"));
-        } else {
-            out.push_str(&format!("{key}={value}"));
-        }
-        rest = remaining.trim_start();
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_url_passwords() {
-        assert_eq!(redact_url("postgres://bob:s3cret@db.example:5432/app"), "postgres://bob:***@db.example:5432/app");
-        assert_eq!(redact_url("postgresql://bob@db/app"), "postgresql://bob@db/app");
-        assert_eq!(
-            redact_url("postgres://bob:p%40ss@db/app?password=x&sslmode=require"),
-            "postgres://bob:***@db/app?password=***&sslmode=require"
-        );
-        assert_eq!(redact_url("postgres://db/app?sslmode=require"), "postgres://db/app?sslmode=require");
-    }
-
-    #[test]
-    fn redacts_key_value_passwords() {
-        assert_eq!(
-            redact_url("host=db user=bob password=s3cret dbname=app"),
-            "host=db user=bob password=*** dbname=app"
-        );
-        assert_eq!(redact_url("host=db password='a b\\' c' dbname=app"), "host=db password=*** dbname=app");
-    }
-
-    #[test]
-    fn never_prints_the_secret() {
-        for url in [
-            "postgres://u:topsecret@h/d",
-            "password=topsecret",
-            "postgres://h/d?password=topsecret",
-            "user=u password = 'topsecret'",
-        ] {
-            assert!(!redact_url(url).contains("topsecret"), "{url} -> {}", redact_url(url));
-        }
-    }
 
     #[test]
     fn quotes_identifiers() {

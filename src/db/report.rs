@@ -1,17 +1,20 @@
 //! Read-only monitoring queries, for `engine status` and `engine demo`. Nothing here
 //! locks or changes a row.
 
+use std::ops::{Bound, RangeBounds};
+
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Double, Nullable, Text};
 
-use crate::models::{Task, TaskExecution};
-use crate::schema::{task_executions, tasks};
-use crate::Error;
+use crate::db::models::{status, Task, TaskExecution};
+use crate::db::schema::{task_executions, tasks};
+use crate::error::Error;
 
 /// How many tasks of one type are in one state.
 #[derive(Debug, Clone, PartialEq, QueryableByName)]
 pub struct StatusCount {
+    /// The task type (`tasks.task_class`).
     #[diesel(sql_type = Text)]
     pub task_class: String,
     #[diesel(sql_type = Text)]
@@ -98,9 +101,21 @@ pub fn type_summaries(conn: &mut PgConnection, first_id: i64) -> Result<Vec<Type
     .load(conn)?)
 }
 
-/// Counts tasks not yet in a final state (`waiting` or `running`).
-pub fn unfinished_tasks(conn: &mut PgConnection) -> Result<i64, Error> {
-    Ok(tasks::table.filter(tasks::status.eq_any(["waiting", "running"])).count().get_result(conn)?)
+/// Counts the tasks with an id in `ids` not yet in a final state (`waiting` or
+/// `running`): `..` for every task, `first..=last` for a batch enqueued together.
+pub fn unfinished_tasks(conn: &mut PgConnection, ids: impl RangeBounds<i64>) -> Result<i64, Error> {
+    let mut query = tasks::table.filter(tasks::status.eq_any([status::WAITING, status::RUNNING])).into_boxed();
+    query = match ids.start_bound() {
+        Bound::Included(first) => query.filter(tasks::id.ge(*first)),
+        Bound::Excluded(after) => query.filter(tasks::id.gt(*after)),
+        Bound::Unbounded => query,
+    };
+    query = match ids.end_bound() {
+        Bound::Included(last) => query.filter(tasks::id.le(*last)),
+        Bound::Excluded(before) => query.filter(tasks::id.lt(*before)),
+        Bound::Unbounded => query,
+    };
+    Ok(query.count().get_result(conn)?)
 }
 
 /// The time of the database server, for comparisons with stored times.

@@ -1,31 +1,24 @@
-//! The instance's in-process queue: what the producer claims, workers take.
+//! The hand-off: the instance's in-process queue of claimed tasks, between the
+//! producer that claims them and the workers that run them.
 //!
 //! One mutex guards the tasks claimed and not yet started, how many workers are busy,
-//! and whether there is a reason to claim (`want`): a notification, the scheduler's
-//! timer, a (re)connection of the listener, the fallback poll, or a claim that came
-//! back full (there may be more). The producer waits on one condvar until there is
-//! both a reason and room (idle workers, plus a small buffer); workers wait on the
-//! other until a task is queued.
+//! and whether there is a reason to claim (`want`: a notification, the scheduler, a
+//! (re)connection, the fallback poll, a claim that came back full). The producer waits
+//! on one condvar until there is both a reason and room; workers wait on the other
+//! until a task is queued. The room is the idle workers plus a buffer that follows the
+//! tasks' pace: what the workers get through in two claims' time, none for tasks
+//! slower than that, so that a busy instance does not hoard what an idle one could run.
 //!
-//! The buffer adapts to the tasks: it holds what the workers get through in two
-//! claims' time at the recent pace (averages of task run times and claim round trips),
-//! up to its maximum. No-op tasks get the whole buffer, so claims and completions go by
-//! hundreds; tasks that run for seconds get none, so a busy instance does not hoard
-//! tasks that an idle instance could run. When tasks of both kinds mix, a claim may
-//! still take slow tasks with fast ones: a task that waits too long for a worker is
-//! given back to the database for other instances ([`WakeupQueue::take_stale`]).
-//!
-//! No wake-up is lost: a wake-up bumps a sequence number under the mutex, and a claim
-//! that comes back short clears `want` only if no wake-up arrived while it ran (its
-//! snapshot may predate the insert that woke us). No herd: however many workers are
-//! idle, a notification costs one claim per instance, and only for as many tasks as
-//! there is room for.
+//! No wake-up is lost: each bumps a sequence number under the mutex, and a claim that
+//! comes back short makes the instance idle only if no wake-up came while it ran. No
+//! herd: however many workers are idle, a wake-up costs one claim.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::storage::ClaimedTask;
+use crate::db::tasks::ClaimedTask;
+use crate::instance::lock;
 
 #[derive(Debug, Default)]
 struct State {
@@ -56,7 +49,7 @@ fn average(old: Option<Duration>, new: Duration) -> Duration {
 }
 
 #[derive(Debug)]
-pub(crate) struct WakeupQueue {
+pub(crate) struct Handoff {
     state: Mutex<State>,
     producer: Condvar,
     workers: Condvar,
@@ -85,7 +78,7 @@ pub(crate) struct Demand {
     pub seq: u64,
 }
 
-impl WakeupQueue {
+impl Handoff {
     /// The queue of an instance with `workers` workers and room for up to
     /// `max_buffer` claimed tasks beyond the idle workers.
     pub(crate) fn new(workers: usize, max_buffer: usize) -> Self {
@@ -106,9 +99,7 @@ impl WakeupQueue {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Nothing panics while holding this lock, and its state stays consistent if
-        // something ever did: a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     fn room(&self, state: &State) -> usize {
@@ -194,7 +185,7 @@ impl WakeupQueue {
         self.deliver_claimed_at(tasks, demand, Instant::now(), false)
     }
 
-    /// [`WakeupQueue::deliver`], for tasks claimed by a statement sent at
+    /// [`Handoff::deliver`], for tasks claimed by a statement sent at
     /// `claimed_at`: their time in the queue counts from then, as their executions'
     /// `started_at` is the claim statement's time on the server. With
     /// `keep_looking` (tasks are streaming in and inserters no longer notify), only
@@ -294,44 +285,11 @@ impl WakeupQueue {
         }
     }
 
-    /// Ends every current and future wait.
+    /// Ends every current and future wait: the instance's waker on its shutdown.
     pub(crate) fn stop(&self) {
         self.lock().stopping = true;
         self.producer.notify_all();
         self.workers.notify_all();
-    }
-
-    /// Tells whether [`WakeupQueue::stop`] was called.
-    pub(crate) fn is_stopping(&self) -> bool {
-        self.lock().stopping
-    }
-}
-
-/// The stop flag of the threads that do not sleep in the [`WakeupQueue`] (the
-/// listener, the timers): they wait on their own condvar, so that a stop reaches them
-/// at once and a worker's wake-up is never taken by one of them.
-#[derive(Debug, Default)]
-pub(crate) struct StopSignal {
-    stopped: Mutex<bool>,
-    condvar: Condvar,
-}
-
-impl StopSignal {
-    pub(crate) fn stop(&self) {
-        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
-        self.condvar.notify_all();
-    }
-
-    pub(crate) fn is_stopped(&self) -> bool {
-        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Waits up to `timeout`; returns true if the stop came.
-    pub(crate) fn wait(&self, timeout: Duration) -> bool {
-        let stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
-        let (stopped, _) =
-            self.condvar.wait_timeout_while(stopped, timeout, |s| !*s).unwrap_or_else(PoisonError::into_inner);
-        *stopped
     }
 }
 
@@ -344,12 +302,11 @@ mod tests {
     fn task(id: i64) -> ClaimedTask {
         ClaimedTask {
             id,
-            task_class: "noop".into(),
+            task_type: "noop".into(),
             task_parameters: serde_json::Value::Null,
             attempt: 1,
             max_attempts: 1,
             execution_id: id,
-            started_at: chrono::Utc::now(),
         }
     }
 
@@ -359,7 +316,7 @@ mod tests {
 
     #[test]
     fn a_wake_up_during_a_short_claim_is_not_lost() {
-        let queue = WakeupQueue::new(2, 0);
+        let queue = Handoff::new(2, 0);
         let demand = queue.demand(HOUR).unwrap(); // the start-up look
         assert_eq!(demand.count, 2);
         queue.wake(1); // an insert commits while the claim runs
@@ -370,7 +327,7 @@ mod tests {
 
     #[test]
     fn a_short_claim_without_wake_ups_stops_claiming_until_the_next_one() {
-        let queue = WakeupQueue::new(2, 0);
+        let queue = Handoff::new(2, 0);
         let demand = queue.demand(HOUR).unwrap();
         queue.deliver(vec![task(1)], demand);
         assert!(queue.next_task().is_some());
@@ -385,7 +342,7 @@ mod tests {
 
     #[test]
     fn while_tasks_stream_in_only_an_empty_claim_stops_claiming() {
-        let queue = WakeupQueue::new(2, 2);
+        let queue = Handoff::new(2, 2);
         let demand = queue.demand(HOUR).unwrap();
         assert!(!queue.deliver_claimed_at(vec![task(1)], demand, Instant::now(), true), "a short claim made it idle");
         let again = queue.next(Duration::ZERO);
@@ -396,7 +353,7 @@ mod tests {
 
     #[test]
     fn room_is_idle_workers_plus_the_buffer() {
-        let queue = WakeupQueue::new(3, 2);
+        let queue = Handoff::new(3, 2);
         short_tasks_seen(&queue);
         let demand = queue.demand(HOUR).unwrap();
         assert_eq!(demand.count, 5);
@@ -411,7 +368,7 @@ mod tests {
 
     /// One task that ran for a microsecond, one claim that took a millisecond: the
     /// workers get through tasks far faster than claims come back.
-    fn short_tasks_seen(queue: &WakeupQueue) {
+    fn short_tasks_seen(queue: &Handoff) {
         let demand = queue.demand(HOUR).unwrap();
         queue.deliver_claimed_at(vec![task(0)], demand, Instant::now() - Duration::from_millis(1), false);
         queue.next_task().unwrap();
@@ -421,7 +378,7 @@ mod tests {
 
     #[test]
     fn the_buffer_follows_the_pace_of_tasks_and_claims() {
-        let queue = WakeupQueue::new(4, 100);
+        let queue = Handoff::new(4, 100);
         // Nothing known yet: claim for the idle workers only.
         assert_eq!(queue_room(&queue), Some(4));
         // Tasks far shorter than a claim: the whole buffer.
@@ -446,7 +403,7 @@ mod tests {
 
     #[test]
     fn tasks_given_back_for_waiting_too_long_are_not_claimed_again_ahead_of_idle_workers() {
-        let queue = WakeupQueue::new(1, 10);
+        let queue = Handoff::new(1, 10);
         short_tasks_seen(&queue);
         let demand = queue.demand(HOUR).unwrap();
         assert_eq!(demand.count, 11);
@@ -461,14 +418,14 @@ mod tests {
         assert_eq!(queue_room(&queue), Some(1));
     }
 
-    fn queue_room(queue: &WakeupQueue) -> Option<usize> {
+    fn queue_room(queue: &Handoff) -> Option<usize> {
         let state = queue.lock();
         Some(queue.room(&state)).filter(|r| *r > 0)
     }
 
     #[test]
     fn a_stop_ends_every_wait_and_queued_tasks_go_back_to_the_producer() {
-        let queue = Arc::new(WakeupQueue::new(2, 0));
+        let queue = Arc::new(Handoff::new(2, 0));
         let demand = queue.demand(HOUR).unwrap();
         let workers: Vec<_> = (0..2)
             .map(|_| {
@@ -490,7 +447,7 @@ mod tests {
 
     #[test]
     fn one_queued_task_is_taken_by_one_worker() {
-        let queue = Arc::new(WakeupQueue::new(3, 0));
+        let queue = Arc::new(Handoff::new(3, 0));
         let (tx, rx) = std::sync::mpsc::channel();
         for _ in 0..3 {
             let (queue, tx) = (Arc::clone(&queue), tx.clone());

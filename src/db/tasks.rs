@@ -1,59 +1,30 @@
-//! Every statement that changes the state of tasks and executions. Each is a single
+//! The life of a task in SQL: insert, claim, complete, release, rescue, and what the
+//! scheduler and the vacuum ask of the `tasks` table. Each state change is a single
 //! statement (one implicit transaction), so a crash between two of them never leaves a
-//! task half-claimed or half-finished. Claims and completions work on batches: the
-//! producer claims for all idle workers at once, the completer records many attempts
-//! in one statement.
+//! task half-claimed or half-finished. Claims and completions work on batches.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use diesel::connection::SimpleConnection;
-use diesel::pg::Pg;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz, Untyped};
+use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Jsonb, Nullable, Text, Timestamptz};
 
-/// A raw SQL statement whose text never changes, kept prepared on its connection.
-///
-/// Diesel never caches `sql_query` statements (their text could be built at run
-/// time), so each would be parsed and planned anew: about 0.4 ms for the claim, as
-/// long as the rest of its round trip. The statements here are constants with fixed
-/// bind types, so they are safe to cache: the connection prepares each once, and
-/// PostgreSQL's plan cache does the rest.
-#[derive(Debug, Clone)]
-#[must_use = "queries are only executed when loaded or executed"]
-pub(crate) struct Prepared<Q>(pub Q);
+use crate::db::prepared::Prepared;
 
-impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for Prepared<Q> {
-    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        self.0.walk_ast(out)
-    }
-
-    /// The cache key is the statement's text and bind types, which identify it.
-    fn is_safe_to_cache_prepared(&self, _backend: &Pg) -> QueryResult<bool> {
-        Ok(true)
-    }
-}
-
-impl<Q> QueryId for Prepared<Q> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl<Q> Query for Prepared<Q> {
-    type SqlType = Untyped;
-}
-
-impl<Q> RunQueryDsl<PgConnection> for Prepared<Q> {}
+/// The `worker` of an execution between its claim and the hand-over to a worker; its
+/// outcome names the worker that ran it.
+pub(crate) const NOT_YET_TAKEN: i32 = -1;
 
 /// A task claimed by this instance, with its freshly opened execution.
 #[derive(Debug, Clone, QueryableByName)]
 pub(crate) struct ClaimedTask {
     #[diesel(sql_type = BigInt)]
     pub id: i64,
-    #[diesel(sql_type = Text)]
-    pub task_class: String,
+    /// The task's type (`tasks.task_class`).
+    #[diesel(sql_type = Text, column_name = task_class)]
+    pub task_type: String,
     #[diesel(sql_type = Jsonb)]
     pub task_parameters: serde_json::Value,
     /// This attempt's number, 1 for the first.
@@ -63,21 +34,17 @@ pub(crate) struct ClaimedTask {
     pub max_attempts: i32,
     #[diesel(sql_type = BigInt)]
     pub execution_id: i64,
-    #[diesel(sql_type = Timestamptz)]
-    #[allow(dead_code)]
-    pub started_at: DateTime<Utc>,
 }
 
 /// Claims up to `limit` runnable tasks of the given types for `instance`: locks them
-/// with `FOR UPDATE SKIP LOCKED` (rows other claimers hold are passed over, not
-/// waited for), marks them `running` with one more attempt, and opens one execution
-/// per task, all in one statement. Highest priority first, then earliest due, then
-/// oldest; the walk follows `tasks_waiting_idx`.
+/// with `FOR UPDATE SKIP LOCKED` (rows other claimers hold are passed over, not waited
+/// for), marks them `running` with one more attempt, and opens one execution per task,
+/// all in one statement. Highest priority first, then earliest due, then oldest; the
+/// walk follows `tasks_waiting_idx`.
 pub(crate) fn claim(
     conn: &mut PgConnection,
     instance: &str,
-    worker: i32,
-    task_classes: &[&str],
+    task_types: &[&str],
     limit: i64,
 ) -> QueryResult<Vec<ClaimedTask>> {
     Prepared(
@@ -98,15 +65,14 @@ pub(crate) fn claim(
              INSERT INTO task_executions (id, task_id, attempt, started_at, instance, worker)
              SELECT execution_id, id, attempts, now(), $3, $4 FROM claimed
          )
-         SELECT id, task_class, task_parameters, attempts AS attempt, max_attempts, execution_id,
-                now() AS started_at
+         SELECT id, task_class, task_parameters, attempts AS attempt, max_attempts, execution_id
          FROM claimed
          ORDER BY priority DESC, run_at, id",
         )
-        .bind::<Array<Text>, _>(task_classes)
+        .bind::<Array<Text>, _>(task_types)
         .bind::<BigInt, _>(limit)
         .bind::<Text, _>(instance)
-        .bind::<Integer, _>(worker),
+        .bind::<Integer, _>(NOT_YET_TAKEN),
     )
     .load(conn)
 }
@@ -118,8 +84,8 @@ pub(crate) enum Outcome {
     Succeeded(serde_json::Value),
     /// Failed for good: the task becomes `failed`.
     Failed(String),
-    /// Failed, to be tried again after `delay` (from the server's clock): the task
-    /// goes back to `waiting`.
+    /// Failed, to be tried again after `delay` (from the server's clock): the task goes
+    /// back to `waiting`.
     Retry { error: String, delay: Duration },
 }
 
@@ -130,11 +96,11 @@ pub(crate) struct Completion {
     pub task_id: i64,
     pub attempt: i32,
     pub worker: i32,
-    /// How long the task waited in the instance between its claim and its start:
-    /// the execution's `started_at` (the claim's time) moves on by this much.
+    /// How long the task waited in the instance between its claim and its start: the
+    /// execution's `started_at` (the claim's time) moves on by this much.
     pub queued: Duration,
-    /// How long the attempt ran, measured by the worker: `stopped_at` is the
-    /// corrected `started_at` plus this, so that both come from the server's clock.
+    /// How long the attempt ran, measured by the worker: `stopped_at` is the corrected
+    /// `started_at` plus this, so that both come from the server's clock.
     pub elapsed: Duration,
     pub outcome: Outcome,
 }
@@ -165,16 +131,16 @@ const COMPLETE: &str = "WITH closed AS (
 
 /// Records finished attempts, in one statement: closes each still-open execution with
 /// its result or error and moves its task to the outcome's state; a task an operator
-/// cancelled while it ran ends `cancelled` unless the attempt succeeded. An attempt whose
-/// execution was already closed (the rescue took it), or whose task has moved on to
-/// another attempt, changes nothing: the rescue closes the execution and moves the task
-/// in one statement, so a task still `running` the same attempt still has it open.
-/// Returns how many tasks changed state.
+/// cancelled while it ran ends `cancelled` unless the attempt succeeded. Locks the
+/// batch's task and execution rows. An attempt whose execution was already closed (the
+/// rescue took it), or whose task has moved on to another attempt, changes nothing: the
+/// rescue closes the execution and moves the task in one statement, so a task still
+/// `running` the same attempt still has it open. Returns how many tasks changed state.
 ///
-/// Run it on a connection prepared by [`prepare_completer_session`]: there the plan
-/// finds the batch's rows by primary key and joins them by hash (or merge) whatever
-/// the statistics and the batch's size, so the statement can stay prepared, with a
-/// generic plan, and is not planned again for every batch.
+/// Run it on a connection set up by [`prepare_completer_session`]: there the plan finds
+/// the batch's rows by primary key and joins them by hash (or merge) whatever the
+/// statistics and the batch's size, so the statement can stay prepared, with a generic
+/// plan, and is not planned again for every batch.
 pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> QueryResult<usize> {
     let n = completions.len();
     let mut queued_us = Vec::with_capacity(n);
@@ -192,17 +158,17 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
         task_ids.push(c.task_id);
         attempts.push(c.attempt);
         workers.push(c.worker);
-        elapsed_us.push(i64::try_from(c.elapsed.as_micros()).unwrap_or(i64::MAX));
-        queued_us.push(i64::try_from(c.queued.as_micros()).unwrap_or(i64::MAX));
+        elapsed_us.push(micros(c.elapsed));
+        queued_us.push(micros(c.queued));
         let (status, result, error, delay) = match &c.outcome {
-            Outcome::Succeeded(result) => ("stopped", Some(result.clone()), None, None),
-            Outcome::Failed(error) => ("failed", None, Some(error.clone()), None),
-            Outcome::Retry { error, delay } => ("waiting", None, Some(error.clone()), Some(*delay)),
+            Outcome::Succeeded(result) => ("stopped", Some(result), None, None),
+            Outcome::Failed(error) => ("failed", None, Some(error.as_str()), None),
+            Outcome::Retry { error, delay } => ("waiting", None, Some(error.as_str()), Some(micros(*delay))),
         };
         statuses.push(status);
         results.push(result);
         errors.push(error);
-        delays_us.push(delay.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)));
+        delays_us.push(delay);
     }
     Prepared(
         diesel::sql_query(COMPLETE)
@@ -220,19 +186,20 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
     .execute(conn)
 }
 
-/// Sets up the completer's own connection for [`complete`]: with sequential scans
-/// off, the planner finds the batch's rows through the primary keys (`id = ANY(...)`)
-/// even while stale statistics make a whole-table scan look cheap (a table of 20,000
-/// rows scanned for every batch halved the drain).
+/// Sets up the completer's own connection for [`complete`]: with sequential scans and
+/// nested loops off, the planner finds the batch's rows through the primary keys
+/// (`id = ANY(...)`) and joins them by hash even while stale statistics make a scan of
+/// the whole table look cheap. Changes this session's settings only.
 pub(crate) fn prepare_completer_session(conn: &mut PgConnection) -> QueryResult<()> {
     conn.batch_execute("SET enable_seqscan = off; SET enable_nestloop = off")
 }
 
 /// Undoes the claims of tasks that never started (the instance is stopping, or they
-/// waited too long for a worker): their executions are deleted and the tasks wait
-/// again with the attempt given back. A notification on the engine's channel wakes
-/// the instances that sleep (an update fires no insert trigger). Returns how many
-/// tasks wait again.
+/// waited too long for a worker): deletes their still-open executions and puts the
+/// tasks back to waiting with the attempt given back (or `cancelled`, if a cancel came
+/// meanwhile), locking those task rows. Notifies the engine's channel, so that
+/// sleeping instances wake (an update fires no insert trigger). Returns how many tasks
+/// wait again.
 pub(crate) fn release(conn: &mut PgConnection, claimed: &[ClaimedTask]) -> QueryResult<usize> {
     #[derive(QueryableByName)]
     struct Released {
@@ -247,7 +214,6 @@ pub(crate) fn release(conn: &mut PgConnection, claimed: &[ClaimedTask]) -> Query
              RETURNING e.task_id, e.attempt
          ), moved AS (
              UPDATE tasks t
-             -- A cancel asked while the task waited here ends it: it never ran.
              SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'waiting' END,
                  attempts = t.attempts - 1, updated_at = now()
              FROM gone
@@ -257,10 +223,7 @@ pub(crate) fn release(conn: &mut PgConnection, claimed: &[ClaimedTask]) -> Query
          ), counted AS (
              SELECT count(*) AS n FROM moved
          ), notified AS (
-             -- The channel the insert trigger uses: `<schema of tasks>.task_engine`.
-             SELECT pg_notify(left(ns.nspname, 50) || '.task_engine', json_build_object('ready', counted.n)::text)
-             FROM counted, pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
-             WHERE c.oid = 'tasks'::regclass AND counted.n > 0
+             SELECT pg_notify(task_engine_channel(), json_build_object('ready', n)::text) FROM counted WHERE n > 0
          )
          -- Reading `notified` (in the select list, where no join removal drops it) is
          -- what runs its pg_notify.
@@ -273,7 +236,7 @@ pub(crate) fn release(conn: &mut PgConnection, claimed: &[ClaimedTask]) -> Query
 
 /// A task to insert: see [`crate::NewTask`].
 pub(crate) struct TaskInsert<'a> {
-    pub task_class: &'a str,
+    pub task_type: &'a str,
     pub parameters: &'a serde_json::Value,
     pub priority: i32,
     pub run_at: Option<DateTime<Utc>>,
@@ -288,11 +251,12 @@ struct InsertedId {
     id: i64,
 }
 
-/// Inserts tasks in one statement, whatever their number, and returns their ids in
-/// the order given. A task without a run-at time is due after its delay (`now()` plus
-/// the delay, usually none).
+/// Inserts tasks in one statement, whatever their number, and returns their ids in the
+/// order given. A task without a run-at time is due after its delay (`now()` plus the
+/// delay, usually none). Takes no lock beyond the new rows; the insert trigger may
+/// notify.
 pub(crate) fn insert_tasks(conn: &mut PgConnection, tasks: &[TaskInsert<'_>]) -> QueryResult<Vec<i64>> {
-    let classes: Vec<&str> = tasks.iter().map(|t| t.task_class).collect();
+    let types: Vec<&str> = tasks.iter().map(|t| t.task_type).collect();
     let parameters: Vec<&serde_json::Value> = tasks.iter().map(|t| t.parameters).collect();
     let priorities: Vec<i32> = tasks.iter().map(|t| t.priority).collect();
     let run_ats: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.run_at).collect();
@@ -311,7 +275,7 @@ pub(crate) fn insert_tasks(conn: &mut PgConnection, tasks: &[TaskInsert<'_>]) ->
          )
          SELECT id FROM inserted ORDER BY id",
         )
-        .bind::<Array<Text>, _>(classes)
+        .bind::<Array<Text>, _>(types)
         .bind::<Array<Jsonb>, _>(parameters)
         .bind::<Array<Integer>, _>(priorities)
         .bind::<Array<Nullable<Timestamptz>>, _>(run_ats)
@@ -323,7 +287,7 @@ pub(crate) fn insert_tasks(conn: &mut PgConnection, tasks: &[TaskInsert<'_>]) ->
 }
 
 /// Inserts `count` copies of one task in one statement (the parameters cross the wire
-/// once) and returns their ids, ascending.
+/// once) and returns their ids, ascending. Like [`insert_tasks`], locks nothing else.
 pub(crate) fn insert_copies(conn: &mut PgConnection, task: &TaskInsert<'_>, count: i64) -> QueryResult<Vec<i64>> {
     let rows: Vec<InsertedId> = diesel::sql_query(
         "WITH inserted AS (
@@ -334,7 +298,7 @@ pub(crate) fn insert_copies(conn: &mut PgConnection, task: &TaskInsert<'_>, coun
          )
          SELECT id FROM inserted ORDER BY id",
     )
-    .bind::<Text, _>(task.task_class)
+    .bind::<Text, _>(task.task_type)
     .bind::<Jsonb, _>(task.parameters)
     .bind::<Integer, _>(task.priority)
     .bind::<Nullable<Timestamptz>, _>(task.run_at)
@@ -343,6 +307,148 @@ pub(crate) fn insert_copies(conn: &mut PgConnection, task: &TaskInsert<'_>, coun
     .bind::<BigInt, _>(task.delay_us)
     .load(conn)?;
     Ok(rows.into_iter().map(|r| r.id).collect())
+}
+
+/// Whose running tasks a rescue takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lost {
+    /// Those of a previous instance of this name (taken at start, under the name lock).
+    PreviousSelf,
+    /// Tasks marked running here that no worker here runs, claimed over a lease ago.
+    OwnGhosts,
+    /// Those of instances whose lease expired, or that have no row.
+    Dead,
+}
+
+/// The rescue statement for running tasks matching `$lost`; its parameters: $1 this
+/// instance, $2 the lease in microseconds, $3 the tasks in flight here, $4 why.
+macro_rules! rescue_statement {
+    ($lost:literal) => {
+        concat!(
+            "WITH lost AS (
+                 SELECT t.id, t.attempts FROM tasks t
+                 WHERE t.status = 'running' AND ",
+            $lost,
+            "
+                 FOR UPDATE OF t SKIP LOCKED
+             ), closed AS (
+                 UPDATE task_executions e
+                 SET stopped_at = now(), updated_at = now(),
+                     error = format('lost: %s (instance %s, attempt %s)', $4::text, e.instance, e.attempt)
+                 FROM lost
+                 WHERE e.task_id = ANY(ARRAY(SELECT id FROM lost)) AND e.task_id = lost.id
+                   AND e.attempt = lost.attempts AND e.stopped_at IS NULL
+             ), moved AS (
+                 UPDATE tasks t
+                 SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                                   WHEN t.attempts >= t.max_attempts THEN 'failed'
+                                   ELSE 'waiting' END,
+                     run_at = now(), updated_at = now()
+                 WHERE t.id = ANY(ARRAY(SELECT id FROM lost))
+                 RETURNING t.status
+             )
+             SELECT count(*) FILTER (WHERE status = 'waiting') AS waiting FROM moved"
+        )
+    };
+}
+
+const RESCUE_PREVIOUS_SELF: &str = rescue_statement!("t.instance = $1");
+const RESCUE_OWN_GHOSTS: &str = rescue_statement!(
+    "t.instance = $1 AND NOT (t.id = ANY($3)) AND t.updated_at < now() - $2 * interval '1 microsecond'"
+);
+const RESCUE_DEAD: &str = rescue_statement!(
+    "t.instance <> $1 AND NOT EXISTS (
+         SELECT FROM task_engine_instances i
+         WHERE i.name = t.instance AND i.last_seen_at >= now() - $2 * interval '1 microsecond')"
+);
+
+/// Closes the lost attempts of the running tasks `lost` names (`stopped_at`, and an
+/// error saying why and where), and puts their tasks back to waiting, due at once (or
+/// `failed` after their last attempt, `cancelled` if cancelled), in one statement.
+/// Locks those task rows, passing over rows another session holds (they are taken at a
+/// later pass). `in_flight` are the tasks this instance is running; `lease` is how long
+/// a ghost or a silent instance is given. Returns how many tasks wait again.
+pub(crate) fn rescue(
+    conn: &mut PgConnection,
+    lost: Lost,
+    instance: &str,
+    lease: Duration,
+    in_flight: &[i64],
+) -> QueryResult<usize> {
+    #[derive(QueryableByName)]
+    struct Rescued {
+        #[diesel(sql_type = BigInt)]
+        waiting: i64,
+    }
+    let (statement, why) = match lost {
+        Lost::PreviousSelf => (RESCUE_PREVIOUS_SELF, "its instance restarted"),
+        Lost::OwnGhosts => (RESCUE_OWN_GHOSTS, "its outcome never reached the database"),
+        Lost::Dead => (RESCUE_DEAD, "its instance stopped sending heartbeats"),
+    };
+    let rescued: Rescued = diesel::sql_query(statement)
+        .bind::<Text, _>(instance)
+        .bind::<BigInt, _>(micros(lease))
+        .bind::<Array<BigInt>, _>(in_flight)
+        .bind::<Text, _>(why)
+        .get_result(conn)?;
+    Ok(usize::try_from(rescued.waiting).unwrap_or(0))
+}
+
+/// What the scheduler learns from [`due`].
+#[derive(Debug, QueryableByName)]
+pub(crate) struct Due {
+    /// Waiting tasks due now, counted up to the limit asked for.
+    #[diesel(sql_type = BigInt)]
+    pub now: i64,
+    /// Seconds until the next scheduled task is due.
+    #[diesel(sql_type = Nullable<Double>)]
+    pub next_in: Option<f64>,
+}
+
+/// Counts the waiting tasks of the given types due now (up to `limit`) and finds when
+/// the next scheduled one is due (it walks `tasks_scheduled_idx`, which holds scheduled
+/// tasks only). Locks and changes nothing.
+pub(crate) fn due(conn: &mut PgConnection, task_types: &[&str], limit: i64) -> QueryResult<Due> {
+    diesel::sql_query(
+        "SELECT
+             (SELECT count(*) FROM (
+                 SELECT 1 FROM tasks
+                 WHERE status = 'waiting' AND run_at <= now() AND task_class = ANY($1)
+                 LIMIT $2) d) AS now,
+             (SELECT extract(epoch FROM min(run_at) - now())::float8 FROM tasks
+              WHERE status = 'waiting' AND run_at > created_at AND run_at > now()
+                AND task_class = ANY($1)) AS next_in",
+    )
+    .bind::<Array<Text>, _>(task_types)
+    .bind::<BigInt, _>(limit)
+    .get_result(conn)
+}
+
+/// The advisory lock that lets one instance at a time vacuum ("vacu" in ASCII).
+const VACUUM_LOCK: i64 = 0x7661_6375;
+
+/// Runs `VACUUM tasks` unless another instance is at it (a session advisory lock,
+/// released after): it removes the dead index entries claims leave behind, and blocks
+/// no claim, insert or completion. Returns false when another instance holds the lock.
+pub(crate) fn vacuum(conn: &mut PgConnection) -> QueryResult<bool> {
+    #[derive(QueryableByName)]
+    struct Locked {
+        #[diesel(sql_type = Bool)]
+        locked: bool,
+    }
+    let locked: Locked =
+        diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked").bind::<BigInt, _>(VACUUM_LOCK).get_result(conn)?;
+    if !locked.locked {
+        return Ok(false);
+    }
+    let vacuumed = conn.batch_execute("VACUUM tasks");
+    diesel::sql_query("SELECT pg_advisory_unlock($1)").bind::<BigInt, _>(VACUUM_LOCK).execute(conn)?;
+    vacuumed.map(|_| true)
+}
+
+/// A duration in whole microseconds, as the statements take them.
+pub(crate) fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -369,7 +475,7 @@ mod tests {
              ANALYZE tasks; ANALYZE task_executions;",
         )
         .unwrap();
-        let claimed = claim(&mut conn, "i", 0, &["noop"], 300).unwrap();
+        let claimed = claim(&mut conn, "i", &["noop"], 300).unwrap();
         assert_eq!(claimed.len(), 300);
 
         let mut session = db.connect();

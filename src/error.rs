@@ -10,8 +10,24 @@ pub enum Error {
     Database(#[from] diesel::result::Error),
 
     /// A connection to PostgreSQL could not be opened.
-    #[error("could not connect to PostgreSQL: {0}")]
-    Connection(#[from] diesel::ConnectionError),
+    #[error("could not connect to {server}: {source}")]
+    Connection {
+        /// The connection string, without its password.
+        server: String,
+        /// What the driver said.
+        #[source]
+        source: diesel::ConnectionError,
+    },
+
+    /// The listener's own connection (LISTEN) failed.
+    #[error("listener: {context}: {source}")]
+    Listener {
+        /// What the listener was doing.
+        context: String,
+        /// What the driver said.
+        #[source]
+        source: postgres::Error,
+    },
 
     /// The connection pool gave no connection in time (database away or pool exhausted).
     #[error("no database connection available: {0}")]
@@ -31,20 +47,20 @@ pub enum Error {
     },
 
     /// Parameters that do not deserialise into the task type's parameters.
-    #[error("parameters do not fit task type `{task_class}`: {source}")]
+    #[error("parameters do not fit task type `{task_type}`: {source}")]
     InvalidParameters {
         /// The task type.
-        task_class: String,
+        task_type: String,
         /// What serde said.
         #[source]
         source: serde_json::Error,
     },
 
     /// A task value that could not be serialised to JSON.
-    #[error("could not serialise the parameters of task type `{task_class}`: {source}")]
+    #[error("could not serialise the parameters of task type `{task_type}`: {source}")]
     Serialization {
         /// The task type.
-        task_class: &'static str,
+        task_type: &'static str,
         /// What serde said.
         #[source]
         source: serde_json::Error,

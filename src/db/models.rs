@@ -4,10 +4,10 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use serde::Serialize;
 
-use crate::schema::{task_executions, tasks};
+use crate::db::schema::{task_executions, tasks};
 
 // The relation's join, which `diesel print-schema` would derive from a foreign key:
-// the seventh migration replaced that key with triggers (see its up.sql).
+// migration `executions_without_foreign_key` replaced that key with triggers.
 diesel::joinable!(task_executions -> tasks (task_id));
 
 /// One unit of work, in any state, with its scheduling and retry bookkeeping.

@@ -1,28 +1,33 @@
-//! The scheduler: one thread per instance that sleeps until the earliest scheduled
-//! task (a task enqueued to run later, or a failed one waiting for its retry) is due,
-//! then wakes as many idle workers as there are due tasks. No polling: it is armed
+//! The scheduler: a thread that sleeps until the earliest scheduled task of the
+//! instance's types (enqueued for later, or waiting for its retry) is due, then wakes
+//! the producer. It does not poll: its [`Timer`] is armed by a query for the next due
+//! time (at start, after every (re)connection of the listener, after each due time,
+//! when the instance falls asleep), by a notification whose insert includes a
+//! scheduled task, and by the completer when it records a retry.
 //!
-//! - at start, after every (re)connection of the listener and after each due time, by a
-//!   query for the next due time among the waiting tasks of the types this instance
-//!   runs (it walks `tasks_scheduled_idx`, which holds scheduled tasks only);
-//! - by a notification whose inserted tasks include scheduled ones (the trigger sends
-//!   how far ahead the earliest is), so that a task scheduled earlier than everything
-//!   already waiting re-arms it;
-//! - by a worker that has just scheduled a retry.
-//!
-//! Times from the database are taken as delays (`run_at - now()` on the server), so the
+//! Due times are taken as delays from the server's clock (`run_at - now()`), so the
 //! instance's clock need not agree with the server's.
 
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Double, Nullable, Text};
+use crate::db::connect::PgPool;
+use crate::db::tasks;
+use crate::error::Error;
+use crate::instance::handoff::Handoff;
+use crate::instance::{backoff, lock};
 
-use crate::runner::Shared;
-
-/// The longest pause after the database failed to answer.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// What the scheduler needs.
+pub(crate) struct Input {
+    pub pool: PgPool,
+    /// The types it looks for: those the instance can run.
+    pub task_types: Vec<&'static str>,
+    pub timer: Arc<Timer>,
+    /// Woken when tasks are due.
+    pub handoff: Arc<Handoff>,
+    /// The longest it sleeps without looking, as a safety net.
+    pub poll_interval: Duration,
+}
 
 #[derive(Debug, Default)]
 struct State {
@@ -33,16 +38,25 @@ struct State {
     stopping: bool,
 }
 
-/// The scheduler's alarm clock, shared with the listener and the workers.
+/// The scheduler's alarm clock, set by the listener, the producer and the completer.
 #[derive(Debug, Default)]
 pub(crate) struct Timer {
     state: Mutex<State>,
     condvar: Condvar,
 }
 
+/// Why the scheduler woke.
+#[derive(Debug, PartialEq, Eq)]
+enum Alarm {
+    /// A known scheduled task is due.
+    Due,
+    /// Asked to look (start, reconnection) or the fallback poll.
+    Look,
+}
+
 impl Timer {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
     }
 
     /// Makes sure the scheduler wakes by `at`.
@@ -60,6 +74,7 @@ impl Timer {
         self.condvar.notify_one();
     }
 
+    /// Ends the scheduler's waits: the instance's waker on its shutdown.
     pub(crate) fn stop(&self) {
         self.lock().stopping = true;
         self.condvar.notify_one();
@@ -82,78 +97,46 @@ impl Timer {
                 return Some(if due { Alarm::Due } else { Alarm::Look });
             }
             let until = state.next.map_or(start + fallback, |next| next.min(start + fallback));
-            state = self.condvar.wait_timeout(state, until - now).unwrap_or_else(PoisonError::into_inner).0;
+            state = self.condvar.wait_timeout(state, until - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
 
-/// Why the scheduler woke.
-#[derive(Debug, PartialEq, Eq)]
-enum Alarm {
-    /// A known scheduled task is due.
-    Due,
-    /// Asked to look (start, reconnection) or the fallback poll.
-    Look,
-}
-
-#[derive(QueryableByName)]
-struct Due {
-    /// Waiting tasks due now (counted up to the number of workers).
-    #[diesel(sql_type = BigInt)]
-    due: i64,
-    /// Seconds until the next scheduled task is due.
-    #[diesel(sql_type = Nullable<Double>)]
-    next_in: Option<f64>,
-}
-
 /// Runs the scheduler until the instance stops.
-pub(crate) fn run(shared: Arc<Shared>) {
+pub(crate) fn run(input: Input) {
     let mut failures = 0u32;
-    // The fallback poll bounds every sleep, as a safety net.
-    while let Some(alarm) = shared.timer.wait(shared.poll_interval) {
+    while let Some(alarm) = input.timer.wait(input.poll_interval) {
         if alarm == Alarm::Due {
             // The task we armed for is due: the producer can claim it while we count
             // the others (the armed time is never early: delays are measured from
             // before they reached us).
-            shared.wakeup.wake(1);
+            input.handoff.wake(1);
         }
-        match look(&shared) {
+        match look(&input) {
             Ok(due) => {
                 failures = 0;
-                if due.due > 0 {
-                    shared.wakeup.wake(usize::try_from(due.due).unwrap_or(usize::MAX));
+                if due.now > 0 {
+                    input.handoff.wake(usize::try_from(due.now).unwrap_or(usize::MAX));
                 }
                 if let Some(next_in) = due.next_in {
-                    shared.timer.arm(Instant::now() + Duration::from_secs_f64(next_in.max(0.0)));
+                    input.timer.arm(Instant::now() + Duration::from_secs_f64(next_in.max(0.0)));
                 }
             }
             Err(error) => {
                 failures += 1;
-                let pause = (Duration::from_millis(100) * 2u32.pow(failures.min(7) - 1)).min(MAX_BACKOFF);
+                let pause = backoff::pause(failures);
                 log::error!("scheduler: could not read the next due time ({error}); trying again in {pause:?}");
-                shared.timer.arm(Instant::now() + pause);
+                input.timer.arm(Instant::now() + pause);
             }
         }
     }
     log::debug!("scheduler stopped");
 }
 
-fn look(shared: &Shared) -> Result<Due, crate::Error> {
-    let mut conn = shared.pool.get()?;
-    let workers = i64::try_from(shared.wakeup.capacity()).unwrap_or(i64::MAX);
-    Ok(diesel::sql_query(
-        "SELECT
-             (SELECT count(*) FROM (
-                 SELECT 1 FROM tasks
-                 WHERE status = 'waiting' AND run_at <= now() AND task_class = ANY($1)
-                 LIMIT $2) d) AS due,
-             (SELECT extract(epoch FROM min(run_at) - now())::float8 FROM tasks
-              WHERE status = 'waiting' AND run_at > created_at AND run_at > now()
-                AND task_class = ANY($1)) AS next_in",
-    )
-    .bind::<Array<Text>, _>(&shared.task_classes)
-    .bind::<BigInt, _>(workers)
-    .get_result(&mut conn)?)
+fn look(input: &Input) -> Result<tasks::Due, Error> {
+    let mut conn = input.pool.get()?;
+    let workers = i64::try_from(input.handoff.capacity()).unwrap_or(i64::MAX);
+    Ok(tasks::due(&mut conn, &input.task_types, workers)?)
 }
 
 #[cfg(test)]

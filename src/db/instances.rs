@@ -1,0 +1,80 @@
+//! The instances' rows (`task_engine_instances`) and the advisory locks on their names.
+
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Text};
+use diesel::PgConnection;
+
+use crate::db::tasks::micros;
+
+/// The first key of the instance-name advisory locks ("task" in ASCII).
+const NAME_LOCK: i32 = 0x7461_736b;
+
+/// Takes a session advisory lock on the instance's name, on the heartbeat's own
+/// connection, for as long as that session lives. Returns false when another live
+/// session holds it (a running instance of that name).
+pub(crate) fn take_name(conn: &mut PgConnection, instance: &str) -> QueryResult<bool> {
+    #[derive(QueryableByName)]
+    struct Locked {
+        #[diesel(sql_type = Bool)]
+        locked: bool,
+    }
+    let locked: Locked = diesel::sql_query("SELECT pg_try_advisory_lock($1, hashtext($2)) AS locked")
+        .bind::<Integer, _>(NAME_LOCK)
+        .bind::<Text, _>(instance)
+        .get_result(conn)?;
+    Ok(locked.locked)
+}
+
+/// Inserts or renews the instance's row, as of now (a restart under the name replaces
+/// the previous row). Locks that row.
+pub(crate) fn register(
+    conn: &mut PgConnection,
+    instance: &str,
+    host: &str,
+    pid: u32,
+    task_types: &[&str],
+) -> QueryResult<()> {
+    diesel::sql_query(
+        "INSERT INTO task_engine_instances (name, host, pid, task_types)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (name) DO UPDATE
+         SET host = EXCLUDED.host, pid = EXCLUDED.pid, task_types = EXCLUDED.task_types,
+             started_at = now(), last_seen_at = now()",
+    )
+    .bind::<Text, _>(instance)
+    .bind::<Text, _>(host)
+    .bind::<Integer, _>(i32::try_from(pid).unwrap_or(i32::MAX))
+    .bind::<Array<Text>, _>(task_types)
+    .execute(conn)
+    .map(drop)
+}
+
+/// Renews the instance's heartbeat (`last_seen_at`); locks its row. Returns how many
+/// rows it renewed: 0 if the row is gone.
+pub(crate) fn beat(conn: &mut PgConnection, instance: &str) -> QueryResult<usize> {
+    diesel::sql_query("UPDATE task_engine_instances SET last_seen_at = now() WHERE name = $1")
+        .bind::<Text, _>(instance)
+        .execute(conn)
+}
+
+/// Deletes the instance's row, after a clean stop.
+pub(crate) fn deregister(conn: &mut PgConnection, instance: &str) -> QueryResult<()> {
+    diesel::sql_query("DELETE FROM task_engine_instances WHERE name = $1")
+        .bind::<Text, _>(instance)
+        .execute(conn)
+        .map(drop)
+}
+
+/// Deletes the rows of instances silent for ten leases that have nothing left
+/// running: their tasks have been rescued, nobody needs them any more.
+pub(crate) fn forget_long_dead(conn: &mut PgConnection, lease: Duration) -> QueryResult<usize> {
+    diesel::sql_query(
+        "DELETE FROM task_engine_instances i
+         WHERE i.last_seen_at < now() - 10 * $1 * interval '1 microsecond'
+           AND NOT EXISTS (SELECT FROM tasks t WHERE t.status = 'running' AND t.instance = i.name)",
+    )
+    .bind::<BigInt, _>(micros(lease))
+    .execute(conn)
+}

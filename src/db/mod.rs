@@ -1,0 +1,24 @@
+//! The SQL layer: every statement the engine runs, each in a small function that says
+//! what it locks and changes. Nothing outside this module writes SQL, and the names
+//! that SQL and Rust must agree on (the channel, the stripes, the lock keys) are spelled
+//! once, here or in the migrations.
+//!
+//! - [`tasks`]: the life of a task: insert, claim, complete, release, rescue; the
+//!   scheduler's look-ahead and the vacuum;
+//! - [`operator`]: what an operator does to one task: retry, cancel, prune;
+//! - [`instances`]: the instances' rows and name locks;
+//! - [`channel`]: the LISTEN connection, the stripes, the engine's own notifications;
+//! - [`report`]: read-only monitoring queries;
+//! - [`connect`]: the pool and the engine's own connections, with passwords kept out
+//!   of messages; [`migrate`], [`schema`], [`models`]: diesel's side.
+
+pub(crate) mod channel;
+pub(crate) mod connect;
+pub(crate) mod instances;
+pub(crate) mod migrate;
+pub mod models;
+pub(crate) mod operator;
+mod prepared;
+pub mod report;
+pub mod schema;
+pub(crate) mod tasks;

@@ -1,0 +1,182 @@
+//! The heartbeat: proves the instance alive, with a connection of its own. At start
+//! it takes a session advisory lock on the instance's name (a second live instance
+//! cannot use the name; one restarted under it knows the previous holder is gone and
+//! rescues that one's tasks at once) and registers the instance's row. Then, six times
+//! per lease, it renews `last_seen_at` and runs a [`rescue`](super::rescue) pass.
+//!
+//! It judges other instances only once its own heartbeat has succeeded for a whole
+//! lease without a break: after a database restart every instance gets a full lease to
+//! renew its row before anyone takes it for dead. A live instance's tasks are never
+//! taken, however long they run: the heartbeat does not depend on the workers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::PgConnection;
+
+use crate::db::connect::connect;
+use crate::db::instances;
+use crate::error::Error;
+use crate::instance::handoff::Handoff;
+use crate::instance::in_flight::InFlight;
+use crate::instance::rescue;
+use crate::instance::shutdown::Shutdown;
+
+/// Heartbeats per lease.
+const BEATS_PER_LEASE: u32 = 6;
+
+/// What the heartbeat needs.
+pub(crate) struct Input {
+    pub instance: String,
+    /// Recorded in the instance's row.
+    pub host: String,
+    pub task_types: Vec<&'static str>,
+    /// For its own connection.
+    pub database_url: String,
+    /// How long an instance may stay silent before it is taken for dead.
+    pub lease: Duration,
+    /// Woken for rescued tasks.
+    pub handoff: Arc<Handoff>,
+    /// What this instance runs: not ghosts.
+    pub in_flight: Arc<InFlight>,
+    pub shutdown: Shutdown,
+    pub stats: Arc<Stats>,
+}
+
+/// What the heartbeat counts.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub heartbeats: AtomicU64,
+    pub rescue_passes: AtomicU64,
+    pub rescued: AtomicU64,
+}
+
+/// Whether the instance's own heartbeat is sound, and so whether it may judge others.
+#[derive(Debug)]
+struct Health {
+    lease: Duration,
+    /// Since when the heartbeat has succeeded without a break.
+    since: Option<Instant>,
+}
+
+impl Health {
+    /// A heartbeat succeeded at `now` (a first one, or one after a failure, starts the
+    /// count).
+    fn beat(&mut self, now: Instant) {
+        self.since.get_or_insert(now);
+    }
+
+    /// A heartbeat failed; returns true if it had been sound until then.
+    fn failed(&mut self) -> bool {
+        self.since.take().is_some()
+    }
+
+    /// Whether the instance may take others for dead: its own heartbeat has been sound
+    /// for a whole lease.
+    fn may_judge_others(&self, now: Instant) -> bool {
+        self.since.is_some_and(|since| now.saturating_duration_since(since) >= self.lease)
+    }
+}
+
+/// A heartbeat that holds the instance's name.
+pub(crate) struct Heartbeat {
+    input: Input,
+    conn: Option<PgConnection>,
+    health: Health,
+}
+
+impl Heartbeat {
+    /// Connects, takes the instance's name, registers it, and recovers the tasks a
+    /// previous instance of that name left running.
+    pub(crate) fn start(input: Input) -> Result<Self, Error> {
+        let mut conn = open(&input)?;
+        let recovered = rescue::previous_self(&mut conn, &input.instance, input.lease)?;
+        if recovered > 0 {
+            log::warn!(
+                "instance {}: {recovered} task(s) left running by its previous run put back to waiting",
+                input.instance
+            );
+            input.handoff.wake(recovered);
+        }
+        let mut health = Health { lease: input.lease, since: None };
+        health.beat(Instant::now());
+        Ok(Self { input, conn: Some(conn), health })
+    }
+
+    /// Runs until the instance stops.
+    pub(crate) fn run(mut self) {
+        let interval = self.input.lease / BEATS_PER_LEASE;
+        while !self.input.shutdown.sleep(interval) {
+            if let Err(error) = self.beat() {
+                if self.health.failed() {
+                    log::error!("instance {}: heartbeat failed: {error}", self.input.instance);
+                }
+                self.conn = None;
+            }
+        }
+        log::debug!("heartbeat stopped");
+    }
+
+    fn beat(&mut self) -> Result<(), Error> {
+        let input = &self.input;
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => {
+                let conn = open(input)?;
+                log::info!("instance {}: heartbeat connection back", input.instance);
+                self.conn.insert(conn)
+            }
+        };
+        instances::beat(conn, &input.instance)?;
+        self.health.beat(Instant::now());
+        input.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+        let judge_others = self.health.may_judge_others(Instant::now());
+        let rescued = rescue::pass(conn, &input.instance, input.lease, &input.in_flight, judge_others)?;
+        if judge_others {
+            input.stats.rescue_passes.fetch_add(1, Ordering::Relaxed);
+        }
+        if rescued > 0 {
+            input.stats.rescued.fetch_add(rescued as u64, Ordering::Relaxed);
+            log::warn!("instance {}: {rescued} lost attempt(s) recorded; their tasks wait again", input.instance);
+            input.handoff.wake(rescued);
+        }
+        Ok(())
+    }
+}
+
+/// Opens the heartbeat's connection, takes the name lock on it, registers the row.
+fn open(input: &Input) -> Result<PgConnection, Error> {
+    let mut conn = connect(&input.database_url)?;
+    if !instances::take_name(&mut conn, &input.instance)? {
+        return Err(Error::Config(format!(
+            "instance name `{}` is in use by a running instance: give this one another name",
+            input.instance
+        )));
+    }
+    instances::register(&mut conn, &input.instance, &input.host, std::process::id(), &input.task_types)?;
+    Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_judges_others_only_after_a_whole_lease_of_sound_heartbeats() {
+        let lease = Duration::from_secs(30);
+        let start = Instant::now();
+        let mut health = Health { lease, since: None };
+        assert!(!health.may_judge_others(start), "never beat");
+        health.beat(start);
+        health.beat(start + Duration::from_secs(20));
+        assert!(!health.may_judge_others(start + Duration::from_secs(29)));
+        assert!(health.may_judge_others(start + lease));
+        // A failure (the database restarted, say) starts the count again.
+        assert!(health.failed());
+        assert!(!health.failed(), "a second failure in a row is not news");
+        health.beat(start + Duration::from_secs(40));
+        assert!(!health.may_judge_others(start + Duration::from_secs(60)));
+        assert!(health.may_judge_others(start + Duration::from_secs(70)));
+    }
+}

@@ -1,0 +1,192 @@
+//! The listener: one raw `postgres` connection per instance, outside the pool, that
+//! listens on the engine's channel and turns each notification into a wake-up.
+//!
+//! The insert trigger notifies once per inserting statement, inside the inserting
+//! transaction (PostgreSQL delivers at commit, drops on rollback), whoever inserts; its
+//! payload says how many inserted tasks are runnable now and how far ahead the earliest
+//! scheduled one is due. `engine cancel` notifies the task it cancels. Notifications
+//! sent while the connection is down are lost for us, so after every (re)connection
+//! the listener wakes the producer and the scheduler to look as if notified; it
+//! reconnects at once after a first loss, then with backoff.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::db::channel::Listening;
+use crate::db::connect::redact_url;
+use crate::error::Error;
+use crate::instance::backoff;
+use crate::instance::handoff::Handoff;
+use crate::instance::in_flight::InFlight;
+use crate::instance::scheduler::Timer;
+use crate::instance::shutdown::Shutdown;
+
+/// How often the listener, while waiting for notifications, looks at the shutdown.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// What the listener needs.
+pub(crate) struct Input {
+    /// Named in its `application_name`.
+    pub instance: String,
+    pub database_url: String,
+    /// Woken for inserted tasks.
+    pub handoff: Arc<Handoff>,
+    /// Armed for inserted scheduled tasks.
+    pub timer: Arc<Timer>,
+    /// Told of cancellations.
+    pub in_flight: Arc<InFlight>,
+    pub shutdown: Shutdown,
+    pub stats: Arc<Stats>,
+}
+
+/// What the listener counts.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub notifications: AtomicU64,
+    pub connections: AtomicU64,
+    pub listening: AtomicBool,
+}
+
+/// The payload of a notification: tasks inserted (see the trigger function), or a
+/// running task cancelled (`engine cancel`).
+#[derive(Debug, Default, PartialEq, Deserialize)]
+#[serde(default)]
+struct Payload {
+    /// Inserted tasks that are runnable now.
+    ready: u64,
+    /// Seconds until the earliest inserted scheduled task is due.
+    next_in: Option<f64>,
+    /// A task to cancel.
+    cancel: Option<i64>,
+}
+
+impl Payload {
+    /// Reads a notification; one that is not ours is taken as "look, to be safe".
+    fn read(text: &str) -> Self {
+        serde_json::from_str(text).unwrap_or(Self { ready: 1, ..Self::default() })
+    }
+
+    /// When the inserted scheduled task is due, if the payload says so sensibly.
+    fn next_due(&self, now: Instant) -> Option<Instant> {
+        let next_in = self.next_in.filter(|s| s.is_finite())?;
+        Some(now + Duration::from_secs_f64(next_in.clamp(0.0, 1e9)))
+    }
+}
+
+/// A listener ready to run: its connection settings are checked.
+pub(crate) struct Listener {
+    input: Input,
+    config: postgres::Config,
+}
+
+impl Listener {
+    /// Checks the database URL; fails if the listener could never connect with it.
+    pub(crate) fn new(input: Input) -> Result<Self, Error> {
+        let mut config: postgres::Config = input
+            .database_url
+            .parse()
+            .map_err(|e| Error::Config(format!("bad database URL {}: {e}", redact_url(&input.database_url))))?;
+        config
+            .application_name(&format!("task_engine listener {}", input.instance))
+            .connect_timeout(Duration::from_secs(5))
+            // A server or network that vanishes without closing the socket is noticed
+            // within about half a minute.
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
+        Ok(Self { input, config })
+    }
+
+    /// Runs until the instance stops.
+    pub(crate) fn run(self) {
+        let mut failures = 0u32;
+        while !self.input.shutdown.is_stopped() {
+            let lost = match Listening::start(&self.config, &self.input.database_url) {
+                Ok(listening) => {
+                    failures = 0;
+                    self.listen(listening)
+                }
+                Err(error) => Some(error.to_string()),
+            };
+            self.input.stats.listening.store(false, Ordering::SeqCst);
+            let Some(why) = lost else { break };
+            failures += 1;
+            // None after a first loss: the server may have closed just this connection.
+            let pause = backoff::pause(failures - 1);
+            if failures == 1 {
+                log::warn!("{why}; reconnecting");
+            } else {
+                log::error!("{why}; trying again in {pause:?}");
+            }
+            if self.input.shutdown.sleep(pause) {
+                break;
+            }
+        }
+        log::debug!("listener stopped");
+    }
+
+    /// Listens until the instance stops (`None`) or the connection is lost (why).
+    fn listen(&self, mut listening: Listening) -> Option<String> {
+        let input = &self.input;
+        log::debug!("listening on {}", listening.channel());
+        // Whatever was inserted while we were not listening: look for it now, and for
+        // the next scheduled task.
+        input.handoff.wake_all();
+        input.timer.refresh();
+        input.stats.connections.fetch_add(1, Ordering::SeqCst);
+        input.stats.listening.store(true, Ordering::SeqCst);
+        while !input.shutdown.is_stopped() {
+            match listening.next(STOP_CHECK) {
+                Ok(Some(payload)) => {
+                    input.stats.notifications.fetch_add(1, Ordering::Relaxed);
+                    self.wake_for(&Payload::read(&payload));
+                }
+                Ok(None) if listening.is_closed() => return Some("listener: connection closed by the server".into()),
+                Ok(None) => {}
+                Err(error) => return Some(error.to_string()),
+            }
+        }
+        None
+    }
+
+    fn wake_for(&self, payload: &Payload) {
+        let input = &self.input;
+        if payload.ready > 0 {
+            input.handoff.wake(usize::try_from(payload.ready).unwrap_or(usize::MAX));
+        }
+        if let Some(at) = payload.next_due(Instant::now()) {
+            input.timer.arm(at);
+        }
+        if let Some(task_id) = payload.cancel {
+            input.in_flight.cancel(task_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_says_what_is_ready_when_the_next_is_due_and_what_to_cancel() {
+        let now = Instant::now();
+        let inserted = Payload::read(r#"{"ready": 3, "first_id": 9, "next_in": 1.5}"#);
+        assert_eq!(inserted.ready, 3);
+        assert_eq!(inserted.next_due(now), Some(now + Duration::from_millis(1500)));
+        assert_eq!(Payload::read(r#"{"cancel": 42}"#).cancel, Some(42));
+        assert_eq!(Payload::read(r#"{"ready": 0, "next_in": -2}"#).next_due(now), Some(now), "overdue: now");
+    }
+
+    #[test]
+    fn a_payload_that_is_not_ours_means_look_and_a_senseless_due_time_is_ignored() {
+        let now = Instant::now();
+        assert_eq!(Payload::read("hello").ready, 1);
+        assert_eq!(Payload::read(r#"{"ready": 1, "next_in": null}"#).next_due(now), None);
+        let far = Payload { next_in: Some(f64::INFINITY), ..Payload::default() };
+        assert_eq!(far.next_due(now), None);
+    }
+}

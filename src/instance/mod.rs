@@ -1,0 +1,33 @@
+//! One running instance: a thread per part, each given the inputs it needs and
+//! nothing more (its `Input`), built and started by [`crate::runner`].
+//!
+//! A task's way through the parts: the [`producer`] claims it (for the idle workers
+//! and a buffer) and puts it in the [`handoff`]; a [`worker`] takes it, runs it and
+//! leaves its outcome with the [`completer`], which records outcomes in batches. The
+//! [`listener`] (notifications) and the [`scheduler`] (due times) tell the hand-off
+//! when there is work; the [`heartbeat`] keeps the instance alive in the database and
+//! runs the [`rescue`] of lost attempts; the [`vacuum`] keeps claims fast. Shared
+//! between them: the [`in_flight`] tasks and their cancellations, the one
+//! [`shutdown`], the one [`backoff`].
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+pub(crate) mod backoff;
+pub(crate) mod completer;
+pub(crate) mod handoff;
+pub(crate) mod heartbeat;
+pub(crate) mod in_flight;
+pub(crate) mod listener;
+pub(crate) mod producer;
+pub(crate) mod rescue;
+pub(crate) mod scheduler;
+pub(crate) mod shutdown;
+pub(crate) mod vacuum;
+pub(crate) mod worker;
+
+/// Locks a mutex of the instance. None of them is held across a task or a query, and
+/// their data stays consistent if a holder ever panicked, so a poisoned lock is still
+/// used rather than passed on as a panic to every other thread.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

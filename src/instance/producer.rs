@@ -1,0 +1,325 @@
+//! The producer: claims runnable tasks for the idle workers of its instance (and a
+//! buffer), as many as there is room for in one statement, and puts them in the
+//! hand-off. Workers never ask the database for work.
+//!
+//! It also tells inserters whether to notify: while the instance is idle, its
+//! connection holds the stripes (see `task_engine_notify_insert`), and inserts notify;
+//! while it is busy it holds none, and inserts skip their NOTIFY. It takes them only
+//! when no inserter holds one, then claims once more before it sleeps, so that no
+//! insert goes unseen. While claims find tasks less than [`STREAMING`] apart, it
+//! stays awake and claims again after each short claim, until one comes back empty.
+//! The stripes live and die with its connection, which it pings while idle.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::PgConnection;
+
+use crate::db::connect::connect;
+use crate::db::{channel, tasks};
+use crate::error::Error;
+use crate::instance::backoff;
+use crate::instance::handoff::{Handoff, Next};
+use crate::instance::in_flight::InFlight;
+use crate::instance::scheduler::Timer;
+use crate::instance::shutdown::Shutdown;
+
+/// The longest the producer waits before it looks at its connection, the fallback
+/// poll and the tasks waiting too long for a worker.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Claims that find tasks this close together mean tasks are streaming in.
+const STREAMING: Duration = Duration::from_millis(2);
+
+/// What the producer needs.
+pub(crate) struct Input {
+    pub instance: String,
+    /// For its own connection.
+    pub database_url: String,
+    /// The types it claims: those the instance can run.
+    pub task_types: Vec<&'static str>,
+    pub handoff: Arc<Handoff>,
+    /// Where it records what it claimed.
+    pub in_flight: Arc<InFlight>,
+    /// Asked to look again for scheduled tasks when the instance falls asleep.
+    pub timer: Arc<Timer>,
+    pub shutdown: Shutdown,
+    /// The fallback poll of an idle instance.
+    pub poll_interval: Duration,
+    /// How long a claimed task may wait for a worker before it goes back.
+    pub max_queue_wait: Duration,
+    pub stats: Arc<Stats>,
+}
+
+/// What the producer counts.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub claims: AtomicU64,
+    pub wasted_claims: AtomicU64,
+    pub claimed_tasks: AtomicU64,
+    pub given_back: AtomicU64,
+    /// Whether its connection holds the stripes.
+    pub marked_idle: AtomicBool,
+}
+
+/// The producer's decisions, apart from the database.
+#[derive(Debug)]
+struct Pace {
+    /// Whether the connection holds the stripes (the instance is idle).
+    holding: bool,
+    last_claim: Instant,
+    /// When a claim last found tasks.
+    last_found: Option<Instant>,
+}
+
+/// What to do with the stripes after a claim.
+#[derive(Debug, PartialEq, Eq)]
+enum Stripes {
+    /// The instance goes idle: take them, and look once more.
+    Take,
+    /// The instance is busy: inserts need not notify it.
+    Release,
+    Keep,
+}
+
+/// What to do when a tick passes without a claim.
+#[derive(Debug, PartialEq, Eq)]
+struct Quiet {
+    /// Check the connection that holds the stripes.
+    ping: bool,
+    /// Look for work unprompted (the fallback poll).
+    poll: bool,
+}
+
+impl Pace {
+    fn new(now: Instant) -> Self {
+        Self { holding: false, last_claim: now, last_found: None }
+    }
+
+    /// After a claim sent at `now` that found `found` tasks: whether tasks stream in.
+    fn found(&mut self, found: usize, now: Instant) -> bool {
+        self.last_claim = now;
+        if found == 0 {
+            return false;
+        }
+        let streaming = self.last_found.is_some_and(|last| now.saturating_duration_since(last) < STREAMING);
+        self.last_found = Some(now);
+        streaming
+    }
+
+    /// Once the claim's tasks are handed over: `idle` if the hand-off has no reason
+    /// left to claim, `full` if the claim got all it asked for.
+    fn stripes(&self, idle: bool, full: bool, streaming: bool) -> Stripes {
+        if idle && !self.holding {
+            Stripes::Take
+        } else if (full || streaming) && self.holding {
+            Stripes::Release
+        } else {
+            Stripes::Keep
+        }
+    }
+
+    fn quiet(&self, now: Instant, poll_interval: Duration) -> Quiet {
+        Quiet { ping: self.holding, poll: now.saturating_duration_since(self.last_claim) >= poll_interval }
+    }
+}
+
+struct Producer {
+    input: Input,
+    /// Its own connection, outside the pool: the stripes are session locks.
+    conn: Option<PgConnection>,
+    pace: Pace,
+}
+
+/// Claims until the instance stops, then gives back what no worker started.
+pub(crate) fn run(input: Input) {
+    let mut producer = Producer { input, conn: None, pace: Pace::new(Instant::now()) };
+    // Connect before the first claim is due (a failure is met again, and handled, there).
+    let _ = producer.conn();
+    let mut failures = 0u32;
+    loop {
+        let input = &producer.input;
+        let stale = input.handoff.take_stale(input.max_queue_wait);
+        producer.give_back(stale, "they waited too long for a worker");
+        let input = &producer.input;
+        let tick = TICK.min(input.poll_interval).min(input.max_queue_wait);
+        match input.handoff.next(tick) {
+            Next::Stop => break,
+            Next::Tick => {
+                let quiet = producer.pace.quiet(Instant::now(), producer.input.poll_interval);
+                if quiet.ping && producer.conn().and_then(|c| Ok(channel::ping(c)?)).is_err() {
+                    // The stripes went with the connection: look again, anew.
+                    producer.lost();
+                    producer.input.handoff.wake(1);
+                } else if quiet.poll {
+                    producer.input.handoff.wake(1);
+                }
+            }
+            Next::Claim(demand) => match producer.claim(demand.count) {
+                Ok((claimed, sent_at)) => {
+                    failures = 0;
+                    let found = claimed.len();
+                    producer.count(&claimed);
+                    let streaming = producer.pace.found(found, sent_at);
+                    let idle = producer.input.handoff.deliver_claimed_at(claimed, demand, sent_at, streaming);
+                    match producer.pace.stripes(idle, found == demand.count, streaming) {
+                        Stripes::Take => producer.fall_asleep(),
+                        Stripes::Release => producer.wake_up(),
+                        Stripes::Keep => {}
+                    }
+                }
+                Err(error) => {
+                    producer.lost();
+                    failures += 1;
+                    let pause = backoff::pause(failures);
+                    log::error!("could not claim tasks, trying again in {pause:?}: {error}");
+                    if producer.input.shutdown.sleep(pause) {
+                        break;
+                    }
+                    producer.input.handoff.wake(1);
+                }
+            },
+        }
+    }
+    let left = producer.input.handoff.finish();
+    producer.give_back(left, "the instance stops");
+    producer.lost();
+    log::debug!("producer stopped");
+}
+
+impl Producer {
+    fn conn(&mut self) -> Result<&mut PgConnection, Error> {
+        if self.conn.is_none() {
+            let mut conn = connect(&self.input.database_url)?;
+            // Prepare the claim with a claim of nothing: a real claim is then one round
+            // trip, and its `now()` (the executions' start) follows its sending closely,
+            // as the time its tasks spend in the hand-off assumes.
+            tasks::claim(&mut conn, &self.input.instance, &self.input.task_types, 0)?;
+            self.conn = Some(conn);
+            self.set_holding(false);
+        }
+        Ok(self.conn.as_mut().expect("just connected"))
+    }
+
+    /// Forgets a connection that failed (closing it drops its locks).
+    fn lost(&mut self) {
+        self.conn = None;
+        self.set_holding(false);
+    }
+
+    fn set_holding(&mut self, holding: bool) {
+        self.pace.holding = holding;
+        self.input.stats.marked_idle.store(holding, Ordering::SeqCst);
+    }
+
+    /// Claims up to `count` tasks; also returns when the statement was sent (after
+    /// connecting, if it had to), which the tasks' time in the hand-off and the claim's
+    /// round trip count from.
+    fn claim(&mut self, count: usize) -> Result<(Vec<tasks::ClaimedTask>, Instant), Error> {
+        let limit = i64::try_from(count).unwrap_or(i64::MAX);
+        self.conn()?;
+        let (conn, input) = (self.conn.as_mut().expect("connected"), &self.input);
+        let sent_at = Instant::now();
+        Ok((tasks::claim(conn, &input.instance, &input.task_types, limit)?, sent_at))
+    }
+
+    fn count(&self, claimed: &[tasks::ClaimedTask]) {
+        let stats = &self.input.stats;
+        stats.claims.fetch_add(1, Ordering::Relaxed);
+        stats.claimed_tasks.fetch_add(claimed.len() as u64, Ordering::Relaxed);
+        if claimed.is_empty() {
+            stats.wasted_claims.fetch_add(1, Ordering::Relaxed);
+        }
+        self.input.in_flight.claimed(claimed.iter().map(|t| t.id));
+    }
+
+    /// The instance goes idle: take the stripes, then look once more (for what was
+    /// inserted without a notification before we held them), and have the scheduler
+    /// look for what was scheduled meanwhile. If an inserter holds a stripe, it is about
+    /// to commit: look again shortly and try again.
+    fn fall_asleep(&mut self) {
+        match self.conn().and_then(|conn| Ok(channel::take_stripes(conn)?)) {
+            Ok(true) => {
+                self.set_holding(true);
+                self.input.timer.refresh();
+            }
+            Ok(false) => std::thread::sleep(Duration::from_millis(1)),
+            Err(error) => {
+                log::warn!("could not mark the instance idle ({error}); looking again");
+                self.lost();
+            }
+        }
+        self.input.handoff.wake(1);
+    }
+
+    /// The instance is busy: inserts need not notify it.
+    fn wake_up(&mut self) {
+        match self.conn().and_then(|conn| Ok(channel::release_stripes(conn)?)) {
+            Ok(()) => self.set_holding(false),
+            Err(_) => self.lost(),
+        }
+    }
+
+    /// Gives back tasks claimed but never started (the instance is stopping, or they
+    /// waited too long for a worker). If the database is away they stay running here
+    /// and are rescued as lost attempts later.
+    fn give_back(&mut self, claimed: Vec<tasks::ClaimedTask>, why: &str) {
+        if claimed.is_empty() {
+            return;
+        }
+        match self.conn().and_then(|conn| Ok(tasks::release(conn, &claimed)?)) {
+            Ok(n) => {
+                log::debug!("{n} claimed task(s) given back unstarted: {why}");
+                self.input.stats.given_back.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(error) => {
+                log::error!("could not give back {} unstarted task(s) ({error}); they will be rescued", claimed.len());
+                self.lost();
+            }
+        }
+        self.input.in_flight.forget(claimed.iter().map(|t| t.id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn claims_that_find_tasks_less_than_2_ms_apart_mean_tasks_stream_in() {
+        let start = Instant::now();
+        let mut pace = Pace::new(start);
+        assert!(!pace.found(1, start), "a first find is not a stream");
+        assert!(pace.found(3, start + ms(1)));
+        assert!(!pace.found(0, start + ms(2)), "an empty claim is not a stream");
+        assert!(!pace.found(1, start + ms(10)), "finds 9 ms apart are not a stream");
+    }
+
+    #[test]
+    fn an_idle_instance_takes_the_stripes_and_a_busy_or_streaming_one_lets_them_go() {
+        let mut pace = Pace::new(Instant::now());
+        assert_eq!(pace.stripes(true, false, false), Stripes::Take);
+        assert_eq!(pace.stripes(false, true, false), Stripes::Keep, "not holding: nothing to let go");
+        pace.holding = true;
+        assert_eq!(pace.stripes(true, false, false), Stripes::Keep, "idle and already holding");
+        assert_eq!(pace.stripes(false, true, false), Stripes::Release, "a full claim: busy");
+        assert_eq!(pace.stripes(false, false, true), Stripes::Release, "streaming");
+        assert_eq!(pace.stripes(false, false, false), Stripes::Keep);
+    }
+
+    #[test]
+    fn a_quiet_tick_pings_the_stripes_connection_and_polls_only_after_the_poll_interval() {
+        let start = Instant::now();
+        let mut pace = Pace::new(start);
+        assert_eq!(pace.quiet(start + ms(500), ms(1000)), Quiet { ping: false, poll: false });
+        assert_eq!(pace.quiet(start + ms(1000), ms(1000)), Quiet { ping: false, poll: true });
+        pace.holding = true;
+        pace.found(0, start + ms(900));
+        assert_eq!(pace.quiet(start + ms(1000), ms(1000)), Quiet { ping: true, poll: false }, "a claim resets the poll");
+    }
+}

@@ -1,0 +1,44 @@
+//! The rescue of lost attempts, run by the heartbeat on its connection. A lost attempt
+//! is closed on its execution (`stopped_at`, an error saying why and where) and counts
+//! as an attempt: the task waits again, due at once, or fails after its last attempt.
+//! Lost are the running tasks of:
+//!
+//! - a previous instance of this name (at start, once the name lock is ours: the
+//!   previous holder's session is gone);
+//! - this instance, that none of its workers runs, claimed over a lease ago (ghosts: a
+//!   claim whose answer was lost with the connection, an outcome never recorded);
+//! - instances whose lease expired, or that have no row, once this instance has proved
+//!   itself alive for a whole lease (see the heartbeat).
+
+use std::time::Duration;
+
+use diesel::PgConnection;
+
+use crate::db::tasks::{self, Lost};
+use crate::db::instances;
+use crate::error::Error;
+use crate::instance::in_flight::InFlight;
+
+/// Puts back what a previous instance of this name left running; returns how many
+/// tasks wait again.
+pub(crate) fn previous_self(conn: &mut PgConnection, instance: &str, lease: Duration) -> Result<usize, Error> {
+    Ok(tasks::rescue(conn, Lost::PreviousSelf, instance, lease, &[])?)
+}
+
+/// One pass: this instance's ghosts, and the tasks of dead instances if it may judge
+/// others (whose rows, long dead and with nothing left running, it then forgets).
+/// Returns how many tasks wait again.
+pub(crate) fn pass(
+    conn: &mut PgConnection,
+    instance: &str,
+    lease: Duration,
+    in_flight: &InFlight,
+    judge_others: bool,
+) -> Result<usize, Error> {
+    let mut rescued = tasks::rescue(conn, Lost::OwnGhosts, instance, lease, &in_flight.ids())?;
+    if judge_others {
+        rescued += tasks::rescue(conn, Lost::Dead, instance, lease, &[])?;
+        instances::forget_long_dead(conn, lease)?;
+    }
+    Ok(rescued)
+}

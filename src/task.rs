@@ -1,0 +1,168 @@
+//! What a task crate writes: the [`Task`] trait, the [`TaskError`] a run fails with,
+//! the default retry policy, and the [`register_task!`](crate::register_task) macro
+//! that registers a type through `inventory`.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::context::TaskContext;
+
+/// A typed task: the value is the task's parameters, stored as JSON in
+/// `tasks.task_parameters`; what [`Task::run`] returns is stored as JSON in the
+/// execution's `result`.
+pub trait Task: Serialize + DeserializeOwned + Send + 'static {
+    /// The name stored in `tasks.task_class`; unique among registered types.
+    const NAME: &'static str;
+
+    /// How many attempts a task of this type gets unless its enqueue says otherwise.
+    const MAX_ATTEMPTS: i32 = 25;
+
+    /// What a successful run returns.
+    type Output: Serialize;
+
+    /// Runs one attempt. An `Err` is recorded on the execution as the attempt's error,
+    /// and the task is tried again later unless the error is permanent or this was
+    /// its last attempt.
+    fn run(&self, ctx: &TaskContext) -> Result<Self::Output, TaskError>;
+
+    /// How long to wait before the attempt after failed attempt number `attempt`
+    /// (1 for the first). Default: [`default_retry_delay`].
+    fn retry_delay(attempt: i32) -> Duration {
+        default_retry_delay(attempt)
+    }
+}
+
+/// The default wait before a retry: `attempt^4 + 3` seconds, give or take 10% at
+/// random so that tasks that failed together do not retry together: about 4 s, 19 s,
+/// 84 s, 4.3 min, 10.5 min, ... 3.8 days before the 25th attempt; 25 attempts span
+/// about three weeks.
+pub fn default_retry_delay(attempt: i32) -> Duration {
+    let attempt = f64::from(attempt.clamp(1, 100));
+    let base = attempt.powi(4) + 3.0;
+    Duration::from_secs_f64(base * (0.9 + 0.2 * unit_random()))
+}
+
+/// A number in [0, 1) good enough for jitter, without a random-number crate: the
+/// standard library's randomly keyed hasher over the time and a counter.
+fn unit_random() -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    COUNTER.fetch_add(1, Ordering::Relaxed).hash(&mut hasher);
+    std::time::SystemTime::now().hash(&mut hasher);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Why an attempt failed, as a task reports it: a message, and whether trying again
+/// could help.
+///
+/// Any `std::error::Error` converts into it, so `?` works inside [`Task::run`].
+pub struct TaskError {
+    message: String,
+    permanent: bool,
+}
+
+impl TaskError {
+    /// Builds an error that a later attempt might not meet.
+    pub fn new(message: impl fmt::Display) -> Self {
+        Self { message: message.to_string(), permanent: false }
+    }
+
+    /// Builds an error that no later attempt can fix: the task is not retried.
+    pub fn permanent(message: impl fmt::Display) -> Self {
+        Self { message: message.to_string(), permanent: true }
+    }
+
+    /// Returns the message recorded on the execution.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Tells whether the remaining attempts are skipped.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+
+    /// Returns the message, consuming the error.
+    pub(crate) fn into_message(self) -> String {
+        self.message
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for TaskError {
+    fn from(error: E) -> Self {
+        // Keep the whole chain of causes: the outermost message alone often says
+        // too little ("request failed").
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self::new(message)
+    }
+}
+
+impl fmt::Debug for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskError").field("message", &self.message).field("permanent", &self.permanent).finish()
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Registers a [`Task`] implementation so that every engine linking this crate can
+/// run it: `task_engine::register_task!(SendEmail);` next to the type.
+#[macro_export]
+macro_rules! register_task {
+    ($task:ty) => {
+        $crate::__inventory::submit! {
+            $crate::TaskEntry::of::<$task>(concat!(module_path!(), "::", stringify!($task)))
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_retry_delay_grows_as_the_fourth_power_with_ten_percent_jitter() {
+        for (attempt, base) in [(1, 4.0), (2, 19.0), (3, 84.0), (10, 10_003.0)] {
+            let delays: Vec<f64> = (0..50).map(|_| default_retry_delay(attempt).as_secs_f64()).collect();
+            assert!(delays.iter().all(|d| *d >= base * 0.9 && *d <= base * 1.1), "attempt {attempt}: {delays:?}");
+            let spread =
+                delays.iter().cloned().fold(f64::MIN, f64::max) - delays.iter().cloned().fold(f64::MAX, f64::min);
+            assert!(spread > base * 0.02, "attempt {attempt}: no jitter in {delays:?}");
+        }
+    }
+
+    #[test]
+    fn errors_converted_from_std_errors_keep_their_causes() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("request failed")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let error = TaskError::from(Outer(std::io::Error::other("connection reset")));
+        assert_eq!(error.message(), "request failed: connection reset");
+        assert!(!error.is_permanent());
+        assert!(TaskError::permanent("bad address").is_permanent());
+    }
+}
