@@ -176,20 +176,20 @@ impl Handoff {
         }
     }
 
-    /// For the producer: hands claimed tasks to the workers. A claim that came back
-    /// with fewer tasks than asked found the queue empty, unless a wake-up arrived
-    /// while it ran: then the instance is idle until the next wake-up, and this
-    /// returns true.
+    /// [`Handoff::deliver_claimed_at`] for tasks claimed now, not streaming.
     #[cfg(test)]
     pub(crate) fn deliver(&self, tasks: Vec<ClaimedTask>, demand: Demand) -> bool {
         self.deliver_claimed_at(tasks, demand, Instant::now(), false)
     }
 
-    /// [`Handoff::deliver`], for tasks claimed by a statement sent at
-    /// `claimed_at`: their time in the queue counts from then, as their executions'
-    /// `started_at` is the claim statement's time on the server. With
-    /// `keep_looking` (tasks are streaming in and inserters no longer notify), only
-    /// an empty claim makes the instance idle: a short one is followed by another.
+    /// For the producer: hands claimed tasks to the workers. A claim that came back
+    /// with fewer tasks than asked found the queue empty, unless a wake-up arrived
+    /// while it ran: then the instance is idle until the next wake-up, and this
+    /// returns true. With `keep_looking` (tasks are streaming in and inserters no
+    /// longer notify), only an empty claim makes the instance idle: a short one is
+    /// followed by another. The tasks' time in the queue counts from `claimed_at`,
+    /// when the claim statement was sent, as their executions' `started_at` is the
+    /// claim's time on the server.
     pub(crate) fn deliver_claimed_at(
         &self,
         tasks: Vec<ClaimedTask>,

@@ -2,7 +2,7 @@
 //! it takes a session advisory lock on the instance's name (a second live instance
 //! cannot use the name; one restarted under it knows the previous holder is gone and
 //! rescues that one's tasks at once) and registers the instance's row. Then, six times
-//! per lease, it renews `last_seen_at` and runs a [`rescue`](super::rescue) pass.
+//! per lease, it renews `last_seen_at` and runs a [`rescue`] pass.
 //!
 //! It judges other instances only once its own heartbeat has succeeded for a whole
 //! lease without a break: after a database restart every instance gets a full lease to

@@ -385,3 +385,33 @@ fn no_wake_up_is_lost_while_a_stream_of_inserts_keeps_an_instance_awake() {
     );
     engine.shutdown();
 }
+
+#[test]
+fn an_insert_that_names_the_schema_from_a_session_that_does_not_see_it_still_wakes_its_engine() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    conn.batch_execute("CREATE SCHEMA other").unwrap();
+    let other_url = format!("{}?options=-csearch_path%3Dother", db.url());
+    let mut other = PgConnection::establish(&other_url).unwrap();
+    task_engine::run_migrations(&mut other).unwrap();
+    let engine = Runner::new(&other_url, Registry::from_inventory().unwrap())
+        .instance("other")
+        .workers(2)
+        .poll_interval(std::time::Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    wait_until_idle(&engine, 2);
+    let before = engine.stats();
+
+    // An application's session whose search_path names no schema of the engine's.
+    conn.batch_execute("SET search_path = ''").unwrap();
+    let id = diesel::sql_query(
+        "INSERT INTO other.tasks (task_class, task_parameters) VALUES ('echo', '\"qualified\"') RETURNING id",
+    )
+    .get_result::<Id>(&mut conn)
+    .unwrap()
+    .id;
+    wait_until_stopped(&mut other, id);
+    assert_eq!(engine.stats().notifications - before.notifications, 1);
+    engine.shutdown();
+}
