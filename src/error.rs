@@ -4,6 +4,7 @@ use std::error::Error as StdError;
 
 /// What can go wrong in the engine's own work (not in a task: see [`crate::TaskError`]).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A query failed or its transaction was rolled back.
     #[error("database error: {0}")]

@@ -29,12 +29,11 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT 16 $$;
 
 -- The trigger of notify_only_when_asleep, unchanged but for the two names. It finds
--- them through the search_path this migration runs with (the deployment's schema),
--- pinned like the cascade triggers', so that an insert from a session whose
--- search_path does not name the schema (`INSERT INTO myapp.tasks ...`) still works.
+-- them through a search_path pinned to the schema they are created in (below), so
+-- that an insert from a session whose search_path does not name that schema
+-- (`INSERT INTO myapp.tasks ...`, or another role's "$user") still works.
 CREATE OR REPLACE FUNCTION task_engine_notify_insert() RETURNS trigger
 LANGUAGE plpgsql
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     channel  text := task_engine_channel(TG_TABLE_SCHEMA);
@@ -55,5 +54,13 @@ BEGIN
         PERFORM pg_notify(channel, json_build_object('ready', ready, 'first_id', first_id, 'next_in', next_in)::text);
     END IF;
     RETURN NULL;
+END
+$$;
+
+-- The schema itself, resolved now: `SET search_path FROM CURRENT` would keep
+-- "$user", which names another schema for another role.
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION task_engine_notify_insert() SET search_path = %I', current_schema());
 END
 $$;

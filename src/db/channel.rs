@@ -69,8 +69,9 @@ pub(crate) fn take_stripes(conn: &mut PgConnection) -> QueryResult<bool> {
         taken: bool,
     }
     let taken: Taken = diesel::sql_query(
-        "SELECT bool_and(pg_try_advisory_lock_shared(hashtext(task_engine_channel()), s)) AS taken
-         FROM generate_series(0, task_engine_stripes() - 1) s",
+        "WITH c AS MATERIALIZED (SELECT hashtext(task_engine_channel()) AS key)
+         SELECT bool_and(pg_try_advisory_lock_shared(c.key, s)) AS taken
+         FROM c, generate_series(0, task_engine_stripes() - 1) s",
     )
     .get_result(conn)?;
     if !taken.taken {

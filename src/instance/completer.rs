@@ -201,7 +201,7 @@ fn record(input: &Input, conn: &mut Option<PgConnection>, batch: &[Completion]) 
     input.stats.completions.fetch_add(batch.len() as u64, Ordering::Relaxed);
     input.stats.batches.fetch_add(1, Ordering::Relaxed);
     // Recorded (or given up on): no longer in flight, and a ghost if still running.
-    input.in_flight.forget(batch.iter().map(|c| c.task_id));
+    input.in_flight.forget(batch.iter().map(|c| (c.task_id, c.execution_id)));
     for completion in batch {
         if let Outcome::Retry { delay, .. } = &completion.outcome {
             input.timer.arm(Instant::now() + *delay);
@@ -229,17 +229,28 @@ mod tests {
         batch.expect("a batch").iter().map(|c| c.task_id).collect()
     }
 
+    /// The next batch, or a failure if it takes longer than any test should wait.
+    fn next_within_20_s(inbox: &Arc<Inbox>) -> Option<Vec<i64>> {
+        let (sent, received) = std::sync::mpsc::channel();
+        let inbox = Arc::clone(inbox);
+        std::thread::spawn(move || sent.send(inbox.next_batch().map(|b| ids(Some(b)))));
+        received.recv_timeout(Duration::from_secs(20)).expect("no batch, and the inbox did not close")
+    }
+
     #[test]
     fn a_full_batch_is_recorded_at_once_and_the_rest_makes_the_next() {
         let (inbox, outboxes) = inbox(Duration::from_secs(3600), 2, 1);
-        for id in 1..=3 {
+        // The delay is an hour: only fullness can explain these batches.
+        outboxes[0].submit(outcome(1));
+        outboxes[0].submit(outcome(2));
+        assert_eq!(next_within_20_s(&inbox), Some(vec![1, 2]));
+        for id in 3..=5 {
             outboxes[0].submit(outcome(id));
         }
-        // The delay is an hour: only fullness can explain these two batches.
-        assert_eq!(ids(inbox.next_batch()), [1, 2]);
+        assert_eq!(next_within_20_s(&inbox), Some(vec![3, 4]));
         drop(outboxes);
-        assert_eq!(ids(inbox.next_batch()), [3]);
-        assert!(inbox.next_batch().is_none());
+        assert_eq!(next_within_20_s(&inbox), Some(vec![5]));
+        assert_eq!(next_within_20_s(&inbox), None);
     }
 
     #[test]
@@ -254,22 +265,29 @@ mod tests {
 
     #[test]
     fn the_inbox_closes_when_the_last_worker_is_gone_and_keeps_nothing_back() {
-        let (inbox, mut outboxes) = inbox(Duration::from_secs(3600), 1000, 2);
-        let waiter = {
+        let (inbox, mut outboxes) = inbox(Duration::from_millis(1), 1000, 2);
+        let (sent, received) = std::sync::mpsc::channel();
+        {
             let inbox = Arc::clone(&inbox);
             std::thread::spawn(move || {
-                let mut seen = Vec::new();
                 while let Some(batch) = inbox.next_batch() {
-                    seen.extend(batch.iter().map(|c| c.task_id));
+                    sent.send(ids(Some(batch))).unwrap();
                 }
-                seen
-            })
-        };
+                sent.send(Vec::new()).unwrap(); // closed
+            });
+        }
+        let within = Duration::from_secs(20);
         outboxes[1].submit(outcome(1));
+        assert_eq!(received.recv_timeout(within), Ok(vec![1]));
         drop(outboxes.pop());
+        // A second worker's last outcome, then its outbox goes: the completer, most
+        // likely waiting for more by now, must wake, record it, and end.
+        std::thread::sleep(Duration::from_millis(50));
         outboxes[0].submit(outcome(2));
+        assert_eq!(received.recv_timeout(within), Ok(vec![2]));
+        std::thread::sleep(Duration::from_millis(50));
         drop(outboxes);
-        assert_eq!(waiter.join().unwrap(), [1, 2], "the last outcomes were not flushed at the close");
+        assert_eq!(received.recv_timeout(within), Ok(vec![]), "the inbox did not close with the last outbox");
     }
 
     #[test]

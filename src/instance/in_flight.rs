@@ -9,31 +9,40 @@ use std::sync::{Arc, Mutex};
 
 use crate::instance::lock;
 
-/// Claimed tasks by id, each with its cancel flag.
+/// Claimed tasks by id, each with the execution of its attempt here and its cancel
+/// flag.
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
-    tasks: Mutex<HashMap<i64, Arc<AtomicBool>>>,
+    tasks: Mutex<HashMap<i64, Entry>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    execution_id: i64,
+    cancelled: Arc<AtomicBool>,
 }
 
 impl InFlight {
-    /// Tasks claimed by this instance.
-    pub(crate) fn claimed(&self, task_ids: impl IntoIterator<Item = i64>) {
-        let mut tasks = lock(&self.tasks);
-        for id in task_ids {
-            tasks.insert(id, Arc::default());
-        }
+    /// Tasks claimed by this instance, as `(task, execution)`.
+    pub(crate) fn claimed(&self, claimed: impl IntoIterator<Item = (i64, i64)>) {
+        // Allocated before the lock, which workers wait for.
+        let entries: Vec<(i64, Entry)> = claimed
+            .into_iter()
+            .map(|(task_id, execution_id)| (task_id, Entry { execution_id, cancelled: Arc::default() }))
+            .collect();
+        lock(&self.tasks).extend(entries);
     }
 
     /// Marks a task cancelled, if it is in flight here.
     pub(crate) fn cancel(&self, task_id: i64) {
-        if let Some(flag) = lock(&self.tasks).get(&task_id) {
-            flag.store(true, Ordering::Relaxed);
+        if let Some(entry) = lock(&self.tasks).get(&task_id) {
+            entry.cancelled.store(true, Ordering::Relaxed);
         }
     }
 
     /// The cancel flag of a task in flight (a fresh, unset one for any other).
     pub(crate) fn cancel_flag(&self, task_id: i64) -> Arc<AtomicBool> {
-        lock(&self.tasks).get(&task_id).cloned().unwrap_or_default()
+        lock(&self.tasks).get(&task_id).map(|entry| Arc::clone(&entry.cancelled)).unwrap_or_default()
     }
 
     /// The tasks in flight now.
@@ -41,12 +50,20 @@ impl InFlight {
         lock(&self.tasks).keys().copied().collect()
     }
 
-    /// Forgets tasks whose attempt has been recorded (or given back).
-    pub(crate) fn forget(&self, task_ids: impl IntoIterator<Item = i64>) {
+    /// Forgets attempts that have been recorded (or given back), as `(task,
+    /// execution)`. A task claimed again meanwhile (a retry due at once) keeps its new
+    /// entry.
+    pub(crate) fn forget(&self, attempts: impl IntoIterator<Item = (i64, i64)>) {
+        let mut gone = Vec::new();
         let mut tasks = lock(&self.tasks);
-        for id in task_ids {
-            tasks.remove(&id);
+        for (task_id, execution_id) in attempts {
+            if tasks.get(&task_id).is_some_and(|entry| entry.execution_id == execution_id) {
+                gone.extend(tasks.remove(&task_id));
+            }
         }
+        drop(tasks);
+        // Freed after the lock.
+        drop(gone);
     }
 }
 
@@ -57,14 +74,27 @@ mod tests {
     #[test]
     fn a_cancel_reaches_the_flag_of_a_task_in_flight_and_nothing_else() {
         let in_flight = InFlight::default();
-        in_flight.claimed([1, 2]);
+        in_flight.claimed([(1, 10), (2, 20)]);
         let flag = in_flight.cancel_flag(1);
         in_flight.cancel(1);
         in_flight.cancel(3);
         assert!(flag.load(Ordering::Relaxed));
         assert!(!in_flight.cancel_flag(2).load(Ordering::Relaxed));
         assert!(!in_flight.cancel_flag(3).load(Ordering::Relaxed), "a task not in flight was cancelled");
-        in_flight.forget([1]);
+        in_flight.forget([(1, 10)]);
         assert_eq!(in_flight.ids(), [2]);
+    }
+
+    #[test]
+    fn a_retry_claimed_again_before_its_last_attempt_is_recorded_stays_in_flight() {
+        let in_flight = InFlight::default();
+        in_flight.claimed([(1, 10)]);
+        // The completer has recorded attempt 10 as a retry due at once, and the
+        // producer has claimed the task again before the completer forgets attempt 10.
+        in_flight.claimed([(1, 11)]);
+        in_flight.forget([(1, 10)]);
+        assert_eq!(in_flight.ids(), [1], "the new attempt was forgotten: the rescue would take it for a ghost");
+        in_flight.cancel(1);
+        assert!(in_flight.cancel_flag(1).load(Ordering::Relaxed), "a cancel no longer reaches the new attempt");
     }
 }

@@ -97,9 +97,13 @@ impl Pace {
         Self { holding: false, last_claim: now, last_found: None }
     }
 
-    /// After a claim sent at `now` that found `found` tasks: whether tasks stream in.
-    fn found(&mut self, found: usize, now: Instant) -> bool {
+    /// A claim starts at `now`.
+    fn claiming(&mut self, now: Instant) {
         self.last_claim = now;
+    }
+
+    /// A claim came back at `now` with `found` tasks: whether tasks stream in.
+    fn found(&mut self, found: usize, now: Instant) -> bool {
         if found == 0 {
             return false;
         }
@@ -161,7 +165,7 @@ pub(crate) fn run(input: Input) {
                     failures = 0;
                     let found = claimed.len();
                     producer.count(&claimed);
-                    let streaming = producer.pace.found(found, sent_at);
+                    let streaming = producer.pace.found(found, Instant::now());
                     let idle = producer.input.handoff.deliver_claimed_at(claimed, demand, sent_at, streaming);
                     match producer.pace.stripes(idle, found == demand.count, streaming) {
                         Stripes::Take => producer.fall_asleep(),
@@ -217,6 +221,7 @@ impl Producer {
     /// connecting, if it had to), which the tasks' time in the hand-off and the claim's
     /// round trip count from.
     fn claim(&mut self, count: usize) -> Result<(Vec<tasks::ClaimedTask>, Instant), Error> {
+        self.pace.claiming(Instant::now());
         let limit = i64::try_from(count).unwrap_or(i64::MAX);
         self.conn()?;
         let (conn, input) = (self.conn.as_mut().expect("connected"), &self.input);
@@ -231,7 +236,7 @@ impl Producer {
         if claimed.is_empty() {
             stats.wasted_claims.fetch_add(1, Ordering::Relaxed);
         }
-        self.input.in_flight.claimed(claimed.iter().map(|t| t.id));
+        self.input.in_flight.claimed(claimed.iter().map(|t| (t.id, t.execution_id)));
     }
 
     /// The instance goes idle: take the stripes, then look once more (for what was
@@ -278,7 +283,7 @@ impl Producer {
                 self.lost();
             }
         }
-        self.input.in_flight.forget(claimed.iter().map(|t| t.id));
+        self.input.in_flight.forget(claimed.iter().map(|t| (t.id, t.execution_id)));
     }
 }
 
@@ -296,7 +301,8 @@ mod tests {
         let mut pace = Pace::new(start);
         assert!(!pace.found(1, start), "a first find is not a stream");
         assert!(pace.found(3, start + ms(1)));
-        assert!(!pace.found(0, start + ms(2)), "an empty claim is not a stream");
+        assert!(!pace.found(2, start + ms(3)), "finds 2 ms apart are not a stream");
+        assert!(!pace.found(0, start + ms(4)), "an empty claim is not a stream");
         assert!(!pace.found(1, start + ms(10)), "finds 9 ms apart are not a stream");
     }
 
@@ -319,7 +325,7 @@ mod tests {
         assert_eq!(pace.quiet(start + ms(500), ms(1000)), Quiet { ping: false, poll: false });
         assert_eq!(pace.quiet(start + ms(1000), ms(1000)), Quiet { ping: false, poll: true });
         pace.holding = true;
-        pace.found(0, start + ms(900));
+        pace.claiming(start + ms(900));
         assert_eq!(pace.quiet(start + ms(1000), ms(1000)), Quiet { ping: true, poll: false }, "a claim resets the poll");
     }
 }

@@ -89,13 +89,21 @@ mod tests {
     #[test]
     fn a_stop_ends_a_sleep_at_once_and_only_the_first_call_stops() {
         let shutdown = Shutdown::default();
-        let sleeper = {
+        let (started, ended) = (std::sync::mpsc::channel(), std::sync::mpsc::channel());
+        {
             let shutdown = shutdown.clone();
-            std::thread::spawn(move || shutdown.sleep(Duration::from_secs(3600)))
-        };
+            std::thread::spawn(move || {
+                started.0.send(()).unwrap();
+                ended.0.send(shutdown.sleep(Duration::from_secs(3600))).unwrap();
+            });
+        }
+        started.1.recv().unwrap();
+        // Most likely asleep by now; if not, the flag alone ends the sleep.
+        std::thread::sleep(Duration::from_millis(50));
         assert!(shutdown.stop());
         assert!(!shutdown.stop());
-        assert!(sleeper.join().unwrap(), "the sleep did not end with the stop");
+        let woke = ended.1.recv_timeout(Duration::from_secs(20));
+        assert_eq!(woke, Ok(true), "the sleep did not end with the stop");
         assert!(shutdown.sleep(Duration::from_secs(3600)), "a sleep after the stop waited");
     }
 

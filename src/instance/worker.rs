@@ -39,7 +39,7 @@ pub(crate) fn run(input: Input) {
 
 fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
     log::debug!("task {} ({}) attempt {} starting", task.id, task.task_type, task.attempt);
-    let started = Instant::now();
+    let mut started = Instant::now();
     let (ran, cancelled, entry) = match input.registry.get(&task.task_type) {
         Ok(entry) => {
             let ctx = TaskContext {
@@ -51,6 +51,7 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
                 cancelled: input.in_flight.cancel_flag(task.id),
                 instance: Arc::clone(&input.instance),
             };
+            started = Instant::now();
             let ran = catch_unwind(AssertUnwindSafe(|| entry.run(&task.task_parameters, &ctx)))
                 .unwrap_or_else(|panic| Err(RunFailure::Panic(panic_message(&*panic))));
             (ran, ctx.cancel_requested(), Some(entry))
@@ -148,6 +149,7 @@ mod tests {
         let none = Duration::ZERO;
         let retried = outcome(&attempt(1, 3), None, failed("busy"), false, none);
         assert_eq!(retried, Outcome::Retry { error: "busy".into(), delay: Duration::ZERO });
+        assert!(matches!(outcome(&attempt(2, 3), None, failed("busy"), false, none), Outcome::Retry { .. }));
         assert_eq!(outcome(&attempt(3, 3), None, failed("busy"), false, none), Outcome::Failed("busy".into()));
         let permanent = Err(RunFailure::Task(TaskError::permanent("no such customer")));
         assert_eq!(outcome(&attempt(1, 3), None, permanent, false, none), Outcome::Failed("no such customer".into()));
