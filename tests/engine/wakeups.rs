@@ -195,22 +195,33 @@ fn a_task_inserted_while_the_listener_is_disconnected_runs_once_it_reconnects() 
     engine.shutdown();
 }
 
+/// A second deployment in the database, in schema `other`: its URL and a connection.
+fn schema_other(conn: &mut PgConnection, db: &TestDatabase) -> (String, PgConnection) {
+    conn.batch_execute("CREATE SCHEMA other").unwrap();
+    let url = format!("{}?options=-csearch_path%3Dother", db.url());
+    let mut other = PgConnection::establish(&url).unwrap();
+    task_engine::run_migrations(&mut other).unwrap();
+    (url, other)
+}
+
+/// An instance named `other` on the deployment at `url`, polling once an hour.
+fn engine_in_schema(url: &str, workers: usize) -> RunningEngine {
+    Runner::new(url, Registry::from_inventory().unwrap())
+        .instance("other")
+        .workers(workers)
+        .poll_interval(std::time::Duration::from_secs(3600))
+        .start()
+        .unwrap()
+}
+
 #[test]
 fn engines_in_two_schemas_of_one_database_do_not_wake_each_other() {
     let db = TestDatabase::new();
     let mut conn = db.connect();
-    conn.batch_execute("CREATE SCHEMA other").unwrap();
-    let other_url = format!("{}?options=-csearch_path%3Dother", db.url());
-    let mut other = PgConnection::establish(&other_url).unwrap();
-    task_engine::run_migrations(&mut other).unwrap();
+    let (other_url, mut other) = schema_other(&mut conn, &db);
 
     let public_engine = start_engine(&db, "public", 2);
-    let other_engine = Runner::new(&other_url, Registry::from_inventory().unwrap())
-        .instance("other")
-        .workers(2)
-        .poll_interval(std::time::Duration::from_secs(3600))
-        .start()
-        .unwrap();
+    let other_engine = engine_in_schema(&other_url, 2);
     wait_until_idle(&public_engine, 2);
     wait_until_idle(&other_engine, 2);
     let (public_before, other_before) = (public_engine.stats(), other_engine.stats());
@@ -390,16 +401,8 @@ fn no_wake_up_is_lost_while_a_stream_of_inserts_keeps_an_instance_awake() {
 fn an_insert_that_names_the_schema_from_a_session_that_does_not_see_it_still_wakes_its_engine() {
     let db = TestDatabase::new();
     let mut conn = db.connect();
-    conn.batch_execute("CREATE SCHEMA other").unwrap();
-    let other_url = format!("{}?options=-csearch_path%3Dother", db.url());
-    let mut other = PgConnection::establish(&other_url).unwrap();
-    task_engine::run_migrations(&mut other).unwrap();
-    let engine = Runner::new(&other_url, Registry::from_inventory().unwrap())
-        .instance("other")
-        .workers(2)
-        .poll_interval(std::time::Duration::from_secs(3600))
-        .start()
-        .unwrap();
+    let (other_url, mut other) = schema_other(&mut conn, &db);
+    let engine = engine_in_schema(&other_url, 2);
     wait_until_idle(&engine, 2);
     let before = engine.stats();
 
