@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use crate::context::InstanceHandle;
 use crate::db::connect::{connection_pool, PgPool};
-use crate::db::instances;
 use crate::error::Error;
 use crate::instance::handoff::Handoff;
 use crate::instance::heartbeat::{self, Heartbeat};
@@ -228,6 +227,8 @@ impl Runner {
         };
         let buffer = self.buffer.unwrap_or(Self::DEFAULT_BUFFER_PER_WORKER.saturating_mul(self.workers));
         let shutdown = Shutdown::default();
+        // The heartbeat's own end: after the last attempt is recorded.
+        let retired = Shutdown::default();
         let handoff = Arc::new(Handoff::new(self.workers, buffer).with_max_claim(self.max_claim));
         let timer = Arc::new(Timer::default());
         let in_flight = Arc::new(InFlight::default());
@@ -262,7 +263,7 @@ impl Runner {
             lease: self.lease,
             handoff: Arc::clone(&handoff),
             in_flight: Arc::clone(&in_flight),
-            shutdown: shutdown.clone(),
+            retired: retired.clone(),
             stats: Arc::clone(&stats.heartbeat),
         })?;
         log::info!("instance {instance} starting {} workers; task types: {}", self.workers, task_types.join(", "));
@@ -279,7 +280,7 @@ impl Runner {
             poll_interval: self.poll_interval,
         };
         threads.push(("scheduler".into(), Group::Others, Box::new(move || scheduler::run(input))));
-        threads.push(("heartbeat".into(), Group::Others, Box::new(move || heartbeat.run())));
+        threads.push(("heartbeat".into(), Group::Heartbeat, Box::new(move || heartbeat.run())));
         let input = vacuum::Input {
             database_url: self.database_url.clone(),
             claims: Arc::clone(&stats.producer),
@@ -297,7 +298,7 @@ impl Runner {
             stats: Arc::clone(&stats.completer),
         };
         threads.push(("completer".into(), Group::Completer, Box::new(move || completer::run(input))));
-        let context = Arc::new(InstanceHandle { name: instance.clone(), stopping: shutdown.flag(), pool: pool.clone() });
+        let context = Arc::new(InstanceHandle { name: instance.clone(), stopping: shutdown.flag(), pool });
         for (index, outbox) in outboxes.into_iter().enumerate() {
             let input = worker::Input {
                 index,
@@ -323,7 +324,7 @@ impl Runner {
         };
         threads.push(("producer".into(), Group::Producer, Box::new(move || producer::run(input))));
 
-        let mut engine = RunningEngine { instance, pool, shutdown, handoff, stats, threads: Threads::default() };
+        let mut engine = RunningEngine { instance, shutdown, retired, handoff, stats, threads: Threads::default() };
         let mut pending = threads.into_iter();
         while let Some((name, group, body)) = pending.next() {
             if let Err(source) = engine.threads.spawn(&name, group, body) {
@@ -345,9 +346,9 @@ type Body = Box<dyn FnOnce() + Send>;
 /// [`RunningEngine::shutdown`] (or [`StopHandle::stop`] then [`RunningEngine::join`]).
 pub struct RunningEngine {
     instance: String,
-    /// For the deregistration, once every thread has ended.
-    pool: PgPool,
     shutdown: Shutdown,
+    /// Ends the heartbeat, once every other thread has ended.
+    retired: Shutdown,
     handoff: Arc<Handoff>,
     stats: Stats,
     threads: Threads,
@@ -370,6 +371,7 @@ struct Threads {
     workers: Vec<JoinHandle<()>>,
     completer: Vec<JoinHandle<()>>,
     others: Vec<JoinHandle<()>>,
+    heartbeat: Vec<JoinHandle<()>>,
 }
 
 #[derive(Clone, Copy)]
@@ -378,6 +380,7 @@ enum Group {
     Workers,
     Completer,
     Others,
+    Heartbeat,
 }
 
 impl Threads {
@@ -388,6 +391,7 @@ impl Threads {
             Group::Workers => self.workers.push(handle),
             Group::Completer => self.completer.push(handle),
             Group::Others => self.others.push(handle),
+            Group::Heartbeat => self.heartbeat.push(handle),
         }
         Ok(())
     }
@@ -440,22 +444,18 @@ impl RunningEngine {
     ///
     /// In order: the producer (it gives back the tasks no worker started), the workers
     /// (they finish their tasks), the completer (it records every outcome, and ends
-    /// with the last worker), then the listener, the scheduler, the heartbeat and the
-    /// vacuum.
+    /// with the last worker), the listener, the scheduler and the vacuum; last the
+    /// heartbeat, which kept the instance alive through all that (its attempts are
+    /// never taken for lost while they run) and now removes its row.
     pub fn join(self) {
-        let Threads { producer, workers, completer, others } = self.threads;
+        let Threads { producer, workers, completer, others, heartbeat } = self.threads;
         join_all(producer);
         join_all(workers);
         join_all(completer);
         join_all(others);
         // Every attempt is recorded: the instance can go.
-        let removed = self.pool.get().map_err(Error::from).and_then(|mut conn| {
-            instances::deregister(&mut conn, &self.instance)?;
-            Ok(())
-        });
-        if let Err(error) = removed {
-            log::warn!("instance {}: could not remove its row: {error}", self.instance);
-        }
+        self.retired.stop();
+        join_all(heartbeat);
         log::info!("instance {} stopped", self.instance);
     }
 }

@@ -2,7 +2,9 @@
 //! it takes a session advisory lock on the instance's name (a second live instance
 //! cannot use the name; one restarted under it knows the previous holder is gone and
 //! rescues that one's tasks at once) and registers the instance's row. Then, six times
-//! per lease, it renews `last_seen_at` and runs a [`rescue`] pass.
+//! per lease, it renews `last_seen_at` and runs a [`rescue`] pass. It outlives the
+//! instance's stop: it retires only once the last attempt has ended and been recorded,
+//! then removes the row and lets go of the name.
 //!
 //! It judges other instances only once its own heartbeat has succeeded for a whole
 //! lease without a break: after a database restart every instance gets a full lease to
@@ -40,7 +42,9 @@ pub(crate) struct Input {
     pub handoff: Arc<Handoff>,
     /// What this instance runs: not ghosts.
     pub in_flight: Arc<InFlight>,
-    pub shutdown: Shutdown,
+    /// Set once the instance's last attempt is recorded (not at its stop: until then
+    /// its attempts still run, and another instance must not take them).
+    pub retired: Shutdown,
     pub stats: Arc<Stats>,
 }
 
@@ -104,10 +108,10 @@ impl Heartbeat {
         Ok(Self { input, conn: Some(conn), health })
     }
 
-    /// Runs until the instance stops.
+    /// Runs until the instance retires, then removes its row and lets go of its name.
     pub(crate) fn run(mut self) {
         let interval = self.input.lease / BEATS_PER_LEASE;
-        while !self.input.shutdown.sleep(interval) {
+        while !self.input.retired.sleep(interval) {
             if let Err(error) = self.beat() {
                 if self.health.failed() {
                     log::error!("instance {}: heartbeat failed: {error}", self.input.instance);
@@ -115,7 +119,23 @@ impl Heartbeat {
                 self.conn = None;
             }
         }
+        self.deregister();
         log::debug!("heartbeat stopped");
+    }
+
+    /// Removes the instance's row, on the connection that holds the name (or, if that
+    /// is gone, a new one); closing it then lets go of the name.
+    fn deregister(&mut self) {
+        let instance = &self.input.instance;
+        let removed = match self.conn.as_mut() {
+            Some(conn) => instances::deregister(conn, instance).map_err(Error::from),
+            None => Err(Error::Config("no heartbeat connection".into())),
+        }
+        .or_else(|_| Ok::<_, Error>(instances::deregister(&mut connect(&self.input.database_url)?, instance)?));
+        if let Err(error) = removed {
+            log::warn!("instance {instance}: could not remove its row: {error}");
+        }
+        self.conn = None;
     }
 
     fn beat(&mut self) -> Result<(), Error> {

@@ -12,8 +12,8 @@ use task_engine::{NewTask, Registry, Runner};
 use test_db::TestDatabase;
 
 use crate::support::{
-    executions_of, load_task, overlapping_executions, runner, unfinished, wait_until, wait_until_idle,
-    Gate, Gated,
+    executions_of, load_task, overlapping_executions, overlapping_runs, record_runs_here, recorded_runs, runner,
+    unfinished, wait_until, wait_until_idle, Gate, Gated, Recorded,
 };
 
 #[test]
@@ -109,4 +109,35 @@ fn the_server_restarting_under_a_running_engine_loses_nothing_and_runs_nothing_t
     });
     eprintln!("restart: {} lost attempts recorded, stats {:?}", errors.len(), engine.stats());
     engine.shutdown();
+}
+
+#[test]
+fn a_graceful_stop_keeps_the_instance_alive_until_its_last_attempt_is_recorded() {
+    // A deploy: the instance is told to stop while its task runs longer than the lease.
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    record_runs_here(&mut conn);
+    let lease = Duration::from_secs(1);
+    let gate_name = format!("{}-deploy", db.name());
+    let gate = Gate::named(&gate_name);
+    let leaving = runner(&db, "leaving", 1).lease(lease).start().unwrap();
+    let id = task_engine::enqueue(&mut conn, &Recorded { gate: gate_name }).unwrap();
+    gate.wait_for_started(1);
+    let watcher = runner(&db, "watcher", 1).lease(lease).start().unwrap();
+    let stopping = std::thread::spawn(move || leaving.shutdown());
+
+    // The watcher looks for dead instances every 166 ms: many looks, over several
+    // leases, while the stopping instance waits for its task.
+    let passes = watcher.stats().rescue_passes;
+    wait_until("the watcher has looked 20 times", || watcher.stats().rescue_passes >= passes + 20);
+    assert_eq!(watcher.stats().rescued, 0, "the attempt of an instance that was finishing it was taken");
+    assert_eq!(load_task(&mut conn, id).status, status::RUNNING);
+
+    gate.open();
+    stopping.join().unwrap();
+    assert_eq!(load_task(&mut conn, id).status, status::STOPPED);
+    assert_eq!(recorded_runs(&mut conn, id), 1, "the task ran again");
+    assert_eq!(overlapping_runs(&mut conn), 0);
+    assert_eq!(executions_of(&mut conn, id).len(), 1);
+    watcher.shutdown();
 }

@@ -250,3 +250,78 @@ impl Task for Counted {
     }
 }
 register_task!(Counted);
+
+/// Creates the table where [`Recorded`] tasks write their own runs.
+pub fn record_runs_here(conn: &mut PgConnection) {
+    use diesel::connection::SimpleConnection;
+    conn.batch_execute(
+        "CREATE TABLE test_runs (task_id bigint NOT NULL, attempt int NOT NULL, instance text NOT NULL,
+                                 started_at timestamptz NOT NULL, ended_at timestamptz)",
+    )
+    .expect("create test_runs");
+}
+
+/// Pairs of runs of one task that overlapped in time, by the tasks' own record (a run
+/// not ended yet lasts forever): what "never twice at once" means. The executions
+/// table cannot show it: a rescue closes an attempt when it rescues it.
+pub fn overlapping_runs(conn: &mut PgConnection) -> i64 {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(
+        "SELECT count(*) AS n FROM test_runs a JOIN test_runs b
+           ON a.task_id = b.task_id AND (a.started_at, a.attempt) < (b.started_at, b.attempt)
+         WHERE tstzrange(a.started_at, coalesce(a.ended_at, 'infinity'))
+            && tstzrange(b.started_at, coalesce(b.ended_at, 'infinity'))",
+    )
+    .get_result::<Count>(conn)
+    .expect("count overlapping runs")
+    .n
+}
+
+/// Runs of one task, by its own record.
+pub fn recorded_runs(conn: &mut PgConnection, task_id: i64) -> i64 {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    diesel::sql_query("SELECT count(*) AS n FROM test_runs WHERE task_id = $1")
+        .bind::<diesel::sql_types::BigInt, _>(task_id)
+        .get_result::<Count>(conn)
+        .expect("count runs")
+        .n
+}
+
+/// Writes its real start and end into the test's `test_runs` table (see
+/// [`record_runs_here`]), and between the two waits for its gate: the task's own
+/// record of when it ran, where it ran.
+#[derive(Serialize, Deserialize)]
+pub struct Recorded {
+    pub gate: String,
+}
+
+impl Task for Recorded {
+    const NAME: &'static str = "test_recorded";
+    type Output = ();
+
+    fn run(&self, ctx: &TaskContext) -> Result<(), TaskError> {
+        let mut conn = ctx.connection()?;
+        diesel::sql_query(
+            "INSERT INTO test_runs (task_id, attempt, instance, started_at) VALUES ($1, $2, $3, clock_timestamp())",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(ctx.task_id())
+        .bind::<diesel::sql_types::Integer, _>(ctx.attempt())
+        .bind::<diesel::sql_types::Text, _>(ctx.instance())
+        .execute(&mut conn)?;
+        Gated { gate: self.gate.clone() }.run(ctx)?;
+        diesel::sql_query("UPDATE test_runs SET ended_at = clock_timestamp() WHERE task_id = $1 AND attempt = $2")
+            .bind::<diesel::sql_types::BigInt, _>(ctx.task_id())
+            .bind::<diesel::sql_types::Integer, _>(ctx.attempt())
+            .execute(&mut conn)?;
+        Ok(())
+    }
+}
+register_task!(Recorded);
