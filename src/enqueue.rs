@@ -5,7 +5,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use diesel::PgConnection;
 
-use crate::db::tasks::{self, micros, TaskInsert};
+use crate::db::micros;
+use crate::db::tasks::{self, TaskInsert};
 use crate::error::Error;
 use crate::registry::Registry;
 use crate::task::Task;

@@ -11,7 +11,7 @@ use crate::context::InstanceHandle;
 use crate::db::connect::{connection_pool, PgPool};
 use crate::error::Error;
 use crate::instance::handoff::Handoff;
-use crate::instance::heartbeat::{self, Heartbeat};
+use crate::instance::heartbeat::{self, Alive, Heartbeat};
 use crate::instance::in_flight::InFlight;
 use crate::instance::listener::{self, Listener};
 use crate::instance::scheduler::{self, Timer};
@@ -71,6 +71,12 @@ pub struct EngineStats {
     /// Claimed tasks given back to the database unstarted, for having waited longer
     /// than [`Runner::max_queue_wait`] for a worker.
     pub given_back: u64,
+    /// Times the producer had a reason to claim and claimed nothing, because the
+    /// instance's last sound heartbeat was more than half a lease old.
+    pub paused_claims: u64,
+    /// Whether the instance's last sound heartbeat is recent enough (less than half a
+    /// lease old) for it to claim.
+    pub heartbeat_current: bool,
 }
 
 /// Configures and starts an engine instance.
@@ -232,6 +238,7 @@ impl Runner {
         let handoff = Arc::new(Handoff::new(self.workers, buffer).with_max_claim(self.max_claim));
         let timer = Arc::new(Timer::default());
         let in_flight = Arc::new(InFlight::default());
+        let alive = Arc::new(Alive::default());
         shutdown.on_stop({
             let handoff = Arc::clone(&handoff);
             move || handoff.stop()
@@ -262,6 +269,7 @@ impl Runner {
             database_url: self.database_url.clone(),
             lease: self.lease,
             handoff: Arc::clone(&handoff),
+            alive: Arc::clone(&alive),
             in_flight: Arc::clone(&in_flight),
             retired: retired.clone(),
             stats: Arc::clone(&stats.heartbeat),
@@ -317,6 +325,7 @@ impl Runner {
             handoff: Arc::clone(&handoff),
             in_flight,
             timer,
+            alive: Arc::clone(&alive),
             shutdown: shutdown.clone(),
             poll_interval: self.poll_interval,
             max_queue_wait: self.max_queue_wait,
@@ -324,7 +333,8 @@ impl Runner {
         };
         threads.push(("producer".into(), Group::Producer, Box::new(move || producer::run(input))));
 
-        let mut engine = RunningEngine { instance, shutdown, retired, handoff, stats, threads: Threads::default() };
+        let mut engine =
+            RunningEngine { instance, shutdown, retired, alive, handoff, stats, threads: Threads::default() };
         let mut pending = threads.into_iter();
         while let Some((name, group, body)) = pending.next() {
             if let Err(source) = engine.threads.spawn(&name, group, body) {
@@ -349,6 +359,7 @@ pub struct RunningEngine {
     shutdown: Shutdown,
     /// Ends the heartbeat, once every other thread has ended.
     retired: Shutdown,
+    alive: Arc<Alive>,
     handoff: Arc<Handoff>,
     stats: Stats,
     threads: Threads,
@@ -424,6 +435,8 @@ impl RunningEngine {
             claimed_tasks: read(&producer.claimed_tasks),
             vacuums: read(&vacuum.vacuums),
             given_back: read(&producer.given_back),
+            paused_claims: read(&producer.paused_claims),
+            heartbeat_current: self.alive.may_claim(std::time::Instant::now()),
         }
     }
 

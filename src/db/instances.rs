@@ -6,10 +6,11 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Text};
 use diesel::PgConnection;
 
-use crate::db::tasks::micros;
+use crate::db::micros;
 
-/// The first key of the instance-name advisory locks ("task" in ASCII).
-const NAME_LOCK: i32 = 0x7461_736b;
+/// The first key of the instance-name advisory locks ("task" in ASCII); the second is
+/// `hashtext(name)`.
+pub(crate) const NAME_LOCK: i32 = 0x7461_736b;
 
 /// Takes a session advisory lock on the instance's name, on the heartbeat's own
 /// connection, for as long as that session lives. Returns false when another live
@@ -27,28 +28,45 @@ pub(crate) fn take_name(conn: &mut PgConnection, instance: &str) -> QueryResult<
     Ok(locked.locked)
 }
 
+/// What an instance records of itself.
+pub(crate) struct Registration<'a> {
+    pub instance: &'a str,
+    pub host: &'a str,
+    pub pid: u32,
+    pub task_types: &'a [&'a str],
+    /// How long it may stay silent before others take it for dead.
+    pub lease: Duration,
+}
+
 /// Inserts or renews the instance's row, as of now (a restart under the name replaces
 /// the previous row). Locks that row.
-pub(crate) fn register(
-    conn: &mut PgConnection,
-    instance: &str,
-    host: &str,
-    pid: u32,
-    task_types: &[&str],
-) -> QueryResult<()> {
+pub(crate) fn register(conn: &mut PgConnection, registration: &Registration<'_>) -> QueryResult<()> {
     diesel::sql_query(
-        "INSERT INTO task_engine_instances (name, host, pid, task_types)
-         VALUES ($1, $2, $3, $4)
+        "INSERT INTO task_engine_instances (name, host, pid, task_types, lease)
+         VALUES ($1, $2, $3, $4, $5 * interval '1 microsecond')
          ON CONFLICT (name) DO UPDATE
-         SET host = EXCLUDED.host, pid = EXCLUDED.pid, task_types = EXCLUDED.task_types,
+         SET host = EXCLUDED.host, pid = EXCLUDED.pid, task_types = EXCLUDED.task_types, lease = EXCLUDED.lease,
              started_at = now(), last_seen_at = now()",
     )
-    .bind::<Text, _>(instance)
-    .bind::<Text, _>(host)
-    .bind::<Integer, _>(i32::try_from(pid).unwrap_or(i32::MAX))
-    .bind::<Array<Text>, _>(task_types)
+    .bind::<Text, _>(registration.instance)
+    .bind::<Text, _>(registration.host)
+    .bind::<Integer, _>(i32::try_from(registration.pid).unwrap_or(i32::MAX))
+    .bind::<Array<Text>, _>(registration.task_types)
+    .bind::<BigInt, _>(micros(registration.lease))
     .execute(conn)
     .map(drop)
+}
+
+/// Bounds how long the heartbeat's statements may wait for a lock (a row of its
+/// table locked by another session) and run, on its own connection, so that a stuck
+/// heartbeat fails and says so instead of silently letting its lease run out.
+pub(crate) fn bound_waits(conn: &mut PgConnection, lock: Duration, statement: Duration) -> QueryResult<()> {
+    use diesel::connection::SimpleConnection;
+    conn.batch_execute(&format!(
+        "SET lock_timeout = {}; SET statement_timeout = {}",
+        lock.as_millis().max(1),
+        statement.as_millis().max(1)
+    ))
 }
 
 /// Renews the instance's heartbeat (`last_seen_at`); locks its row. Returns how many
@@ -67,14 +85,13 @@ pub(crate) fn deregister(conn: &mut PgConnection, instance: &str) -> QueryResult
         .map(drop)
 }
 
-/// Deletes the rows of instances silent for ten leases that have nothing left
-/// running: their tasks have been rescued, nobody needs them any more.
-pub(crate) fn forget_long_dead(conn: &mut PgConnection, lease: Duration) -> QueryResult<usize> {
+/// Deletes the rows of instances silent for ten of their leases that have nothing
+/// left running: their tasks have been rescued, nobody needs them any more.
+pub(crate) fn forget_long_dead(conn: &mut PgConnection) -> QueryResult<usize> {
     diesel::sql_query(
         "DELETE FROM task_engine_instances i
-         WHERE i.last_seen_at < now() - 10 * $1 * interval '1 microsecond'
+         WHERE i.last_seen_at < now() - 10 * i.lease
            AND NOT EXISTS (SELECT FROM tasks t WHERE t.status = 'running' AND t.instance = i.name)",
     )
-    .bind::<BigInt, _>(micros(lease))
     .execute(conn)
 }

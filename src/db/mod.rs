@@ -22,3 +22,8 @@ mod prepared;
 pub mod report;
 pub mod schema;
 pub(crate) mod tasks;
+
+/// A duration in whole microseconds, as the statements take them.
+pub(crate) fn micros(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}

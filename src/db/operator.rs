@@ -9,7 +9,7 @@ use diesel::sql_types::BigInt;
 
 use crate::db::models::status;
 use crate::db::schema::tasks;
-use crate::db::tasks::micros;
+use crate::db::micros;
 
 /// Locks the task's row for the rest of the transaction (`FOR UPDATE`) and returns its
 /// status; `None` if there is no such task.

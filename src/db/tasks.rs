@@ -12,6 +12,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Jsonb, Nullable, Text, Timestamptz};
 
 use crate::db::prepared::Prepared;
+use crate::db::{instances, micros};
 
 /// The `worker` of an execution between its claim and the hand-over to a worker; its
 /// outcome names the worker that ran it.
@@ -316,12 +317,14 @@ pub(crate) enum Lost {
     PreviousSelf,
     /// Tasks marked running here that no worker here runs, claimed over a lease ago.
     OwnGhosts,
-    /// Those of instances whose lease expired, or that have no row.
+    /// Those of instances whose own lease expired, or that have no row and do not
+    /// hold their name.
     Dead,
 }
 
 /// The rescue statement for running tasks matching `$lost`; its parameters: $1 this
-/// instance, $2 the lease in microseconds, $3 the tasks in flight here, $4 why.
+/// instance, $2 its lease in microseconds, $3 the tasks in flight here, $4 why, $5 the
+/// first key of the name locks.
 macro_rules! rescue_statement {
     ($lost:literal) => {
         concat!(
@@ -356,10 +359,19 @@ const RESCUE_PREVIOUS_SELF: &str = rescue_statement!("t.instance = $1");
 const RESCUE_OWN_GHOSTS: &str = rescue_statement!(
     "t.instance = $1 AND NOT (t.id = ANY($3)) AND t.updated_at < now() - $2 * interval '1 microsecond'"
 );
+// An instance with a row is judged by the lease it recorded; one without a row (an
+// operator deleted it, or it was paused for ten leases) only if it does not hold its
+// name lock either: a live heartbeat holds it, and registers again.
 const RESCUE_DEAD: &str = rescue_statement!(
-    "t.instance <> $1 AND NOT EXISTS (
-         SELECT FROM task_engine_instances i
-         WHERE i.name = t.instance AND i.last_seen_at >= now() - $2 * interval '1 microsecond')"
+    "t.instance <> $1
+     AND NOT EXISTS (
+         SELECT FROM task_engine_instances i WHERE i.name = t.instance AND i.last_seen_at >= now() - i.lease)
+     AND (EXISTS (SELECT FROM task_engine_instances i WHERE i.name = t.instance)
+          OR NOT EXISTS (
+              SELECT FROM pg_locks l
+              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND l.classid = $5::int4::oid AND l.objid = hashtext(t.instance)::oid))"
 );
 
 /// Closes the lost attempts of the running tasks `lost` names (`stopped_at`, and an
@@ -390,6 +402,7 @@ pub(crate) fn rescue(
         .bind::<BigInt, _>(micros(lease))
         .bind::<Array<BigInt>, _>(in_flight)
         .bind::<Text, _>(why)
+        .bind::<Integer, _>(instances::NAME_LOCK)
         .get_result(conn)?;
     Ok(usize::try_from(rescued.waiting).unwrap_or(0))
 }
@@ -446,10 +459,6 @@ pub(crate) fn vacuum(conn: &mut PgConnection) -> QueryResult<bool> {
     vacuumed.map(|_| true)
 }
 
-/// A duration in whole microseconds, as the statements take them.
-pub(crate) fn micros(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
-}
 
 #[cfg(test)]
 mod tests {
@@ -504,4 +513,56 @@ mod tests {
             assert!(plan.contains("task_executions_pkey") && plan.contains("tasks_pkey"), "{mode}:\n{plan}");
         }
     }
+
+    /// A task running on `instance`, with its open execution.
+    fn running_on(conn: &mut PgConnection, id: i64, instance: &str) {
+        for statement in [
+            "INSERT INTO tasks (id, task_class, status, instance, attempts) VALUES ($1, 'noop', 'running', $2, 1)",
+            "INSERT INTO task_executions (task_id, attempt, started_at, instance, worker) VALUES ($1, 1, now(), $2, 0)",
+        ] {
+            diesel::sql_query(statement).bind::<BigInt, _>(id).bind::<Text, _>(instance).execute(conn).unwrap();
+        }
+    }
+
+    fn status_of(conn: &mut PgConnection, id: i64) -> String {
+        crate::db::operator::lock_status(conn, id).unwrap().unwrap()
+    }
+
+    #[test]
+    fn an_instance_is_judged_dead_by_the_lease_it_recorded_not_by_the_judges() {
+        let db = test_db::TestDatabase::new();
+        let mut conn = db.connect();
+        running_on(&mut conn, 1, "slow");
+        running_on(&mut conn, 2, "gone");
+        conn.batch_execute(
+            "INSERT INTO task_engine_instances (name, host, pid, lease, last_seen_at) VALUES
+                 ('slow', 'h', 1, interval '10 seconds', now() - interval '3 seconds'),
+                 ('gone', 'h', 2, interval '10 seconds', now() - interval '11 seconds')",
+        )
+        .unwrap();
+        // The judge's own lease is a second: by it, both would be dead.
+        assert_eq!(rescue(&mut conn, Lost::Dead, "judge", Duration::from_secs(1), &[]).unwrap(), 1);
+        assert_eq!(status_of(&mut conn, 1), "running", "an instance within its own lease was robbed");
+        assert_eq!(status_of(&mut conn, 2), "waiting");
+    }
+
+    #[test]
+    fn an_instance_without_a_row_is_dead_only_once_it_no_longer_holds_its_name() {
+        let db = test_db::TestDatabase::new();
+        let mut conn = db.connect();
+        running_on(&mut conn, 1, "rowless");
+        let mut holder = db.connect();
+        assert!(crate::db::instances::take_name(&mut holder, "rowless").unwrap());
+        let lease = Duration::from_secs(1);
+        assert_eq!(rescue(&mut conn, Lost::Dead, "judge", lease, &[]).unwrap(), 0, "a live instance was robbed");
+        assert_eq!(status_of(&mut conn, 1), "running");
+        drop(holder); // its session ends, and the name lock with it (soon: the server notices)
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while rescue(&mut conn, Lost::Dead, "judge", lease, &[]).unwrap() == 0 {
+            assert!(std::time::Instant::now() < deadline, "the task of an instance gone without a row stayed running");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(status_of(&mut conn, 1), "waiting");
+    }
+
 }

@@ -9,10 +9,13 @@
 //! It judges other instances only once its own heartbeat has succeeded for a whole
 //! lease without a break: after a database restart every instance gets a full lease to
 //! renew its row before anyone takes it for dead. A live instance's tasks are never
-//! taken, however long they run: the heartbeat does not depend on the workers.
+//! taken, however long they run: the heartbeat does not depend on the workers. Its
+//! waits are bounded, and the instance claims only while its last heartbeat is less
+//! than half a lease old ([`Alive`]): an instance others may soon take for dead takes
+//! no new work. A row found gone is registered again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
@@ -22,8 +25,8 @@ use crate::db::instances;
 use crate::error::Error;
 use crate::instance::handoff::Handoff;
 use crate::instance::in_flight::InFlight;
-use crate::instance::rescue;
 use crate::instance::shutdown::Shutdown;
+use crate::instance::{lock, rescue};
 
 /// Heartbeats per lease.
 const BEATS_PER_LEASE: u32 = 6;
@@ -40,6 +43,8 @@ pub(crate) struct Input {
     pub lease: Duration,
     /// Woken for rescued tasks.
     pub handoff: Arc<Handoff>,
+    /// Renewed by each sound heartbeat; read by the producer.
+    pub alive: Arc<Alive>,
     /// What this instance runs: not ghosts.
     pub in_flight: Arc<InFlight>,
     /// Set once the instance's last attempt is recorded (not at its stop: until then
@@ -54,6 +59,31 @@ pub(crate) struct Stats {
     pub heartbeats: AtomicU64,
     pub rescue_passes: AtomicU64,
     pub rescued: AtomicU64,
+}
+
+/// Until when the instance may claim: half a lease after the sending of its last sound
+/// heartbeat. Others take it for dead a whole lease after that heartbeat reached the
+/// database (later still), so an instance whose heartbeat is stuck or failing stops
+/// claiming well before its tasks can be taken.
+#[derive(Debug, Default)]
+pub(crate) struct Alive {
+    until: Mutex<Option<Instant>>,
+}
+
+impl Alive {
+    /// A heartbeat sent at `sent` has succeeded.
+    fn renewed(&self, sent: Instant, lease: Duration) {
+        let mut until = lock(&self.until);
+        let new = sent + lease / 2;
+        if until.map_or(true, |old| old < new) {
+            *until = Some(new);
+        }
+    }
+
+    /// Whether the instance may claim at `now`.
+    pub(crate) fn may_claim(&self, now: Instant) -> bool {
+        lock(&self.until).is_some_and(|until| now < until)
+    }
 }
 
 /// Whether the instance's own heartbeat is sound, and so whether it may judge others.
@@ -94,6 +124,7 @@ impl Heartbeat {
     /// Connects, takes the instance's name, registers it, and recovers the tasks a
     /// previous instance of that name left running.
     pub(crate) fn start(input: Input) -> Result<Self, Error> {
+        let sent = Instant::now();
         let mut conn = open(&input)?;
         let recovered = rescue::previous_self(&mut conn, &input.instance, input.lease)?;
         if recovered > 0 {
@@ -105,6 +136,7 @@ impl Heartbeat {
         }
         let mut health = Health { lease: input.lease, since: None };
         health.beat(Instant::now());
+        input.alive.renewed(sent, input.lease);
         Ok(Self { input, conn: Some(conn), health })
     }
 
@@ -140,6 +172,7 @@ impl Heartbeat {
 
     fn beat(&mut self) -> Result<(), Error> {
         let input = &self.input;
+        let sent = Instant::now();
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => {
@@ -148,8 +181,16 @@ impl Heartbeat {
                 self.conn.insert(conn)
             }
         };
-        instances::beat(conn, &input.instance)?;
+        if instances::beat(conn, &input.instance)? == 0 {
+            instances::register(conn, &registration(input))?;
+            log::warn!(
+                "instance {}: its row was gone (deleted by hand, or the instance was paused for ten leases): \
+                 registered again",
+                input.instance
+            );
+        }
         self.health.beat(Instant::now());
+        input.alive.renewed(sent, input.lease);
         input.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
         let judge_others = self.health.may_judge_others(Instant::now());
         let rescued = rescue::pass(conn, &input.instance, input.lease, &input.in_flight, judge_others)?;
@@ -165,22 +206,50 @@ impl Heartbeat {
     }
 }
 
-/// Opens the heartbeat's connection, takes the name lock on it, registers the row.
+/// Opens the heartbeat's connection (its waits bounded by a heartbeat's interval), takes
+/// the name lock on it, registers the row.
 fn open(input: &Input) -> Result<PgConnection, Error> {
     let mut conn = connect(&input.database_url)?;
+    instances::bound_waits(&mut conn, input.lease / BEATS_PER_LEASE, input.lease)?;
     if !instances::take_name(&mut conn, &input.instance)? {
         return Err(Error::Config(format!(
             "instance name `{}` is in use by a running instance: give this one another name",
             input.instance
         )));
     }
-    instances::register(&mut conn, &input.instance, &input.host, std::process::id(), &input.task_types)?;
+    instances::register(&mut conn, &registration(input))?;
     Ok(conn)
+}
+
+fn registration(input: &Input) -> instances::Registration<'_> {
+    instances::Registration {
+        instance: &input.instance,
+        host: &input.host,
+        pid: std::process::id(),
+        task_types: &input.task_types,
+        lease: input.lease,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_claims_only_until_half_a_lease_after_its_last_sound_heartbeat() {
+        let lease = Duration::from_secs(30);
+        let start = Instant::now();
+        let alive = Alive::default();
+        assert!(!alive.may_claim(start), "no heartbeat yet");
+        alive.renewed(start, lease);
+        assert!(alive.may_claim(start + Duration::from_secs(14)));
+        assert!(!alive.may_claim(start + Duration::from_secs(15)));
+        // A late answer to an older heartbeat does not shorten the time.
+        alive.renewed(start + Duration::from_secs(10), lease);
+        alive.renewed(start + Duration::from_secs(5), lease);
+        assert!(alive.may_claim(start + Duration::from_secs(24)));
+        assert!(!alive.may_claim(start + Duration::from_secs(25)));
+    }
 
     #[test]
     fn an_instance_judges_others_only_after_a_whole_lease_of_sound_heartbeats() {

@@ -21,6 +21,7 @@ use crate::db::{channel, tasks};
 use crate::error::Error;
 use crate::instance::backoff;
 use crate::instance::handoff::{Handoff, Next};
+use crate::instance::heartbeat::Alive;
 use crate::instance::in_flight::InFlight;
 use crate::instance::scheduler::Timer;
 use crate::instance::shutdown::Shutdown;
@@ -31,6 +32,9 @@ const TICK: Duration = Duration::from_secs(1);
 
 /// Claims that find tasks this close together mean tasks are streaming in.
 const STREAMING: Duration = Duration::from_millis(2);
+
+/// How often a producer that may not claim (its heartbeat is late) looks again.
+const PAUSED_LOOK: Duration = Duration::from_millis(100);
 
 /// What the producer needs.
 pub(crate) struct Input {
@@ -44,6 +48,8 @@ pub(crate) struct Input {
     pub in_flight: Arc<InFlight>,
     /// Asked to look again for scheduled tasks when the instance falls asleep.
     pub timer: Arc<Timer>,
+    /// Whether the instance's heartbeat is recent enough to claim.
+    pub alive: Arc<Alive>,
     pub shutdown: Shutdown,
     /// The fallback poll of an idle instance.
     pub poll_interval: Duration,
@@ -59,6 +65,8 @@ pub(crate) struct Stats {
     pub wasted_claims: AtomicU64,
     pub claimed_tasks: AtomicU64,
     pub given_back: AtomicU64,
+    /// Reasons to claim it left alone, its heartbeat being late.
+    pub paused_claims: AtomicU64,
     /// Whether its connection holds the stripes.
     pub marked_idle: AtomicBool,
 }
@@ -134,11 +142,13 @@ struct Producer {
     /// Its own connection, outside the pool: the stripes are session locks.
     conn: Option<PgConnection>,
     pace: Pace,
+    /// Whether it is holding off claims, its heartbeat being late.
+    paused: bool,
 }
 
 /// Claims until the instance stops, then gives back what no worker started.
 pub(crate) fn run(input: Input) {
-    let mut producer = Producer { input, conn: None, pace: Pace::new(Instant::now()) };
+    let mut producer = Producer { input, conn: None, pace: Pace::new(Instant::now()), paused: false };
     // Connect before the first claim is due (a failure is met again, and handled, there).
     let _ = producer.conn();
     let mut failures = 0u32;
@@ -159,6 +169,12 @@ pub(crate) fn run(input: Input) {
                 } else if quiet.poll {
                     producer.input.handoff.wake(1);
                 }
+            }
+            Next::Claim(_) if !producer.may_claim() => {
+                if producer.input.shutdown.sleep(PAUSED_LOOK) {
+                    break;
+                }
+                producer.input.handoff.wake(1);
             }
             Next::Claim(demand) => match producer.claim(demand.count) {
                 Ok((claimed, sent_at)) => {
@@ -193,6 +209,27 @@ pub(crate) fn run(input: Input) {
 }
 
 impl Producer {
+    /// Whether the instance's heartbeat is recent enough to claim; says so in the log
+    /// when that changes.
+    fn may_claim(&mut self) -> bool {
+        let alive = self.input.alive.may_claim(Instant::now());
+        if !alive {
+            self.input.stats.paused_claims.fetch_add(1, Ordering::Relaxed);
+        }
+        if alive == self.paused {
+            self.paused = !alive;
+            if alive {
+                log::info!("instance {}: heartbeat renewed, claiming again", self.input.instance);
+            } else {
+                log::warn!(
+                    "instance {}: no sound heartbeat for half a lease: claiming nothing until there is one",
+                    self.input.instance
+                );
+            }
+        }
+        alive
+    }
+
     fn conn(&mut self) -> Result<&mut PgConnection, Error> {
         if self.conn.is_none() {
             let mut conn = connect(&self.input.database_url)?;

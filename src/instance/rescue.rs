@@ -7,8 +7,9 @@
 //!   previous holder's session is gone);
 //! - this instance, that none of its workers runs, claimed over a lease ago (ghosts: a
 //!   claim whose answer was lost with the connection, an outcome never recorded);
-//! - instances whose lease expired, or that have no row, once this instance has proved
-//!   itself alive for a whole lease (see the heartbeat).
+//! - instances whose own lease (recorded in their row) expired, or that have no row and
+//!   do not hold their name lock, once this instance has proved itself alive for a
+//!   whole lease (see the heartbeat).
 
 use std::time::Duration;
 
@@ -38,7 +39,7 @@ pub(crate) fn pass(
     let mut rescued = tasks::rescue(conn, Lost::OwnGhosts, instance, lease, &in_flight.ids())?;
     if judge_others {
         rescued += tasks::rescue(conn, Lost::Dead, instance, lease, &[])?;
-        instances::forget_long_dead(conn, lease)?;
+        instances::forget_long_dead(conn)?;
     }
     Ok(rescued)
 }

@@ -141,3 +141,87 @@ fn a_graceful_stop_keeps_the_instance_alive_until_its_last_attempt_is_recorded()
     assert_eq!(executions_of(&mut conn, id).len(), 1);
     watcher.shutdown();
 }
+
+#[test]
+fn an_instance_with_a_short_lease_never_robs_a_live_one_with_a_long_lease() {
+    // A rolling change of --lease: the owner beats every 10 s / 6, the watcher would
+    // take any instance silent for 1 s for dead, were it judged by the watcher's lease.
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    record_runs_here(&mut conn);
+    let gate_name = format!("{}-leases", db.name());
+    let gate = Gate::named(&gate_name);
+    let owner = runner(&db, "owner", 1).lease(Duration::from_secs(10)).start().unwrap();
+    let id = task_engine::enqueue(&mut conn, &Recorded { gate: gate_name }).unwrap();
+    gate.wait_for_started(1);
+    let watcher = runner(&db, "watcher", 1).lease(Duration::from_secs(1)).start().unwrap();
+
+    let passes = watcher.stats().rescue_passes;
+    wait_until("the watcher has looked 20 times", || watcher.stats().rescue_passes >= passes + 20);
+    assert_eq!(watcher.stats().rescued, 0, "the live instance with the longer lease was robbed");
+    gate.open();
+    wait_until("the task has ended", || load_task(&mut conn, id).status == status::STOPPED);
+    assert_eq!(recorded_runs(&mut conn, id), 1);
+    assert_eq!(overlapping_runs(&mut conn), 0);
+    owner.shutdown();
+    watcher.shutdown();
+}
+
+#[test]
+fn an_instance_whose_row_was_deleted_keeps_its_tasks_and_registers_again() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    record_runs_here(&mut conn);
+    let gate_name = format!("{}-rowless", db.name());
+    let gate = Gate::named(&gate_name);
+    let lease = Duration::from_secs(1);
+    let owner = runner(&db, "owner", 1).lease(lease).start().unwrap();
+    let id = task_engine::enqueue(&mut conn, &Recorded { gate: gate_name }).unwrap();
+    gate.wait_for_started(1);
+    let watcher = runner(&db, "watcher", 1).lease(lease).start().unwrap();
+
+    // An operator deletes the owner's row, again and again, while the watcher looks.
+    let has_row = |conn: &mut PgConnection| {
+        diesel::sql_query("SELECT 1 AS n FROM task_engine_instances WHERE name = 'owner'").execute(conn).unwrap() == 1
+    };
+    let passes = watcher.stats().rescue_passes;
+    for round in 0..5 {
+        wait_until(&format!("round {round}: the owner has registered again"), || has_row(&mut conn));
+        conn.batch_execute("DELETE FROM task_engine_instances WHERE name = 'owner'").unwrap();
+    }
+    wait_until("the watcher has looked 20 times", || watcher.stats().rescue_passes >= passes + 20);
+    wait_until("the owner has registered again", || has_row(&mut conn));
+    assert_eq!(watcher.stats().rescued, 0, "the tasks of a live instance without a row were taken");
+    gate.open();
+    wait_until("the task has ended", || load_task(&mut conn, id).status == status::STOPPED);
+    assert_eq!(recorded_runs(&mut conn, id), 1);
+    owner.shutdown();
+    watcher.shutdown();
+}
+
+#[test]
+fn an_instance_whose_heartbeat_is_stuck_claims_nothing_until_it_beats_again() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let engine = runner(&db, "stuck", 1).lease(Duration::from_secs(1)).start().unwrap();
+    wait_until_idle(&engine, 1);
+    // Another session holds the instance's row: each heartbeat waits for it, then
+    // fails (its lock waits are bounded).
+    let mut blocker = db.connect();
+    blocker.batch_execute("BEGIN; SELECT * FROM task_engine_instances WHERE name = 'stuck' FOR UPDATE").unwrap();
+    wait_until("the instance knows its heartbeat is late", || !engine.stats().heartbeat_current);
+
+    let before = engine.stats();
+    let id = task_engine::enqueue(&mut conn, &::tasks::Echo(serde_json::json!("later"))).unwrap();
+    wait_until("a reason to claim came and was left alone", || {
+        let now = engine.stats();
+        now.notifications > before.notifications && now.paused_claims > before.paused_claims
+    });
+    let task = load_task(&mut conn, id);
+    assert_eq!((task.status.as_str(), task.attempts), (status::WAITING, 0), "claimed with a late heartbeat");
+
+    blocker.batch_execute("COMMIT").unwrap();
+    wait_until("the task has run once the heartbeat is back", || load_task(&mut conn, id).status == status::STOPPED);
+    assert!(engine.stats().heartbeat_current);
+    engine.shutdown();
+}
