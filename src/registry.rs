@@ -18,7 +18,7 @@ pub struct TaskEntry {
     max_attempts: i32,
     retry_delay: fn(i32) -> Duration,
     check: fn(&serde_json::Value) -> Result<(), serde_json::Error>,
-    run: fn(&serde_json::Value, &TaskContext) -> Result<serde_json::Value, RunFailure>,
+    run: fn(&str, &TaskContext) -> Result<serde_json::Value, RunFailure>,
 }
 
 inventory::collect!(TaskEntry);
@@ -57,7 +57,8 @@ impl TaskEntry {
         (self.retry_delay)(attempt)
     }
 
-    pub(crate) fn run(&self, parameters: &serde_json::Value, ctx: &TaskContext) -> Result<serde_json::Value, RunFailure> {
+    /// Runs the task of `parameters`, JSON as stored.
+    pub(crate) fn run(&self, parameters: &str, ctx: &TaskContext) -> Result<serde_json::Value, RunFailure> {
         (self.run)(parameters, ctx)
     }
 }
@@ -99,8 +100,8 @@ fn check_parameters<T: Task>(parameters: &serde_json::Value) -> Result<(), serde
     T::deserialize(parameters).map(drop)
 }
 
-fn run_erased<T: Task>(parameters: &serde_json::Value, ctx: &TaskContext) -> Result<serde_json::Value, RunFailure> {
-    let task = T::deserialize(parameters)
+fn run_erased<T: Task>(parameters: &str, ctx: &TaskContext) -> Result<serde_json::Value, RunFailure> {
+    let task = serde_json::from_str::<T>(parameters)
         .map_err(|e| RunFailure::Parameters(format!("parameters do not fit task type `{}`: {e}", T::NAME)))?;
     let output = task.run(ctx).map_err(RunFailure::Task)?;
     serde_json::to_value(output)

@@ -26,8 +26,10 @@ pub(crate) struct ClaimedTask {
     /// The task's type (`tasks.task_class`).
     #[diesel(sql_type = Text, column_name = task_class)]
     pub task_type: String,
-    #[diesel(sql_type = Jsonb)]
-    pub task_parameters: serde_json::Value,
+    /// The parameters as JSON text: each task's type parses its own, so that a row the
+    /// engine cannot read fails that task only, not the claim of all its neighbours.
+    #[diesel(sql_type = Text)]
+    pub task_parameters: String,
     /// This attempt's number, 1 for the first.
     #[diesel(sql_type = Integer)]
     pub attempt: i32,
@@ -66,7 +68,8 @@ pub(crate) fn claim(
              INSERT INTO task_executions (id, task_id, attempt, started_at, instance, worker)
              SELECT execution_id, id, attempts, now(), $3, $4 FROM claimed
          )
-         SELECT id, task_class, task_parameters, attempts AS attempt, max_attempts, execution_id
+         SELECT id, task_class, task_parameters::text AS task_parameters, attempts AS attempt, max_attempts,
+                execution_id
          FROM claimed
          ORDER BY priority DESC, run_at, id",
         )

@@ -303,7 +303,7 @@ mod tests {
         ClaimedTask {
             id,
             task_type: "noop".into(),
-            task_parameters: serde_json::Value::Null,
+            task_parameters: "null".into(),
             attempt: 1,
             max_attempts: 1,
             execution_id: id,

@@ -133,7 +133,7 @@ mod tests {
         ClaimedTask {
             id: 1,
             task_type: "t".into(),
-            task_parameters: serde_json::Value::Null,
+            task_parameters: "null".into(),
             attempt,
             max_attempts,
             execution_id: 1,

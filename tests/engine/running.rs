@@ -116,3 +116,39 @@ fn two_instances_on_one_database_never_run_the_same_task_twice() {
     let stopped: i64 = tasks::table.filter(tasks::status.eq(status::STOPPED)).count().get_result(&mut conn).unwrap();
     assert_eq!(stopped, 3000);
 }
+
+#[test]
+fn a_stored_row_the_engine_cannot_read_fails_that_task_alone_with_the_reason() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    // JSON that PostgreSQL stores and serde_json cannot read (a number beyond f64),
+    // inserted by another program, among tasks that are fine.
+    let good = NewTask::new(&::tasks::Echo(serde_json::json!("fine"))).unwrap().insert_copies(&mut conn, 100).unwrap();
+    let bad: i64 = diesel::insert_into(tasks::table)
+        .values((tasks::task_class.eq("echo"), tasks::task_parameters.eq(serde_json::json!({"n": 1}))))
+        .returning(tasks::id)
+        .get_result(&mut conn)
+        .unwrap();
+    diesel::sql_query("UPDATE tasks SET task_parameters = '{\"n\": 1e400}' WHERE id = $1")
+        .bind::<diesel::sql_types::BigInt, _>(bad)
+        .execute(&mut conn)
+        .unwrap();
+
+    let engine = start_engine(&db, "reader", 2);
+    wait_until_all_ended(&mut conn);
+    let stats = engine.stats();
+    engine.shutdown();
+
+    // (The models cannot read this row either: its status is read alone.)
+    let bad_status: String = tasks::table.find(bad).select(tasks::status).first(&mut conn).unwrap();
+    assert_eq!(bad_status, status::FAILED);
+    let executions = executions_of(&mut conn, bad);
+    assert_eq!(executions.len(), 1, "{executions:?}");
+    let error = executions[0].error.clone().unwrap();
+    assert!(error.contains("parameters do not fit task type `echo`"), "{error}");
+    for id in good {
+        assert_eq!(load_task(&mut conn, id).status, status::STOPPED, "task {id}");
+        assert_eq!(executions_of(&mut conn, id).len(), 1, "task {id}");
+    }
+    assert_eq!(stats.rescued, 0, "attempts were lost");
+}
