@@ -86,11 +86,6 @@ pub(crate) fn release_stripes(conn: &mut PgConnection) -> QueryResult<()> {
     diesel::sql_query("SELECT pg_advisory_unlock_all()").execute(conn).map(drop)
 }
 
-/// Checks that the connection (and with it the stripes) is still there.
-pub(crate) fn ping(conn: &mut PgConnection) -> QueryResult<()> {
-    diesel::sql_query("SELECT 1").execute(conn).map(drop)
-}
-
 /// Sends `payload` on the engine's channel; delivered when the transaction commits.
 /// Locks and changes nothing.
 pub(crate) fn notify(conn: &mut PgConnection, payload: &serde_json::Value) -> QueryResult<()> {

@@ -36,6 +36,12 @@ pub fn connect(database_url: &str) -> Result<PgConnection, Error> {
         .map_err(|source| Error::Connection { server: redact_url(database_url), source })
 }
 
+/// Checks that a connection of the engine's own still answers.
+pub(crate) fn ping(conn: &mut PgConnection) -> diesel::QueryResult<()> {
+    use diesel::RunQueryDsl;
+    diesel::sql_query("SELECT 1").execute(conn).map(drop)
+}
+
 /// A connection string fit to print: the password, if any, replaced by `***`.
 /// Handles URLs (`postgres://user:secret@host/db?password=secret`) and key=value
 /// strings (`host=h password=secret`).

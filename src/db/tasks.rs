@@ -190,12 +190,47 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
     .execute(conn)
 }
 
+/// How long [`complete`] may wait for a row another session holds locked: then the
+/// batch fails, and the completer sets aside the attempts whose rows are locked
+/// ([`locked_by_others`]) and records the others.
+pub(crate) const COMPLETION_LOCK_WAIT: Duration = Duration::from_secs(1);
+
 /// Sets up the completer's own connection for [`complete`]: with sequential scans and
 /// nested loops off, the planner finds the batch's rows through the primary keys
 /// (`id = ANY(...)`) and joins them by hash even while stale statistics make a scan of
-/// the whole table look cheap. Changes this session's settings only.
+/// the whole table look cheap; its lock waits are bounded by [`COMPLETION_LOCK_WAIT`].
+/// Changes this session's settings only.
 pub(crate) fn prepare_completer_session(conn: &mut PgConnection) -> QueryResult<()> {
-    conn.batch_execute("SET enable_seqscan = off; SET enable_nestloop = off")
+    conn.batch_execute(&format!(
+        "SET enable_seqscan = off; SET enable_nestloop = off; SET lock_timeout = {}",
+        COMPLETION_LOCK_WAIT.as_millis()
+    ))
+}
+
+/// The tasks of `completions` whose row, or whose attempt's execution row, another
+/// session holds locked now. Tries to lock each with `SKIP LOCKED` for this statement
+/// only (its locks end with it), and waits for none.
+pub(crate) fn locked_by_others(conn: &mut PgConnection, completions: &[Completion]) -> QueryResult<Vec<i64>> {
+    #[derive(QueryableByName)]
+    struct Locked {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let task_ids: Vec<i64> = completions.iter().map(|c| c.task_id).collect();
+    let execution_ids: Vec<i64> = completions.iter().map(|c| c.execution_id).collect();
+    let locked: Vec<Locked> = diesel::sql_query(
+        "WITH t AS (SELECT id FROM tasks WHERE id = ANY($1) FOR UPDATE SKIP LOCKED),
+              e AS (SELECT id, task_id FROM task_executions WHERE id = ANY($2) FOR UPDATE SKIP LOCKED)
+         SELECT x.id FROM tasks x
+         WHERE x.id = ANY($1)
+           AND (x.id NOT IN (SELECT id FROM t)
+                OR EXISTS (SELECT FROM task_executions y
+                           WHERE y.id = ANY($2) AND y.task_id = x.id AND y.id NOT IN (SELECT id FROM e)))",
+    )
+    .bind::<Array<BigInt>, _>(task_ids)
+    .bind::<Array<BigInt>, _>(execution_ids)
+    .load(conn)?;
+    Ok(locked.into_iter().map(|l| l.id).collect())
 }
 
 /// Undoes the claims of tasks that never started (the instance is stopping, or they

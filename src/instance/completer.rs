@@ -2,20 +2,23 @@
 //!
 //! Workers leave their outcomes in its inbox (each through an [`Outbox`] of its own)
 //! and go on at once. A batch is recorded when it is full or a short delay after its
-//! first outcome (default 1 ms): a lone task is recorded about a millisecond after it
-//! ends, a busy instance writes hundreds of outcomes per statement. While the database
-//! is away it keeps the batch and tries again with backoff for two minutes; what it
-//! then gives up on stays `running` in the database and is rescued as a lost attempt,
-//! never reported done. It ends once every worker has dropped its outbox and the inbox
-//! is empty, so every outcome of a clean stop is recorded.
+//! first outcome (default 1 ms). While the database is away it keeps the batch and
+//! tries again with backoff for two minutes; what it then gives up on stays `running`
+//! and is rescued as a lost attempt, never reported done. A statement that fails while
+//! the connection is sound failed on its rows: attempts whose rows another session
+//! holds locked are set aside and tried again every second, and the rest is split
+//! until the outcome the database refuses is found; that one is recorded with its text
+//! escaped, the others as they are. It ends once every worker has dropped its outbox
+//! and every outcome is recorded.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
 
-use crate::db::connect::connect;
+use crate::db::connect::{connect, ping};
 use crate::db::tasks::{self, Completion, Outcome};
 use crate::error::Error;
 use crate::instance::in_flight::InFlight;
@@ -24,8 +27,13 @@ use crate::instance::{backoff, lock};
 
 /// The most outcomes recorded in one statement, unless the runner says otherwise.
 pub(crate) const DEFAULT_MAX_BATCH: usize = 1000;
-/// How long the completer keeps trying to record a batch while the database is away.
+/// How long the completer keeps trying to record a batch while the database is away,
+/// or an attempt whose rows another session holds locked.
 const RECORD_PATIENCE: Duration = Duration::from_secs(120);
+/// How often attempts set aside for locked rows are tried again.
+const SET_ASIDE_RETRY: Duration = Duration::from_secs(1);
+/// The most of a refused text kept, escaped, in its replacement.
+const REPLACEMENT_TEXT: usize = 4096;
 
 /// What the completer needs.
 pub(crate) struct Input {
@@ -45,6 +53,8 @@ pub(crate) struct Stats {
     pub completions: AtomicU64,
     pub batches: AtomicU64,
     pub failures: AtomicU64,
+    /// Outcomes the database refused, recorded with their text escaped.
+    pub replaced: AtomicU64,
 }
 
 /// Where outcomes wait to be recorded.
@@ -116,8 +126,19 @@ impl Inbox {
 
     /// Blocks until a batch is due: full, or its first outcome is `delay` old, or every
     /// outbox is gone. `None` once they are gone and nothing is pending.
+    #[cfg(test)]
     fn next_batch(&self) -> Option<Vec<Completion>> {
+        match self.next(None) {
+            Inbound::Batch(batch) => Some(batch),
+            Inbound::Quiet | Inbound::Closed => None,
+        }
+    }
+
+    /// Blocks until a batch is due (see `next_batch`), the inbox is closed and empty,
+    /// or `quiet` passes with nothing pending.
+    fn next(&self, quiet: Option<Duration>) -> Inbound {
         let mut state = self.lock();
+        let start = Instant::now();
         loop {
             let closed = state.senders == 0;
             if let Some(since) = state.since {
@@ -127,16 +148,31 @@ impl Inbox {
                     let n = state.pending.len().min(self.max_batch);
                     let batch: Vec<Completion> = state.pending.drain(..n).collect();
                     state.since = if state.pending.is_empty() { None } else { Some(now) };
-                    return Some(batch);
+                    return Inbound::Batch(batch);
                 }
                 state = self.condvar.wait_timeout(state, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
             } else if closed {
-                return None;
+                return Inbound::Closed;
+            } else if let Some(quiet) = quiet {
+                let left = quiet.saturating_sub(start.elapsed());
+                if left.is_zero() {
+                    return Inbound::Quiet;
+                }
+                state = self.condvar.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
             } else {
                 state = self.condvar.wait(state).unwrap_or_else(|p| p.into_inner());
             }
         }
     }
+}
+
+/// What the inbox hands the completer.
+enum Inbound {
+    Batch(Vec<Completion>),
+    /// Nothing came for a while.
+    Quiet,
+    /// Every outbox is gone and nothing is pending.
+    Closed,
 }
 
 /// How the completer keeps trying to record a batch.
@@ -164,9 +200,22 @@ pub(crate) fn run(input: Input) {
     // statement is planned with (in the pool they would leak to the tasks'
     // connections). Connected before the first outcome (a failure is met again, and
     // handled, there).
-    let mut conn: Option<PgConnection> = open(&input.database_url).ok();
-    while let Some(batch) = input.inbox.next_batch() {
-        record(&input, &mut conn, &batch);
+    let conn = open(&input.database_url).ok();
+    let mut recorder = Recorder { input: &input, conn, set_aside: Vec::new(), since: HashMap::new() };
+    let mut retried_at = Instant::now();
+    loop {
+        let quiet = (!recorder.set_aside.is_empty()).then_some(SET_ASIDE_RETRY);
+        match input.inbox.next(quiet) {
+            Inbound::Batch(batch) => recorder.record(batch),
+            Inbound::Quiet => {}
+            Inbound::Closed if recorder.set_aside.is_empty() => break,
+            // The last outcomes wait for their rows.
+            Inbound::Closed => std::thread::sleep(SET_ASIDE_RETRY.saturating_sub(retried_at.elapsed())),
+        }
+        if !recorder.set_aside.is_empty() && retried_at.elapsed() >= SET_ASIDE_RETRY {
+            retried_at = Instant::now();
+            recorder.retry_set_aside();
+        }
     }
     log::debug!("completer stopped");
 }
@@ -177,41 +226,198 @@ fn open(url: &str) -> Result<PgConnection, Error> {
     Ok(conn)
 }
 
-fn record(input: &Input, conn: &mut Option<PgConnection>, batch: &[Completion]) {
-    let mut patience = Patience::new(Instant::now());
-    loop {
-        let recorded = match conn {
-            Some(conn) => Ok(conn),
-            None => open(&input.database_url).map(|c| conn.insert(c)),
+/// The completer's side of the database.
+struct Recorder<'a> {
+    input: &'a Input,
+    conn: Option<PgConnection>,
+    /// Attempts whose rows another session held locked, to try again.
+    set_aside: Vec<Completion>,
+    /// When each attempt set aside (by execution) was first set aside.
+    since: HashMap<i64, Instant>,
+}
+
+impl Recorder<'_> {
+    /// Records a batch: as one statement if it can; else, while the connection is
+    /// sound, without the attempts whose rows are locked (set aside), and in halves
+    /// until the outcome the database refuses is found and replaced.
+    fn record(&mut self, batch: Vec<Completion>) {
+        let mut patience = Patience::new(Instant::now());
+        let mut todo = vec![batch];
+        while let Some(mut batch) = todo.pop() {
+            loop {
+                let Err(error) = self.complete(&batch) else {
+                    self.recorded(&batch);
+                    break;
+                };
+                self.input.stats.failures.fetch_add(1, Ordering::Relaxed);
+                // A sound connection means the statement failed on its rows.
+                let locked = self.conn.as_mut().and_then(|conn| {
+                    ping(conn).ok()?;
+                    tasks::locked_by_others(conn, &batch).ok()
+                });
+                let Some(locked) = locked else {
+                    // The database is away: the same batch again, after a pause.
+                    self.conn = None;
+                    let Some(pause) = patience.failed(Instant::now()) else {
+                        todo.push(batch);
+                        self.give_up(todo.concat(), &error.to_string());
+                        return;
+                    };
+                    log::error!("could not record {} outcome(s), trying again in {pause:?}: {error}", batch.len());
+                    std::thread::sleep(pause);
+                    continue;
+                };
+                if !locked.is_empty() {
+                    let (held, free): (Vec<_>, Vec<_>) = batch.into_iter().partition(|c| locked.contains(&c.task_id));
+                    self.set_aside(held);
+                    batch = free;
+                    if batch.is_empty() {
+                        break;
+                    }
+                } else if batch.len() > 1 {
+                    todo.push(batch.split_off(batch.len() / 2));
+                } else {
+                    self.replace(batch.remove(0), &error);
+                    break;
+                }
+            }
         }
-        .and_then(|conn| Ok(tasks::complete(conn, batch)?));
-        let Err(error) = recorded else { break };
-        *conn = None;
-        input.stats.failures.fetch_add(1, Ordering::Relaxed);
-        let Some(pause) = patience.failed(Instant::now()) else {
-            log::error!(
-                "giving up recording {} outcome(s) ({error}); their attempts stay open and will be rescued as lost",
-                batch.len()
-            );
-            break;
+    }
+
+    fn complete(&mut self, batch: &[Completion]) -> Result<(), Error> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self.conn.insert(open(&self.input.database_url)?),
         };
-        log::error!("could not record {} outcome(s), trying again in {pause:?}: {error}", batch.len());
-        std::thread::sleep(pause);
+        tasks::complete(conn, batch)?;
+        Ok(())
     }
-    input.stats.completions.fetch_add(batch.len() as u64, Ordering::Relaxed);
-    input.stats.batches.fetch_add(1, Ordering::Relaxed);
-    // Recorded (or given up on): no longer in flight, and a ghost if still running.
-    input.in_flight.forget(batch.iter().map(|c| (c.task_id, c.execution_id)));
-    for completion in batch {
-        if let Outcome::Retry { delay, .. } = &completion.outcome {
-            input.timer.arm(Instant::now() + *delay);
+
+    /// Records an outcome the database refused as its escaped replacement; sets it
+    /// aside if that is refused too (the refusal was not about its text).
+    fn replace(&mut self, refused: Completion, error: &Error) {
+        let substitute = replacement(&refused, &error.to_string());
+        if self.complete(std::slice::from_ref(&substitute)).is_ok() {
+            log::error!(
+                "task {} attempt {}: its outcome could not be stored ({error}); recorded with its text escaped",
+                refused.task_id,
+                refused.attempt
+            );
+            self.input.stats.replaced.fetch_add(1, Ordering::Relaxed);
+            self.recorded(&[substitute]);
+        } else {
+            self.set_aside(vec![refused]);
         }
     }
+
+    fn set_aside(&mut self, held: Vec<Completion>) {
+        let now = Instant::now();
+        for completion in held {
+            if let std::collections::hash_map::Entry::Vacant(entry) = self.since.entry(completion.execution_id) {
+                entry.insert(now);
+                log::warn!(
+                    "task {} attempt {}: its row is held by another session; its outcome waits",
+                    completion.task_id,
+                    completion.attempt
+                );
+            }
+            self.set_aside.push(completion);
+        }
+    }
+
+    /// Tries again the attempts set aside, but for those set aside too long.
+    fn retry_set_aside(&mut self) {
+        let since = &self.since;
+        let (expired, again): (Vec<_>, Vec<_>) = std::mem::take(&mut self.set_aside)
+            .into_iter()
+            .partition(|c| since.get(&c.execution_id).is_some_and(|t| t.elapsed() >= RECORD_PATIENCE));
+        if !expired.is_empty() {
+            self.give_up(expired, "their rows stayed locked by another session");
+        }
+        if !again.is_empty() {
+            self.record(again);
+        }
+    }
+
+    /// The batch is in the database.
+    fn recorded(&mut self, batch: &[Completion]) {
+        let stats = &self.input.stats;
+        stats.completions.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.forget(batch);
+        for completion in batch {
+            if let Outcome::Retry { delay, .. } = &completion.outcome {
+                self.input.timer.arm(Instant::now() + *delay);
+            }
+        }
+    }
+
+    /// Leaves attempts open, to be rescued as lost (they ended, so the rerun cannot
+    /// overlap them).
+    fn give_up(&mut self, batch: Vec<Completion>, why: &str) {
+        log::error!(
+            "giving up recording {} outcome(s) ({why}); their attempts stay open and will be rescued as lost",
+            batch.len()
+        );
+        self.input.stats.completions.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.forget(&batch);
+    }
+
+    /// No longer in flight here (and a ghost if still running in the database).
+    fn forget(&mut self, batch: &[Completion]) {
+        for completion in batch {
+            self.since.remove(&completion.execution_id);
+        }
+        self.input.in_flight.forget(batch.iter().map(|c| (c.task_id, c.execution_id)));
+    }
+}
+
+/// What is recorded for an outcome the database refused (`why`): its texts escaped (a
+/// NUL byte, which neither `text` nor `jsonb` can hold, and other control characters)
+/// and cut to a few kilobytes. A result that cannot be stored fails the attempt for
+/// good: running the task again would produce it again.
+fn replacement(refused: &Completion, why: &str) -> Completion {
+    let outcome = match &refused.outcome {
+        Outcome::Succeeded(result) => Outcome::Failed(format!(
+            "its result could not be stored ({why}); the result, escaped: {}",
+            escaped(&result.to_string())
+        )),
+        Outcome::Failed(error) => {
+            Outcome::Failed(format!("{} [escaped: the message could not be stored ({why})]", escaped(error)))
+        }
+        Outcome::Retry { error, delay } => Outcome::Retry {
+            error: format!("{} [escaped: the message could not be stored ({why})]", escaped(error)),
+            delay: *delay,
+        },
+    };
+    Completion { outcome, ..refused.clone() }
+}
+
+/// `text` with its control characters but line feeds and tabs escaped (`\u{0}`), cut
+/// after [`REPLACEMENT_TEXT`] bytes.
+fn escaped(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if out.len() >= REPLACEMENT_TEXT {
+            out.push('…');
+            break;
+        }
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn outcome_of(task_id: i64) -> Completion {
+        outcome(task_id)
+    }
 
     fn outcome(task_id: i64) -> Completion {
         Completion {
@@ -299,4 +505,22 @@ mod tests {
         assert_eq!(patience.failed(start + Duration::from_secs(119)), Some(Duration::from_millis(400)));
         assert_eq!(patience.failed(start + RECORD_PATIENCE), None);
     }
+
+    #[test]
+    fn a_refused_outcome_is_replaced_by_its_text_escaped_and_a_result_that_cannot_be_stored_fails() {
+        let refused = |outcome| Completion { outcome, ..outcome_of(1) };
+        let why = "unsupported Unicode escape sequence";
+        let result = replacement(&refused(Outcome::Succeeded(serde_json::json!({"a": "x\u{0}y"}))), why);
+        let Outcome::Failed(text) = result.outcome else { panic!("a result that cannot be stored did not fail") };
+        // The result's JSON text escapes the NUL itself, and text can hold that.
+        assert!(!text.contains('\0') && text.contains("x\\u0000y") && text.contains(why), "{text}");
+        let retried = replacement(&refused(Outcome::Retry { error: "a\u{0}b".into(), delay: Duration::from_secs(4) }), why);
+        assert!(matches!(&retried.outcome, Outcome::Retry { error, delay }
+            if error.starts_with("a\\u{0}b [escaped") && *delay == Duration::from_secs(4)), "{:?}", retried.outcome);
+        assert_eq!((result.execution_id, result.task_id, result.attempt), (1, 1, 1));
+        let long = escaped(&"\u{1}".repeat(10_000));
+        assert!(long.len() < REPLACEMENT_TEXT + 16 && long.ends_with('…'), "{}", long.len());
+        assert_eq!(escaped("line\nand\ttab"), "line\nand\ttab");
+    }
+
 }

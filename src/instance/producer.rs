@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
 
-use crate::db::connect::connect;
+use crate::db::connect::{connect, ping};
 use crate::db::{channel, tasks};
 use crate::error::Error;
 use crate::instance::backoff;
@@ -162,7 +162,7 @@ pub(crate) fn run(input: Input) {
             Next::Stop => break,
             Next::Tick => {
                 let quiet = producer.pace.quiet(Instant::now(), producer.input.poll_interval);
-                if quiet.ping && producer.conn().and_then(|c| Ok(channel::ping(c)?)).is_err() {
+                if quiet.ping && producer.conn().and_then(|c| Ok(ping(c)?)).is_err() {
                     // The stripes went with the connection: look again, anew.
                     producer.lost();
                     producer.input.handoff.wake(1);

@@ -2,13 +2,14 @@
 
 use std::time::Duration;
 
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use task_engine::models::status;
 use task_engine::schema::{task_executions, tasks};
 use task_engine::NewTask;
 use test_db::TestDatabase;
 
-use crate::support::{counted_runs, runner, start_engine, wait_until, wait_until_idle, Counted, Gate, Gated};
+use crate::support::{counted_runs, runner, start_engine, wait_until, wait_until_idle, Counted, Gate, Gated, Poisoned};
 
 fn count_status(conn: &mut PgConnection, wanted: &str) -> i64 {
     tasks::table.filter(tasks::status.eq(wanted)).count().get_result(conn).unwrap()
@@ -167,4 +168,67 @@ fn a_claimed_task_that_waits_too_long_for_a_worker_is_given_back_and_an_idle_ins
     gate.open();
     hoarder.shutdown();
     helper.shutdown();
+}
+
+#[test]
+fn outcomes_the_database_refuses_fail_their_tasks_with_the_reason_and_hold_up_nothing_else() {
+    let db = TestDatabase::new();
+    let key = format!("{}-poison", db.name());
+    let mut conn = db.connect();
+    let mut batch: Vec<NewTask> = (0..3000).map(|_| NewTask::new(&Counted { key: key.clone() }).unwrap()).collect();
+    for i in 0..6 {
+        // Spread among the others, so that they share batches.
+        batch.insert(i * 500 + 250, NewTask::new(&Poisoned { in_result: i % 2 == 0 }).unwrap());
+    }
+    let ids = task_engine::enqueue_many(&mut conn, &batch).unwrap();
+    let poisoned: Vec<i64> = (0..6).map(|i| ids[i * 500 + 250]).collect();
+    let engine = start_engine(&db, "poisoned", 8);
+    wait_until("every task has ended", || crate::support::unfinished(&mut conn) == 0);
+    let stats = engine.stats();
+    let stopped = std::time::Instant::now();
+    engine.shutdown();
+    assert!(stopped.elapsed() < Duration::from_secs(10), "the stop took {:?}", stopped.elapsed());
+
+    assert_eq!(count_status(&mut conn, status::STOPPED), 3000);
+    assert_eq!(counted_runs(&key), 3000);
+    for id in poisoned {
+        let (task_status, attempts): (String, i32) =
+            tasks::table.find(id).select((tasks::status, tasks::attempts)).first(&mut conn).unwrap();
+        assert_eq!((task_status.as_str(), attempts), (status::FAILED, 1), "task {id}");
+        let errors: Vec<Option<String>> = task_executions::table
+            .filter(task_executions::task_id.eq(id))
+            .select(task_executions::error)
+            .load(&mut conn)
+            .unwrap();
+        let [Some(error)] = &errors[..] else { panic!("task {id}: {errors:?}") };
+        assert!(error.contains("a nul \\u{0} byte") || error.contains("a nul \\u0000 byte"), "task {id}: {error}");
+        assert!(error.contains("could not be stored"), "task {id}: {error}");
+    }
+    assert!(stats.completion_failures > 0, "no statement was refused: the test proves nothing");
+}
+
+#[test]
+fn a_task_row_another_session_holds_locked_delays_only_its_own_outcome() {
+    let db = TestDatabase::new();
+    let key = format!("{}-locked", db.name());
+    let gate_name = format!("{}-locked", db.name());
+    let gate = Gate::named(&gate_name);
+    let mut conn = db.connect();
+    let engine = start_engine(&db, "patient", 2);
+    let held = task_engine::enqueue(&mut conn, &Gated { gate: gate_name }).unwrap();
+    gate.wait_for_started(1);
+    // Another session locks the running task's row, then the task ends.
+    let mut holder = db.connect();
+    holder.batch_execute(&format!("BEGIN; SELECT * FROM tasks WHERE id = {held} FOR UPDATE")).unwrap();
+    gate.open();
+    NewTask::new(&Counted { key: key.clone() }).unwrap().insert_copies(&mut conn, 200).unwrap();
+    wait_until("the other tasks are recorded", || count_status(&mut conn, status::STOPPED) == 200);
+    assert_eq!(counted_runs(&key), 200);
+    let running: String = tasks::table.find(held).select(tasks::status).first(&mut conn).unwrap();
+    assert_eq!(running, status::RUNNING, "recorded through another session's lock");
+
+    holder.batch_execute("COMMIT").unwrap();
+    wait_until("the held task is recorded", || count_status(&mut conn, status::STOPPED) == 201);
+    assert_eq!(crate::support::executions_of(&mut conn, held).len(), 1);
+    engine.shutdown();
 }

@@ -325,3 +325,25 @@ impl Task for Recorded {
     }
 }
 register_task!(Recorded);
+
+/// Ends with an outcome PostgreSQL refuses to store: a NUL byte, which neither `jsonb`
+/// (the result) nor `text` (the error) can hold. One attempt.
+#[derive(Serialize, Deserialize)]
+pub struct Poisoned {
+    pub in_result: bool,
+}
+
+impl Task for Poisoned {
+    const NAME: &'static str = "test_poisoned";
+    const MAX_ATTEMPTS: i32 = 1;
+    type Output = serde_json::Value;
+
+    fn run(&self, _ctx: &TaskContext) -> Result<serde_json::Value, TaskError> {
+        if self.in_result {
+            Ok(serde_json::json!({ "text": "a nul \u{0} byte" }))
+        } else {
+            Err(TaskError::new("a nul \u{0} byte"))
+        }
+    }
+}
+register_task!(Poisoned);
