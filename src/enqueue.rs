@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use diesel::PgConnection;
 
 use crate::db::micros;
@@ -10,6 +10,29 @@ use crate::db::tasks::{self, TaskInsert};
 use crate::error::Error;
 use crate::registry::Registry;
 use crate::task::Task;
+
+/// The years of PostgreSQL's `timestamptz` (4713 BC is year -4712).
+const FIRST_YEAR: i32 = -4712;
+const LAST_YEAR: i32 = 294_276;
+
+/// Where in `value` a string or a key holds a NUL character, as a JSON path.
+fn nul_in(value: &serde_json::Value, path: &str) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) if s.contains('\0') => Some(path.to_owned()),
+        serde_json::Value::Array(items) => {
+            items.iter().enumerate().find_map(|(i, item)| nul_in(item, &format!("{path}[{i}]")))
+        }
+        serde_json::Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+            let here = format!("{path}.{}", key.escape_debug());
+            if key.contains('\0') {
+                Some(here)
+            } else {
+                nul_in(item, &here)
+            }
+        }),
+        _ => None,
+    }
+}
 
 /// A task about to be inserted, with its scheduling options.
 ///
@@ -107,15 +130,41 @@ impl NewTask {
         }
     }
 
+    /// Checks that the database can store the task: no NUL character in its parameters
+    /// (neither `jsonb` nor `text` can hold one), a due time within PostgreSQL's range.
+    /// Inserting calls it first; call it yourself to refuse bad input before anything
+    /// else happens.
+    pub fn validate(&self) -> Result<(), Error> {
+        if let Some(path) = nul_in(&self.parameters, "$") {
+            return Err(Error::InvalidValue(format!(
+                "the parameters of task type `{}` hold a NUL character (at {path}), which PostgreSQL cannot store",
+                self.task_type
+            )));
+        }
+        let due = match self.run_at {
+            Some(at) => Some(at),
+            None => chrono::TimeDelta::from_std(self.delay).ok().and_then(|d| Utc::now().checked_add_signed(d)),
+        };
+        match due {
+            Some(at) if (FIRST_YEAR..=LAST_YEAR).contains(&at.year()) => Ok(()),
+            _ => Err(Error::InvalidValue(format!(
+                "the due time of a task of type `{}` is outside PostgreSQL's range (4713 BC to 294276 AD)",
+                self.task_type
+            ))),
+        }
+    }
+
     /// Inserts the task and returns its id. Inside the caller's transaction, the task
     /// exists (and wakes workers) only if that transaction commits.
     pub fn insert(&self, conn: &mut PgConnection) -> Result<i64, Error> {
+        self.validate()?;
         let ids = tasks::insert_tasks(conn, &[self.as_insert()])?;
         Ok(ids[0])
     }
 
     /// Inserts `count` copies of the task in one statement and returns their ids.
     pub fn insert_copies(&self, conn: &mut PgConnection, count: u32) -> Result<Vec<i64>, Error> {
+        self.validate()?;
         Ok(tasks::insert_copies(conn, &self.as_insert(), i64::from(count))?)
     }
 }
@@ -130,6 +179,7 @@ pub fn enqueue_many(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<Vec<i6
     if tasks.is_empty() {
         return Ok(Vec::new());
     }
+    tasks.iter().try_for_each(NewTask::validate)?;
     let inserts: Vec<TaskInsert<'_>> = tasks.iter().map(NewTask::as_insert).collect();
     Ok(tasks::insert_tasks(conn, &inserts)?)
 }

@@ -88,6 +88,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A value the database would refuse to store: a NUL character (which neither `text`
+    /// nor `jsonb` can hold), a time outside PostgreSQL's range.
+    #[error("{0}")]
+    InvalidValue(String),
+
     /// A setting the engine cannot use (a malformed database URL, say).
     #[error("{0}")]
     Config(String),

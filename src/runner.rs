@@ -192,7 +192,7 @@ impl Runner {
     /// running tasks are put back to waiting by another (heartbeats go six times per
     /// lease). Every instance sharing a database should use the same lease.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease.max(Duration::from_millis(60));
+        self.lease = lease.clamp(Duration::from_millis(60), Duration::from_secs(365 * 86_400));
         self
     }
 
@@ -215,9 +215,10 @@ impl Runner {
         self
     }
 
-    /// Sets how long an idle worker sleeps before looking for work unprompted.
+    /// Sets how long an idle worker sleeps before looking for work unprompted (at
+    /// least a millisecond).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval;
+        self.poll_interval = interval.max(Duration::from_millis(1));
         self
     }
 

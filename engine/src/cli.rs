@@ -83,19 +83,20 @@ pub enum Command {
     },
     /// Runs an engine instance until SIGINT or SIGTERM.
     Run {
-        /// Number of worker threads.
-        #[arg(long, env = "TASK_ENGINE_WORKERS", default_value_t = Runner::DEFAULT_WORKERS)]
-        workers: usize,
+        /// Number of worker threads (1 to 10000).
+        #[arg(long, env = "TASK_ENGINE_WORKERS", default_value_t = Runner::DEFAULT_WORKERS as u16,
+              value_parser = clap::value_parser!(u16).range(1..=10_000))]
+        workers: u16,
         /// The instance's name (default: host name and process id).
         #[arg(long, env = "TASK_ENGINE_INSTANCE")]
         instance: Option<String>,
         /// Fallback poll: how long an idle instance waits before looking for work unprompted
         /// (500ms, 30s, 1h). A safety net only: inserts wake workers through LISTEN/NOTIFY.
-        #[arg(long, env = "TASK_ENGINE_POLL_INTERVAL", value_parser = duration::parse, default_value = "10s")]
+        #[arg(long, env = "TASK_ENGINE_POLL_INTERVAL", value_parser = poll_interval, default_value = "10s")]
         poll_interval: Duration,
         /// An instance silent for this long is taken for dead and its running tasks are
         /// rescued; use the same value on every instance.
-        #[arg(long, env = "TASK_ENGINE_LEASE", value_parser = duration::parse, default_value = "30s")]
+        #[arg(long, env = "TASK_ENGINE_LEASE", value_parser = lease, default_value = "30s")]
         lease: Duration,
         /// The most tasks claimed ahead of the idle workers, per worker; the buffer in
         /// use follows the tasks' pace (none for tasks slower than two claims).
@@ -210,6 +211,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             if let Some(max_attempts) = max_attempts {
                 task = task.max_attempts(max_attempts);
             }
+            task.validate()?;
             let db = Database::open(cli.database_url, &cli.data_dir)?;
             let mut conn = db.connect_migrated()?;
             let ids = if count == 1 { vec![task.insert(&mut conn)?] } else { task.insert_copies(&mut conn, count)? };
@@ -221,6 +223,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { workers, instance, poll_interval, lease, claim_buffer, max_queue_wait } => {
+            let workers = usize::from(workers);
             let db = Database::open(cli.database_url, &cli.data_dir)?;
             db.connect_migrated()?;
             let engine = Runner::new(db.url(), registry)
@@ -293,6 +296,24 @@ fn stop_on_signals(stop: task_engine::StopHandle) -> anyhow::Result<()> {
         })
         .context("could not start the signal thread")?;
     Ok(())
+}
+
+/// `--poll-interval`: a duration of at least a millisecond (0 would spin).
+fn poll_interval(text: &str) -> Result<Duration, String> {
+    let interval = duration::parse(text)?;
+    if interval < Duration::from_millis(1) {
+        return Err("the fallback poll must be at least 1ms".into());
+    }
+    Ok(interval)
+}
+
+/// `--lease`: from a second (heartbeats go six times per lease) to a day.
+fn lease(text: &str) -> Result<Duration, String> {
+    let lease = duration::parse(text)?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&lease) {
+        return Err("the lease must be from 1s to 1d".into());
+    }
+    Ok(lease)
 }
 
 fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {

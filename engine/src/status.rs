@@ -23,7 +23,7 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
     }
     println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", "TYPE", STATES[0], STATES[1], STATES[2], STATES[3], STATES[4]);
     for (task_class, n) in &by_type {
-        println!("{task_class:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", n[0], n[1], n[2], n[3], n[4]);
+        println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", plain(task_class), n[0], n[1], n[2], n[3], n[4]);
     }
     let t = totals;
     println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", "(all)", t[0], t[1], t[2], t[3], t[4]);
@@ -31,7 +31,7 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
     let unknown: Vec<String> = by_type
         .iter()
         .filter(|(task_class, n)| n[0] > 0 && registry.get(task_class).is_err())
-        .map(|(task_class, n)| format!("{task_class} ({} waiting)", n[0]))
+        .map(|(task_class, n)| format!("{} ({} waiting)", plain(task_class), n[0]))
         .collect();
     if !unknown.is_empty() {
         println!("\ntypes this engine does not know (they wait for an instance that does): {}", unknown.join(", "));
@@ -44,8 +44,8 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
         for i in instances {
             println!(
                 "{:<24} {:<16} {:>8} {:<20} {:<20} {:>8}",
-                i.name,
-                i.host,
+                plain(&i.name),
+                plain(&i.host),
                 i.pid,
                 i.started_at.format("%Y-%m-%d %H:%M:%S"),
                 format!("{:.1} s ago", i.silent_for),
@@ -74,13 +74,13 @@ pub fn print_task(conn: &mut PgConnection, id: i64) -> anyhow::Result<()> {
     let Some((task, executions)) = report::task_with_executions(conn, id)? else {
         return Err(UsageError(format!("there is no task {id}")).into());
     };
-    println!("task {}: {}", task.id, task.task_class);
+    println!("task {}: {}", task.id, plain(&task.task_class));
     println!("  status       {}", task.status);
     println!("  parameters   {}", task.task_parameters);
     println!("  priority     {}", task.priority);
     println!("  run at       {}", task.run_at.to_rfc3339());
     println!("  attempts     {} of {}", task.attempts, task.max_attempts);
-    println!("  instance     {}", task.instance.as_deref().unwrap_or("-"));
+    println!("  instance     {}", plain(task.instance.as_deref().unwrap_or("-")));
     if let Some(at) = task.cancel_requested_at {
         println!("  cancel asked {}", at.to_rfc3339());
     }
@@ -106,7 +106,7 @@ fn print_execution(e: &TaskExecution, task_class: Option<&str>) {
         .unwrap_or_else(|| "-".to_owned());
     let outcome = match (&e.stopped_at, &e.error, &e.result) {
         (None, _, _) => "running".to_owned(),
-        (Some(_), Some(error), _) => format!("error: {error}"),
+        (Some(_), Some(error), _) => format!("error: {}", plain(error)),
         (Some(_), None, Some(result)) => format!("ok: {result}"),
         (Some(_), None, None) => "ok".to_owned(),
     };
@@ -114,11 +114,29 @@ fn print_execution(e: &TaskExecution, task_class: Option<&str>) {
         "{:>8} {:>8} {:<10} {:>3} {:<24} {:<20} {:>10}  {}",
         e.id,
         e.task_id,
-        task_class.unwrap_or(""),
+        plain(task_class.unwrap_or("")),
         e.attempt,
         e.started_at.format("%Y-%m-%d %H:%M:%S%.3f"),
-        format!("{}/{}", e.instance, e.worker),
+        format!("{}/{}", plain(&e.instance), e.worker),
         ms,
         outcome
     );
+}
+
+/// Text from the database as it may be printed on a terminal: control characters
+/// (an escape sequence in a type name inserted by SQL, a line feed in an error)
+/// escaped, so that nothing read from a row can drive the terminal or break a table.
+fn plain(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain;
+
+    #[test]
+    fn control_characters_from_the_database_are_printed_escaped() {
+        assert_eq!(plain("send_email"), "send_email");
+        assert_eq!(plain("red\u{1b}[31m\nline"), "red\\u{1b}[31m\\nline");
+    }
 }

@@ -89,6 +89,9 @@ fn engine_enqueue_refuses_bad_input_with_exit_code_2_and_inserts_nothing() {
         (vec!["enqueue", "sleep", "--params", "{ms: 3"], "--params is not valid JSON"),
         (vec!["enqueue", "sleep", "--params", r#"{"ms": "later"}"#], "parameters do not fit task type `sleep`"),
         (vec!["enqueue", "noop", "--count", "0"], "--count"),
+        // Values PostgreSQL would refuse: refused here, with exit 2, not sent to fail there.
+        (vec!["enqueue", "echo", "--params", r#"{"to": "a\u0000b"}"#], "NUL character (at $.to)"),
+        (vec!["enqueue", "noop", "--in", "200000000d"], "outside PostgreSQL's range"),
     ] {
         let out = engine(&db, &args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
@@ -385,4 +388,41 @@ fn engine_prune_deletes_only_old_finished_tasks_with_their_executions_in_batches
     assert_eq!(executions, [4, 5, 6]);
     let out = engine(&db, &["prune", "--older-than", "soon"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn engine_run_refuses_settings_it_cannot_work_with_with_exit_code_2() {
+    let db = TestDatabase::new();
+    for (args, says) in [
+        (vec!["--poll-interval", "0s"], "at least 1ms"),
+        (vec!["--lease", "0s"], "from 1s to 1d"),
+        (vec!["--lease", "100000d"], "from 1s to 1d"),
+        (vec!["--workers", "0"], "--workers"),
+    ] {
+        // Accepted, `engine run` would run until stopped: give it 20 s to refuse.
+        let mut child = spawn_engine_run(&db, &args, Stdio::piped());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("{args:?} was accepted");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(says), "{args:?}: stderr lacks `{says}`: {}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn engine_status_prints_control_characters_from_the_database_escaped() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    // A type name inserted by SQL that would clear the screen and turn it red.
+    diesel::sql_query("INSERT INTO tasks (task_class) VALUES (E'evil\\x1b[2J\\x1b[31m')").execute(&mut conn).unwrap();
+    let out = engine(&db, &["status"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!out.stdout.contains(&0x1b), "an escape sequence reached the terminal: {:?}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("evil\\u{1b}[2J"), "{}", text(&out.stdout));
 }

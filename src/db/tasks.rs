@@ -458,7 +458,7 @@ pub(crate) struct Due {
 
 /// Counts the waiting tasks of the given types due now (up to `limit`) and finds when
 /// the next scheduled one is due (it walks `tasks_scheduled_idx`, which holds scheduled
-/// tasks only). Locks and changes nothing.
+/// tasks only; a task due at 'infinity' is never due). Locks and changes nothing.
 pub(crate) fn due(conn: &mut PgConnection, task_types: &[&str], limit: i64) -> QueryResult<Due> {
     diesel::sql_query(
         "SELECT
@@ -467,7 +467,7 @@ pub(crate) fn due(conn: &mut PgConnection, task_types: &[&str], limit: i64) -> Q
                  WHERE status = 'waiting' AND run_at <= now() AND task_class = ANY($1)
                  LIMIT $2) d) AS now,
              (SELECT extract(epoch FROM min(run_at) - now())::float8 FROM tasks
-              WHERE status = 'waiting' AND run_at > created_at AND run_at > now()
+              WHERE status = 'waiting' AND run_at > created_at AND run_at > now() AND run_at < 'infinity'
                 AND task_class = ANY($1)) AS next_in",
     )
     .bind::<Array<Text>, _>(task_types)

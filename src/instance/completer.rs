@@ -346,8 +346,11 @@ impl Recorder<'_> {
         stats.batches.fetch_add(1, Ordering::Relaxed);
         self.forget(batch);
         for completion in batch {
-            if let Outcome::Retry { delay, .. } = &completion.outcome {
-                self.input.timer.arm(Instant::now() + *delay);
+            if let Some(at) = match &completion.outcome {
+                Outcome::Retry { delay, .. } => Instant::now().checked_add(*delay),
+                _ => None,
+            } {
+                self.input.timer.arm(at);
             }
         }
     }

@@ -13,6 +13,10 @@ use crate::instance::handoff::Handoff;
 use crate::instance::in_flight::InFlight;
 use crate::registry::{Registry, RunFailure, TaskEntry};
 
+/// The longest wait before a retry: a type's `retry_delay` beyond it (up to
+/// `Duration::MAX`) would put the task past what the database and the clock can hold.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// What a worker needs.
 pub(crate) struct Input {
     /// Its number in the instance (recorded on executions).
@@ -99,7 +103,7 @@ fn outcome(
         log::error!("task {id} ({task_type}) attempt {attempt}/{max} failed {why}: {message}");
         Outcome::Failed(message)
     } else {
-        let delay = entry.map(|e| e.retry_delay(attempt)).unwrap_or_default();
+        let delay = entry.map(|e| e.retry_delay(attempt)).unwrap_or_default().min(MAX_RETRY_DELAY);
         log::warn!("task {id} ({task_type}) attempt {attempt}/{max} failed: {message}; retry in {delay:.1?}");
         Outcome::Retry { error: message, delay }
     }

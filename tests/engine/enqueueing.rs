@@ -79,3 +79,19 @@ fn many_tasks_go_in_with_one_call_and_come_back_with_their_ids_in_order() {
     assert_eq!(copies.len(), 1000);
     assert_eq!(task_count(&mut conn), 1500);
 }
+
+#[test]
+fn values_the_database_would_refuse_are_refused_before_anything_is_inserted() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let nul = NewTask::new(&::tasks::Echo(serde_json::json!({"list": ["ok", "a\u{0}b"]}))).unwrap();
+    match nul.insert(&mut conn) {
+        Err(Error::InvalidValue(message)) => assert!(message.contains("NUL character (at $.list[1])"), "{message}"),
+        other => panic!("expected InvalidValue, got {other:?}"),
+    }
+    let never = NewTask::new(&::tasks::Noop {}).unwrap().run_in(std::time::Duration::MAX);
+    assert!(matches!(never.insert_copies(&mut conn, 3), Err(Error::InvalidValue(_))));
+    let fine = NewTask::new(&::tasks::Noop {}).unwrap();
+    assert!(matches!(task_engine::enqueue_many(&mut conn, &[fine, nul]), Err(Error::InvalidValue(_))));
+    assert_eq!(task_count(&mut conn), 0, "a refused batch inserted something");
+}

@@ -266,3 +266,82 @@ fn a_failed_task_retried_by_an_operator_runs_again_and_keeps_its_history() {
     assert_eq!(errors, ["attempt 1 failed", "attempt 2 failed"]);
     engine.shutdown();
 }
+
+fn status_of(conn: &mut PgConnection, id: i64) -> String {
+    tasks::table.find(id).select(tasks::status).first(conn).unwrap()
+}
+
+#[test]
+fn tasks_due_at_infinity_are_accepted_never_run_and_hold_up_no_scheduled_task() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let insert = |conn: &mut PgConnection, run_at: &str| -> i64 {
+        diesel::insert_into(tasks::table)
+            .values((tasks::task_class.eq("echo"), tasks::task_parameters.eq(serde_json::json!(run_at))))
+            .returning(tasks::id)
+            .get_result::<i64>(conn)
+            .and_then(|id| {
+                diesel::sql_query(format!("UPDATE tasks SET run_at = '{run_at}' WHERE id = {id}")).execute(conn)?;
+                Ok(id)
+            })
+            .unwrap()
+    };
+    // Before the engine starts: only the scheduler's first look can find the 1 s task.
+    let never = insert(&mut conn, "infinity");
+    let soon = echo(serde_json::json!("soon")).run_in(Duration::from_secs(1)).insert(&mut conn).unwrap();
+    let engine = start_engine(&db, "edges", 2);
+    wait_for_status(&mut conn, soon, status::STOPPED);
+
+    // While the instance sleeps (every insert notifies): the insert itself must work.
+    wait_until_idle(&engine, 2);
+    let inserted = diesel::sql_query(
+        "INSERT INTO tasks (task_class, task_parameters, run_at) VALUES ('echo', '\"never again\"', 'infinity'),
+                                                                     ('echo', '\"at once\"', '-infinity')",
+    )
+    .execute(&mut conn);
+    assert_eq!(inserted.ok(), Some(2), "an insert due at infinity failed");
+    wait_until("the task due at -infinity has run", || {
+        tasks::table.filter(tasks::status.eq(status::STOPPED)).count().get_result::<i64>(&mut conn).unwrap() == 2
+    });
+    assert_eq!(status_of(&mut conn, never), status::WAITING);
+    engine.shutdown();
+}
+
+#[test]
+fn a_prune_racing_a_retry_keeps_the_task_it_retried() {
+    use diesel::connection::SimpleConnection;
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    conn.batch_execute(
+        "INSERT INTO tasks (id, task_class, status, attempts, updated_at) VALUES (1, 'noop', 'failed', 1, now() - interval '10 days');
+         INSERT INTO task_executions (task_id, attempt, started_at, stopped_at, error, instance, worker)
+             VALUES (1, 1, now() - interval '10 days', now() - interval '10 days', 'boom', 'i', 0)",
+    )
+    .unwrap();
+    // An operator's retry, between its lock and its commit.
+    let mut operator = db.connect();
+    operator
+        .batch_execute(
+            "BEGIN; SELECT status FROM tasks WHERE id = 1 FOR UPDATE;
+             UPDATE tasks SET status = 'waiting', run_at = now(), updated_at = now() WHERE id = 1",
+        )
+        .unwrap();
+    // The prune picks the task (the retry is not committed) and waits for its row.
+    let url = db.url().to_owned();
+    let pruner = std::thread::spawn(move || {
+        let mut conn = PgConnection::establish(&url).unwrap();
+        task_engine::prune(&mut conn, Duration::from_secs(7 * 86_400), 100).unwrap()
+    });
+    wait_until("the prune waits for the retried row", || {
+        diesel::sql_query(
+            "SELECT 1 AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM tasks%'",
+        )
+        .execute(&mut conn)
+        .unwrap()
+            == 1
+    });
+    operator.batch_execute("COMMIT").unwrap();
+    assert_eq!(pruner.join().unwrap(), 0, "the prune deleted a task an operator had just retried");
+    assert_eq!(status_of(&mut conn, 1), status::WAITING);
+    assert_eq!(executions_of(&mut conn, 1).len(), 1);
+}
