@@ -269,7 +269,7 @@ impl Runner {
             task_types: task_types.clone(),
             database_url: self.database_url.clone(),
             lease: self.lease,
-            handoff: Arc::clone(&handoff),
+            timer: Arc::clone(&timer),
             alive: Arc::clone(&alive),
             in_flight: Arc::clone(&in_flight),
             retired: retired.clone(),

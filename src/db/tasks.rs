@@ -384,7 +384,11 @@ macro_rules! rescue_statement {
                  SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
                                    WHEN t.attempts >= t.max_attempts THEN 'failed'
                                    ELSE 'waiting' END,
-                     run_at = now(), updated_at = now()
+                     -- The default retry delay (attempt^4 + 3 s, give or take 10%): a
+                     -- task that takes its instance down does not crash-loop the fleet.
+                     run_at = now() + (power(least(t.attempts, 100), 4) + 3) * (0.9 + 0.2 * random())
+                                      * interval '1 second',
+                     updated_at = now()
                  WHERE t.id = ANY(ARRAY(SELECT id FROM lost))
                  RETURNING t.status
              )
@@ -413,8 +417,9 @@ const RESCUE_DEAD: &str = rescue_statement!(
 );
 
 /// Closes the lost attempts of the running tasks `lost` names (`stopped_at`, and an
-/// error saying why and where), and puts their tasks back to waiting, due at once (or
-/// `failed` after their last attempt, `cancelled` if cancelled), in one statement.
+/// error saying why and where), and puts their tasks back to waiting, due after the
+/// default retry delay of their attempt (or `failed` after their last attempt,
+/// `cancelled` if cancelled), in one statement.
 /// Locks those task rows, passing over rows another session holds (they are taken at a
 /// later pass). `in_flight` are the tasks this instance is running; `lease` is how long
 /// a ghost or a silent instance is given. Returns how many tasks wait again.
@@ -601,6 +606,31 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(status_of(&mut conn, 1), "waiting");
+    }
+
+
+    #[test]
+    fn a_rescued_attempt_waits_like_a_failed_one_before_the_task_runs_again() {
+        let db = test_db::TestDatabase::new();
+        let mut conn = db.connect();
+        running_on(&mut conn, 1, "crashed");
+        running_on(&mut conn, 2, "crashed");
+        conn.batch_execute("UPDATE tasks SET attempts = 3 WHERE id = 2").unwrap();
+        assert_eq!(rescue(&mut conn, Lost::PreviousSelf, "crashed", Duration::from_secs(1), &[]).unwrap(), 2);
+        #[derive(QueryableByName)]
+        struct Wait {
+            #[diesel(sql_type = BigInt)]
+            id: i64,
+            #[diesel(sql_type = Double)]
+            seconds: f64,
+        }
+        let waits: Vec<Wait> =
+            diesel::sql_query("SELECT id, extract(epoch FROM run_at - now())::float8 AS seconds FROM tasks ORDER BY id")
+                .load(&mut conn)
+                .unwrap();
+        let seconds: Vec<(i64, f64)> = waits.iter().map(|w| (w.id, w.seconds)).collect();
+        // attempt 1: 4 s, attempt 3: 84 s, give or take 10%.
+        assert!((3.6..=4.4).contains(&seconds[0].1) && (75.6..=92.4).contains(&seconds[1].1), "{seconds:?}");
     }
 
 }

@@ -23,7 +23,7 @@ use diesel::PgConnection;
 use crate::db::connect::connect;
 use crate::db::instances;
 use crate::error::Error;
-use crate::instance::handoff::Handoff;
+use crate::instance::scheduler::Timer;
 use crate::instance::in_flight::InFlight;
 use crate::instance::shutdown::Shutdown;
 use crate::instance::{lock, rescue};
@@ -41,8 +41,8 @@ pub(crate) struct Input {
     pub database_url: String,
     /// How long an instance may stay silent before it is taken for dead.
     pub lease: Duration,
-    /// Woken for rescued tasks.
-    pub handoff: Arc<Handoff>,
+    /// Asked to look for the rescued tasks' due time.
+    pub timer: Arc<Timer>,
     /// Renewed by each sound heartbeat; read by the producer.
     pub alive: Arc<Alive>,
     /// What this instance runs: not ghosts.
@@ -132,7 +132,7 @@ impl Heartbeat {
                 "instance {}: {recovered} task(s) left running by its previous run put back to waiting",
                 input.instance
             );
-            input.handoff.wake(recovered);
+            input.timer.refresh();
         }
         let mut health = Health { lease: input.lease, since: None };
         health.beat(Instant::now());
@@ -200,7 +200,7 @@ impl Heartbeat {
         if rescued > 0 {
             input.stats.rescued.fetch_add(rescued as u64, Ordering::Relaxed);
             log::warn!("instance {}: {rescued} lost attempt(s) recorded; their tasks wait again", input.instance);
-            input.handoff.wake(rescued);
+            input.timer.refresh();
         }
         Ok(())
     }
