@@ -43,6 +43,16 @@ impl Listening {
         &self.channel
     }
 
+    /// Which of `task_ids` an operator asked to cancel (its notification may have been
+    /// missed while this connection was down). Locks and changes nothing.
+    pub(crate) fn cancels_requested(&mut self, task_ids: &[i64]) -> Result<Vec<i64>, Error> {
+        let rows = self
+            .client
+            .query("SELECT id FROM tasks WHERE id = ANY($1) AND cancel_requested_at IS NOT NULL", &[&task_ids])
+            .map_err(|source| Error::Listener { context: "could not look for cancels".to_owned(), source })?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
     /// Waits up to `timeout` for a notification and returns its payload (`None` when
     /// none came).
     pub(crate) fn next(&mut self, timeout: Duration) -> Result<Option<String>, Error> {

@@ -1,19 +1,32 @@
 //! The tasks this instance has claimed and not yet recorded, and which of them an
 //! operator cancelled: the producer adds them, the listener marks cancellations, each
 //! task's context reads its own flag, the completer forgets them once recorded, and
-//! the rescue spares them (they are no ghosts).
+//! the rescue spares them (they are no ghosts). A cancel heard for a task not (yet)
+//! in flight here is kept a little while: its claim may have committed and not yet
+//! come back.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::instance::lock;
+
+/// How long a cancel heard for a task not in flight here is kept for its claim.
+const EARLY_CANCEL: Duration = Duration::from_secs(10);
 
 /// Claimed tasks by id, each with the execution of its attempt here and its cancel
 /// flag.
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
-    tasks: Mutex<HashMap<i64, Entry>>,
+    tasks: Mutex<Tasks>,
+}
+
+#[derive(Debug, Default)]
+struct Tasks {
+    claimed: HashMap<i64, Entry>,
+    /// Cancels heard for tasks not in flight here, and when.
+    early: HashMap<i64, Instant>,
 }
 
 #[derive(Debug)]
@@ -30,24 +43,36 @@ impl InFlight {
             .into_iter()
             .map(|(task_id, execution_id)| (task_id, Entry { execution_id, cancelled: Arc::default() }))
             .collect();
-        lock(&self.tasks).extend(entries);
+        let mut tasks = lock(&self.tasks);
+        for (task_id, entry) in entries {
+            if tasks.early.remove(&task_id).is_some() {
+                entry.cancelled.store(true, Ordering::Relaxed);
+            }
+            tasks.claimed.insert(task_id, entry);
+        }
     }
 
-    /// Marks a task cancelled, if it is in flight here.
+    /// Marks a task cancelled: at once if it is in flight here, at its claim if that
+    /// comes within a few seconds.
     pub(crate) fn cancel(&self, task_id: i64) {
-        if let Some(entry) = lock(&self.tasks).get(&task_id) {
+        let mut tasks = lock(&self.tasks);
+        if let Some(entry) = tasks.claimed.get(&task_id) {
             entry.cancelled.store(true, Ordering::Relaxed);
+            return;
         }
+        let now = Instant::now();
+        tasks.early.retain(|_, heard| now.duration_since(*heard) < EARLY_CANCEL);
+        tasks.early.insert(task_id, now);
     }
 
     /// The cancel flag of a task in flight (a fresh, unset one for any other).
     pub(crate) fn cancel_flag(&self, task_id: i64) -> Arc<AtomicBool> {
-        lock(&self.tasks).get(&task_id).map(|entry| Arc::clone(&entry.cancelled)).unwrap_or_default()
+        lock(&self.tasks).claimed.get(&task_id).map(|entry| Arc::clone(&entry.cancelled)).unwrap_or_default()
     }
 
     /// The tasks in flight now.
     pub(crate) fn ids(&self) -> Vec<i64> {
-        lock(&self.tasks).keys().copied().collect()
+        lock(&self.tasks).claimed.keys().copied().collect()
     }
 
     /// Forgets attempts that have been recorded (or given back), as `(task,
@@ -57,8 +82,8 @@ impl InFlight {
         let mut gone = Vec::new();
         let mut tasks = lock(&self.tasks);
         for (task_id, execution_id) in attempts {
-            if tasks.get(&task_id).is_some_and(|entry| entry.execution_id == execution_id) {
-                gone.extend(tasks.remove(&task_id));
+            if tasks.claimed.get(&task_id).is_some_and(|entry| entry.execution_id == execution_id) {
+                gone.extend(tasks.claimed.remove(&task_id));
             }
         }
         drop(tasks);
@@ -83,6 +108,18 @@ mod tests {
         assert!(!in_flight.cancel_flag(3).load(Ordering::Relaxed), "a task not in flight was cancelled");
         in_flight.forget([(1, 10)]);
         assert_eq!(in_flight.ids(), [2]);
+    }
+
+    #[test]
+    fn a_cancel_heard_before_the_claim_comes_back_reaches_the_task_at_its_claim() {
+        let in_flight = InFlight::default();
+        in_flight.cancel(7); // the claim of task 7 has committed, its answer is on its way
+        in_flight.claimed([(7, 70), (8, 80)]);
+        assert!(in_flight.cancel_flag(7).load(Ordering::Relaxed), "the early cancel was lost");
+        assert!(!in_flight.cancel_flag(8).load(Ordering::Relaxed));
+        in_flight.forget([(7, 70)]);
+        in_flight.claimed([(7, 71)]);
+        assert!(!in_flight.cancel_flag(7).load(Ordering::Relaxed), "an early cancel was used twice");
     }
 
     #[test]

@@ -134,9 +134,13 @@ impl Listener {
         let input = &self.input;
         log::debug!("listening on {}", listening.channel());
         // Whatever was inserted while we were not listening: look for it now, and for
-        // the next scheduled task.
+        // the next scheduled task, and the cancels of tasks running here.
         input.handoff.wake_all();
         input.timer.refresh();
+        match listening.cancels_requested(&input.in_flight.ids()) {
+            Ok(cancelled) => cancelled.into_iter().for_each(|id| input.in_flight.cancel(id)),
+            Err(error) => return Some(error.to_string()),
+        }
         input.stats.connections.fetch_add(1, Ordering::SeqCst);
         input.stats.listening.store(true, Ordering::SeqCst);
         while !input.shutdown.is_stopped() {

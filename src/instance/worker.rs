@@ -12,6 +12,7 @@ use crate::instance::completer::Outbox;
 use crate::instance::handoff::Handoff;
 use crate::instance::in_flight::InFlight;
 use crate::registry::{Registry, RunFailure, TaskEntry};
+use crate::task::TaskError;
 
 /// The longest wait before a retry: a type's `retry_delay` beyond it (up to
 /// `Duration::MAX`) would put the task past what the database and the clock can hold.
@@ -56,8 +57,13 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
                 instance: Arc::clone(&input.instance),
             };
             started = Instant::now();
-            let ran = catch_unwind(AssertUnwindSafe(|| entry.run(&task.task_parameters, &ctx)))
-                .unwrap_or_else(|panic| Err(RunFailure::Panic(panic_message(&*panic))));
+            let ran = if ctx.cancel_requested() {
+                // Cancelled while it waited for a worker: it never starts.
+                Err(RunFailure::Task(TaskError::permanent("cancelled before it started")))
+            } else {
+                catch_unwind(AssertUnwindSafe(|| entry.run(&task.task_parameters, &ctx)))
+                    .unwrap_or_else(|panic| Err(RunFailure::Panic(panic_message(&*panic))))
+            };
             (ran, ctx.cancel_requested(), Some(entry))
         }
         // Claims ask only for registered types; this is a registry changed under us.
@@ -122,7 +128,6 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::TaskError;
 
     #[test]
     fn panic_messages_are_read_from_str_and_string_payloads() {

@@ -11,8 +11,8 @@ use task_engine::{Cancelled, Error, NewTask};
 use test_db::TestDatabase;
 
 use crate::support::{
-    executions_of, load_task, start_engine, wait_until, wait_until_all_ended, wait_until_idle, AlwaysFails, Flaky,
-    PanicsOnce,
+    executions_of, load_task, runner, start_engine, wait_until, wait_until_all_ended, wait_until_idle, AlwaysFails,
+    Counted, Flaky, Gate, Gated, PanicsOnce,
 };
 
 fn wait_for_status(conn: &mut PgConnection, id: i64, wanted: &str) {
@@ -344,4 +344,71 @@ fn a_prune_racing_a_retry_keeps_the_task_it_retried() {
     assert_eq!(pruner.join().unwrap(), 0, "the prune deleted a task an operator had just retried");
     assert_eq!(status_of(&mut conn, 1), status::WAITING);
     assert_eq!(executions_of(&mut conn, 1).len(), 1);
+}
+
+#[test]
+fn a_task_cancelled_while_it_waits_for_a_worker_never_starts() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let key = format!("{}-early", db.name());
+    let gate_name = format!("{}-early", db.name());
+    let gate = Gate::named(&gate_name);
+    // One worker; claimed tasks wait for it (never given back in this test).
+    let engine = runner(&db, "busy", 1).max_queue_wait(Duration::from_secs(3600)).start().unwrap();
+    // Short tasks first: the instance learns to claim ahead.
+    NewTask::new(&::tasks::Noop {}).unwrap().insert_copies(&mut conn, 20).unwrap();
+    wait_until("the first tasks have run", || crate::support::unfinished(&mut conn) == 0);
+    let mut batch = vec![NewTask::new(&Gated { gate: gate_name }).unwrap().priority(10)];
+    batch.extend((0..5).map(|_| NewTask::new(&Counted { key: key.clone() }).unwrap()));
+    let ids = task_engine::enqueue_many(&mut conn, &batch).unwrap();
+    gate.wait_for_started(1);
+    wait_until("the 5 tasks are claimed behind the gated one", || {
+        tasks::table
+            .filter(tasks::id.eq_any(&ids[1..]))
+            .filter(tasks::status.eq(status::RUNNING))
+            .count()
+            .get_result::<i64>(&mut conn)
+            .unwrap()
+            == 5
+    });
+
+    assert_eq!(task_engine::cancel(&mut conn, ids[3]).unwrap(), Cancelled::Running);
+    wait_until("the instance has heard the cancel", || engine.stats().notifications >= 1);
+    gate.open();
+    wait_until_all_ended(&mut conn);
+    assert_eq!(load_task(&mut conn, ids[3]).status, status::CANCELLED);
+    let executions = executions_of(&mut conn, ids[3]);
+    assert_eq!(executions.len(), 1);
+    assert_eq!(executions[0].error.as_deref(), Some("cancelled before it started"));
+    assert_eq!(crate::support::counted_runs(&key), 4, "the cancelled task ran");
+    engine.shutdown();
+}
+
+#[test]
+fn a_cancel_sent_while_the_listener_is_away_still_reaches_the_running_task() {
+    use diesel::connection::SimpleConnection;
+    let db = TestDatabase::new();
+    let engine = start_engine(&db, "reconnecting", 1);
+    wait_until_idle(&engine, 1);
+    let mut conn = db.connect();
+    let id = task_engine::enqueue(&mut conn, &::tasks::Sleep { ms: 600_000 }).unwrap();
+    wait_for_status(&mut conn, id, status::RUNNING);
+
+    // The listener is cut off, and kept out while the cancel's notification goes.
+    let mut admin = PgConnection::establish(&test_db::with_database(db.url(), "postgres")).unwrap();
+    let quoted = format!("\"{}\"", db.name());
+    admin.batch_execute(&format!("ALTER DATABASE {quoted} ALLOW_CONNECTIONS false")).unwrap();
+    admin
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'task_engine listener reconnecting'",
+        )
+        .unwrap();
+    wait_until("the listener has noticed", || !engine.stats().listening);
+    assert_eq!(task_engine::cancel(&mut conn, id).unwrap(), Cancelled::Running);
+    admin.batch_execute(&format!("ALTER DATABASE {quoted} ALLOW_CONNECTIONS true")).unwrap();
+
+    wait_for_status(&mut conn, id, status::CANCELLED);
+    assert_eq!(executions_of(&mut conn, id)[0].error.as_deref(), Some("cancelled while sleeping"));
+    engine.shutdown();
 }
