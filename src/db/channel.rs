@@ -21,9 +21,15 @@ pub(crate) struct Listening {
 }
 
 impl Listening {
-    /// Connects, finds the channel of the `tasks` table this connection sees, and
-    /// runs `LISTEN` on it. Locks and changes nothing.
-    pub(crate) fn start(config: &postgres::Config, database_url: &str) -> Result<Self, Error> {
+    /// Connects, finds the channel of the `tasks` table this connection sees, runs
+    /// `LISTEN` on it, and then (in the same round trip) finds which of `in_flight` an
+    /// operator asked to cancel: those cancels' notifications may have been sent while
+    /// no connection listened. Locks and changes nothing.
+    pub(crate) fn start(
+        config: &postgres::Config,
+        database_url: &str,
+        in_flight: &[i64],
+    ) -> Result<(Self, Vec<i64>), Error> {
         let fail = |context: &str| {
             let context = format!("could not {context} on {}", redact_url(database_url));
             move |source| Error::Listener { context, source }
@@ -34,8 +40,22 @@ impl Listening {
             .map_err(fail("find the tasks table (run `engine migrate`)"))?
             .get(0);
         let quoted = format!("\"{}\"", channel.replace('"', "\"\""));
-        client.batch_execute(&format!("LISTEN {quoted}")).map_err(fail("LISTEN"))?;
-        Ok(Self { client, channel })
+        let ids: Vec<String> = in_flight.iter().map(i64::to_string).collect();
+        let messages = client
+            .simple_query(&format!(
+                "LISTEN {quoted};
+                 SELECT id FROM tasks WHERE id = ANY('{{{}}}'::bigint[]) AND cancel_requested_at IS NOT NULL",
+                ids.join(",")
+            ))
+            .map_err(fail("LISTEN"))?;
+        let cancelled = messages
+            .iter()
+            .filter_map(|message| match message {
+                postgres::SimpleQueryMessage::Row(row) => row.get(0)?.parse().ok(),
+                _ => None,
+            })
+            .collect();
+        Ok((Self { client, channel }, cancelled))
     }
 
     /// The channel listened on.
@@ -43,15 +63,6 @@ impl Listening {
         &self.channel
     }
 
-    /// Which of `task_ids` an operator asked to cancel (its notification may have been
-    /// missed while this connection was down). Locks and changes nothing.
-    pub(crate) fn cancels_requested(&mut self, task_ids: &[i64]) -> Result<Vec<i64>, Error> {
-        let rows = self
-            .client
-            .query("SELECT id FROM tasks WHERE id = ANY($1) AND cancel_requested_at IS NOT NULL", &[&task_ids])
-            .map_err(|source| Error::Listener { context: "could not look for cancels".to_owned(), source })?;
-        Ok(rows.iter().map(|row| row.get(0)).collect())
-    }
 
     /// Waits up to `timeout` for a notification and returns its payload (`None` when
     /// none came).

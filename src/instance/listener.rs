@@ -105,9 +105,11 @@ impl Listener {
     pub(crate) fn run(self) {
         let mut failures = 0u32;
         while !self.input.shutdown.is_stopped() {
-            let lost = match Listening::start(&self.config, &self.input.database_url) {
-                Ok(listening) => {
+            let lost = match Listening::start(&self.config, &self.input.database_url, &self.input.in_flight.ids()) {
+                Ok((listening, cancelled)) => {
                     failures = 0;
+                    // Cancels of tasks running here, sent while nobody listened.
+                    cancelled.into_iter().for_each(|id| self.input.in_flight.cancel(id));
                     self.listen(listening)
                 }
                 Err(error) => Some(error.to_string()),
@@ -134,13 +136,9 @@ impl Listener {
         let input = &self.input;
         log::debug!("listening on {}", listening.channel());
         // Whatever was inserted while we were not listening: look for it now, and for
-        // the next scheduled task, and the cancels of tasks running here.
+        // the next scheduled task.
         input.handoff.wake_all();
         input.timer.refresh();
-        match listening.cancels_requested(&input.in_flight.ids()) {
-            Ok(cancelled) => cancelled.into_iter().for_each(|id| input.in_flight.cancel(id)),
-            Err(error) => return Some(error.to_string()),
-        }
         input.stats.connections.fetch_add(1, Ordering::SeqCst);
         input.stats.listening.store(true, Ordering::SeqCst);
         while !input.shutdown.is_stopped() {
