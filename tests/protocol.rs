@@ -1,0 +1,514 @@
+//! A model of the engine's protocol, checked exhaustively with stateright for two
+//! instances and one or two tasks: claims, the hand-off to workers, runs, completions,
+//! heartbeats that stall and recover, leases that expire, rescues (of dead instances,
+//! of ghosts, of a previous self), crashes, restarts under the same name, graceful
+//! stops, rows deleted by hand, claims whose answer is lost.
+//!
+//! The model is of the protocol, not of the code: each action is one statement or one
+//! decision of the engine (`db/tasks.rs`, `instance/`), named after it. It checks:
+//!
+//! - never two attempts of a task running at once, by the runs themselves (not by the
+//!   executions table);
+//! - a live instance is never robbed: while it runs an attempt, that attempt stays open;
+//! - every claimed task ends recorded, once no crash or stall is left to happen.
+//!
+//! "While every instance follows the protocol": a live instance renews its lease in
+//! time. Its heartbeat may stall (it then stops claiming), but only a dead instance's
+//! lease runs out; a partition longer than the lease is outside the promise (the
+//! README says what it costs).
+//!
+//! The same model with one of the engine's rules undone must fail, and does (the
+//! last tests): the heartbeat stopping at a graceful stop instead of outliving the
+//! drain, and an instance without a row taken for dead while it holds its name.
+
+use std::fmt::Debug;
+use std::hash::Hash;
+
+use stateright::{Checker, Model, Property};
+
+const INSTANCES: usize = 2;
+/// The instance that may crash, stall, stop or lose its row; the other (1) only
+/// stalls, so that someone is left to rescue.
+const FRAGILE: usize = 0;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Status {
+    Waiting,
+    /// Claimed by an instance for an attempt.
+    Running { instance: usize, attempt: u8 },
+    Done,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Task {
+    status: Status,
+    attempts: u8,
+    /// The attempt whose execution row is open.
+    open: Option<u8>,
+    /// Attempts really running now, and where: the tasks' own record.
+    runs: Vec<(usize, u8)>,
+    /// The attempt whose outcome ended the task.
+    ended_by: Option<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Lease {
+    /// Heartbeats succeed: the instance may claim.
+    Live,
+    /// Its heartbeat fails or is stuck: it claims nothing (half a lease gone).
+    Late,
+    /// A whole lease without a heartbeat: others may take it for dead.
+    Expired,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Instance {
+    alive: bool,
+    stopping: bool,
+    has_row: bool,
+    holds_name: bool,
+    lease: Lease,
+    /// Claimed and waiting for a worker (the hand-off).
+    queued: Vec<(usize, u8)>,
+    /// Running on a worker.
+    running: Vec<(usize, u8)>,
+    /// Ended, the outcome with the completer.
+    ended: Vec<(usize, u8)>,
+    /// What is left of the environment's budget for this instance.
+    crashes: u8,
+    stalls: u8,
+    row_deletions: u8,
+    lost_answers: u8,
+}
+
+impl Instance {
+    fn new(fragile: bool) -> Self {
+        Instance {
+            alive: true,
+            stopping: false,
+            has_row: true,
+            holds_name: true,
+            lease: Lease::Live,
+            queued: Vec::new(),
+            running: Vec::new(),
+            ended: Vec::new(),
+            crashes: u8::from(fragile),
+            stalls: 1,
+            row_deletions: u8::from(fragile),
+            lost_answers: u8::from(fragile),
+        }
+    }
+
+    /// Whether the attempt is in flight here (the rescue of ghosts spares these).
+    fn in_flight(&self, attempt: (usize, u8)) -> bool {
+        self.queued.contains(&attempt) || self.running.contains(&attempt) || self.ended.contains(&attempt)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct State {
+    tasks: Vec<Task>,
+    instances: Vec<Instance>,
+    /// Restarts left for the fragile instance, and graceful stops.
+    restarts: u8,
+    stops: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Action {
+    /// The producer's claim statement (lease current, not stopping).
+    Claim(usize, usize),
+    /// A claim that committed while its answer was lost with the connection.
+    ClaimAnswerLost(usize, usize),
+    /// A worker takes a claimed task from the hand-off.
+    Start(usize, usize, u8),
+    /// The task's run ends; its outcome goes to the completer.
+    End(usize, usize, u8),
+    /// The completion statement: only if the task is still on that attempt, open.
+    Record(usize, usize, u8),
+    /// The producer's release of a claimed task no worker started (at a stop).
+    GiveBack(usize, usize, u8),
+    HeartbeatFails(usize),
+    HeartbeatSucceeds(usize),
+    /// The process dies (kill -9): its runs end without outcome, its session goes.
+    Crash(usize),
+    /// A dead instance's lease runs out.
+    LeaseExpires(usize),
+    /// An operator deletes the instance's row.
+    DeleteRow(usize),
+    /// A rescue pass of `rescuer` over the tasks of dead instances.
+    RescueDead(usize),
+    /// A rescue pass of an instance over its own ghosts.
+    RescueGhosts(usize),
+    /// A dead instance starts again under its name and recovers its previous self.
+    Restart(usize),
+    /// A graceful stop (SIGTERM): no more claims, tasks in flight finish.
+    Stop(usize),
+    /// The instance has recorded its last attempt: it removes its row and name.
+    Retire(usize),
+}
+
+/// The protocol, with switches to undo four of its rules, and one to step outside it.
+#[derive(Clone)]
+struct Protocol {
+    tasks: usize,
+    max_attempts: u8,
+    /// The heartbeat goes on through a graceful stop until the last attempt is recorded.
+    heartbeat_outlives_the_drain: bool,
+    /// An instance without a row is dead only if it does not hold its name lock.
+    rowless_needs_a_free_name: bool,
+    /// An outcome changes its task only if the task is still on that attempt, open.
+    outcomes_name_their_attempt: bool,
+    /// The heartbeat takes back the tasks marked running here that no worker here has.
+    rescues_own_ghosts: bool,
+    /// Outside the protocol: a live instance's heartbeat stalls for a whole lease (a
+    /// partition), and others take it for dead while its attempts run.
+    partitions: bool,
+}
+
+impl Protocol {
+    fn new(tasks: usize) -> Self {
+        Protocol {
+            tasks,
+            max_attempts: 3,
+            heartbeat_outlives_the_drain: true,
+            rowless_needs_a_free_name: true,
+            outcomes_name_their_attempt: true,
+            rescues_own_ghosts: true,
+            partitions: false,
+        }
+    }
+
+    /// Whether any step of the engine (not of its environment: crashes, stalls,
+    /// deleted rows, lost answers, stops and restarts) can still happen; time passing
+    /// (a lease running out) and a stalled heartbeat coming back are steps too.
+    fn can_progress(&self, s: &State) -> bool {
+        let mut actions = Vec::new();
+        self.actions(s, &mut actions);
+        actions.iter().any(|action| match action {
+            Action::ClaimAnswerLost(..)
+            | Action::HeartbeatFails(_)
+            | Action::Crash(_)
+            | Action::DeleteRow(_)
+            | Action::Restart(_)
+            | Action::Stop(_) => false,
+            Action::LeaseExpires(i) => !s.instances[*i].alive || !self.partitions,
+            _ => true,
+        })
+    }
+
+    /// Whether others may take the instance for dead (RESCUE_DEAD's condition).
+    fn dead(&self, instance: &Instance) -> bool {
+        if instance.has_row {
+            instance.lease == Lease::Expired
+        } else {
+            !self.rowless_needs_a_free_name || !instance.holds_name
+        }
+    }
+}
+
+/// Closes a task's attempt as lost and puts it back to waiting (or ends it after its
+/// last attempt).
+fn lose(task: &mut Task, max_attempts: u8) {
+    task.open = None;
+    task.status = if task.attempts >= max_attempts { Status::Done } else { Status::Waiting };
+}
+
+impl Model for Protocol {
+    type State = State;
+    type Action = Action;
+
+    fn init_states(&self) -> Vec<State> {
+        let task = Task { status: Status::Waiting, attempts: 0, open: None, runs: Vec::new(), ended_by: None };
+        vec![State {
+            tasks: vec![task; self.tasks],
+            instances: (0..INSTANCES).map(|i| Instance::new(i == FRAGILE)).collect(),
+            restarts: 1,
+            stops: 1,
+        }]
+    }
+
+    fn actions(&self, s: &State, actions: &mut Vec<Action>) {
+        for (i, inst) in s.instances.iter().enumerate() {
+            if inst.alive {
+                if !inst.stopping && inst.lease == Lease::Live {
+                    for (t, task) in s.tasks.iter().enumerate() {
+                        if task.status == Status::Waiting && task.attempts < self.max_attempts {
+                            actions.push(Action::Claim(i, t));
+                            if inst.lost_answers > 0 {
+                                actions.push(Action::ClaimAnswerLost(i, t));
+                            }
+                        }
+                    }
+                }
+                // After a stop, queued tasks are given back, not started.
+                for &(t, a) in &inst.queued {
+                    actions.push(if inst.stopping { Action::GiveBack(i, t, a) } else { Action::Start(i, t, a) });
+                }
+                actions.extend(inst.running.iter().map(|&(t, a)| Action::End(i, t, a)));
+                actions.extend(inst.ended.iter().map(|&(t, a)| Action::Record(i, t, a)));
+                if inst.lease == Lease::Live && inst.stalls > 0 {
+                    actions.push(Action::HeartbeatFails(i));
+                }
+                if inst.lease == Lease::Late || (self.partitions && inst.lease == Lease::Expired) {
+                    actions.push(Action::HeartbeatSucceeds(i));
+                }
+                if inst.crashes > 0 {
+                    actions.push(Action::Crash(i));
+                }
+                if inst.has_row && inst.row_deletions > 0 {
+                    actions.push(Action::DeleteRow(i));
+                }
+                // Rescue passes, when they would take something.
+                let dead: Vec<bool> = s.instances.iter().map(|other| self.dead(other)).collect();
+                let lost_elsewhere = s.tasks.iter().any(|task| {
+                    matches!(task.status, Status::Running { instance, .. } if instance != i && dead[instance])
+                });
+                if inst.lease == Lease::Live && lost_elsewhere {
+                    actions.push(Action::RescueDead(i));
+                }
+                let ghost = s.tasks.iter().enumerate().any(|(t, task)| {
+                    matches!(task.status, Status::Running { instance, attempt }
+                        if instance == i && !inst.in_flight((t, attempt)))
+                });
+                if ghost && self.rescues_own_ghosts {
+                    actions.push(Action::RescueGhosts(i));
+                }
+                if !inst.stopping && i == FRAGILE && s.stops > 0 {
+                    actions.push(Action::Stop(i));
+                }
+                if inst.stopping && inst.queued.is_empty() && inst.running.is_empty() && inst.ended.is_empty() {
+                    actions.push(Action::Retire(i));
+                }
+            }
+            // A dead instance's lease runs out; a stopping one's too, if its heartbeat
+            // ended with the stop; a stalled one's, in a partition.
+            let silent = !inst.alive
+                || (inst.stopping && !self.heartbeat_outlives_the_drain)
+                || (self.partitions && inst.lease == Lease::Late);
+            if silent && inst.lease != Lease::Expired {
+                actions.push(Action::LeaseExpires(i));
+            }
+            if !inst.alive && !inst.holds_name && s.restarts > 0 && i == FRAGILE {
+                actions.push(Action::Restart(i));
+            }
+        }
+    }
+
+    fn next_state(&self, s: &State, action: Action) -> Option<State> {
+        let mut s = s.clone();
+        match action {
+            Action::Claim(i, t) | Action::ClaimAnswerLost(i, t) => {
+                let task = &mut s.tasks[t];
+                task.attempts += 1;
+                task.status = Status::Running { instance: i, attempt: task.attempts };
+                task.open = Some(task.attempts);
+                if let Action::Claim(..) = action {
+                    s.instances[i].queued.push((t, task.attempts));
+                } else {
+                    s.instances[i].lost_answers -= 1;
+                }
+            }
+            Action::Start(i, t, a) => {
+                s.instances[i].queued.retain(|&x| x != (t, a));
+                s.instances[i].running.push((t, a));
+                s.tasks[t].runs.push((i, a));
+            }
+            Action::End(i, t, a) => {
+                s.instances[i].running.retain(|&x| x != (t, a));
+                s.instances[i].ended.push((t, a));
+                s.tasks[t].runs.retain(|&x| x != (i, a));
+            }
+            Action::Record(i, t, a) => {
+                s.instances[i].ended.retain(|&x| x != (t, a));
+                let task = &mut s.tasks[t];
+                // The completion changes nothing unless the task is still running
+                // this attempt with its execution open.
+                let current = matches!(task.status, Status::Running { attempt, .. } if attempt == a) && task.open == Some(a);
+                if current || !self.outcomes_name_their_attempt {
+                    task.open = None;
+                    task.status = Status::Done;
+                    task.ended_by = Some(a);
+                }
+            }
+            Action::GiveBack(i, t, a) => {
+                s.instances[i].queued.retain(|&x| x != (t, a));
+                let task = &mut s.tasks[t];
+                if matches!(task.status, Status::Running { attempt, .. } if attempt == a) && task.open == Some(a) {
+                    task.open = None;
+                    task.attempts -= 1;
+                    task.status = Status::Waiting;
+                }
+            }
+            Action::HeartbeatFails(i) => {
+                s.instances[i].lease = Lease::Late;
+                s.instances[i].stalls -= 1;
+            }
+            Action::HeartbeatSucceeds(i) => {
+                let inst = &mut s.instances[i];
+                inst.lease = Lease::Live;
+                inst.has_row = true; // registered again if it was gone
+            }
+            Action::LeaseExpires(i) if s.instances[i].alive => {
+                // A partition: the instance's heartbeat never came back in time.
+                s.instances[i].lease = Lease::Expired;
+                s.instances[i].stalls = 0;
+            }
+            Action::Crash(i) => {
+                let inst = &mut s.instances[i];
+                for &(t, a) in &inst.running {
+                    s.tasks[t].runs.retain(|&x| x != (i, a));
+                }
+                inst.alive = false;
+                inst.holds_name = false;
+                inst.crashes -= 1;
+                inst.queued.clear();
+                inst.running.clear();
+                inst.ended.clear();
+            }
+            Action::LeaseExpires(i) => s.instances[i].lease = Lease::Expired,
+            Action::DeleteRow(i) => {
+                s.instances[i].has_row = false;
+                s.instances[i].row_deletions -= 1;
+            }
+            Action::RescueDead(rescuer) => {
+                let dead: Vec<bool> = s.instances.iter().map(|inst| self.dead(inst)).collect();
+                for task in &mut s.tasks {
+                    if let Status::Running { instance, .. } = task.status {
+                        if instance != rescuer && dead[instance] {
+                            lose(task, self.max_attempts);
+                        }
+                    }
+                }
+            }
+            Action::RescueGhosts(i) => {
+                for t in 0..s.tasks.len() {
+                    if let Status::Running { instance, attempt } = s.tasks[t].status {
+                        if instance == i && !s.instances[i].in_flight((t, attempt)) {
+                            lose(&mut s.tasks[t], self.max_attempts);
+                        }
+                    }
+                }
+            }
+            Action::Restart(i) => {
+                let old = &s.instances[i];
+                let mut inst = Instance::new(false);
+                inst.stalls = old.stalls;
+                s.instances[i] = inst;
+                s.restarts -= 1;
+                // The previous self's tasks, at once: its session is gone (the name was free).
+                for task in &mut s.tasks {
+                    if matches!(task.status, Status::Running { instance, .. } if instance == i) {
+                        lose(task, self.max_attempts);
+                    }
+                }
+            }
+            Action::Stop(i) => {
+                s.instances[i].stopping = true;
+                s.stops -= 1;
+            }
+            Action::Retire(i) => {
+                let inst = &mut s.instances[i];
+                inst.alive = false;
+                inst.has_row = false;
+                inst.holds_name = false;
+                inst.lease = Lease::Expired;
+            }
+        }
+        Some(s)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        vec![
+            Property::always("never two attempts of a task at once", |_, s: &State| {
+                s.tasks.iter().all(|task| task.runs.len() <= 1)
+            }),
+            Property::always("a live instance is never robbed", |_, s: &State| {
+                s.instances.iter().enumerate().all(|(i, inst)| {
+                    !inst.alive
+                        || inst.running.iter().chain(&inst.queued).all(|&(t, a)| {
+                            let task = &s.tasks[t];
+                            task.open == Some(a) && task.status == Status::Running { instance: i, attempt: a }
+                        })
+                })
+            }),
+            Property::always("every claimed task ends recorded", |model: &Protocol, s: &State| {
+                // Once the engine has nothing left to do, no task is left claimed or open.
+                model.can_progress(s)
+                    || s.tasks.iter().all(|t| t.open.is_none() && !matches!(t.status, Status::Running { .. }))
+            }),
+            Property::always("an outcome changes only its own attempt", |_, s: &State| {
+                // No outcome of a superseded attempt ended a task a later attempt holds.
+                s.tasks.iter().all(|t| t.ended_by.map_or(true, |a| a == t.attempts))
+            }),
+            Property::sometimes("a task runs to completion", |_, s: &State| {
+                s.tasks.iter().any(|t| t.status == Status::Done && t.attempts == 1)
+            }),
+            Property::sometimes("a rescued task runs to completion", |_, s: &State| {
+                s.tasks.iter().any(|t| t.status == Status::Done && t.attempts >= 2)
+            }),
+        ]
+    }
+}
+
+/// Checks every reachable state; returns the names of the properties that failed.
+fn failed_properties(protocol: Protocol) -> Vec<&'static str> {
+    let checker = protocol.clone().checker().threads(2).spawn_bfs().join();
+    let mut failed = Vec::new();
+    for property in protocol.properties() {
+        let discovery = checker.discovery(property.name);
+        let fails = match property.expectation {
+            stateright::Expectation::Sometimes => discovery.is_none(),
+            _ => discovery.is_some(),
+        };
+        if fails {
+            if let Some(path) = discovery {
+                eprintln!("{}: {:#?}", property.name, path.into_actions());
+            }
+            failed.push(property.name);
+        }
+    }
+    eprintln!("{} states", checker.unique_state_count());
+    failed
+}
+
+#[test]
+fn the_protocol_holds_for_two_instances_and_one_task() {
+    assert_eq!(failed_properties(Protocol::new(1)), Vec::<&str>::new());
+}
+
+#[test]
+fn the_protocol_holds_for_two_instances_and_two_tasks() {
+    assert_eq!(failed_properties(Protocol::new(2)), Vec::<&str>::new());
+}
+
+#[test]
+fn a_heartbeat_that_stopped_at_a_graceful_stop_would_let_an_attempt_run_twice() {
+    let protocol = Protocol { heartbeat_outlives_the_drain: false, ..Protocol::new(1) };
+    let failed = failed_properties(protocol);
+    assert!(failed.contains(&"never two attempts of a task at once"), "{failed:?}");
+    assert!(failed.contains(&"a live instance is never robbed"), "{failed:?}");
+}
+
+#[test]
+fn in_a_partition_an_attempt_may_run_twice_but_a_superseded_outcome_changes_nothing() {
+    // Outside the promise (a live instance cut off for a whole lease), the cost is a
+    // second run at once, as the README says; the outcome of the first never counts.
+    let failed = failed_properties(Protocol { partitions: true, ..Protocol::new(1) });
+    assert_eq!(failed, ["never two attempts of a task at once", "a live instance is never robbed"]);
+    let careless = Protocol { partitions: true, outcomes_name_their_attempt: false, ..Protocol::new(1) };
+    assert!(failed_properties(careless).contains(&"an outcome changes only its own attempt"));
+}
+
+#[test]
+fn without_the_rescue_of_its_own_ghosts_a_lost_claim_answer_would_leave_a_task_claimed_forever() {
+    let failed = failed_properties(Protocol { rescues_own_ghosts: false, ..Protocol::new(1) });
+    assert!(failed.contains(&"every claimed task ends recorded"), "{failed:?}");
+}
+
+#[test]
+fn taking_an_instance_without_a_row_for_dead_while_it_holds_its_name_would_rob_it() {
+    let protocol = Protocol { rowless_needs_a_free_name: false, ..Protocol::new(1) };
+    let failed = failed_properties(protocol);
+    assert!(failed.contains(&"a live instance is never robbed"), "{failed:?}");
+}
