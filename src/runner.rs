@@ -44,6 +44,9 @@ pub struct EngineStats {
     pub wasted_claims: u64,
     /// Notifications received by the listener.
     pub notifications: u64,
+    /// Cancel requests the listener heard (any instance's tasks: a cancel is notified
+    /// to all), or found running here after it reconnected.
+    pub cancels_heard: u64,
     /// Times the listener has connected and started listening.
     pub listener_connections: u64,
     /// Whether the listener is connected and listening now.
@@ -423,6 +426,7 @@ impl RunningEngine {
             claims: read(&producer.claims),
             wasted_claims: read(&producer.wasted_claims),
             notifications: read(&listener.notifications),
+            cancels_heard: read(&listener.cancels),
             listener_connections: read(&listener.connections),
             listening: listener.listening.load(Ordering::SeqCst),
             sleeping_workers: self.handoff.sleeping(),

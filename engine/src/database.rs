@@ -85,9 +85,7 @@ impl Database {
 
     /// The process id of the embedded cluster's server, when there is one.
     pub fn server_pid(&self) -> Option<u32> {
-        let embedded = self.embedded.as_ref()?;
-        let pid_file = std::fs::read_to_string(embedded.cluster.data_dir().join("postmaster.pid")).ok()?;
-        pid_file.lines().next()?.trim().parse().ok()
+        self.embedded.as_ref()?.cluster.server_pid()
     }
 
     /// Stops the embedded cluster if this command started it.

@@ -62,7 +62,7 @@ fn engine_tasks_lists_every_type_of_the_linked_tasks_crate() {
     let out = Command::new(env!("CARGO_BIN_EXE_engine")).arg("tasks").output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let listed: Vec<String> = text(&out.stdout).lines().map(|l| l.split('\t').next().unwrap().to_owned()).collect();
-    assert_eq!(listed, ["echo", "fail", "noop", "panic", "sleep"]);
+    assert_eq!(listed, ["echo", "fail", "journal", "noop", "panic", "sleep"]);
 }
 
 #[test]
@@ -139,7 +139,7 @@ fn engine_run_works_through_the_queue_and_exits_0_on_sigterm() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(
-        stderr.contains("task types: echo, fail, noop, panic, sleep"),
+        stderr.contains("task types: echo, fail, journal, noop, panic, sleep"),
         "no start-up line listing the types: {stderr}"
     );
     assert!(stderr.contains("instance cli-run stopped"), "{stderr}");

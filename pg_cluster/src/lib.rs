@@ -293,6 +293,75 @@ impl Cluster {
         Ok(())
     }
 
+    /// The process id of the server (the postmaster), while one runs on this directory.
+    pub fn server_pid(&self) -> Option<u32> {
+        let pid_file = fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        pid_file.lines().next()?.trim().parse().ok()
+    }
+
+    /// Makes a streaming standby of this running cluster in `data_dir` (with
+    /// `pg_basebackup -R`), and starts it on a free port. It follows this one until
+    /// [`Cluster::promote`].
+    pub fn standby(&self, data_dir: &Path) -> Result<Cluster, ClusterError> {
+        fs::create_dir_all(data_dir).map_err(io(format!("could not create {}", data_dir.display())))?;
+        #[cfg(unix)]
+        {
+            fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
+                .map_err(io(format!("could not set the mode of {}", data_dir.display())))?;
+            if let Some((uid, gid)) = self.run_as {
+                chown(data_dir, Some(uid), Some(gid))
+                    .map_err(io(format!("could not give {} to postgres", data_dir.display())))?;
+            }
+        }
+        let mut cmd = self.command("pg_basebackup");
+        cmd.arg("-D").arg(data_dir).args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", SUPERUSER]);
+        cmd.args(["-R", "-X", "stream", "--no-sync", "--checkpoint=fast"]);
+        run(cmd)?;
+        let mut standby = Cluster {
+            bin_dir: self.bin_dir.clone(),
+            data_dir: data_dir.to_path_buf(),
+            options: self.options.clone(),
+            run_as: self.run_as,
+            port: 0,
+        };
+        standby.start()?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby: it stops following and accepts writes.
+    pub fn promote(&self) -> Result<(), ClusterError> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("promote").arg("-w").arg("-D").arg(&self.data_dir);
+        run(cmd)?;
+        Ok(())
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and does not start it again.
+    #[cfg(unix)]
+    pub fn crash(&self) -> Result<(), ClusterError> {
+        if let Some(pid) = self.server_pid() {
+            Command::new("kill").arg("-KILL").arg(pid.to_string()).status().map_err(io("could not kill the server"))?;
+        }
+        Ok(())
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, waits until its processes are
+    /// gone, and starts it again on the same port: PostgreSQL recovers from its WAL.
+    #[cfg(unix)]
+    pub fn crash_and_recover(&mut self) -> Result<(), ClusterError> {
+        self.crash()?;
+        // The backends leave once they see their postmaster gone; until then the new
+        // server refuses the shared memory they still hold.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match self.start_on(self.port) {
+                Ok(()) => return Ok(()),
+                Err(error) if std::time::Instant::now() > deadline => return Err(error),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
+            }
+        }
+    }
+
     /// The port the server listens on.
     pub fn port(&self) -> u16 {
         self.port

@@ -190,21 +190,26 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
     .execute(conn)
 }
 
-/// How long [`complete`] may wait for a row another session holds locked: then the
-/// batch fails, and the completer sets aside the attempts whose rows are locked
-/// ([`locked_by_others`]) and records the others.
-pub(crate) const COMPLETION_LOCK_WAIT: Duration = Duration::from_secs(1);
+/// How long the producer's and the completer's statements may wait for a row another
+/// session holds locked: then the statement fails. The completer then sets aside the
+/// attempts whose rows are locked ([`locked_by_others`]) and records the others; a
+/// give-back that fails leaves its tasks to the rescue.
+pub(crate) const ROW_LOCK_WAIT: Duration = Duration::from_secs(1);
+
+/// Bounds this session's lock waits by [`ROW_LOCK_WAIT`] (the producer's connection;
+/// the completer's gets it from [`prepare_completer_session`]).
+pub(crate) fn bound_lock_waits(conn: &mut PgConnection) -> QueryResult<()> {
+    conn.batch_execute(&format!("SET lock_timeout = {}", ROW_LOCK_WAIT.as_millis()))
+}
 
 /// Sets up the completer's own connection for [`complete`]: with sequential scans and
 /// nested loops off, the planner finds the batch's rows through the primary keys
 /// (`id = ANY(...)`) and joins them by hash even while stale statistics make a scan of
-/// the whole table look cheap; its lock waits are bounded by [`COMPLETION_LOCK_WAIT`].
-/// Changes this session's settings only.
+/// the whole table look cheap; its lock waits are bounded by [`ROW_LOCK_WAIT`]. Changes
+/// this session's settings only.
 pub(crate) fn prepare_completer_session(conn: &mut PgConnection) -> QueryResult<()> {
-    conn.batch_execute(&format!(
-        "SET enable_seqscan = off; SET enable_nestloop = off; SET lock_timeout = {}",
-        COMPLETION_LOCK_WAIT.as_millis()
-    ))
+    conn.batch_execute("SET enable_seqscan = off; SET enable_nestloop = off")?;
+    bound_lock_waits(conn)
 }
 
 /// The tasks of `completions` whose row, or whose attempt's execution row, another

@@ -46,6 +46,8 @@ pub(crate) struct Input {
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     pub notifications: AtomicU64,
+    /// Cancel requests heard (by notification, or found after a reconnection).
+    pub cancels: AtomicU64,
     pub connections: AtomicU64,
     pub listening: AtomicBool,
 }
@@ -109,7 +111,10 @@ impl Listener {
                 Ok((listening, cancelled)) => {
                     failures = 0;
                     // Cancels of tasks running here, sent while nobody listened.
-                    cancelled.into_iter().for_each(|id| self.input.in_flight.cancel(id));
+                    for id in cancelled {
+                        self.input.stats.cancels.fetch_add(1, Ordering::Relaxed);
+                        self.input.in_flight.cancel(id);
+                    }
                     self.listen(listening)
                 }
                 Err(error) => Some(error.to_string()),
@@ -164,6 +169,7 @@ impl Listener {
             input.timer.arm(at);
         }
         if let Some(task_id) = payload.cancel {
+            input.stats.cancels.fetch_add(1, Ordering::Relaxed);
             input.in_flight.cancel(task_id);
         }
     }

@@ -233,6 +233,7 @@ impl Producer {
     fn conn(&mut self) -> Result<&mut PgConnection, Error> {
         if self.conn.is_none() {
             let mut conn = connect(&self.input.database_url)?;
+            tasks::bound_lock_waits(&mut conn)?;
             // Prepare the claim with a claim of nothing: a real claim is then one round
             // trip, and its `now()` (the executions' start) follows its sending closely,
             // as the time its tasks spend in the hand-off assumes.

@@ -1,4 +1,4 @@
-//! The project's own task types, used by the demo, the tests and the benchmarks.
+//! The project's own task types, used by the demo and the tests.
 //! Each registers itself with `register_task!`: nothing else lists them.
 
 use std::time::Duration;
@@ -107,3 +107,39 @@ impl Task for Panic {
     }
 }
 register_task!(Panic);
+
+/// Writes its run into `task_journal`, a table of yours (`task_id bigint, attempt int,
+/// instance text, started_at timestamptz, ended_at timestamptz`): its start, then after
+/// sleeping `ms` milliseconds its end. An example of a task doing its own database work
+/// through its context; the load test judges overlapping runs by this record.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Journal {
+    #[serde(default)]
+    pub ms: u64,
+}
+
+impl Task for Journal {
+    const NAME: &'static str = "journal";
+    type Output = ();
+
+    fn run(&self, ctx: &TaskContext) -> Result<(), TaskError> {
+        use diesel::sql_types::{BigInt, Integer, Text};
+        use diesel::RunQueryDsl;
+        let mut conn = ctx.connection()?;
+        diesel::sql_query(
+            "INSERT INTO task_journal (task_id, attempt, instance, started_at) VALUES ($1, $2, $3, clock_timestamp())",
+        )
+        .bind::<BigInt, _>(ctx.task_id())
+        .bind::<Integer, _>(ctx.attempt())
+        .bind::<Text, _>(ctx.instance())
+        .execute(&mut conn)?;
+        std::thread::sleep(Duration::from_millis(self.ms));
+        diesel::sql_query("UPDATE task_journal SET ended_at = clock_timestamp() WHERE task_id = $1 AND attempt = $2")
+            .bind::<BigInt, _>(ctx.task_id())
+            .bind::<Integer, _>(ctx.attempt())
+            .execute(&mut conn)?;
+        Ok(())
+    }
+}
+register_task!(Journal);

@@ -65,7 +65,16 @@ impl TestDatabase {
     /// A new database on a private cluster of its own, which the test may stop and
     /// restart ([`TestDatabase::cluster`]).
     pub fn on_own_cluster() -> Self {
-        let cluster = TestCluster::new();
+        Self::on(TestCluster::new())
+    }
+
+    /// Like [`TestDatabase::on_own_cluster`], on a cluster that keeps every commit
+    /// (`synchronous_commit` and `fsync` on, as in production): for tests that crash it.
+    pub fn on_own_durable_cluster() -> Self {
+        Self::on(TestCluster::durable())
+    }
+
+    fn on(cluster: TestCluster) -> Self {
         let name = "task_engine_test".to_owned();
         cluster.cluster.create_database_if_missing(&name).expect("create the test database");
         let db = Self { url: cluster.cluster.url(&name), name, cluster: Some(cluster) };
@@ -135,17 +144,24 @@ impl TestCluster {
     /// Creates and starts a cluster.
     pub fn new() -> Self {
         let dir = temp_dir();
-        let cluster = Self::init(&dir);
+        let cluster = Self::init(&dir, false);
+        Self { cluster, dir }
+    }
+
+    /// Creates and starts a cluster that keeps every commit through a crash.
+    pub fn durable() -> Self {
+        let dir = temp_dir();
+        let cluster = Self::init(&dir, true);
         Self { cluster, dir }
     }
 
     fn start_cluster() -> Cluster {
-        Self::init(&temp_dir())
+        Self::init(&temp_dir(), false)
     }
 
-    fn init(dir: &std::path::Path) -> Cluster {
+    fn init(dir: &std::path::Path, fsync: bool) -> Cluster {
         let options = ClusterOptions {
-            fsync: false,
+            fsync,
             settings: vec![("max_connections".into(), "300".into()), ("shared_buffers".into(), "64MB".into())],
         };
         let mut cluster =
@@ -175,6 +191,34 @@ impl TestCluster {
     /// Stops and starts the server, on the same port.
     pub fn restart(&mut self) {
         self.cluster.restart().expect("restart the test cluster");
+    }
+
+    /// Kills the server with SIGKILL and starts it again: crash recovery.
+    pub fn crash_and_recover(&mut self) {
+        self.cluster.crash_and_recover().expect("crash and recover the test cluster");
+    }
+
+    /// Kills the server with SIGKILL, for good.
+    pub fn crash(&self) {
+        self.cluster.crash().expect("crash the test cluster");
+    }
+
+    /// A streaming standby of this cluster, started; its own directory, removed with it.
+    pub fn standby(&self) -> TestCluster {
+        let dir = temp_dir();
+        let cluster = self.cluster.standby(&dir.join("pg")).expect("a standby of the test cluster");
+        cluster.stop_when_this_process_exits(Some(&dir)).expect("standby watchdog");
+        TestCluster { cluster, dir }
+    }
+
+    /// Promotes this standby: it accepts writes.
+    pub fn promote(&self) {
+        self.cluster.promote().expect("promote the standby");
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.cluster.port()
     }
 }
 

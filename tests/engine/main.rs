@@ -3,6 +3,7 @@
 //! per test so that tests run in parallel.
 
 mod batching;
+mod disasters;
 mod enqueueing;
 mod faults;
 mod running;

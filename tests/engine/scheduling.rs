@@ -373,7 +373,7 @@ fn a_task_cancelled_while_it_waits_for_a_worker_never_starts() {
     });
 
     assert_eq!(task_engine::cancel(&mut conn, ids[3]).unwrap(), Cancelled::Running);
-    wait_until("the instance has heard the cancel", || engine.stats().notifications >= 1);
+    wait_until("the instance has heard the cancel", || engine.stats().cancels_heard == 1);
     gate.open();
     wait_until_all_ended(&mut conn);
     assert_eq!(load_task(&mut conn, ids[3]).status, status::CANCELLED);

@@ -347,3 +347,55 @@ impl Task for Poisoned {
     }
 }
 register_task!(Poisoned);
+
+/// Each run of a [`Logged`] task: task, attempt, instance, start, end (if it ended).
+type Run = (i64, i32, String, Instant, Option<Instant>);
+
+static RUN_LOG: OnceLock<Mutex<HashMap<String, Vec<Run>>>> = OnceLock::new();
+
+/// Logs its real start and end in this process's memory (under its key), a few
+/// milliseconds apart: the tasks' own record of their runs, whatever happens to the
+/// database meanwhile.
+#[derive(Serialize, Deserialize)]
+pub struct Logged {
+    pub key: String,
+}
+
+impl Task for Logged {
+    const NAME: &'static str = "test_logged";
+    type Output = ();
+
+    fn run(&self, ctx: &TaskContext) -> Result<(), TaskError> {
+        let log = RUN_LOG.get_or_init(Default::default);
+        let run = (ctx.task_id(), ctx.attempt(), ctx.instance().to_owned(), Instant::now(), None);
+        let index = {
+            let mut log = log.lock().unwrap();
+            let runs = log.entry(self.key.clone()).or_default();
+            runs.push(run);
+            runs.len() - 1
+        };
+        std::thread::sleep(Duration::from_millis(2));
+        log.lock().unwrap().get_mut(&self.key).unwrap()[index].4 = Some(Instant::now());
+        Ok(())
+    }
+}
+register_task!(Logged);
+
+/// What the [`Logged`] tasks under `key` record: how many runs, how many distinct
+/// tasks ran, and how many pairs of runs of one task overlapped in time.
+pub fn logged_runs(key: &str) -> (usize, usize, usize) {
+    let log = RUN_LOG.get_or_init(Default::default).lock().unwrap();
+    let runs = log.get(key).cloned().unwrap_or_default();
+    let mut by_task: HashMap<i64, Vec<(Instant, Option<Instant>)>> = HashMap::new();
+    for (task, _, _, start, end) in &runs {
+        by_task.entry(*task).or_default().push((*start, *end));
+    }
+    let mut overlaps = 0;
+    for spans in by_task.values_mut() {
+        spans.sort_by_key(|s| s.0);
+        for (i, a) in spans.iter().enumerate() {
+            overlaps += spans[i + 1..].iter().filter(|b| a.1.map_or(true, |end| b.0 < end)).count();
+        }
+    }
+    (runs.len(), by_task.len(), overlaps)
+}
