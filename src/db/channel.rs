@@ -22,13 +22,14 @@ pub(crate) struct Listening {
 
 impl Listening {
     /// Connects, finds the channel of the `tasks` table this connection sees, runs
-    /// `LISTEN` on it, and then (in the same round trip) finds which of `in_flight` an
-    /// operator asked to cancel: those cancels' notifications may have been sent while
-    /// no connection listened. Locks and changes nothing.
+    /// `LISTEN` on it (committed), and then (in the same round trip) finds the tasks
+    /// running on `instance` that an operator asked to cancel: those cancels'
+    /// notifications may have been sent while no connection listened; any later one is
+    /// heard. Locks and changes nothing.
     pub(crate) fn start(
         config: &postgres::Config,
         database_url: &str,
-        in_flight: &[i64],
+        instance: &str,
     ) -> Result<(Self, Vec<i64>), Error> {
         let fail = |context: &str| {
             let context = format!("could not {context} on {}", redact_url(database_url));
@@ -40,12 +41,12 @@ impl Listening {
             .map_err(fail("find the tasks table (run `engine migrate`)"))?
             .get(0);
         let quoted = format!("\"{}\"", channel.replace('"', "\"\""));
-        let ids: Vec<String> = in_flight.iter().map(i64::to_string).collect();
+        let literal = format!("'{}'", instance.replace('\'', "''"));
         let messages = client
             .simple_query(&format!(
-                "LISTEN {quoted};
-                 SELECT id FROM tasks WHERE id = ANY('{{{}}}'::bigint[]) AND cancel_requested_at IS NOT NULL",
-                ids.join(",")
+                "BEGIN; LISTEN {quoted}; COMMIT;
+                 SELECT id FROM tasks
+                 WHERE status = 'running' AND instance = {literal} AND cancel_requested_at IS NOT NULL"
             ))
             .map_err(fail("LISTEN"))?;
         let cancelled = messages

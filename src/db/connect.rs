@@ -36,6 +36,23 @@ pub fn connect(database_url: &str) -> Result<PgConnection, Error> {
         .map_err(|source| Error::Connection { server: redact_url(database_url), source })
 }
 
+/// `database_url` asking for TCP keepalives (a peer that vanished without closing the
+/// socket is noticed within about half a minute), as a URL or as `key=value` pairs.
+pub(crate) fn with_keepalives(database_url: &str) -> String {
+    const KEEPALIVES: [(&str, &str); 4] =
+        [("keepalives", "1"), ("keepalives_idle", "10"), ("keepalives_interval", "5"), ("keepalives_count", "3")];
+    if database_url.contains("://") {
+        let mut url = database_url.to_owned();
+        for (i, (key, value)) in KEEPALIVES.iter().enumerate() {
+            let separator = if i == 0 && !database_url.contains('?') { '?' } else { '&' };
+            url.push_str(&format!("{separator}{key}={value}"));
+        }
+        url
+    } else {
+        KEEPALIVES.iter().fold(database_url.to_owned(), |url, (key, value)| format!("{url} {key}={value}"))
+    }
+}
+
 /// Checks that a connection of the engine's own still answers.
 pub(crate) fn ping(conn: &mut PgConnection) -> diesel::QueryResult<()> {
     use diesel::RunQueryDsl;
@@ -117,6 +134,16 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keepalives_are_asked_for_in_urls_and_key_value_strings() {
+        assert_eq!(
+            with_keepalives("postgres://h/db"),
+            "postgres://h/db?keepalives=1&keepalives_idle=10&keepalives_interval=5&keepalives_count=3"
+        );
+        assert!(with_keepalives("postgres://h/db?sslmode=require").starts_with("postgres://h/db?sslmode=require&keepalives=1&"));
+        assert_eq!(with_keepalives("host=h"), "host=h keepalives=1 keepalives_idle=10 keepalives_interval=5 keepalives_count=3");
+    }
 
     #[test]
     fn redacts_url_passwords() {

@@ -12,16 +12,19 @@ use crate::db::micros;
 /// `hashtext(name)`.
 pub(crate) const NAME_LOCK: i32 = 0x7461_736b;
 
-/// Takes a session advisory lock on the instance's name, on the heartbeat's own
-/// connection, for as long as that session lives. Returns false when another live
-/// session holds it (a running instance of that name).
+/// Takes a session advisory lock on the instance's name in this deployment (the key
+/// is `(NAME_LOCK, hashtext(<channel>/<name>))`: two schemas' instances of one name do
+/// not share it), on the heartbeat's own connection, for as long as that session
+/// lives. Returns false when another live session holds it (a running instance of that
+/// name).
 pub(crate) fn take_name(conn: &mut PgConnection, instance: &str) -> QueryResult<bool> {
     #[derive(QueryableByName)]
     struct Locked {
         #[diesel(sql_type = Bool)]
         locked: bool,
     }
-    let locked: Locked = diesel::sql_query("SELECT pg_try_advisory_lock($1, hashtext($2)) AS locked")
+    let locked: Locked =
+        diesel::sql_query("SELECT pg_try_advisory_lock($1, hashtext(task_engine_channel() || '/' || $2)) AS locked")
         .bind::<Integer, _>(NAME_LOCK)
         .bind::<Text, _>(instance)
         .get_result(conn)?;
@@ -77,6 +80,22 @@ pub(crate) fn beat(conn: &mut PgConnection, instance: &str) -> QueryResult<usize
         .execute(conn)
 }
 
+/// The server process of this session.
+pub(crate) fn session(conn: &mut PgConnection) -> QueryResult<i32> {
+    #[derive(QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = Integer)]
+        pid: i32,
+    }
+    Ok(diesel::sql_query("SELECT pg_backend_pid() AS pid").get_result::<Pid>(conn)?.pid)
+}
+
+/// Ends the server session `pid` (the instance's own earlier heartbeat session, left
+/// on the server by a connection that died half-open), which lets its locks go.
+pub(crate) fn end_session(conn: &mut PgConnection, pid: i32) -> QueryResult<()> {
+    diesel::sql_query("SELECT pg_terminate_backend($1)").bind::<Integer, _>(pid).execute(conn).map(drop)
+}
+
 /// Deletes the instance's row, after a clean stop.
 pub(crate) fn deregister(conn: &mut PgConnection, instance: &str) -> QueryResult<()> {
     diesel::sql_query("DELETE FROM task_engine_instances WHERE name = $1")
@@ -85,13 +104,15 @@ pub(crate) fn deregister(conn: &mut PgConnection, instance: &str) -> QueryResult
         .map(drop)
 }
 
-/// Deletes the rows of instances silent for ten of their leases that have nothing
-/// left running: their tasks have been rescued, nobody needs them any more.
-pub(crate) fn forget_long_dead(conn: &mut PgConnection) -> QueryResult<usize> {
+/// Deletes the rows of instances silent for ten of their leases (or of `lease`, for
+/// rows that record none) that have nothing left running: their tasks have been
+/// rescued, nobody needs them any more.
+pub(crate) fn forget_long_dead(conn: &mut PgConnection, lease: Duration) -> QueryResult<usize> {
     diesel::sql_query(
         "DELETE FROM task_engine_instances i
-         WHERE i.last_seen_at < now() - 10 * i.lease
+         WHERE i.last_seen_at < now() - 10 * coalesce(i.lease, $1 * interval '1 microsecond')
            AND NOT EXISTS (SELECT FROM tasks t WHERE t.status = 'running' AND t.instance = i.name)",
     )
+    .bind::<BigInt, _>(micros(lease))
     .execute(conn)
 }

@@ -8,7 +8,7 @@ diesel::table! {
         task_types -> Array<Nullable<Text>>,
         started_at -> Timestamptz,
         last_seen_at -> Timestamptz,
-        lease -> Interval,
+        lease -> Nullable<Interval>,
     }
 }
 

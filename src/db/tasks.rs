@@ -395,9 +395,16 @@ macro_rules! rescue_statement {
                                       * interval '1 second',
                      updated_at = now()
                  WHERE t.id = ANY(ARRAY(SELECT id FROM lost))
-                 RETURNING t.status
+                 RETURNING t.status, t.run_at
+             ), notified AS (
+                 -- Instances that run these types, not only this one, arm their timers.
+                 SELECT pg_notify(task_engine_channel(), json_build_object(
+                            'ready', 0, 'next_in', extract(epoch FROM min(run_at) - now()))::text)
+                 FROM moved WHERE status = 'waiting' HAVING count(*) > 0
              )
-             SELECT count(*) FILTER (WHERE status = 'waiting') AS waiting FROM moved"
+             SELECT count(*) FILTER (WHERE status = 'waiting') AS waiting,
+                    (SELECT count(*) FROM notified) AS notifications
+             FROM moved"
         )
     };
 }
@@ -412,19 +419,21 @@ const RESCUE_OWN_GHOSTS: &str = rescue_statement!(
 const RESCUE_DEAD: &str = rescue_statement!(
     "t.instance <> $1
      AND NOT EXISTS (
-         SELECT FROM task_engine_instances i WHERE i.name = t.instance AND i.last_seen_at >= now() - i.lease)
+         SELECT FROM task_engine_instances i
+         WHERE i.name = t.instance
+           AND i.last_seen_at >= now() - coalesce(i.lease, $2 * interval '1 microsecond'))
      AND (EXISTS (SELECT FROM task_engine_instances i WHERE i.name = t.instance)
           OR NOT EXISTS (
               SELECT FROM pg_locks l
               WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                AND l.classid = $5::int4::oid AND l.objid = hashtext(t.instance)::oid))"
+                AND l.classid = $5::int4::oid AND l.objid = hashtext(task_engine_channel() || '/' || t.instance)::oid))"
 );
 
 /// Closes the lost attempts of the running tasks `lost` names (`stopped_at`, and an
 /// error saying why and where), and puts their tasks back to waiting, due after the
 /// default retry delay of their attempt (or `failed` after their last attempt,
-/// `cancelled` if cancelled), in one statement.
+/// `cancelled` if cancelled), in one statement; notifies when the first is due.
 /// Locks those task rows, passing over rows another session holds (they are taken at a
 /// later pass). `in_flight` are the tasks this instance is running; `lease` is how long
 /// a ghost or a silent instance is given. Returns how many tasks wait again.
@@ -582,16 +591,20 @@ mod tests {
         let mut conn = db.connect();
         running_on(&mut conn, 1, "slow");
         running_on(&mut conn, 2, "gone");
+        running_on(&mut conn, 3, "legacy");
         conn.batch_execute(
             "INSERT INTO task_engine_instances (name, host, pid, lease, last_seen_at) VALUES
                  ('slow', 'h', 1, interval '10 seconds', now() - interval '3 seconds'),
-                 ('gone', 'h', 2, interval '10 seconds', now() - interval '11 seconds')",
+                 ('gone', 'h', 2, interval '10 seconds', now() - interval '11 seconds'),
+                 ('legacy', 'h', 3, NULL, now() - interval '3 seconds')",
         )
         .unwrap();
-        // The judge's own lease is a second: by it, both would be dead.
-        assert_eq!(rescue(&mut conn, Lost::Dead, "judge", Duration::from_secs(1), &[]).unwrap(), 1);
+        // The judge's own lease is a second: by it, all three would be dead; it judges
+        // only the row that records no lease (an older engine's) by it.
+        assert_eq!(rescue(&mut conn, Lost::Dead, "judge", Duration::from_secs(1), &[]).unwrap(), 2);
         assert_eq!(status_of(&mut conn, 1), "running", "an instance within its own lease was robbed");
         assert_eq!(status_of(&mut conn, 2), "waiting");
+        assert_eq!(status_of(&mut conn, 3), "waiting");
     }
 
     #[test]

@@ -244,6 +244,9 @@ impl Recorder<'_> {
         let mut patience = Patience::new(Instant::now());
         let mut todo = vec![batch];
         while let Some(mut batch) = todo.pop() {
+            // A single outcome refused once is tried once more before it is replaced:
+            // a deadlock or a cancelled statement passes, a refused text does not.
+            let mut tried_alone = false;
             loop {
                 let Err(error) = self.complete(&batch) else {
                     self.recorded(&batch);
@@ -276,6 +279,9 @@ impl Recorder<'_> {
                     }
                 } else if batch.len() > 1 {
                     todo.push(batch.split_off(batch.len() / 2));
+                } else if !tried_alone {
+                    tried_alone = true;
+                    std::thread::sleep(Duration::from_millis(100));
                 } else {
                     self.replace(batch.remove(0), &error);
                     break;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
 
-use crate::db::connect::connect;
+use crate::db::connect::{connect, ping, with_keepalives};
 use crate::db::instances;
 use crate::error::Error;
 use crate::instance::scheduler::Timer;
@@ -117,6 +117,10 @@ impl Health {
 pub(crate) struct Heartbeat {
     input: Input,
     conn: Option<PgConnection>,
+    /// The server process of the session that holds (or held) the name: if the
+    /// connection is lost but that session lingers on the server (a half-open socket),
+    /// the next connection ends it to take the name back.
+    backend: Option<i32>,
     health: Health,
 }
 
@@ -125,7 +129,7 @@ impl Heartbeat {
     /// previous instance of that name left running.
     pub(crate) fn start(input: Input) -> Result<Self, Error> {
         let sent = Instant::now();
-        let mut conn = open(&input)?;
+        let (mut conn, backend) = open(&input, None)?;
         let recovered = rescue::previous_self(&mut conn, &input.instance, input.lease)?;
         if recovered > 0 {
             log::warn!(
@@ -137,7 +141,7 @@ impl Heartbeat {
         let mut health = Health { lease: input.lease, since: None };
         health.beat(Instant::now());
         input.alive.renewed(sent, input.lease);
-        Ok(Self { input, conn: Some(conn), health })
+        Ok(Self { input, conn: Some(conn), backend: Some(backend), health })
     }
 
     /// Runs until the instance retires, then removes its row and lets go of its name.
@@ -148,7 +152,12 @@ impl Heartbeat {
                 if self.health.failed() {
                     log::error!("instance {}: heartbeat failed: {error}", self.input.instance);
                 }
-                self.conn = None;
+                // A statement that failed (a lock wait, a timeout) on a connection that
+                // still answers keeps the connection, and with it the name: closing it
+                // would let the name go, and the instance look dead.
+                if !self.conn.as_mut().is_some_and(|conn| ping(conn).is_ok()) {
+                    self.conn = None;
+                }
             }
         }
         self.deregister();
@@ -176,7 +185,8 @@ impl Heartbeat {
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => {
-                let conn = open(input)?;
+                let (conn, backend) = open(input, self.backend)?;
+                self.backend = Some(backend);
                 log::info!("instance {}: heartbeat connection back", input.instance);
                 self.conn.insert(conn)
             }
@@ -192,6 +202,10 @@ impl Heartbeat {
         self.health.beat(Instant::now());
         input.alive.renewed(sent, input.lease);
         input.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+        if sent.elapsed() > input.lease / BEATS_PER_LEASE {
+            // A slow heartbeat: renew first, rescue at the next one.
+            return Ok(());
+        }
         let judge_others = self.health.may_judge_others(Instant::now());
         let rescued = rescue::pass(conn, &input.instance, input.lease, &input.in_flight, judge_others)?;
         if judge_others {
@@ -206,19 +220,36 @@ impl Heartbeat {
     }
 }
 
-/// Opens the heartbeat's connection (its waits bounded by a heartbeat's interval), takes
-/// the name lock on it, registers the row.
-fn open(input: &Input) -> Result<PgConnection, Error> {
-    let mut conn = connect(&input.database_url)?;
-    instances::bound_waits(&mut conn, input.lease / BEATS_PER_LEASE, input.lease)?;
-    if !instances::take_name(&mut conn, &input.instance)? {
+/// Opens the heartbeat's connection (a vanished peer noticed within half a minute, lock
+/// waits bounded by a heartbeat's interval and statements by a third of the lease),
+/// takes the name lock on it, registers
+/// the row; returns the connection and its server process. If the name is held by
+/// `previous`, the instance's own earlier session that lingers on the server, that
+/// session is ended first.
+fn open(input: &Input, previous: Option<i32>) -> Result<(PgConnection, i32), Error> {
+    let mut conn = connect(&with_keepalives(&input.database_url))?;
+    let interval = input.lease / BEATS_PER_LEASE;
+    instances::bound_waits(&mut conn, interval, input.lease / 3)?;
+    let mut taken = instances::take_name(&mut conn, &input.instance)?;
+    if !taken {
+        if let Some(previous) = previous {
+            instances::end_session(&mut conn, previous)?;
+            let deadline = Instant::now() + interval;
+            while !taken && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+                taken = instances::take_name(&mut conn, &input.instance)?;
+            }
+        }
+    }
+    if !taken {
         return Err(Error::Config(format!(
             "instance name `{}` is in use by a running instance: give this one another name",
             input.instance
         )));
     }
     instances::register(&mut conn, &registration(input))?;
-    Ok(conn)
+    let backend = instances::session(&mut conn)?;
+    Ok((conn, backend))
 }
 
 fn registration(input: &Input) -> instances::Registration<'_> {

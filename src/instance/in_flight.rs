@@ -38,12 +38,19 @@ struct Entry {
 impl InFlight {
     /// Tasks claimed by this instance, as `(task, execution)`.
     pub(crate) fn claimed(&self, claimed: impl IntoIterator<Item = (i64, i64)>) {
+        self.claimed_at(claimed, Instant::now());
+    }
+
+    fn claimed_at(&self, claimed: impl IntoIterator<Item = (i64, i64)>, now: Instant) {
         // Allocated before the lock, which workers wait for.
         let entries: Vec<(i64, Entry)> = claimed
             .into_iter()
             .map(|(task_id, execution_id)| (task_id, Entry { execution_id, cancelled: Arc::default() }))
             .collect();
         let mut tasks = lock(&self.tasks);
+        if !tasks.early.is_empty() {
+            tasks.early.retain(|_, heard| now.saturating_duration_since(*heard) < EARLY_CANCEL);
+        }
         for (task_id, entry) in entries {
             if tasks.early.remove(&task_id).is_some() {
                 entry.cancelled.store(true, Ordering::Relaxed);
@@ -55,13 +62,16 @@ impl InFlight {
     /// Marks a task cancelled: at once if it is in flight here, at its claim if that
     /// comes within a few seconds.
     pub(crate) fn cancel(&self, task_id: i64) {
+        self.cancel_at(task_id, Instant::now());
+    }
+
+    fn cancel_at(&self, task_id: i64, now: Instant) {
         let mut tasks = lock(&self.tasks);
         if let Some(entry) = tasks.claimed.get(&task_id) {
             entry.cancelled.store(true, Ordering::Relaxed);
             return;
         }
-        let now = Instant::now();
-        tasks.early.retain(|_, heard| now.duration_since(*heard) < EARLY_CANCEL);
+        tasks.early.retain(|_, heard| now.saturating_duration_since(*heard) < EARLY_CANCEL);
         tasks.early.insert(task_id, now);
     }
 
@@ -120,6 +130,16 @@ mod tests {
         in_flight.forget([(7, 70)]);
         in_flight.claimed([(7, 71)]);
         assert!(!in_flight.cancel_flag(7).load(Ordering::Relaxed), "an early cancel was used twice");
+    }
+
+    #[test]
+    fn an_old_cancel_heard_for_a_task_elsewhere_does_not_cancel_its_claim_a_day_later() {
+        let in_flight = InFlight::default();
+        let heard = Instant::now();
+        in_flight.cancel_at(7, heard); // task 7 ran on another instance, and was cancelled
+        // An operator retries it much later, and this instance claims it.
+        in_flight.claimed_at([(7, 71)], heard + EARLY_CANCEL);
+        assert!(!in_flight.cancel_flag(7).load(Ordering::Relaxed), "an old cancel stopped a retried task");
     }
 
     #[test]

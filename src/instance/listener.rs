@@ -107,7 +107,7 @@ impl Listener {
     pub(crate) fn run(self) {
         let mut failures = 0u32;
         while !self.input.shutdown.is_stopped() {
-            let lost = match Listening::start(&self.config, &self.input.database_url, &self.input.in_flight.ids()) {
+            let lost = match Listening::start(&self.config, &self.input.database_url, &self.input.instance) {
                 Ok((listening, cancelled)) => {
                     failures = 0;
                     // Cancels of tasks running here, sent while nobody listened.

@@ -311,7 +311,17 @@ impl Producer {
         if claimed.is_empty() {
             return;
         }
-        match self.conn().and_then(|conn| Ok(tasks::release(conn, &claimed)?)) {
+        // A release that waited too long for a locked row is tried again, twice: tasks
+        // not given back are rescued later, with an attempt used.
+        let mut released = self.conn().and_then(|conn| Ok(tasks::release(conn, &claimed)?));
+        for _ in 0..2 {
+            if released.is_ok() || !self.conn.as_mut().is_some_and(|conn| ping(conn).is_ok()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            released = self.conn().and_then(|conn| Ok(tasks::release(conn, &claimed)?));
+        }
+        match released {
             Ok(n) => {
                 log::debug!("{n} claimed task(s) given back unstarted: {why}");
                 self.input.stats.given_back.fetch_add(n as u64, Ordering::Relaxed);

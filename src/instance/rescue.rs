@@ -39,7 +39,7 @@ pub(crate) fn pass(
     let mut rescued = tasks::rescue(conn, Lost::OwnGhosts, instance, lease, &in_flight.ids())?;
     if judge_others {
         rescued += tasks::rescue(conn, Lost::Dead, instance, lease, &[])?;
-        instances::forget_long_dead(conn)?;
+        instances::forget_long_dead(conn, lease)?;
     }
     Ok(rescued)
 }

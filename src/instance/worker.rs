@@ -109,7 +109,10 @@ fn outcome(
         log::error!("task {id} ({task_type}) attempt {attempt}/{max} failed {why}: {message}");
         Outcome::Failed(message)
     } else {
-        let delay = entry.map(|e| e.retry_delay(attempt)).unwrap_or_default().min(MAX_RETRY_DELAY);
+        // A type's retry_delay is its own code: contained like its run.
+        let delay = catch_unwind(AssertUnwindSafe(|| entry.map(|e| e.retry_delay(attempt)).unwrap_or_default()))
+            .unwrap_or_else(|_| crate::task::default_retry_delay(attempt))
+            .min(MAX_RETRY_DELAY);
         log::warn!("task {id} ({task_type}) attempt {attempt}/{max} failed: {message}; retry in {delay:.1?}");
         Outcome::Retry { error: message, delay }
     }

@@ -205,6 +205,7 @@ fn an_instance_whose_heartbeat_is_stuck_claims_nothing_until_it_beats_again() {
     let mut conn = db.connect();
     let engine = runner(&db, "stuck", 1).lease(Duration::from_secs(1)).start().unwrap();
     wait_until_idle(&engine, 1);
+    let holder = name_holder(&mut conn, "stuck").expect("the instance holds its name");
     // Another session holds the instance's row: each heartbeat waits for it, then
     // fails (its lock waits are bounded).
     let mut blocker = db.connect();
@@ -219,9 +220,67 @@ fn an_instance_whose_heartbeat_is_stuck_claims_nothing_until_it_beats_again() {
     });
     let task = load_task(&mut conn, id);
     assert_eq!((task.status.as_str(), task.attempts), (status::WAITING, 0), "claimed with a late heartbeat");
+    // Its statements failed, not its connection: the session that holds the name is
+    // the same one (had it closed, the name would have gone, if only for a while).
+    assert_eq!(name_holder(&mut conn, "stuck"), Some(holder), "the heartbeat let go of the name");
 
     blocker.batch_execute("COMMIT").unwrap();
     wait_until("the task has run once the heartbeat is back", || load_task(&mut conn, id).status == status::STOPPED);
     assert!(engine.stats().heartbeat_current);
     engine.shutdown();
+}
+
+/// The server process of the session that holds an instance's name lock.
+fn name_holder(conn: &mut PgConnection, instance: &str) -> Option<i32> {
+    #[derive(QueryableByName)]
+    struct Holder {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+    diesel::sql_query(
+        "SELECT l.pid FROM pg_locks l
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND l.classid = x'7461736b'::int4::oid
+           AND l.objid = hashtext(task_engine_channel() || '/' || $1)::oid",
+    )
+    .bind::<diesel::sql_types::Text, _>(instance)
+    .get_result::<Holder>(conn)
+    .optional()
+    .unwrap()
+    .map(|h| h.pid)
+}
+
+#[test]
+fn a_task_rescued_by_an_instance_that_cannot_run_it_runs_on_one_that_can_without_polling() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    // What a crash leaves: a running task of an instance with no row and no name lock.
+    conn.batch_execute(
+        "INSERT INTO tasks (id, task_class, task_parameters, status, instance, attempts)
+             VALUES (51, 'echo', '\"again\"', 'running', 'vanished', 1);
+         INSERT INTO task_executions (task_id, attempt, started_at, instance, worker)
+             VALUES (51, 1, now(), 'vanished', 0)",
+    )
+    .unwrap();
+    // The instance that can run it: its lease (30 s) keeps it from judging others
+    // within the test, and it polls once an hour.
+    let able = runner(&db, "able", 1).start().unwrap();
+    wait_until_idle(&able, 1);
+    // The rescuer runs other types only, and judges after a second.
+    let registry = Registry::from_inventory().unwrap().only(&["noop"]).unwrap();
+    let rescuer = Runner::new(db.url(), registry)
+        .instance("rescuer")
+        .lease(Duration::from_secs(1))
+        .poll_interval(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    wait_until("the rescuer has put the task back", || rescuer.stats().rescued == 1);
+    // Due a few seconds later (the rescue's backoff): only a notification can tell.
+    wait_until("the able instance has run it", || load_task(&mut conn, 51).status == status::STOPPED);
+    let executions = executions_of(&mut conn, 51);
+    assert_eq!(executions.len(), 2);
+    assert_eq!(executions[1].instance, "able");
+    able.shutdown();
+    rescuer.shutdown();
 }
