@@ -183,6 +183,19 @@ impl Cluster {
 
     fn initdb(&self) -> Result<(), ClusterError> {
         let dir = &self.data_dir;
+        self.make_data_dir(dir)?;
+        let mut cmd = self.command("initdb");
+        cmd.arg("-D").arg(dir).args(["--auth=trust", "--encoding=UTF8", "--locale=C", "-U", SUPERUSER]);
+        if !self.options.fsync {
+            cmd.arg("--no-sync");
+        }
+        run(cmd)?;
+        Ok(())
+    }
+
+    /// Creates a data directory as PostgreSQL wants it: private, and the server's user's
+    /// (which must be able to reach it) when we are root.
+    fn make_data_dir(&self, dir: &Path) -> Result<(), ClusterError> {
         fs::create_dir_all(dir).map_err(io(format!("could not create {}", dir.display())))?;
         #[cfg(unix)]
         {
@@ -194,12 +207,6 @@ impl Cluster {
                 check_reachable(dir, uid, gid)?;
             }
         }
-        let mut cmd = self.command("initdb");
-        cmd.arg("-D").arg(dir).args(["--auth=trust", "--encoding=UTF8", "--locale=C", "-U", SUPERUSER]);
-        if !self.options.fsync {
-            cmd.arg("--no-sync");
-        }
-        run(cmd)?;
         Ok(())
     }
 
@@ -303,16 +310,7 @@ impl Cluster {
     /// `pg_basebackup -R`), and starts it on a free port. It follows this one until
     /// [`Cluster::promote`].
     pub fn standby(&self, data_dir: &Path) -> Result<Cluster, ClusterError> {
-        fs::create_dir_all(data_dir).map_err(io(format!("could not create {}", data_dir.display())))?;
-        #[cfg(unix)]
-        {
-            fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
-                .map_err(io(format!("could not set the mode of {}", data_dir.display())))?;
-            if let Some((uid, gid)) = self.run_as {
-                chown(data_dir, Some(uid), Some(gid))
-                    .map_err(io(format!("could not give {} to postgres", data_dir.display())))?;
-            }
-        }
+        self.make_data_dir(data_dir)?;
         let mut cmd = self.command("pg_basebackup");
         cmd.arg("-D").arg(data_dir).args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", SUPERUSER]);
         cmd.args(["-R", "-X", "stream", "--no-sync", "--checkpoint=fast"]);

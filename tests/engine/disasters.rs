@@ -22,9 +22,6 @@ fn the_server_killed_under_load_recovers_and_no_task_is_lost_or_run_twice_at_onc
     let ids = NewTask::new(&Logged { key: key.clone() }).unwrap().insert_copies(&mut conn, 2000).unwrap();
     let lease = Duration::from_secs(2);
     let engines = [runner(&db, "one", 4).lease(lease).start().unwrap(), runner(&db, "two", 4).lease(lease).start().unwrap()];
-    let stopped = |conn: &mut PgConnection| {
-        tasks::table.filter(tasks::status.eq(status::STOPPED)).count().get_result::<i64>(conn).unwrap()
-    };
     wait_until("a fifth of the tasks have run", || stopped(&mut conn) >= 400);
 
     db.cluster().crash_and_recover();
@@ -34,22 +31,8 @@ fn the_server_killed_under_load_recovers_and_no_task_is_lost_or_run_twice_at_onc
         engine.shutdown();
     }
 
-    assert_eq!(stopped(&mut conn), ids.len() as i64, "tasks were lost");
-    let (runs, ran, overlapping) = logged_runs(&key);
-    assert_eq!(ran, ids.len(), "tasks never ran");
-    assert_eq!(overlapping, 0, "runs of one task overlapped, by the tasks' own record");
-    let open: i64 =
-        task_executions::table.filter(task_executions::stopped_at.is_null()).count().get_result(&mut conn).unwrap();
-    assert_eq!(open, 0, "attempts left open");
-    let errors: Vec<String> = task_executions::table
-        .filter(task_executions::error.is_not_null())
-        .select(task_executions::error.assume_not_null())
-        .load(&mut conn)
-        .unwrap();
-    assert!(errors.iter().all(|e| e.starts_with("lost: ")), "{errors:?}");
-    let executions: i64 = task_executions::table.count().get_result(&mut conn).unwrap();
-    assert_eq!(executions, ids.len() as i64 + errors.len() as i64, "an attempt is missing from the history");
-    eprintln!("crash: {runs} runs of {ran} tasks, {} lost attempts recorded, 0 overlapping", errors.len());
+    let (runs, lost) = nothing_lost_nor_run_twice_at_once(&mut conn, &key, ids.len());
+    eprintln!("crash: {runs} runs of {} tasks, {lost} lost attempts recorded, 0 overlapping", ids.len());
 }
 
 #[test]
@@ -85,9 +68,6 @@ fn a_failover_to_a_synchronous_standby_loses_no_task_and_runs_none_twice_at_once
                 .unwrap()
         })
         .collect();
-    let stopped = |conn: &mut PgConnection| {
-        tasks::table.filter(tasks::status.eq(status::STOPPED)).count().get_result::<i64>(conn).unwrap()
-    };
     wait_until("a fifth of the tasks have run", || stopped(&mut conn) >= 400);
 
     // The primary dies; the standby takes over.
@@ -99,17 +79,32 @@ fn a_failover_to_a_synchronous_standby_loses_no_task_and_runs_none_twice_at_once
         engine.shutdown();
     }
 
-    assert_eq!(stopped(&mut conn), ids.len() as i64, "tasks were lost");
-    let (runs, ran, overlapping) = logged_runs(&key);
-    assert_eq!(ran, ids.len(), "tasks never ran");
+    let (runs, lost) = nothing_lost_nor_run_twice_at_once(&mut conn, &key, ids.len());
+    eprintln!("failover: {runs} runs of {} tasks, {lost} lost attempts recorded, 0 overlapping", ids.len());
+}
+
+/// Checks the end of a disaster: every one of the `tasks` tasks stopped and ran, by
+/// their own record no two runs of one overlapped, no attempt is left open, the only
+/// errors are lost attempts, each recorded; returns the runs and the lost attempts.
+fn nothing_lost_nor_run_twice_at_once(conn: &mut PgConnection, key: &str, tasks: usize) -> (usize, usize) {
+    assert_eq!(stopped(conn), tasks as i64, "tasks were lost");
+    let (runs, ran, overlapping) = logged_runs(key);
+    assert_eq!(ran, tasks, "tasks never ran");
     assert_eq!(overlapping, 0, "runs of one task overlapped, by the tasks' own record");
     let open: i64 =
-        task_executions::table.filter(task_executions::stopped_at.is_null()).count().get_result(&mut conn).unwrap();
+        task_executions::table.filter(task_executions::stopped_at.is_null()).count().get_result(conn).unwrap();
     assert_eq!(open, 0, "attempts left open");
-    let lost: i64 = task_executions::table
-        .filter(task_executions::error.like("lost: %"))
-        .count()
-        .get_result(&mut conn)
+    let errors: Vec<String> = task_executions::table
+        .filter(task_executions::error.is_not_null())
+        .select(task_executions::error.assume_not_null())
+        .load(conn)
         .unwrap();
-    eprintln!("failover: {runs} runs of {ran} tasks, {lost} lost attempts recorded, 0 overlapping");
+    assert!(errors.iter().all(|e| e.starts_with("lost: ")), "{errors:?}");
+    let executions: i64 = task_executions::table.count().get_result(conn).unwrap();
+    assert_eq!(executions, (tasks + errors.len()) as i64, "an attempt is missing from the history");
+    (runs, errors.len())
+}
+
+fn stopped(conn: &mut PgConnection) -> i64 {
+    tasks::table.filter(tasks::status.eq(status::STOPPED)).count().get_result(conn).unwrap()
 }
