@@ -71,21 +71,22 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
 
 /// Prints one task and every attempt at it; an unknown id is a usage error.
 pub fn print_task(conn: &mut PgConnection, id: i64) -> anyhow::Result<()> {
-    let Some((task, executions)) = report::task_with_executions(conn, id)? else {
+    // As text: a row the models cannot read (by hand, by another program) still shows.
+    let Some((task, executions)) = report::task_shown(conn, id)? else {
         return Err(UsageError(format!("there is no task {id}")).into());
     };
     println!("task {}: {}", task.id, plain(&task.task_class));
     println!("  status       {}", task.status);
-    println!("  parameters   {}", task.task_parameters);
+    println!("  parameters   {}", plain(&task.task_parameters));
     println!("  priority     {}", task.priority);
-    println!("  run at       {}", task.run_at.to_rfc3339());
+    println!("  run at       {}", task.run_at);
     println!("  attempts     {} of {}", task.attempts, task.max_attempts);
     println!("  instance     {}", plain(task.instance.as_deref().unwrap_or("-")));
     if let Some(at) = task.cancel_requested_at {
-        println!("  cancel asked {}", at.to_rfc3339());
+        println!("  cancel asked {at}");
     }
-    println!("  created      {}", task.created_at.to_rfc3339());
-    println!("  updated      {}", task.updated_at.to_rfc3339());
+    println!("  created      {}", task.created_at);
+    println!("  updated      {}", task.updated_at);
     println!("executions: {}", executions.len());
     if !executions.is_empty() {
         println!(

@@ -416,6 +416,22 @@ fn engine_run_refuses_settings_it_cannot_work_with_with_exit_code_2() {
 }
 
 #[test]
+fn engine_status_shows_a_task_the_models_cannot_read() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    // Inserted by another program: JSON serde_json refuses, due at 'infinity'.
+    diesel::sql_query(
+        "INSERT INTO tasks (id, task_class, task_parameters, run_at) VALUES (9, 'echo', '{\"n\": 1e400}', 'infinity')",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    let out = engine(&db, &["status", "--task", "9"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.contains("run at       infinity") && shown.contains("{\"n\": 1000"), "{shown}");
+}
+
+#[test]
 fn engine_status_prints_control_characters_from_the_database_escaped() {
     let db = TestDatabase::new();
     let mut conn = db.connect();

@@ -54,6 +54,58 @@ pub fn task_with_executions(conn: &mut PgConnection, id: i64) -> Result<Option<(
     Ok(Some((task, executions)))
 }
 
+/// A task as `engine status` shows it: every column as text, as PostgreSQL prints it,
+/// so that a row the models cannot read (parameters serde_json refuses, a due time at
+/// `'infinity'`) can still be shown.
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+pub struct TaskShown {
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+    #[diesel(sql_type = Text)]
+    pub task_class: String,
+    #[diesel(sql_type = Text)]
+    pub task_parameters: String,
+    #[diesel(sql_type = Text)]
+    pub status: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub instance: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pub priority: i32,
+    #[diesel(sql_type = Text)]
+    pub run_at: String,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pub attempts: i32,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pub max_attempts: i32,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub cancel_requested_at: Option<String>,
+    #[diesel(sql_type = Text)]
+    pub created_at: String,
+    #[diesel(sql_type = Text)]
+    pub updated_at: String,
+}
+
+/// Returns a task as text with every execution of it, oldest first; `None` if there is
+/// no such task.
+pub fn task_shown(conn: &mut PgConnection, id: i64) -> Result<Option<(TaskShown, Vec<TaskExecution>)>, Error> {
+    let task: Option<TaskShown> = diesel::sql_query(
+        "SELECT id, task_class, task_parameters::text AS task_parameters, status, instance, priority,
+                run_at::text AS run_at, attempts, max_attempts, cancel_requested_at::text AS cancel_requested_at,
+                created_at::text AS created_at, updated_at::text AS updated_at
+         FROM tasks WHERE id = $1",
+    )
+    .bind::<BigInt, _>(id)
+    .get_result(conn)
+    .optional()?;
+    let Some(task) = task else { return Ok(None) };
+    let executions = task_executions::table
+        .filter(task_executions::task_id.eq(id))
+        .select(TaskExecution::as_select())
+        .order(task_executions::id)
+        .load(conn)?;
+    Ok(Some((task, executions)))
+}
+
 /// Run-time statistics of one task type, from its finished executions.
 #[derive(Debug, Clone, PartialEq, QueryableByName)]
 pub struct TypeSummary {
