@@ -12,8 +12,8 @@ use task_engine::{NewTask, Registry, Runner};
 use test_db::TestDatabase;
 
 use crate::support::{
-    executions_of, load_task, overlapping_executions, overlapping_runs, record_runs_here, recorded_runs, runner,
-    unfinished, wait_until, wait_until_idle, Gate, Gated, Recorded,
+    executions_of, load_task, logged_runs, overlapping_runs, record_runs_here, recorded_runs, runner,
+    unfinished, wait_until, wait_until_idle, Gate, Gated, Logged, Recorded,
 };
 
 #[test]
@@ -77,7 +77,8 @@ fn an_instance_restarted_under_its_name_recovers_its_orphans_at_start_and_a_live
 fn the_server_restarting_under_a_running_engine_loses_nothing_and_runs_nothing_twice_at_once() {
     let mut db = TestDatabase::on_own_cluster();
     let mut conn = db.connect();
-    let ids = NewTask::new(&::tasks::Sleep { ms: 10 }).unwrap().insert_copies(&mut conn, 400).unwrap();
+    let key = format!("{}-{}-restart", db.name(), std::process::id());
+    let ids = NewTask::new(&Logged { key: key.clone() }).unwrap().insert_copies(&mut conn, 400).unwrap();
     let engine = runner(&db, "survivor", 4).lease(Duration::from_secs(2)).start().unwrap();
     wait_until("some tasks have run", || {
         tasks::table.filter(tasks::status.eq(status::STOPPED)).count().get_result::<i64>(&mut conn).unwrap() >= 40
@@ -88,7 +89,9 @@ fn the_server_restarting_under_a_running_engine_loses_nothing_and_runs_nothing_t
     wait_until("every task has run after the restart", || unfinished(&mut conn) == 0);
     let stopped: i64 = tasks::table.filter(tasks::status.eq(status::STOPPED)).count().get_result(&mut conn).unwrap();
     assert_eq!(stopped, ids.len() as i64);
-    assert_eq!(overlapping_executions(&mut conn), 0);
+    let (_, ran, overlapping) = logged_runs(&key);
+    assert_eq!(ran, ids.len(), "tasks never ran");
+    assert_eq!(overlapping, 0, "runs of one task overlapped, by the tasks' own record");
     let errors: Vec<String> = task_executions::table
         .filter(task_executions::error.is_not_null())
         .select(task_executions::error.assume_not_null())

@@ -202,23 +202,6 @@ impl Task for PanicsOnce {
 }
 register_task!(PanicsOnce);
 
-/// Pairs of executions of one task that overlap in time (an open one runs forever).
-pub fn overlapping_executions(conn: &mut PgConnection) -> i64 {
-    #[derive(QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    diesel::sql_query(
-        "SELECT count(*) AS n FROM task_executions a JOIN task_executions b
-           ON a.task_id = b.task_id AND a.id < b.id
-         WHERE tstzrange(a.started_at, coalesce(a.stopped_at, 'infinity'))
-            && tstzrange(b.started_at, coalesce(b.stopped_at, 'infinity'))",
-    )
-    .get_result::<Count>(conn)
-    .expect("count overlapping executions")
-    .n
-}
 
 /// Counts its runs under its key, and panics on a second run of one task id: for
 /// the batching tests.
