@@ -35,11 +35,8 @@ fn library_modules() -> BTreeMap<String, String> {
 /// The paths a file names after `crate::`, with `use` groups (`{a, b::{c}}`) spread
 /// out; comments are left out, and so is `$crate::` (a macro's, resolved where used).
 fn crate_paths(text: &str) -> Vec<Vec<String>> {
-    let code: String = text
-        .lines()
-        .filter(|line| !line.trim_start().starts_with("//"))
-        .map(|line| format!("{line}\n"))
-        .collect();
+    let code: String =
+        text.lines().filter(|line| !line.trim_start().starts_with("//")).map(|line| format!("{line}\n")).collect();
     let mut paths = Vec::new();
     let mut rest = code.as_str();
     while let Some(at) = rest.find("crate::") {
@@ -153,8 +150,11 @@ fn cycles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
         if found.iter().any(|c| c.contains(node)) {
             continue;
         }
-        let component: Vec<String> =
-            graph.keys().filter(|other| *other == node || (reaches(node, other) && reaches(other, node))).cloned().collect();
+        let component: Vec<String> = graph
+            .keys()
+            .filter(|other| *other == node || (reaches(node, other) && reaches(other, node)))
+            .cloned()
+            .collect();
         if component.len() > 1 {
             found.push(component);
         }

@@ -35,7 +35,10 @@ const FRAGILE: usize = 0;
 enum Status {
     Waiting,
     /// Claimed by an instance for an attempt.
-    Running { instance: usize, attempt: u8 },
+    Running {
+        instance: usize,
+        attempt: u8,
+    },
     Done,
 }
 
@@ -261,9 +264,9 @@ impl Model for Protocol {
                 }
                 // Rescue passes, when they would take something.
                 let dead: Vec<bool> = s.instances.iter().map(|other| self.dead(other)).collect();
-                let lost_elsewhere = s.tasks.iter().any(|task| {
-                    matches!(task.status, Status::Running { instance, .. } if instance != i && dead[instance])
-                });
+                let lost_elsewhere = s.tasks.iter().any(
+                    |task| matches!(task.status, Status::Running { instance, .. } if instance != i && dead[instance]),
+                );
                 if inst.lease == Lease::Live && lost_elsewhere {
                     actions.push(Action::RescueDead(i));
                 }
@@ -324,7 +327,8 @@ impl Model for Protocol {
                 let task = &mut s.tasks[t];
                 // The completion changes nothing unless the task is still running
                 // this attempt with its execution open.
-                let current = matches!(task.status, Status::Running { attempt, .. } if attempt == a) && task.open == Some(a);
+                let current =
+                    matches!(task.status, Status::Running { attempt, .. } if attempt == a) && task.open == Some(a);
                 if current || !self.outcomes_name_their_attempt {
                     task.open = None;
                     task.status = Status::Done;

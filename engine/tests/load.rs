@@ -78,7 +78,18 @@ fn a_hundred_thousand_tasks_four_instances_one_killed_and_restarted() {
     };
     enqueue(&["enqueue", "journal", "--count", &(TASKS - SLEEPS).to_string()]);
     let sleeps = SLEEPS.to_string();
-    enqueue(&["enqueue", "journal", "--params", r#"{"ms": 10000}"#, "--count", &sleeps, "--in", "1s", "--priority", "1"]);
+    enqueue(&[
+        "enqueue",
+        "journal",
+        "--params",
+        r#"{"ms": 10000}"#,
+        "--count",
+        &sleeps,
+        "--in",
+        "1s",
+        "--priority",
+        "1",
+    ]);
 
     let started = Instant::now();
     let mut children = Instances((0..4).map(|i| spawn(&db, &format!("load-{i}"))).collect());

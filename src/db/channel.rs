@@ -64,7 +64,6 @@ impl Listening {
         &self.channel
     }
 
-
     /// Waits up to `timeout` for a notification and returns its payload (`None` when
     /// none came).
     pub(crate) fn next(&mut self, timeout: Duration) -> Result<Option<String>, Error> {

@@ -141,8 +141,12 @@ mod tests {
             with_keepalives("postgres://h/db"),
             "postgres://h/db?keepalives=1&keepalives_idle=10&keepalives_interval=5&keepalives_count=3"
         );
-        assert!(with_keepalives("postgres://h/db?sslmode=require").starts_with("postgres://h/db?sslmode=require&keepalives=1&"));
-        assert_eq!(with_keepalives("host=h"), "host=h keepalives=1 keepalives_idle=10 keepalives_interval=5 keepalives_count=3");
+        assert!(with_keepalives("postgres://h/db?sslmode=require")
+            .starts_with("postgres://h/db?sslmode=require&keepalives=1&"));
+        assert_eq!(
+            with_keepalives("host=h"),
+            "host=h keepalives=1 keepalives_idle=10 keepalives_interval=5 keepalives_count=3"
+        );
     }
 
     #[test]
@@ -176,5 +180,4 @@ mod tests {
             assert!(!redact_url(url).contains("topsecret"), "{url} -> {}", redact_url(url));
         }
     }
-
 }

@@ -25,9 +25,9 @@ pub(crate) fn take_name(conn: &mut PgConnection, instance: &str) -> QueryResult<
     }
     let locked: Locked =
         diesel::sql_query("SELECT pg_try_advisory_lock($1, hashtext(task_engine_channel() || '/' || $2)) AS locked")
-        .bind::<Integer, _>(NAME_LOCK)
-        .bind::<Text, _>(instance)
-        .get_result(conn)?;
+            .bind::<Integer, _>(NAME_LOCK)
+            .bind::<Text, _>(instance)
+            .get_result(conn)?;
     Ok(locked.locked)
 }
 

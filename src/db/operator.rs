@@ -7,9 +7,9 @@ use std::time::Duration;
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 
+use crate::db::micros;
 use crate::db::models::status;
 use crate::db::schema::tasks;
-use crate::db::micros;
 
 /// Locks the task's row for the rest of the transaction (`FOR UPDATE`) and returns its
 /// status; `None` if there is no such task.

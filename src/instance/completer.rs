@@ -523,13 +523,17 @@ mod tests {
         let Outcome::Failed(text) = result.outcome else { panic!("a result that cannot be stored did not fail") };
         // The result's JSON text escapes the NUL itself, and text can hold that.
         assert!(!text.contains('\0') && text.contains("x\\u0000y") && text.contains(why), "{text}");
-        let retried = replacement(&refused(Outcome::Retry { error: "a\u{0}b".into(), delay: Duration::from_secs(4) }), why);
-        assert!(matches!(&retried.outcome, Outcome::Retry { error, delay }
-            if error.starts_with("a\\u{0}b [escaped") && *delay == Duration::from_secs(4)), "{:?}", retried.outcome);
+        let retried =
+            replacement(&refused(Outcome::Retry { error: "a\u{0}b".into(), delay: Duration::from_secs(4) }), why);
+        assert!(
+            matches!(&retried.outcome, Outcome::Retry { error, delay }
+            if error.starts_with("a\\u{0}b [escaped") && *delay == Duration::from_secs(4)),
+            "{:?}",
+            retried.outcome
+        );
         assert_eq!((result.execution_id, result.task_id, result.attempt), (1, 1, 1));
         let long = escaped(&"\u{1}".repeat(10_000));
         assert!(long.len() < REPLACEMENT_TEXT + 16 && long.ends_with('…'), "{}", long.len());
         assert_eq!(escaped("line\nand\ttab"), "line\nand\ttab");
     }
-
 }

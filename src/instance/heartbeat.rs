@@ -23,8 +23,8 @@ use diesel::PgConnection;
 use crate::db::connect::{connect, ping, with_keepalives};
 use crate::db::instances;
 use crate::error::Error;
-use crate::instance::scheduler::Timer;
 use crate::instance::in_flight::InFlight;
+use crate::instance::scheduler::Timer;
 use crate::instance::shutdown::Shutdown;
 use crate::instance::{lock, rescue};
 

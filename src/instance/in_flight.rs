@@ -137,7 +137,7 @@ mod tests {
         let in_flight = InFlight::default();
         let heard = Instant::now();
         in_flight.cancel_at(7, heard); // task 7 ran on another instance, and was cancelled
-        // An operator retries it much later, and this instance claims it.
+                                       // An operator retries it much later, and this instance claims it.
         in_flight.claimed_at([(7, 71)], heard + EARLY_CANCEL);
         assert!(!in_flight.cancel_flag(7).load(Ordering::Relaxed), "an old cancel stopped a retried task");
     }

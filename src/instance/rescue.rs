@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use diesel::PgConnection;
 
-use crate::db::tasks::{self, Lost};
 use crate::db::instances;
+use crate::db::tasks::{self, Lost};
 use crate::error::Error;
 use crate::instance::in_flight::InFlight;
 

@@ -21,10 +21,7 @@ fn a_batch_of_claims_never_hands_one_task_to_two_workers() {
     let key = format!("{}-once", db.name());
     let mut conn = db.connect();
     NewTask::new(&Counted { key: key.clone() }).unwrap().insert_copies(&mut conn, 5000).unwrap();
-    let engine = runner(&db, "batches", 8)
-        .claim_buffer(100)
-        .start()
-        .unwrap();
+    let engine = runner(&db, "batches", 8).claim_buffer(100).start().unwrap();
     wait_until("the 5000 tasks have run", || count_status(&mut conn, status::STOPPED) == 5000);
     let stats = engine.stats();
     engine.shutdown();
@@ -45,10 +42,7 @@ fn a_stop_records_every_completion_still_buffered() {
     let mut conn = db.connect();
     NewTask::new(&Counted { key: key.clone() }).unwrap().insert_copies(&mut conn, 50).unwrap();
     // The completer would wait an hour before writing.
-    let engine = runner(&db, "buffered", 4)
-        .flush_delay(Duration::from_secs(3600))
-        .start()
-        .unwrap();
+    let engine = runner(&db, "buffered", 4).flush_delay(Duration::from_secs(3600)).start().unwrap();
     wait_until("the 50 tasks have run", || counted_runs(&key) == 50);
     assert_eq!(count_status(&mut conn, status::STOPPED), 0, "the outcomes were not buffered");
     engine.shutdown();
@@ -111,10 +105,7 @@ fn a_claimed_task_that_waits_too_long_for_a_worker_is_given_back_and_an_idle_ins
     let mut conn = db.connect();
     let gate_name = format!("{}-{}-hoard", db.name(), std::process::id());
     let gate = Gate::named(&gate_name);
-    let hoarder = runner(&db, "hoarder", 1)
-        .max_queue_wait(Duration::from_secs(2))
-        .start()
-        .unwrap();
+    let hoarder = runner(&db, "hoarder", 1).max_queue_wait(Duration::from_secs(2)).start().unwrap();
     // No-op tasks first: the instance learns that its tasks are short, and claims ahead.
     NewTask::new(&::tasks::Noop {}).unwrap().insert_copies(&mut conn, 20).unwrap();
     wait_until("the first tasks have run", || count_status(&mut conn, status::STOPPED) == 20);

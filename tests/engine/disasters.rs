@@ -21,7 +21,8 @@ fn the_server_killed_under_load_recovers_and_no_task_is_lost_or_run_twice_at_onc
     let mut conn = db.connect();
     let ids = NewTask::new(&Logged { key: key.clone() }).unwrap().insert_copies(&mut conn, 2000).unwrap();
     let lease = Duration::from_secs(2);
-    let engines = [runner(&db, "one", 4).lease(lease).start().unwrap(), runner(&db, "two", 4).lease(lease).start().unwrap()];
+    let engines =
+        [runner(&db, "one", 4).lease(lease).start().unwrap(), runner(&db, "two", 4).lease(lease).start().unwrap()];
     wait_until("a fifth of the tasks have run", || stopped(&mut conn) >= 400);
 
     db.cluster().crash_and_recover();
@@ -45,7 +46,9 @@ fn a_failover_to_a_synchronous_standby_loses_no_task_and_runs_none_twice_at_once
     conn.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'").unwrap();
     conn.batch_execute("SELECT pg_reload_conf()").unwrap();
     wait_until("the standby is synchronous", || {
-        diesel::sql_query("SELECT 1 AS n FROM pg_stat_replication WHERE sync_state = 'sync'").execute(&mut conn).unwrap()
+        diesel::sql_query("SELECT 1 AS n FROM pg_stat_replication WHERE sync_state = 'sync'")
+            .execute(&mut conn)
+            .unwrap()
             == 1
     });
     let url = format!(

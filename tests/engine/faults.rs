@@ -12,8 +12,8 @@ use task_engine::{NewTask, Registry, Runner};
 use test_db::TestDatabase;
 
 use crate::support::{
-    executions_of, load_task, logged_runs, overlapping_runs, record_runs_here, recorded_runs, runner,
-    unfinished, wait_until, wait_until_idle, Gate, Gated, Logged, Recorded,
+    executions_of, load_task, logged_runs, overlapping_runs, record_runs_here, recorded_runs, runner, unfinished,
+    wait_until, wait_until_idle, Gate, Gated, Logged, Recorded,
 };
 
 #[test]

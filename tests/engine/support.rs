@@ -202,7 +202,6 @@ impl Task for PanicsOnce {
 }
 register_task!(PanicsOnce);
 
-
 /// Counts its runs under its key, and panics on a second run of one task id: for
 /// the batching tests.
 #[derive(Serialize, Deserialize)]

@@ -244,10 +244,7 @@ fn no_wake_up_is_lost_to_a_race_between_an_instance_going_idle_and_an_insert() {
     // One worker, no buffer: every claim of one task comes back full (the instance
     // is busy and lets inserts skip their NOTIFY), and the claim after it comes back
     // empty (the instance goes idle: it takes the stripes and looks once more).
-    let engine = runner(&db, "racer", 1)
-        .claim_buffer(0)
-        .start()
-        .unwrap();
+    let engine = runner(&db, "racer", 1).claim_buffer(0).start().unwrap();
     wait_until_idle(&engine, 1);
     let mut conn = db.connect();
     // The second insert of each round lands somewhere in the instance's way from
@@ -280,10 +277,7 @@ fn an_insert_that_would_wake_nobody_does_not_notify() {
     let db = TestDatabase::new();
     let gate_name = format!("{}-busy", db.name());
     let gate = crate::support::Gate::named(&gate_name);
-    let engine = runner(&db, "busy", 2)
-        .claim_buffer(0)
-        .start()
-        .unwrap();
+    let engine = runner(&db, "busy", 2).claim_buffer(0).start().unwrap();
     wait_until_idle(&engine, 2);
     let mut conn = db.connect();
     for _ in 0..2 {

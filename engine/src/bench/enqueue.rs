@@ -12,7 +12,13 @@ use super::tasks::{Hold, Noop};
 use super::{drop_schema, exactly_once, fresh_schema, start, wait_idle, MISSED_AFTER};
 use crate::database::Database;
 
-pub(super) fn run(db: &Database, registry: &Registry, bulk: u32, clients: usize, duration: Duration) -> anyhow::Result<()> {
+pub(super) fn run(
+    db: &Database,
+    registry: &Registry,
+    bulk: u32,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<()> {
     if bulk == 0 || clients == 0 || duration.is_zero() {
         bail!(crate::UsageError("--bulk and --clients must be at least 1, --duration more than 0".into()));
     }

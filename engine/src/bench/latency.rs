@@ -8,7 +8,9 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Double, Nullable};
 use task_engine::{EngineStats, Registry, RunningEngine};
 
-use super::{drop_schema, exactly_once, fresh_schema, percentile, round3, start, total_claims, wait_idle, MISSED_AFTER};
+use super::{
+    drop_schema, exactly_once, fresh_schema, percentile, round3, start, total_claims, wait_idle, MISSED_AFTER,
+};
 use crate::database::Database;
 
 pub(super) fn run(
