@@ -19,67 +19,169 @@ use crate::db::{instances, micros};
 pub(crate) const NOT_YET_TAKEN: i32 = -1;
 
 /// A task claimed by this instance, with its freshly opened execution.
-#[derive(Debug, Clone, QueryableByName)]
+#[derive(Debug, Clone)]
 pub(crate) struct ClaimedTask {
-    #[diesel(sql_type = BigInt)]
     pub id: i64,
     /// The task's type (`tasks.task_class`).
-    #[diesel(sql_type = Text, column_name = task_class)]
     pub task_type: String,
     /// The parameters as JSON text: each task's type parses its own, so that a row the
     /// engine cannot read fails that task only, not the claim of all its neighbours.
-    #[diesel(sql_type = Text)]
     pub task_parameters: String,
     /// This attempt's number, 1 for the first.
-    #[diesel(sql_type = Integer)]
     pub attempt: i32,
-    #[diesel(sql_type = Integer)]
     pub max_attempts: i32,
-    #[diesel(sql_type = BigInt)]
     pub execution_id: i64,
+}
+
+/// The levels of waiting tasks of the types `$1`: one row per (type, priority) that has
+/// waiting tasks, found by one descent of `tasks_claim_idx` each (a skip scan: the
+/// highest priority of a type, then the highest below it, and so on), plus one row with
+/// a null priority per type that ends its list. Their number is that of the types and
+/// priorities in use, never that of the tasks.
+macro_rules! waiting_levels {
+    () => {
+        "levels AS (
+             SELECT k.task_class,
+                    (SELECT t.priority FROM tasks t WHERE t.status = 'waiting' AND t.task_class = k.task_class
+                     ORDER BY t.priority DESC LIMIT 1) AS priority
+             FROM unnest($1::text[]) AS k(task_class)
+             UNION ALL
+             SELECT l.task_class,
+                    (SELECT t.priority FROM tasks t WHERE t.status = 'waiting' AND t.task_class = l.task_class
+                       AND t.priority < l.priority ORDER BY t.priority DESC LIMIT 1)
+             FROM levels l WHERE l.priority IS NOT NULL
+         )"
+    };
+}
+
+/// The statement of [`claim`]. `candidates` reads the first `$5` tasks due now of each
+/// level (each level's due tasks are the head of its range of `tasks_claim_idx`, so
+/// tasks due later and other types are never read) and keeps the first `$5` in claim
+/// order; `picked` locks the first `$2` of them that no other claim holds, and
+/// `claimed` updates those. Both find their rows by their physical address (`ctid`, a
+/// TID scan) rather than by descending the primary key once per task; a row changed
+/// since the candidates were read has moved, and is passed over (it was claimed, or
+/// is no longer due). `IS NOT DISTINCT FROM` (status is never null: the same as `=`)
+/// keeps the planner from proving `tasks_claim_idx`'s predicate and walking the whole
+/// index for the candidates' addresses, which statistics taken on an empty table make
+/// look cheap.
+const CLAIM: &str = concat!(
+    "WITH RECURSIVE ",
+    waiting_levels!(),
+    ", candidates AS (
+         SELECT c.ctid FROM levels l CROSS JOIN LATERAL (
+             SELECT t.ctid, t.id, t.priority, t.run_at FROM tasks t
+             WHERE t.status = 'waiting' AND t.task_class = l.task_class AND t.priority = l.priority
+               AND t.run_at <= now()
+             ORDER BY t.run_at, t.id
+             LIMIT $5) c
+         ORDER BY c.priority DESC, c.run_at, c.id
+         LIMIT $5
+     ), picked AS (
+         SELECT t.ctid FROM tasks t
+         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates))
+           AND t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
+         ORDER BY t.priority DESC, t.run_at, t.id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED
+     ), claimed AS (
+         UPDATE tasks t
+         SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
+         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked))
+         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts,
+                   t.priority, t.run_at, nextval('task_executions_id_seq') AS execution_id
+     ), opened AS (
+         INSERT INTO task_executions (id, task_id, attempt, started_at, instance, worker)
+         SELECT execution_id, id, attempts, now(), $3, $4 FROM claimed
+     )
+     SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
+            c.max_attempts, c.execution_id, w.seen AS candidates
+     FROM (SELECT count(*) AS seen FROM candidates) w
+     LEFT JOIN claimed c ON true
+     ORDER BY c.priority DESC, c.run_at, c.id"
+);
+
+/// What a claim got.
+#[derive(Debug, Default)]
+pub(crate) struct Claim {
+    pub tasks: Vec<ClaimedTask>,
+    /// Whether tasks may wait that this claim did not reach: it came back short after
+    /// finding as many candidates as it reads, other claims holding some of them. The
+    /// claimer should claim again rather than take the queue for drained.
+    pub more: bool,
 }
 
 /// Claims up to `limit` runnable tasks of the given types for `instance`: locks them
 /// with `FOR UPDATE SKIP LOCKED` (rows other claimers hold are passed over, not waited
 /// for), marks them `running` with one more attempt, and opens one execution per task,
-/// all in one statement. Highest priority first, then earliest due, then oldest; the
-/// walk follows `tasks_waiting_idx`.
-pub(crate) fn claim(
-    conn: &mut PgConnection,
-    instance: &str,
-    task_types: &[&str],
-    limit: i64,
-) -> QueryResult<Vec<ClaimedTask>> {
-    Prepared(
-        diesel::sql_query(
-            "WITH picked AS (
-             SELECT id FROM tasks
-             WHERE status = 'waiting' AND run_at <= now() AND task_class = ANY($1)
-             ORDER BY priority DESC, run_at, id
-             LIMIT $2
-             FOR UPDATE SKIP LOCKED
-         ), claimed AS (
-             UPDATE tasks t
-             SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
-             WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
-             RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts,
-                       t.priority, t.run_at, nextval('task_executions_id_seq') AS execution_id
-         ), opened AS (
-             INSERT INTO task_executions (id, task_id, attempt, started_at, instance, worker)
-             SELECT execution_id, id, attempts, now(), $3, $4 FROM claimed
-         )
-         SELECT id, task_class, task_parameters::text AS task_parameters, attempts AS attempt, max_attempts,
-                execution_id
-         FROM claimed
-         ORDER BY priority DESC, run_at, id",
-        )
-        .bind::<Array<Text>, _>(task_types)
-        .bind::<BigInt, _>(limit)
-        .bind::<Text, _>(instance)
-        .bind::<Integer, _>(NOT_YET_TAKEN),
+/// all in one statement. Highest priority first, then earliest due, then oldest.
+///
+/// Its cost follows the tasks it claims and the (type, priority) levels in use, not the
+/// number of waiting tasks: it reads at most `1.5 * limit + 16` candidates (room for the
+/// rows concurrent claims hold), through `tasks_claim_idx`. Run it on a connection set
+/// up by [`prepare_claimer_session`], so that the plan is the same whatever the table's
+/// statistics: a burst into a table analyzed while empty would otherwise be claimed by
+/// a bitmap scan and a sort of every waiting task.
+pub(crate) fn claim(conn: &mut PgConnection, instance: &str, task_types: &[&str], limit: i64) -> QueryResult<Claim> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Nullable<BigInt>)]
+        id: Option<i64>,
+        #[diesel(sql_type = Nullable<Text>)]
+        task_class: Option<String>,
+        #[diesel(sql_type = Nullable<Text>)]
+        task_parameters: Option<String>,
+        #[diesel(sql_type = Nullable<Integer>)]
+        attempt: Option<i32>,
+        #[diesel(sql_type = Nullable<Integer>)]
+        max_attempts: Option<i32>,
+        #[diesel(sql_type = Nullable<BigInt>)]
+        execution_id: Option<i64>,
+        #[diesel(sql_type = BigInt)]
+        candidates: i64,
+    }
+    let window = limit.saturating_add(limit / 2).saturating_add(16);
+    let rows: Vec<Row> = Prepared(
+        diesel::sql_query(CLAIM)
+            .bind::<Array<Text>, _>(task_types)
+            .bind::<BigInt, _>(limit)
+            .bind::<Text, _>(instance)
+            .bind::<Integer, _>(NOT_YET_TAKEN)
+            .bind::<BigInt, _>(window),
     )
-    .load(conn)
+    .load(conn)?;
+    let candidates = rows.first().map_or(0, |r| r.candidates);
+    let tasks: Vec<ClaimedTask> = rows
+        .into_iter()
+        .filter_map(|r| {
+            Some(ClaimedTask {
+                id: r.id?,
+                task_type: r.task_class?,
+                task_parameters: r.task_parameters?,
+                attempt: r.attempt?,
+                max_attempts: r.max_attempts?,
+                execution_id: r.execution_id?,
+            })
+        })
+        .collect();
+    let more = candidates >= window && (tasks.len() as i64) < limit;
+    Ok(Claim { tasks, more })
 }
+
+/// Sets up a connection that claims (the producer's) or looks for due tasks: with
+/// sequential and bitmap scans off, [`claim`] and [`due`] walk `tasks_claim_idx` level
+/// by level whatever the statistics say (taken while the table was empty, they make a
+/// scan look cheaper). Their generic plan is kept: planning the claim anew, as a
+/// custom plan would, takes longer (about 1 ms) than running it. Lock waits are
+/// bounded by [`ROW_LOCK_WAIT`]. Changes this session's settings only.
+pub(crate) fn prepare_claimer_session(conn: &mut PgConnection) -> QueryResult<()> {
+    conn.batch_execute(PLAN_BY_INDEX)?;
+    bound_lock_waits(conn)
+}
+
+/// The settings of [`prepare_claimer_session`].
+const PLAN_BY_INDEX: &str =
+    "SET enable_seqscan = off; SET enable_bitmapscan = off; SET plan_cache_mode = force_generic_plan";
 
 /// How an attempt ended, as the task row will show it.
 #[derive(Debug, Clone, PartialEq)]
@@ -476,22 +578,36 @@ pub(crate) struct Due {
 }
 
 /// Counts the waiting tasks of the given types due now (up to `limit`) and finds when
-/// the next scheduled one is due (it walks `tasks_scheduled_idx`, which holds scheduled
-/// tasks only; a task due at 'infinity' is never due). Locks and changes nothing.
+/// the next scheduled one is due (a task due at 'infinity' is never due), level by
+/// level as [`claim`] does: each level's due tasks are the head of its range of
+/// `tasks_claim_idx`, and its next one the first entry after them. Locks and changes
+/// nothing. Its plan is pinned as the claim's, for this statement's transaction only
+/// (the connection comes from the pool).
 pub(crate) fn due(conn: &mut PgConnection, task_types: &[&str], limit: i64) -> QueryResult<Due> {
-    diesel::sql_query(
-        "SELECT
-             (SELECT count(*) FROM (
-                 SELECT 1 FROM tasks
-                 WHERE status = 'waiting' AND run_at <= now() AND task_class = ANY($1)
-                 LIMIT $2) d) AS now,
-             (SELECT extract(epoch FROM min(run_at) - now())::float8 FROM tasks
-              WHERE status = 'waiting' AND run_at > created_at AND run_at > now() AND run_at < 'infinity'
-                AND task_class = ANY($1)) AS next_in",
-    )
-    .bind::<Array<Text>, _>(task_types)
-    .bind::<BigInt, _>(limit)
-    .get_result(conn)
+    conn.transaction(|conn| {
+        conn.batch_execute(&PLAN_BY_INDEX.replace("SET ", "SET LOCAL "))?;
+        diesel::sql_query(concat!(
+            "WITH RECURSIVE ",
+            waiting_levels!(),
+            " SELECT
+                 (SELECT count(*) FROM (
+                      SELECT 1 FROM levels l CROSS JOIN LATERAL (
+                          SELECT 1 FROM tasks t
+                          WHERE t.status = 'waiting' AND t.task_class = l.task_class AND t.priority = l.priority
+                            AND t.run_at <= now()
+                          LIMIT $2) c
+                      LIMIT $2) d) AS now,
+                 (SELECT extract(epoch FROM min(n.run_at) - now())::float8
+                  FROM levels l CROSS JOIN LATERAL (
+                      SELECT t.run_at FROM tasks t
+                      WHERE t.status = 'waiting' AND t.task_class = l.task_class AND t.priority = l.priority
+                        AND t.run_at > now() AND t.run_at < 'infinity'
+                      ORDER BY t.run_at LIMIT 1) n) AS next_in"
+        ))
+        .bind::<Array<Text>, _>(task_types)
+        .bind::<BigInt, _>(limit)
+        .get_result(conn)
+    })
 }
 
 /// The advisory lock that lets one instance at a time vacuum ("vacu" in ASCII).
@@ -506,8 +622,9 @@ pub(crate) fn vacuum(conn: &mut PgConnection) -> QueryResult<bool> {
         #[diesel(sql_type = Bool)]
         locked: bool,
     }
-    let locked: Locked =
-        diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked").bind::<BigInt, _>(VACUUM_LOCK).get_result(conn)?;
+    let locked: Locked = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked")
+        .bind::<BigInt, _>(VACUUM_LOCK)
+        .get_result(conn)?;
     if !locked.locked {
         return Ok(false);
     }
@@ -515,7 +632,6 @@ pub(crate) fn vacuum(conn: &mut PgConnection) -> QueryResult<bool> {
     diesel::sql_query("SELECT pg_advisory_unlock($1)").bind::<BigInt, _>(VACUUM_LOCK).execute(conn)?;
     vacuumed.map(|_| true)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -541,7 +657,7 @@ mod tests {
              ANALYZE tasks; ANALYZE task_executions;",
         )
         .unwrap();
-        let claimed = claim(&mut conn, "i", &["noop"], 300).unwrap();
+        let claimed = claim(&mut conn, "i", &["noop"], 300).unwrap().tasks;
         assert_eq!(claimed.len(), 300);
 
         let mut session = db.connect();
@@ -569,6 +685,83 @@ mod tests {
             }
             assert!(plan.contains("task_executions_pkey") && plan.contains("tasks_pkey"), "{mode}:\n{plan}");
         }
+    }
+
+    /// The claim of a burst into a table analyzed while empty, behind a backlog of
+    /// another type at a higher priority and of tasks due tomorrow: a few hundred
+    /// buffers whatever the plan cache does, where walking the waiting tasks in
+    /// priority order reads every entry of the backlog (thousands of buffers), and
+    /// the plan the statistics suggest (a bitmap scan and a sort) reads all of them.
+    #[test]
+    fn the_claim_reads_what_it_claims_not_what_else_waits_whatever_the_statistics() {
+        let db = test_db::TestDatabase::new();
+        let mut conn = db.connect();
+        conn.batch_execute(
+            "ANALYZE tasks;
+             INSERT INTO tasks (task_class, priority) SELECT 'unknown', 5 FROM generate_series(1, 100000);
+             INSERT INTO tasks (task_class, priority, run_at)
+                 SELECT 'noop', 10, now() + interval '1 day' FROM generate_series(1, 50000);
+             INSERT INTO tasks (task_class, priority) SELECT 'noop', 0 FROM generate_series(1, 20000);
+             INSERT INTO tasks (task_class, priority) SELECT 'noop', 1 FROM generate_series(1, 5)",
+        )
+        .unwrap();
+        prepare_claimer_session(&mut conn).unwrap();
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            conn.batch_execute(&format!("BEGIN; SET LOCAL plan_cache_mode = {mode}")).unwrap();
+            let plan: Vec<PlanLine> = diesel::sql_query(format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {CLAIM}"))
+                .bind::<Array<Text>, _>(vec!["noop", "echo"])
+                .bind::<BigInt, _>(10)
+                .bind::<Text, _>("i")
+                .bind::<Integer, _>(NOT_YET_TAKEN)
+                .bind::<BigInt, _>(31)
+                .load(&mut conn)
+                .unwrap();
+            conn.batch_execute("ROLLBACK").unwrap();
+            let plan = plan.into_iter().map(|p| p.line).collect::<Vec<_>>().join("\n");
+            for bad in ["Seq Scan", "Bitmap"] {
+                assert!(!plan.contains(bad), "{mode}: the claim's plan has a {bad}:\n{plan}");
+            }
+            let buffers: u64 = plan
+                .lines()
+                .take_while(|line| !line.starts_with("Planning"))
+                .filter_map(|line| line.split("shared hit=").nth(1))
+                .map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse::<u64>().unwrap())
+                .max()
+                .unwrap_or(0);
+            assert!(buffers < 600, "{mode}: the claim of 10 tasks read {buffers} buffers:\n{plan}");
+        }
+
+        let claimed = claim(&mut conn, "i", &["noop", "echo"], 10).unwrap();
+        assert!(!claimed.more, "a claim alone was told that others held tasks");
+        let ids: Vec<i64> = claimed.tasks.iter().map(|t| t.id).collect();
+        // The five of priority 1 (the last inserted), then the oldest of priority 0.
+        let first_of_priority_0 = 150_001;
+        let expected: Vec<i64> = (170_001..=170_005).chain(first_of_priority_0..first_of_priority_0 + 5).collect();
+        assert_eq!(ids, expected, "not claimed in priority, then due, then id order");
+    }
+
+    /// A claim that finds only tasks another claim holds comes back empty, and says
+    /// that more may wait: the claimer must not take the queue for drained.
+    #[test]
+    fn a_claim_among_tasks_other_claims_hold_says_more_may_wait() {
+        let db = test_db::TestDatabase::new();
+        let (mut first, mut second) = (db.connect(), db.connect());
+        first.batch_execute("INSERT INTO tasks (task_class) SELECT 'noop' FROM generate_series(1, 100)").unwrap();
+        first.batch_execute("BEGIN").unwrap();
+        let held = claim(&mut first, "first", &["noop"], 40).unwrap();
+        assert_eq!(held.tasks.len(), 40);
+        assert!(!held.more);
+
+        // Its 23 candidates are the first 40's first 23: all held.
+        let blocked = claim(&mut second, "second", &["noop"], 5).unwrap();
+        assert!(blocked.tasks.is_empty(), "claimed tasks another claim holds");
+        assert!(blocked.more, "an empty claim among held tasks took the queue for drained");
+
+        first.batch_execute("COMMIT").unwrap();
+        let after = claim(&mut second, "second", &["noop"], 5).unwrap();
+        let ids: Vec<i64> = after.tasks.iter().map(|t| t.id).collect();
+        assert_eq!(ids, vec![41, 42, 43, 44, 45]);
+        assert!(!after.more);
     }
 
     /// A task running on `instance`, with its open execution.
@@ -626,7 +819,6 @@ mod tests {
         assert_eq!(status_of(&mut conn, 1), "waiting");
     }
 
-
     #[test]
     fn a_rescued_attempt_waits_like_a_failed_one_before_the_task_runs_again() {
         let db = test_db::TestDatabase::new();
@@ -642,13 +834,13 @@ mod tests {
             #[diesel(sql_type = Double)]
             seconds: f64,
         }
-        let waits: Vec<Wait> =
-            diesel::sql_query("SELECT id, extract(epoch FROM run_at - now())::float8 AS seconds FROM tasks ORDER BY id")
-                .load(&mut conn)
-                .unwrap();
+        let waits: Vec<Wait> = diesel::sql_query(
+            "SELECT id, extract(epoch FROM run_at - now())::float8 AS seconds FROM tasks ORDER BY id",
+        )
+        .load(&mut conn)
+        .unwrap();
         let seconds: Vec<(i64, f64)> = waits.iter().map(|w| (w.id, w.seconds)).collect();
         // attempt 1: 4 s, attempt 3: 84 s, give or take 10%.
         assert!((3.6..=4.4).contains(&seconds[0].1) && (75.6..=92.4).contains(&seconds[1].1), "{seconds:?}");
     }
-
 }

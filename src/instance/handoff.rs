@@ -69,6 +69,18 @@ pub(crate) enum Next {
     Stop,
 }
 
+/// When a claim shows the queue drained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drained {
+    /// When it brings fewer tasks than asked.
+    IfShort,
+    /// When it brings none: tasks are streaming in and inserters no longer notify, so
+    /// a short claim is followed by another.
+    IfEmpty,
+    /// Never: other claims held tasks it might have taken.
+    No,
+}
+
 /// What the producer should claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Demand {
@@ -179,15 +191,12 @@ impl Handoff {
     /// [`Handoff::deliver_claimed_at`] for tasks claimed now, not streaming.
     #[cfg(test)]
     pub(crate) fn deliver(&self, tasks: Vec<ClaimedTask>, demand: Demand) -> bool {
-        self.deliver_claimed_at(tasks, demand, Instant::now(), false)
+        self.deliver_claimed_at(tasks, demand, Instant::now(), Drained::IfShort)
     }
 
-    /// For the producer: hands claimed tasks to the workers. A claim that came back
-    /// with fewer tasks than asked found the queue empty, unless a wake-up arrived
-    /// while it ran: then the instance is idle until the next wake-up, and this
-    /// returns true. With `keep_looking` (tasks are streaming in and inserters no
-    /// longer notify), only an empty claim makes the instance idle: a short one is
-    /// followed by another. The tasks' time in the queue counts from `claimed_at`,
+    /// For the producer: hands claimed tasks to the workers. A claim that `drained`
+    /// the queue makes the instance idle until the next wake-up, unless a wake-up
+    /// arrived while it ran, and then this returns true. The tasks' time in the queue counts from `claimed_at`,
     /// when the claim statement was sent, as their executions' `started_at` is the
     /// claim's time on the server.
     pub(crate) fn deliver_claimed_at(
@@ -195,11 +204,15 @@ impl Handoff {
         tasks: Vec<ClaimedTask>,
         demand: Demand,
         claimed_at: Instant,
-        keep_looking: bool,
+        drained: Drained,
     ) -> bool {
         let mut state = self.lock();
         state.claim_time = Some(average(state.claim_time, claimed_at.elapsed()));
-        let drained = if keep_looking { tasks.is_empty() } else { tasks.len() < demand.count };
+        let drained = match drained {
+            Drained::IfShort => tasks.len() < demand.count,
+            Drained::IfEmpty => tasks.is_empty(),
+            Drained::No => false,
+        };
         let idle = drained && state.wake_seq == demand.seq;
         if idle {
             state.want = false;
@@ -344,11 +357,29 @@ mod tests {
     fn while_tasks_stream_in_only_an_empty_claim_stops_claiming() {
         let queue = Handoff::new(2, 2);
         let demand = queue.demand(HOUR).unwrap();
-        assert!(!queue.deliver_claimed_at(vec![task(1)], demand, Instant::now(), true), "a short claim made it idle");
+        assert!(
+            !queue.deliver_claimed_at(vec![task(1)], demand, Instant::now(), Drained::IfEmpty),
+            "a short claim made it idle"
+        );
         let again = queue.next(Duration::ZERO);
         let Next::Claim(demand) = again else { panic!("no claim after a short one while streaming: {again:?}") };
-        assert!(queue.deliver_claimed_at(vec![], demand, Instant::now(), true), "an empty claim left it looking");
+        assert!(
+            queue.deliver_claimed_at(vec![], demand, Instant::now(), Drained::IfEmpty),
+            "an empty claim left it looking"
+        );
         assert_eq!(queue.next(Duration::ZERO), Next::Tick);
+    }
+
+    #[test]
+    fn an_empty_claim_among_tasks_others_hold_is_followed_by_another() {
+        let queue = Handoff::new(2, 2);
+        let demand = queue.demand(HOUR).unwrap();
+        assert!(
+            !queue.deliver_claimed_at(vec![], demand, Instant::now(), Drained::No),
+            "it took the queue for drained"
+        );
+        let again = queue.next(Duration::ZERO);
+        assert!(matches!(again, Next::Claim(_)), "no claim after one that others' claims kept empty: {again:?}");
     }
 
     #[test]
@@ -370,7 +401,7 @@ mod tests {
     /// workers get through tasks far faster than claims come back.
     fn short_tasks_seen(queue: &Handoff) {
         let demand = queue.demand(HOUR).unwrap();
-        queue.deliver_claimed_at(vec![task(0)], demand, Instant::now() - Duration::from_millis(1), false);
+        queue.deliver_claimed_at(vec![task(0)], demand, Instant::now() - Duration::from_millis(1), Drained::IfShort);
         queue.next_task().unwrap();
         queue.task_done(Duration::from_micros(1));
         queue.wake(1);
@@ -387,7 +418,12 @@ mod tests {
         // Tasks of a second, claims of a millisecond: none, whatever the maximum.
         for _ in 0..64 {
             let demand = queue.demand(HOUR).unwrap();
-            queue.deliver_claimed_at(vec![task(1)], demand, Instant::now() - Duration::from_millis(1), false);
+            queue.deliver_claimed_at(
+                vec![task(1)],
+                demand,
+                Instant::now() - Duration::from_millis(1),
+                Drained::IfShort,
+            );
             queue.next_task().unwrap();
             queue.task_done(Duration::from_secs(1));
             queue.wake(1);

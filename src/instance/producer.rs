@@ -20,7 +20,7 @@ use crate::db::connect::{connect, ping};
 use crate::db::{channel, tasks};
 use crate::error::Error;
 use crate::instance::backoff;
-use crate::instance::handoff::{Handoff, Next};
+use crate::instance::handoff::{Drained, Handoff, Next};
 use crate::instance::heartbeat::Alive;
 use crate::instance::in_flight::InFlight;
 use crate::instance::scheduler::Timer;
@@ -177,12 +177,19 @@ pub(crate) fn run(input: Input) {
                 producer.input.handoff.wake(1);
             }
             Next::Claim(demand) => match producer.claim(demand.count) {
-                Ok((claimed, sent_at)) => {
+                Ok((tasks::Claim { tasks: claimed, more }, sent_at)) => {
                     failures = 0;
                     let found = claimed.len();
                     producer.count(&claimed);
                     let streaming = producer.pace.found(found, Instant::now());
-                    let idle = producer.input.handoff.deliver_claimed_at(claimed, demand, sent_at, streaming);
+                    let drained = if more {
+                        Drained::No
+                    } else if streaming {
+                        Drained::IfEmpty
+                    } else {
+                        Drained::IfShort
+                    };
+                    let idle = producer.input.handoff.deliver_claimed_at(claimed, demand, sent_at, drained);
                     match producer.pace.stripes(idle, found == demand.count, streaming) {
                         Stripes::Take => producer.fall_asleep(),
                         Stripes::Release => producer.wake_up(),
@@ -233,7 +240,7 @@ impl Producer {
     fn conn(&mut self) -> Result<&mut PgConnection, Error> {
         if self.conn.is_none() {
             let mut conn = connect(&self.input.database_url)?;
-            tasks::bound_lock_waits(&mut conn)?;
+            tasks::prepare_claimer_session(&mut conn)?;
             // Prepare the claim with a claim of nothing: a real claim is then one round
             // trip, and its `now()` (the executions' start) follows its sending closely,
             // as the time its tasks spend in the hand-off assumes.
@@ -258,7 +265,7 @@ impl Producer {
     /// Claims up to `count` tasks; also returns when the statement was sent (after
     /// connecting, if it had to), which the tasks' time in the hand-off and the claim's
     /// round trip count from.
-    fn claim(&mut self, count: usize) -> Result<(Vec<tasks::ClaimedTask>, Instant), Error> {
+    fn claim(&mut self, count: usize) -> Result<(tasks::Claim, Instant), Error> {
         self.pace.claiming(Instant::now());
         let limit = i64::try_from(count).unwrap_or(i64::MAX);
         self.conn()?;
@@ -374,6 +381,10 @@ mod tests {
         assert_eq!(pace.quiet(start + ms(1000), ms(1000)), Quiet { ping: false, poll: true });
         pace.holding = true;
         pace.claiming(start + ms(900));
-        assert_eq!(pace.quiet(start + ms(1000), ms(1000)), Quiet { ping: true, poll: false }, "a claim resets the poll");
+        assert_eq!(
+            pace.quiet(start + ms(1000), ms(1000)),
+            Quiet { ping: true, poll: false },
+            "a claim resets the poll"
+        );
     }
 }

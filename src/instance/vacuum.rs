@@ -1,6 +1,7 @@
-//! Keeping the claim fast: every claimed task leaves a dead entry at the head of
-//! `tasks_waiting_idx` (a claim's update is never HOT, `status` being in the index's
-//! predicate), and each claim walks past those entries until a vacuum removes them.
+//! Keeping the claim fast: every claimed task leaves a dead entry at the head of its
+//! level in `tasks_claim_idx` (a claim's update is never HOT, `status` being in the
+//! index's predicate), and each claim walks past those entries until a vacuum removes
+//! them.
 //! Autovacuum comes too rarely for a queue (at most once a minute per table), so each
 //! instance runs `VACUUM tasks` itself, on a connection of its own, once it has claimed
 //! [`VACUUM_EVERY`] tasks since the last time, or [`VACUUM_AFTER`] tasks and

@@ -81,49 +81,6 @@ fn the_status_column_refuses_a_state_the_engine_does_not_know() {
 }
 
 #[test]
-fn the_claim_query_walks_the_waiting_index_not_the_table() {
-    let db = TestDatabase::new();
-    let mut conn = db.connect();
-    // Enough finished history that a scan would be the expensive choice.
-    conn.batch_execute(
-        "INSERT INTO tasks (task_class, status) SELECT 'noop', 'stopped' FROM generate_series(1, 20000);
-         INSERT INTO tasks (task_class) SELECT 'noop' FROM generate_series(1, 100)",
-    )
-    .unwrap();
-    diesel::sql_query("ANALYZE tasks").execute(&mut conn).unwrap();
-
-    #[derive(QueryableByName)]
-    struct Plan {
-        #[diesel(sql_type = diesel::sql_types::Text, column_name = "QUERY PLAN")]
-        line: String,
-    }
-    let plan: Vec<Plan> = diesel::sql_query(
-        "EXPLAIN (ANALYZE, BUFFERS) SELECT id FROM tasks
-         WHERE status = 'waiting' AND run_at <= now() AND task_class = ANY(ARRAY['noop'])
-         ORDER BY priority DESC, run_at, id LIMIT 100",
-    )
-    .load(&mut conn)
-    .unwrap();
-    let plan: Vec<String> = plan.into_iter().map(|p| p.line).collect();
-    let shown = plan.join("\n");
-    assert!(
-        plan.iter().any(|line| line.contains("tasks_waiting_idx")),
-        "the claim does not use tasks_waiting_idx:\n{shown}"
-    );
-    // In claim order, with waiting tasks only: no sort, and a few pages read however
-    // long the finished history (20,000 rows here).
-    assert!(!plan.iter().any(|line| line.contains("Sort")), "the claim sorts:\n{shown}");
-    let buffers: u64 = plan
-        .iter()
-        .take_while(|line| !line.starts_with("Planning"))
-        .filter_map(|line| line.split("shared hit=").nth(1))
-        .map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse::<u64>().unwrap())
-        .max()
-        .unwrap_or(0);
-    assert!(buffers < 20, "the claim read {buffers} buffers for 100 tasks:\n{shown}");
-}
-
-#[test]
 fn the_models_read_a_task_and_its_executions_through_their_relation() {
     let db = TestDatabase::new();
     let mut conn = db.connect();
