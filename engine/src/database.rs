@@ -83,11 +83,6 @@ impl Database {
         Ok(conn)
     }
 
-    /// The process id of the embedded cluster's server, when there is one.
-    pub fn server_pid(&self) -> Option<u32> {
-        self.embedded.as_ref()?.cluster.server_pid()
-    }
-
     /// Stops the embedded cluster if this command started it.
     pub fn stop_if_started_here(&self) -> anyhow::Result<()> {
         if let Some(Embedded { cluster, started_here: true }) = &self.embedded {

@@ -1,20 +1,39 @@
-//! `engine bench drain`: no-op tasks enqueued in bulk, then one instance runs them all;
-//! the batched engine, then one task per round trip, for the ratio.
+//! `engine bench drain`: no-op tasks drained by one instance, every attempt recorded, in
+//! the situations users meet: a burst into an idle instance whose table was analyzed
+//! while empty, the same behind a backlog it cannot run, or (for comparison with older
+//! figures) a queue filled and analyzed before the instance starts. Reports the rate of
+//! each tenth (a deep queue must drain as fast at its end as at its start), and the CPU
+//! and WAL each task cost.
 
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use task_engine::{NewTask, Registry, Runner};
+use task_engine::{NewTask, Registry, Runner, RunningEngine};
 
-use super::cpu::{process_cpu, server_cpu};
+use super::meter::{Cost, Meter};
 use super::tasks::Noop;
 use super::{drop_schema, exactly_once, fresh_schema, round3};
 use crate::database::Database;
 
+/// How the tasks reach the instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// The instance idles, listening, on an empty table analyzed while empty (what
+    /// autovacuum leaves after a quiet spell); the tasks arrive in one insert. The rate
+    /// counts from the insert's commit.
+    Burst,
+    /// A burst, behind 200,000 waiting tasks of a type no instance runs at a higher
+    /// priority and 100,000 of the drained type due tomorrow at a higher priority.
+    Backlog,
+    /// The tasks are inserted, then `VACUUM ANALYZE`, then the instance starts: the
+    /// benchmark as it was before; a preparation production never makes.
+    Prepared,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Mode {
+pub(super) enum Mode {
     Batched,
     SingleRoundTrip,
 }
@@ -28,29 +47,30 @@ impl Mode {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
 pub(super) struct Options {
     pub tasks: u32,
     pub workers: usize,
     pub runs: usize,
     pub batched_only: bool,
     pub buffer: Option<usize>,
+    pub scenario: Scenario,
 }
 
-pub(super) fn run(db: &Database, registry: &Registry, options: Options) -> anyhow::Result<()> {
-    let Options { tasks, workers, runs, batched_only, buffer } = options;
-    if tasks == 0 || workers == 0 || runs == 0 {
-        bail!(crate::UsageError("--tasks, --workers and --runs must be at least 1".into()));
+pub(super) fn run(db: &Database, registry: &Registry, options: &Options) -> anyhow::Result<()> {
+    if options.tasks < 10 || options.workers == 0 || options.runs == 0 {
+        bail!(crate::UsageError("--tasks must be at least 10, --workers and --runs at least 1".into()));
     }
-    let modes: &[Mode] = if batched_only { &[Mode::Batched] } else { &[Mode::Batched, Mode::SingleRoundTrip] };
+    let modes: &[Mode] = if options.batched_only { &[Mode::Batched] } else { &[Mode::Batched, Mode::SingleRoundTrip] };
     let mut medians = Vec::new();
     for &mode in modes {
         let mut rates = Vec::new();
-        for run in 1..=runs {
-            rates.push(drain_once(db, registry, tasks, workers, mode, run, buffer)?);
+        for run in 1..=options.runs {
+            rates.push(drain_once(db, registry, options, mode, run)?.rate);
         }
         rates.sort_by(f64::total_cmp);
         let median = rates[rates.len() / 2];
-        println!("drain, {}: median {median:.0} tasks/s over {runs} run(s)", mode.name());
+        println!("drain, {}: median {median:.0} tasks/s over {} run(s)", mode.name(), options.runs);
         medians.push(median);
     }
     if let [batched, single] = medians[..] {
@@ -59,27 +79,37 @@ pub(super) fn run(db: &Database, registry: &Registry, options: Options) -> anyho
     Ok(())
 }
 
-fn drain_once(
+/// A drain's rate (tasks/s) and cost.
+pub(super) struct Drained {
+    pub rate: f64,
+    pub cost: Cost,
+}
+
+/// One drain.
+pub(super) fn drain_once(
     db: &Database,
     registry: &Registry,
-    tasks: u32,
-    workers: usize,
+    options: &Options,
     mode: Mode,
     run: usize,
-    buffer: Option<usize>,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Drained> {
+    let Options { tasks, workers, scenario, buffer, .. } = *options;
     let url = fresh_schema(db)?;
     let mut conn = PgConnection::establish(&url)?;
-    let enqueue_started = Instant::now();
-    NewTask::new(&Noop {})?.insert_copies(&mut conn, tasks)?;
-    let enqueue_secs = enqueue_started.elapsed().as_secs_f64();
-    conn.batch_execute("VACUUM ANALYZE tasks")?;
-
-    let cpu_before = (process_cpu(std::process::id()), db.server_pid().map(server_cpu));
-    let started = Instant::now();
+    let meter = Meter::new(&mut conn)?;
+    // The statistics of an empty table, as a freshly migrated or long-idle queue has them.
+    conn.batch_execute("ANALYZE tasks")?;
+    if scenario == Scenario::Backlog {
+        conn.batch_execute(
+            "INSERT INTO tasks (task_class, priority) SELECT 'bench_unknown', 5 FROM generate_series(1, 200000);
+             INSERT INTO tasks (task_class, priority, run_at)
+                 SELECT 'bench_noop', 10, now() + interval '1 day' FROM generate_series(1, 100000)",
+        )?;
+    }
     let mut runner = Runner::new(&url, registry.clone())
         .instance(format!("drain-{run}"))
         .workers(workers)
+        // The fallback poll must not explain a pickup.
         .poll_interval(Duration::from_secs(3600));
     if let Some(buffer) = buffer {
         runner = runner.claim_buffer(buffer);
@@ -87,60 +117,93 @@ fn drain_once(
     if mode == Mode::SingleRoundTrip {
         runner = runner.max_claim(1).claim_buffer(0).max_completion_batch(1).flush_delay(Duration::ZERO);
     }
-    let engine = runner.start()?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while engine.stats().completions < u64::from(tasks) {
-        if Instant::now() > deadline {
-            bail!("the drain did not finish in 10 minutes");
+
+    let before = meter.read(&mut conn)?;
+    let (engine, inserted_at, visible_at) = if scenario == Scenario::Prepared {
+        let inserted_at = Instant::now();
+        NewTask::new(&Noop {})?.insert_copies(&mut conn, tasks)?;
+        conn.batch_execute("VACUUM ANALYZE tasks")?;
+        let started_at = Instant::now();
+        (runner.start()?, inserted_at, started_at)
+    } else {
+        let engine = runner.start()?;
+        if !super::wait_idle(std::slice::from_ref(&engine), workers, 0, Duration::from_secs(30)) {
+            bail!("the instance did not fall idle");
         }
-        std::thread::sleep(Duration::from_micros(500));
-    }
-    let secs = started.elapsed().as_secs_f64();
+        let inserted_at = Instant::now();
+        NewTask::new(&Noop {})?.insert_copies(&mut conn, tasks)?;
+        (engine, inserted_at, Instant::now())
+    };
+    let tenths = wait_tenths(&engine, u64::from(tasks), visible_at)?;
+    let after = meter.read(&mut conn)?;
     let stats = engine.stats();
     engine.shutdown();
-    let engine_cpu = process_cpu(std::process::id()) - cpu_before.0;
-    let server_cpu = match (cpu_before.1, db.server_pid()) {
-        (Some(before), Some(pid)) => Some(server_cpu(pid) - before),
-        _ => None,
-    };
+    let cost = Meter::cost(before, after, u64::from(tasks));
+    if scenario == Scenario::Backlog {
+        conn.batch_execute("DELETE FROM tasks WHERE task_class = 'bench_unknown' OR priority = 10")?;
+    }
     let check = exactly_once(&mut conn)?;
     drop_schema(db)?;
 
+    let secs = tenths.last().expect("ten tenths").as_secs_f64();
+    let with_insert = tenths[9] + (visible_at - inserted_at);
     let rate = f64::from(tasks) / secs;
-    let per_thousand = |cpu: f64| round3(cpu / f64::from(tasks) * 1000.0);
+    let tenth = f64::from(tasks) / 10.0;
+    let tenth_rates: Vec<f64> = std::iter::once(Duration::ZERO)
+        .chain(tenths.iter().copied())
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| (tenth / (w[1] - w[0]).as_secs_f64()).round())
+        .collect();
+    let last_over_first = tenth_rates[9] / tenth_rates[0];
     println!(
-        "drain ({}), run {run}: {tasks} tasks, {workers} workers: {rate:.0} tasks/s ({secs:.3} s); {} claims, \
-         {} completion statements; engine CPU {:.3} s/1000 tasks{}; bulk enqueue {:.0} tasks/s; {check}",
+        "drain ({scenario:?}, {}), run {run}: {tasks} tasks, {workers} workers: {rate:.0} tasks/s ({secs:.3} s; {:.0} \
+         tasks/s from the insert's start); last tenth / first {last_over_first:.2}; {} claims, {} completion \
+         statements; {cost}; {check}",
         mode.name(),
+        f64::from(tasks) / with_insert.as_secs_f64(),
         stats.claims,
         stats.completion_batches,
-        engine_cpu / f64::from(tasks) * 1000.0,
-        server_cpu
-            .map(|c| format!(", PostgreSQL CPU {:.3} s/1000 tasks", c / f64::from(tasks) * 1000.0))
-            .unwrap_or_default(),
-        f64::from(tasks) / enqueue_secs,
     );
-    println!(
-        "{}",
-        serde_json::json!({
-            "bench": "drain",
-            "mode": mode.name(),
-            "run": run,
-            "tasks": tasks,
-            "workers": workers,
-            "seconds": round3(secs),
-            "tasks_per_s": rate.round(),
-            "claims": stats.claims,
-            "wasted_claims_per_task": round3(stats.wasted_claims as f64 / f64::from(tasks)),
-            "completion_statements": stats.completion_batches,
-            "engine_cpu_s_per_1000": per_thousand(engine_cpu),
-            "postgres_cpu_s_per_1000": server_cpu.map(per_thousand),
-            "bulk_enqueue_tasks_per_s": (f64::from(tasks) / enqueue_secs).round(),
-            "ran_exactly_once": check.ok(),
-        })
-    );
+    let mut json = serde_json::json!({
+        "bench": "drain",
+        "scenario": format!("{scenario:?}").to_lowercase(),
+        "mode": mode.name(),
+        "run": run,
+        "tasks": tasks,
+        "workers": workers,
+        "seconds": round3(secs),
+        "tasks_per_s": rate.round(),
+        "tasks_per_s_from_insert_start": (f64::from(tasks) / with_insert.as_secs_f64()).round(),
+        "tasks_per_s_by_tenth": tenth_rates,
+        "last_tenth_over_first": round3(last_over_first),
+        "claims": stats.claims,
+        "wasted_claims_per_task": round3(stats.wasted_claims as f64 / f64::from(tasks)),
+        "completion_statements": stats.completion_batches,
+        "ran_exactly_once": check.ok(),
+    });
+    json.as_object_mut().expect("an object").extend(cost.json("engine").as_object().expect("an object").clone());
+    println!("{json}");
     if !check.ok() {
         bail!("the drain's tasks did not all run exactly once ({check})");
     }
-    Ok(rate)
+    Ok(Drained { rate, cost })
+}
+
+/// Waits until `engine` has completed `tasks`; returns when each tenth was done,
+/// counted from `from`.
+fn wait_tenths(engine: &RunningEngine, tasks: u64, from: Instant) -> anyhow::Result<Vec<Duration>> {
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let mut tenths = Vec::with_capacity(10);
+    while tenths.len() < 10 {
+        let done = engine.stats().completions;
+        while tenths.len() < 10 && done * 10 >= tasks * (tenths.len() as u64 + 1) {
+            tenths.push(from.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("the drain did not finish in an hour");
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(tenths)
 }

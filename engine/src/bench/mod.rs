@@ -4,11 +4,11 @@
 //! task crates), prints a human summary and one JSON line, and checks that every task
 //! ran exactly once. One file per benchmark; what they share is here.
 
-mod cpu;
 mod drain;
 mod enqueue;
 mod latency;
-mod sustained;
+mod meter;
+mod peer;
 mod tasks;
 
 use std::time::{Duration, Instant};
@@ -48,36 +48,33 @@ pub enum Bench {
         #[arg(long, value_parser = duration::parse, default_value = "10ms")]
         gap: Duration,
     },
-    /// Drain: no-op tasks enqueued in bulk, then one instance runs them all; every
-    /// attempt recorded. Runs the batched engine, then the same engine with one task
-    /// per round trip, for the ratio.
+    /// Drain: no-op tasks reach one instance, which runs them all, every attempt
+    /// recorded; the rate of each tenth and the CPU and WAL per task. Runs the batched
+    /// engine, then the same engine with one task per round trip, for the ratio.
     Drain {
-        /// Tasks to drain.
-        #[arg(long, default_value_t = 20_000)]
-        tasks: u32,
-        /// Workers of the instance.
-        #[arg(long, default_value_t = 8)]
-        workers: usize,
-        /// Runs of each mode (the figure is their median).
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
+        #[command(flatten)]
+        drain: DrainArgs,
         /// Skip the one-task-per-round-trip runs.
         #[arg(long)]
         batched_only: bool,
-        /// Tasks claimed beyond the idle workers (default: the engine's).
-        #[arg(long)]
-        buffer: Option<usize>,
     },
-    /// Sustained: a million tasks queued, then drained by one instance; compares the
-    /// rate of the last tenth with the first and samples the claim's buffers as the
-    /// queue drains.
-    Sustained {
-        /// Tasks queued.
-        #[arg(long, default_value_t = 1_000_000)]
-        tasks: u32,
-        /// Workers of the instance.
-        #[arg(long, default_value_t = 8)]
-        workers: usize,
+    /// Our drain (batched) and another queue's benchmark, alternating in one sitting,
+    /// each after a CHECKPOINT and a pause: medians, their ratio, CPU and WAL per task.
+    /// The peer's command follows `--`; it gets DATABASE_URL (a database of its own on
+    /// the same server, made anew for each run), N (tasks) and C (workers), and prints a
+    /// JSON line with its rate.
+    Peer {
+        #[command(flatten)]
+        drain: DrainArgs,
+        /// The key of the peer's rate in its JSON line.
+        #[arg(long, default_value = "drain_per_s")]
+        rate_key: String,
+        /// Pause after each CHECKPOINT.
+        #[arg(long, value_parser = duration::parse, default_value = "5s")]
+        pause: Duration,
+        /// The peer's command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Enqueue rates: bulk (one statement, one notification), then 8 clients
     /// inserting single tasks by plain SQL without the notifying trigger, with an idle
@@ -95,6 +92,39 @@ pub enum Bench {
     },
 }
 
+/// What a drain is made of.
+#[derive(Debug, clap::Args)]
+pub struct DrainArgs {
+    /// Tasks to drain.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: u32,
+    /// Workers of the instance.
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
+    /// Runs of each (the figure is their median).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Tasks claimed beyond the idle workers (default: the engine's).
+    #[arg(long)]
+    buffer: Option<usize>,
+    /// How the tasks reach the instance.
+    #[arg(long, value_enum, default_value = "burst")]
+    scenario: drain::Scenario,
+}
+
+impl DrainArgs {
+    fn options(&self) -> drain::Options {
+        drain::Options {
+            tasks: self.tasks,
+            workers: self.workers,
+            runs: self.runs,
+            buffer: self.buffer,
+            scenario: self.scenario,
+            batched_only: true,
+        }
+    }
+}
+
 pub fn run(bench: Bench, url: Option<String>, data_dir: &std::path::Path) -> anyhow::Result<()> {
     let registry = tasks::registry()?;
     let db = Database::open(url, data_dir)?;
@@ -104,9 +134,11 @@ pub fn run(bench: Bench, url: Option<String>, data_dir: &std::path::Path) -> any
             instances.into_iter().try_for_each(|n| latency::run(&db, &registry, tasks, n, workers, gap))
         }
         Bench::Enqueue { bulk, clients, duration } => enqueue::run(&db, &registry, bulk, clients, duration),
-        Bench::Sustained { tasks, workers } => sustained::run(&db, &registry, tasks, workers),
-        Bench::Drain { tasks, workers, runs, batched_only, buffer } => {
-            drain::run(&db, &registry, drain::Options { tasks, workers, runs, batched_only, buffer })
+        Bench::Drain { drain, batched_only } => {
+            drain::run(&db, &registry, &drain::Options { batched_only, ..drain.options() })
+        }
+        Bench::Peer { drain, rate_key, pause, command } => {
+            peer::run(&db, &registry, &peer::Options { command, rate_key, pause, drain: drain.options() })
         }
     };
     db.stop_if_started_here()?;
