@@ -10,7 +10,9 @@
 //! - never two attempts of a task running at once, by the runs themselves (not by the
 //!   executions table);
 //! - a live instance is never robbed: while it runs an attempt, that attempt stays open;
-//! - every claimed task ends recorded, once no crash or stall is left to happen.
+//! - every claimed task ends recorded, once no crash or stall is left to happen;
+//! - each attempt's execution is written once (by its completion, or by the rescue
+//!   that finds it lost), never twice, and every attempt a task used has one.
 //!
 //! "While every instance follows the protocol": a live instance renews its lease in
 //! time. Its heartbeat may stall (it then stops claiming), but only a dead instance's
@@ -46,8 +48,10 @@ enum Status {
 struct Task {
     status: Status,
     attempts: u8,
-    /// The attempt whose execution row is open.
+    /// The attempt the task row shows running (its execution is written when it ends).
     open: Option<u8>,
+    /// The attempts whose execution is written.
+    recorded: Vec<u8>,
     /// Attempts really running now, and where: the tasks' own record.
     runs: Vec<(usize, u8)>,
     /// The attempt whose outcome ended the task.
@@ -213,6 +217,7 @@ impl Protocol {
 /// Closes a task's attempt as lost and puts it back to waiting (or ends it after its
 /// last attempt).
 fn lose(task: &mut Task, max_attempts: u8) {
+    task.recorded.push(task.attempts);
     task.open = None;
     task.status = if task.attempts >= max_attempts { Status::Done } else { Status::Waiting };
 }
@@ -222,7 +227,14 @@ impl Model for Protocol {
     type Action = Action;
 
     fn init_states(&self) -> Vec<State> {
-        let task = Task { status: Status::Waiting, attempts: 0, open: None, runs: Vec::new(), ended_by: None };
+        let task = Task {
+            status: Status::Waiting,
+            attempts: 0,
+            open: None,
+            recorded: Vec::new(),
+            runs: Vec::new(),
+            ended_by: None,
+        };
         vec![State {
             tasks: vec![task; self.tasks],
             instances: (0..INSTANCES).map(|i| Instance::new(i == FRAGILE)).collect(),
@@ -330,6 +342,7 @@ impl Model for Protocol {
                 let current =
                     matches!(task.status, Status::Running { attempt, .. } if attempt == a) && task.open == Some(a);
                 if current || !self.outcomes_name_their_attempt {
+                    task.recorded.push(a);
                     task.open = None;
                     task.status = Status::Done;
                     task.ended_by = Some(a);
@@ -440,6 +453,18 @@ impl Model for Protocol {
                 // Once the engine has nothing left to do, no task is left claimed or open.
                 model.can_progress(s)
                     || s.tasks.iter().all(|t| t.open.is_none() && !matches!(t.status, Status::Running { .. }))
+            }),
+            Property::always("each attempt is recorded once", |model: &Protocol, s: &State| {
+                s.tasks.iter().all(|t| {
+                    let mut seen = t.recorded.clone();
+                    seen.sort_unstable();
+                    seen.dedup();
+                    let once = seen.len() == t.recorded.len();
+                    // Once the engine has nothing left to do, every attempt used is.
+                    once && (model.can_progress(s)
+                        || matches!(t.status, Status::Running { .. })
+                        || seen == (1..=t.attempts).collect::<Vec<_>>())
+                })
             }),
             Property::always("an outcome changes only its own attempt", |_, s: &State| {
                 // No outcome of a superseded attempt ended a task a later attempt holds.

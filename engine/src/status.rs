@@ -87,6 +87,10 @@ pub fn print_task(conn: &mut PgConnection, id: i64) -> anyhow::Result<()> {
     }
     println!("  created      {}", task.created_at);
     println!("  updated      {}", task.updated_at);
+    if task.status == "running" {
+        // A running attempt's execution is written when it ends; its start is the claim.
+        println!("  running      attempt {} since {} (recorded when it ends)", task.attempts, task.updated_at);
+    }
     println!("executions: {}", executions.len());
     if !executions.is_empty() {
         println!(

@@ -1,8 +1,10 @@
 //! The load scenario of the fault issue, ignored by default (about a minute on two
 //! cores): 100,000 tasks across 4 `engine run` processes of 8 workers, one killed with
-//! SIGKILL a fifth of the way and restarted under its name. Among them, 40 tasks that
-//! sleep for 10 s become due after 1 s, ahead of the rest: the instance killed is one
-//! that runs one of them, so that the kill surely takes attempts with it. The tasks are
+//! SIGKILL a fifth of the way and restarted under its name. Among them, 8 tasks that
+//! sleep for 30 s become due after 1 s, ahead of the rest: the instance killed is one
+//! that runs one of them, so that the kill surely takes attempts with it (30 s: a
+//! fifth of the way comes after about 20 s on two cores, and 10 s tasks had all ended
+//! by then in some runs). The tasks are
 //! `journal` tasks: each writes its own start and end into `task_journal`, and overlaps
 //! are judged by that record (a run of the killed instance ended, at the latest, when
 //! it was killed).
@@ -18,7 +20,7 @@ use test_db::TestDatabase;
 
 const TASKS: u32 = 100_000;
 /// Of which, tasks that sleep.
-const SLEEPS: u32 = 40;
+const SLEEPS: u32 = 8;
 
 fn spawn(db: &TestDatabase, name: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_engine"))
@@ -82,7 +84,7 @@ fn a_hundred_thousand_tasks_four_instances_one_killed_and_restarted() {
         "enqueue",
         "journal",
         "--params",
-        r#"{"ms": 10000}"#,
+        r#"{"ms": 30000}"#,
         "--count",
         &sleeps,
         "--in",
@@ -103,7 +105,7 @@ fn a_hundred_thousand_tasks_four_instances_one_killed_and_restarted() {
     eprintln!("load: a fifth stopped at {:.1?}", started.elapsed());
     let deadline = Instant::now() + Duration::from_secs(60);
     let victim = loop {
-        assert!(Instant::now() < deadline, "no instance ran a 10 s task a fifth of the way: nothing to kill");
+        assert!(Instant::now() < deadline, "no instance ran a 30 s task a fifth of the way: nothing to kill");
         let holder: Vec<String> = diesel::sql_query(
             "SELECT instance AS name FROM tasks WHERE priority = 1 AND status = 'running'
                AND updated_at < now() - interval '100 ms' LIMIT 1",
@@ -183,7 +185,7 @@ fn a_hundred_thousand_tasks_four_instances_one_killed_and_restarted() {
          WHERE t.attempts <> (SELECT count(*) FROM task_executions e WHERE e.task_id = t.id)",
     );
     println!(
-        "load: {TASKS} tasks ({SLEEPS} of 10 s), 4 instances x 8 workers, {victim} killed at {killed_at:.1?} and restarted; all stopped in \
+        "load: {TASKS} tasks ({SLEEPS} of 30 s), 4 instances x 8 workers, {victim} killed at {killed_at:.1?} and restarted; all stopped in \
          {elapsed:.1?} ({:.0} tasks/s); executions {executions}, lost attempts recorded {lost}, tasks run twice \
          {rerun}, overlapping runs by the tasks' own record {overlapping}, open executions {open}, other errors \
          {other_errors}",

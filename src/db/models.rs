@@ -29,7 +29,9 @@ pub struct Task {
     pub cancel_requested_at: Option<DateTime<Utc>>,
 }
 
-/// One attempt at running a task: open while `stopped_at` is null.
+/// One attempt at running a task, written when it ends (`stopped_at`, and a result or
+/// an error), or when the rescue finds it lost. Versions before migration 12 wrote it
+/// at the claim, open (`stopped_at` null) until it ended.
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable, Identifiable, Associations, Serialize)]
 #[diesel(belongs_to(Task), table_name = task_executions, check_for_backend(diesel::pg::Pg))]
 pub struct TaskExecution {
@@ -50,7 +52,8 @@ pub struct TaskExecution {
 pub mod status {
     /// Runnable once `run_at` has passed.
     pub const WAITING: &str = "waiting";
-    /// Claimed by an instance, with an open execution.
+    /// Claimed by an instance (`instance`), since `updated_at`; its execution is
+    /// written when the attempt ends.
     pub const RUNNING: &str = "running";
     /// Ran to completion.
     pub const STOPPED: &str = "stopped";

@@ -39,10 +39,11 @@ pub(crate) fn cancel_waiting(conn: &mut PgConnection, task_id: i64) -> QueryResu
 }
 
 /// Records that an operator asked a running task to stop (`cancel_requested_at`): its
-/// attempt, unless it succeeds, ends the task `cancelled`.
+/// attempt, unless it succeeds, ends the task `cancelled`. `updated_at` stays the
+/// attempt's start, which the rescue records if the attempt is lost.
 pub(crate) fn request_cancel(conn: &mut PgConnection, task_id: i64) -> QueryResult<()> {
     diesel::update(tasks::table.find(task_id))
-        .set((tasks::cancel_requested_at.eq(diesel::dsl::now), tasks::updated_at.eq(diesel::dsl::now)))
+        .set(tasks::cancel_requested_at.eq(diesel::dsl::now))
         .execute(conn)
         .map(drop)
 }

@@ -14,11 +14,11 @@ use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Jsonb, Nullable, T
 use crate::db::prepared::Prepared;
 use crate::db::{instances, micros};
 
-/// The `worker` of an execution between its claim and the hand-over to a worker; its
-/// outcome names the worker that ran it.
+/// The `worker` of a lost attempt's execution: the worker that ran it is not known.
 pub(crate) const NOT_YET_TAKEN: i32 = -1;
 
-/// A task claimed by this instance, with its freshly opened execution.
+/// A task claimed by this instance: its attempt runs from now on, and its execution is
+/// written when it ends (or by the rescue, if its instance dies).
 #[derive(Debug, Clone)]
 pub(crate) struct ClaimedTask {
     pub id: i64,
@@ -30,7 +30,12 @@ pub(crate) struct ClaimedTask {
     /// This attempt's number, 1 for the first.
     pub attempt: i32,
     pub max_attempts: i32,
+    /// The id its execution will have: taken from the sequence at the claim, written
+    /// with the execution when the attempt ends.
     pub execution_id: i64,
+    /// The claim's time on the server: the attempt's start, before its wait for a
+    /// worker.
+    pub claimed_at: DateTime<Utc>,
 }
 
 /// The levels of waiting tasks of the types `$1`: one row per (type, priority) that has
@@ -54,9 +59,9 @@ macro_rules! waiting_levels {
     };
 }
 
-/// The statement of [`claim`]. `candidates` reads the first `$5` tasks due now of each
+/// The statement of [`claim`]. `candidates` reads the first `$4` tasks due now of each
 /// level (each level's due tasks are the head of its range of `tasks_claim_idx`, so
-/// tasks due later and other types are never read) and keeps the first `$5` in claim
+/// tasks due later and other types are never read) and keeps the first `$4` in claim
 /// order; `picked` locks the first `$2` of them that no other claim holds, and
 /// `claimed` updates those. Both find their rows by their physical address (`ctid`, a
 /// TID scan) rather than by descending the primary key once per task; a row changed
@@ -74,9 +79,9 @@ const CLAIM: &str = concat!(
              WHERE t.status = 'waiting' AND t.task_class = l.task_class AND t.priority = l.priority
                AND t.run_at <= now()
              ORDER BY t.run_at, t.id
-             LIMIT $5) c
+             LIMIT $4) c
          ORDER BY c.priority DESC, c.run_at, c.id
-         LIMIT $5
+         LIMIT $4
      ), picked AS (
          SELECT t.ctid FROM tasks t
          WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates))
@@ -88,17 +93,17 @@ const CLAIM: &str = concat!(
          UPDATE tasks t
          SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
          WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked))
-         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts,
-                   t.priority, t.run_at, nextval('task_executions_id_seq') AS execution_id
-     ), opened AS (
-         INSERT INTO task_executions (id, task_id, attempt, started_at, instance, worker)
-         SELECT execution_id, id, attempts, now(), $3, $4 FROM claimed
+         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.priority, t.run_at
+     ), numbered AS (
+         -- Execution ids in claim order.
+         SELECT c.*, nextval('task_executions_id_seq') AS execution_id
+         FROM (SELECT * FROM claimed ORDER BY priority DESC, run_at, id) c
      )
      SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
-            c.max_attempts, c.execution_id, w.seen AS candidates
+            c.max_attempts, c.execution_id, now() AS claimed_at, w.seen AS candidates
      FROM (SELECT count(*) AS seen FROM candidates) w
-     LEFT JOIN claimed c ON true
-     ORDER BY c.priority DESC, c.run_at, c.id"
+     LEFT JOIN numbered c ON true
+     ORDER BY c.execution_id"
 );
 
 /// What a claim got.
@@ -113,11 +118,15 @@ pub(crate) struct Claim {
 
 /// Claims up to `limit` runnable tasks of the given types for `instance`: locks them
 /// with `FOR UPDATE SKIP LOCKED` (rows other claimers hold are passed over, not waited
-/// for), marks them `running` with one more attempt, and opens one execution per task,
-/// all in one statement. Highest priority first, then earliest due, then oldest.
+/// for), marks them `running` with one more attempt (while it runs, `updated_at` is
+/// its start) and takes an execution id for each, all in one statement. Highest
+/// priority first, then earliest due, then oldest. The attempts' executions are
+/// written when they end, in one insert ([`complete`]): an execution opened here and
+/// closed there cost a second write of the row, most often on another page, with two
+/// more index entries, per task.
 ///
 /// Its cost follows the tasks it claims and the (type, priority) levels in use, not the
-/// number of waiting tasks: it reads at most `1.5 * limit + 16` candidates (room for the
+/// number of waiting tasks: it reads at most `2.5 * limit + 16` candidates (room for the
 /// rows concurrent claims hold), through `tasks_claim_idx`. Run it on a connection set
 /// up by [`prepare_claimer_session`], so that the plan is the same whatever the table's
 /// statistics: a burst into a table analyzed while empty would otherwise be claimed by
@@ -137,16 +146,20 @@ pub(crate) fn claim(conn: &mut PgConnection, instance: &str, task_types: &[&str]
         max_attempts: Option<i32>,
         #[diesel(sql_type = Nullable<BigInt>)]
         execution_id: Option<i64>,
+        #[diesel(sql_type = Timestamptz)]
+        claimed_at: DateTime<Utc>,
         #[diesel(sql_type = BigInt)]
         candidates: i64,
     }
-    let window = limit.saturating_add(limit / 2).saturating_add(16);
+    // 2.5 x the limit: with three instances claiming at once, 1.5 x left a claim short
+    // (other claims holding its candidates) one time in two, and 4 x read more than
+    // it saved (20,000-task drains, medians of 3: 22,000, 27,300 and 23,300 tasks/s).
+    let window = limit.saturating_mul(5) / 2 + 16;
     let rows: Vec<Row> = Prepared(
         diesel::sql_query(CLAIM)
             .bind::<Array<Text>, _>(task_types)
             .bind::<BigInt, _>(limit)
             .bind::<Text, _>(instance)
-            .bind::<Integer, _>(NOT_YET_TAKEN)
             .bind::<BigInt, _>(window),
     )
     .load(conn)?;
@@ -161,6 +174,7 @@ pub(crate) fn claim(conn: &mut PgConnection, instance: &str, task_types: &[&str]
                 attempt: r.attempt?,
                 max_attempts: r.max_attempts?,
                 execution_id: r.execution_id?,
+                claimed_at: r.claimed_at,
             })
         })
         .collect();
@@ -202,8 +216,10 @@ pub(crate) struct Completion {
     pub task_id: i64,
     pub attempt: i32,
     pub worker: i32,
+    /// The claim's time on the server ([`ClaimedTask::claimed_at`]).
+    pub claimed_at: DateTime<Utc>,
     /// How long the task waited in the instance between its claim and its start: the
-    /// execution's `started_at` (the claim's time) moves on by this much.
+    /// execution's `started_at` is the claim's time plus this.
     pub queued: Duration,
     /// How long the attempt ran, measured by the worker: `stopped_at` is the corrected
     /// `started_at` plus this, so that both come from the server's clock.
@@ -212,44 +228,48 @@ pub(crate) struct Completion {
 }
 
 /// The statement of [`complete`].
-const COMPLETE: &str = "WITH closed AS (
-             UPDATE task_executions e
-             SET started_at = e.started_at + d.queued_us * interval '1 microsecond',
-                 stopped_at = e.started_at + (d.queued_us + d.elapsed_us) * interval '1 microsecond',
-                 result = d.result, error = d.error, worker = d.worker, updated_at = now()
-             FROM unnest($1::bigint[], $4::int[], $5::bigint[], $7::jsonb[], $8::text[], $10::bigint[])
-                  AS d(execution_id, worker, elapsed_us, result, error, queued_us)
-             WHERE e.id = ANY($1) AND e.id = d.execution_id AND e.stopped_at IS NULL
+const COMPLETE: &str = "WITH moved AS (
+             UPDATE tasks t
+             SET status = CASE WHEN t.cancel_requested_at IS NOT NULL AND d.status <> 'stopped'
+                               THEN 'cancelled' ELSE d.status END,
+                 run_at = CASE WHEN d.delay_us IS NULL THEN t.run_at
+                               ELSE now() + d.delay_us * interval '1 microsecond' END,
+                 updated_at = now()
+             FROM unnest($2::bigint[], $3::int[], $6::text[], $9::bigint[]) AS d(task_id, attempt, status, delay_us)
+             -- `IS NOT DISTINCT FROM` (status is never null: the same as `=`) does not let
+             -- the planner prove the predicate of tasks_running_idx: statistics taken while
+             -- nothing ran make that index look empty, and a walk of every running task,
+             -- each checked against the whole batch, costs the square of the batch.
+             WHERE t.id = ANY($2) AND t.id = d.task_id AND t.attempts = d.attempt
+               AND t.status IS NOT DISTINCT FROM 'running'
+             RETURNING t.id, t.instance
          )
-         UPDATE tasks t
-         SET status = CASE WHEN t.cancel_requested_at IS NOT NULL AND d.status <> 'stopped'
-                           THEN 'cancelled' ELSE d.status END,
-             run_at = CASE WHEN d.delay_us IS NULL THEN t.run_at
-                           ELSE now() + d.delay_us * interval '1 microsecond' END,
-             updated_at = now()
-         FROM unnest($2::bigint[], $3::int[], $6::text[], $9::bigint[]) AS d(task_id, attempt, status, delay_us)
-         -- `IS NOT DISTINCT FROM` (status is never null: the same as `=`) does not let
-         -- the planner prove the predicate of tasks_running_idx: statistics taken while
-         -- nothing ran make that index look empty, and a walk of every running task,
-         -- each checked against the whole batch, costs the square of the batch.
-         WHERE t.id = ANY($2) AND t.id = d.task_id AND t.attempts = d.attempt
-           AND t.status IS NOT DISTINCT FROM 'running'";
+         INSERT INTO task_executions (id, task_id, attempt, started_at, stopped_at, result, error, instance, worker)
+         SELECT d.execution_id, d.task_id, d.attempt,
+                d.claimed_at + d.queued_us * interval '1 microsecond',
+                d.claimed_at + (d.queued_us + d.elapsed_us) * interval '1 microsecond',
+                d.result, d.error, m.instance, d.worker
+         FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[], $7::jsonb[], $8::text[],
+                     $10::bigint[], $11::timestamptz[])
+              AS d(execution_id, task_id, attempt, worker, elapsed_us, result, error, queued_us, claimed_at)
+         JOIN moved m ON m.id = d.task_id";
 
-/// Records finished attempts, in one statement: closes each still-open execution with
-/// its result or error and moves its task to the outcome's state; a task an operator
-/// cancelled while it ran ends `cancelled` unless the attempt succeeded. Locks the
-/// batch's task and execution rows. An attempt whose execution was already closed (the
-/// rescue took it), or whose task has moved on to another attempt, changes nothing: the
-/// rescue closes the execution and moves the task in one statement, so a task still
-/// `running` the same attempt still has it open. Returns how many tasks changed state.
+/// Records finished attempts, in one statement: moves each task still running that
+/// attempt to the outcome's state, and writes the attempt's execution (start, end,
+/// result or error, instance, worker); a task an operator cancelled while it ran ends
+/// `cancelled` unless the attempt succeeded. Locks the batch's task rows. An attempt
+/// whose task is no longer running it (the rescue took it, and wrote its execution as
+/// lost, in one statement) changes nothing and writes nothing, so each attempt has one
+/// execution. Returns how many attempts were recorded.
 ///
 /// Run it on a connection set up by [`prepare_completer_session`]: there the plan finds
-/// the batch's rows by primary key and joins them by hash (or merge) whatever the
+/// the batch's tasks by primary key and joins by hash (or merge) whatever the
 /// statistics and the batch's size, so the statement can stay prepared, with a generic
 /// plan, and is not planned again for every batch.
 pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> QueryResult<usize> {
     let n = completions.len();
     let mut queued_us = Vec::with_capacity(n);
+    let claimed_at: Vec<DateTime<Utc>> = completions.iter().map(|c| c.claimed_at).collect();
     let (mut execution_ids, mut task_ids, mut attempts, mut workers, mut elapsed_us) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -287,7 +307,8 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
             .bind::<Array<Nullable<Jsonb>>, _>(results)
             .bind::<Array<Nullable<Text>>, _>(errors)
             .bind::<Array<Nullable<BigInt>>, _>(delays_us)
-            .bind::<Array<BigInt>, _>(queued_us),
+            .bind::<Array<BigInt>, _>(queued_us)
+            .bind::<Array<Timestamptz>, _>(claimed_at),
     )
     .execute(conn)
 }
@@ -314,9 +335,9 @@ pub(crate) fn prepare_completer_session(conn: &mut PgConnection) -> QueryResult<
     bound_lock_waits(conn)
 }
 
-/// The tasks of `completions` whose row, or whose attempt's execution row, another
-/// session holds locked now. Tries to lock each with `SKIP LOCKED` for this statement
-/// only (its locks end with it), and waits for none.
+/// The tasks of `completions` whose row another session holds locked now. Tries to
+/// lock each with `SKIP LOCKED` for this statement only (its locks end with it), and
+/// waits for none.
 pub(crate) fn locked_by_others(conn: &mut PgConnection, completions: &[Completion]) -> QueryResult<Vec<i64>> {
     #[derive(QueryableByName)]
     struct Locked {
@@ -324,47 +345,37 @@ pub(crate) fn locked_by_others(conn: &mut PgConnection, completions: &[Completio
         id: i64,
     }
     let task_ids: Vec<i64> = completions.iter().map(|c| c.task_id).collect();
-    let execution_ids: Vec<i64> = completions.iter().map(|c| c.execution_id).collect();
     let locked: Vec<Locked> = diesel::sql_query(
-        "WITH t AS (SELECT id FROM tasks WHERE id = ANY($1) FOR UPDATE SKIP LOCKED),
-              e AS (SELECT id, task_id FROM task_executions WHERE id = ANY($2) FOR UPDATE SKIP LOCKED)
-         SELECT x.id FROM tasks x
-         WHERE x.id = ANY($1)
-           AND (x.id NOT IN (SELECT id FROM t)
-                OR EXISTS (SELECT FROM task_executions y
-                           WHERE y.id = ANY($2) AND y.task_id = x.id AND y.id NOT IN (SELECT id FROM e)))",
+        "WITH t AS (SELECT id FROM tasks WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)
+         SELECT x.id FROM tasks x WHERE x.id = ANY($1) AND x.id NOT IN (SELECT id FROM t)",
     )
     .bind::<Array<BigInt>, _>(task_ids)
-    .bind::<Array<BigInt>, _>(execution_ids)
     .load(conn)?;
     Ok(locked.into_iter().map(|l| l.id).collect())
 }
 
 /// Undoes the claims of tasks that never started (the instance is stopping, or they
-/// waited too long for a worker): deletes their still-open executions and puts the
-/// tasks back to waiting with the attempt given back (or `cancelled`, if a cancel came
-/// meanwhile), locking those task rows. Notifies the engine's channel, so that
-/// sleeping instances wake (an update fires no insert trigger). Returns how many tasks
-/// wait again.
-pub(crate) fn release(conn: &mut PgConnection, claimed: &[ClaimedTask]) -> QueryResult<usize> {
+/// waited too long for a worker): puts the tasks `instance` still runs that attempt of
+/// back to waiting with the attempt given back (or `cancelled`, if a cancel came
+/// meanwhile), locking those task rows; no execution was written for them. Notifies
+/// the engine's channel, so that sleeping instances wake (an update fires no insert
+/// trigger). Returns how many tasks wait again.
+pub(crate) fn release(conn: &mut PgConnection, instance: &str, claimed: &[ClaimedTask]) -> QueryResult<usize> {
     #[derive(QueryableByName)]
     struct Released {
         #[diesel(sql_type = BigInt)]
         n: i64,
     }
-    let execution_ids: Vec<i64> = claimed.iter().map(|t| t.execution_id).collect();
+    let ids: Vec<i64> = claimed.iter().map(|t| t.id).collect();
+    let attempts: Vec<i32> = claimed.iter().map(|t| t.attempt).collect();
     let released: Released = diesel::sql_query(
-        "WITH gone AS (
-             DELETE FROM task_executions e
-             WHERE e.id = ANY($1) AND e.stopped_at IS NULL
-             RETURNING e.task_id, e.attempt
-         ), moved AS (
+        "WITH moved AS (
              UPDATE tasks t
              SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'waiting' END,
                  attempts = t.attempts - 1, updated_at = now()
-             FROM gone
-             WHERE t.id = ANY(ARRAY(SELECT task_id FROM gone)) AND t.id = gone.task_id
-               AND t.status = 'running' AND t.attempts = gone.attempt
+             FROM unnest($1::bigint[], $2::int[]) AS g(id, attempt)
+             WHERE t.id = ANY($1) AND t.id = g.id
+               AND t.status = 'running' AND t.attempts = g.attempt AND t.instance = $3
              RETURNING t.id
          ), counted AS (
              SELECT count(*) AS n FROM moved
@@ -375,7 +386,9 @@ pub(crate) fn release(conn: &mut PgConnection, claimed: &[ClaimedTask]) -> Query
          -- what runs its pg_notify.
          SELECT n, (SELECT count(*) FROM notified) AS notifications FROM counted",
     )
-    .bind::<Array<BigInt>, _>(execution_ids)
+    .bind::<Array<BigInt>, _>(ids)
+    .bind::<Array<Integer>, _>(attempts)
+    .bind::<Text, _>(instance)
     .get_result(conn)?;
     Ok(usize::try_from(released.n).unwrap_or(0))
 }
@@ -469,23 +482,34 @@ pub(crate) enum Lost {
 
 /// The rescue statement for running tasks matching `$lost`; its parameters: $1 this
 /// instance, $2 its lease in microseconds, $3 the tasks in flight here, $4 why, $5 the
-/// first key of the name locks.
+/// first key of the name locks, $6 the worker a lost attempt is recorded with (which
+/// worker ran it died with its instance).
 macro_rules! rescue_statement {
     ($lost:literal) => {
         concat!(
             "WITH lost AS (
-                 SELECT t.id, t.attempts FROM tasks t
+                 SELECT t.id, t.attempts, t.instance, t.updated_at FROM tasks t
                  WHERE t.status = 'running' AND ",
             $lost,
             "
                  FOR UPDATE OF t SKIP LOCKED
              ), closed AS (
+                 -- Versions before migration 12 opened the execution at the claim.
                  UPDATE task_executions e
                  SET stopped_at = now(), updated_at = now(),
                      error = format('lost: %s (instance %s, attempt %s)', $4::text, e.instance, e.attempt)
                  FROM lost
                  WHERE e.task_id = ANY(ARRAY(SELECT id FROM lost)) AND e.task_id = lost.id
                    AND e.attempt = lost.attempts AND e.stopped_at IS NULL
+                 RETURNING e.task_id
+             ), recorded AS (
+                 -- A running task's `updated_at` is its attempt's start (the claim).
+                 INSERT INTO task_executions (task_id, attempt, started_at, stopped_at, error, instance, worker)
+                 SELECT l.id, l.attempts, l.updated_at, now(),
+                        format('lost: %s (instance %s, attempt %s)', $4::text, l.instance, l.attempts),
+                        l.instance, $6
+                 FROM lost l
+                 WHERE l.id NOT IN (SELECT task_id FROM closed)
              ), moved AS (
                  UPDATE tasks t
                  SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
@@ -532,8 +556,8 @@ const RESCUE_DEAD: &str = rescue_statement!(
                 AND l.classid = $5::int4::oid AND l.objid = hashtext(task_engine_channel() || '/' || t.instance)::oid))"
 );
 
-/// Closes the lost attempts of the running tasks `lost` names (`stopped_at`, and an
-/// error saying why and where), and puts their tasks back to waiting, due after the
+/// Records the lost attempts of the running tasks `lost` names (an execution from the
+/// claim to now, with an error saying why and where), and puts their tasks back to waiting, due after the
 /// default retry delay of their attempt (or `failed` after their last attempt,
 /// `cancelled` if cancelled), in one statement; notifies when the first is due.
 /// Locks those task rows, passing over rows another session holds (they are taken at a
@@ -562,6 +586,7 @@ pub(crate) fn rescue(
         .bind::<Array<BigInt>, _>(in_flight)
         .bind::<Text, _>(why)
         .bind::<Integer, _>(instances::NAME_LOCK)
+        .bind::<Integer, _>(NOT_YET_TAKEN)
         .get_result(conn)?;
     Ok(usize::try_from(rescued.waiting).unwrap_or(0))
 }
@@ -676,6 +701,7 @@ mod tests {
                 .bind::<Array<Nullable<Text>>, _>(vec![None::<String>; n])
                 .bind::<Array<Nullable<BigInt>>, _>(vec![None::<i64>; n])
                 .bind::<Array<BigInt>, _>(vec![5i64; n])
+                .bind::<Array<Timestamptz>, _>(claimed.iter().map(|t| t.claimed_at).collect::<Vec<_>>())
                 .load(&mut session)
                 .unwrap();
             session.batch_execute("ROLLBACK").unwrap();
@@ -683,7 +709,7 @@ mod tests {
             for bad in ["Seq Scan", "Nested Loop", "Rows Removed by Join Filter", "tasks_running_idx"] {
                 assert!(!plan.contains(bad), "{mode}: the completion's plan has a {bad}:\n{plan}");
             }
-            assert!(plan.contains("task_executions_pkey") && plan.contains("tasks_pkey"), "{mode}:\n{plan}");
+            assert!(plan.contains("tasks_pkey"), "{mode}:\n{plan}");
         }
     }
 
@@ -712,8 +738,7 @@ mod tests {
                 .bind::<Array<Text>, _>(vec!["noop", "echo"])
                 .bind::<BigInt, _>(10)
                 .bind::<Text, _>("i")
-                .bind::<Integer, _>(NOT_YET_TAKEN)
-                .bind::<BigInt, _>(31)
+                .bind::<BigInt, _>(41)
                 .load(&mut conn)
                 .unwrap();
             conn.batch_execute("ROLLBACK").unwrap();
@@ -752,7 +777,7 @@ mod tests {
         assert_eq!(held.tasks.len(), 40);
         assert!(!held.more);
 
-        // Its 23 candidates are the first 40's first 23: all held.
+        // Its 28 candidates are the first 40's first 28: all held.
         let blocked = claim(&mut second, "second", &["noop"], 5).unwrap();
         assert!(blocked.tasks.is_empty(), "claimed tasks another claim holds");
         assert!(blocked.more, "an empty claim among held tasks took the queue for drained");
@@ -772,6 +797,85 @@ mod tests {
         ] {
             diesel::sql_query(statement).bind::<BigInt, _>(id).bind::<Text, _>(instance).execute(conn).unwrap();
         }
+    }
+
+    #[derive(QueryableByName, Debug, PartialEq)]
+    struct Recorded {
+        #[diesel(sql_type = BigInt)]
+        task_id: i64,
+        #[diesel(sql_type = Integer)]
+        attempt: i32,
+        /// Started at the claim, a minute ago.
+        #[diesel(sql_type = Bool)]
+        from_claim: bool,
+        #[diesel(sql_type = Nullable<Text>)]
+        error: Option<String>,
+    }
+
+    fn recorded(conn: &mut PgConnection) -> Vec<Recorded> {
+        diesel::sql_query(
+            "SELECT task_id, attempt, started_at < now() - interval '59 seconds' AS from_claim, error
+             FROM task_executions WHERE stopped_at IS NOT NULL ORDER BY task_id, attempt",
+        )
+        .load(conn)
+        .unwrap()
+    }
+
+    /// A lost attempt is recorded once, from its claim to its rescue; an attempt an
+    /// older version claimed (it opened the execution at the claim) by closing that one.
+    #[test]
+    fn a_lost_attempt_is_recorded_once_from_its_claim_to_its_rescue() {
+        let db = test_db::TestDatabase::new();
+        let mut conn = db.connect();
+        conn.batch_execute(
+            "INSERT INTO tasks (id, task_class, status, instance, attempts, updated_at) VALUES
+                 (1, 'noop', 'running', 'gone', 2, now() - interval '1 minute'),
+                 (2, 'noop', 'running', 'gone', 1, now() - interval '1 minute');
+             INSERT INTO task_executions (task_id, attempt, started_at, stopped_at, instance, worker)
+                 VALUES (1, 1, now() - interval '2 minutes', now() - interval '90 seconds', 'gone', 0),
+                        (2, 1, now() - interval '1 minute', NULL, 'gone', 0)",
+        )
+        .unwrap();
+        assert_eq!(rescue(&mut conn, Lost::Dead, "judge", Duration::from_secs(1), &[]).unwrap(), 2);
+        let lost = |task_id, attempt| Recorded {
+            task_id,
+            attempt,
+            from_claim: true,
+            error: Some(format!("lost: its instance stopped sending heartbeats (instance gone, attempt {attempt})")),
+        };
+        let first = Recorded { task_id: 1, attempt: 1, from_claim: true, error: None };
+        assert_eq!(recorded(&mut conn), vec![first, lost(1, 2), lost(2, 1)]);
+        let open: Vec<Recorded> = diesel::sql_query(
+            "SELECT task_id, attempt, true AS from_claim, error FROM task_executions WHERE stopped_at IS NULL",
+        )
+        .load(&mut conn)
+        .unwrap();
+        assert_eq!(open, vec![], "an execution was left open");
+    }
+
+    /// The attempt's outcome, arriving after the rescue took its task, writes nothing:
+    /// the attempt keeps the one execution the rescue wrote.
+    #[test]
+    fn an_outcome_after_the_rescue_writes_no_second_execution() {
+        let db = test_db::TestDatabase::new();
+        let mut conn = db.connect();
+        conn.batch_execute("INSERT INTO tasks (task_class) VALUES ('noop')").unwrap();
+        let task = claim(&mut conn, "me", &["noop"], 1).unwrap().tasks.remove(0);
+        assert!(recorded(&mut conn).is_empty(), "an execution was written before the attempt ended");
+        assert_eq!(rescue(&mut conn, Lost::PreviousSelf, "me", Duration::from_secs(1), &[]).unwrap(), 1);
+        let outcome = Completion {
+            execution_id: task.execution_id,
+            task_id: task.id,
+            attempt: task.attempt,
+            worker: 0,
+            claimed_at: task.claimed_at,
+            queued: Duration::ZERO,
+            elapsed: Duration::from_millis(5),
+            outcome: Outcome::Succeeded(serde_json::Value::Null),
+        };
+        assert_eq!(complete(&mut conn, &[outcome]).unwrap(), 0);
+        let errors: Vec<Option<String>> = recorded(&mut conn).into_iter().map(|r| r.error).collect();
+        assert_eq!(errors, vec![Some("lost: its instance restarted (instance me, attempt 1)".to_string())]);
     }
 
     fn status_of(conn: &mut PgConnection, id: i64) -> String {

@@ -434,6 +434,7 @@ mod tests {
             task_id,
             attempt: 1,
             worker: 0,
+            claimed_at: chrono::Utc::now(),
             queued: Duration::ZERO,
             elapsed: Duration::ZERO,
             outcome: Outcome::Succeeded(serde_json::Value::Null),

@@ -320,6 +320,7 @@ mod tests {
             attempt: 1,
             max_attempts: 1,
             execution_id: id,
+            claimed_at: chrono::Utc::now(),
         }
     }
 

@@ -320,13 +320,14 @@ impl Producer {
         }
         // A release that waited too long for a locked row is tried again, twice: tasks
         // not given back are rescued later, with an attempt used.
-        let mut released = self.conn().and_then(|conn| Ok(tasks::release(conn, &claimed)?));
+        let instance = self.input.instance.clone();
+        let mut released = self.conn().and_then(|conn| Ok(tasks::release(conn, &instance, &claimed)?));
         for _ in 0..2 {
             if released.is_ok() || !self.conn.as_mut().is_some_and(|conn| ping(conn).is_ok()) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
-            released = self.conn().and_then(|conn| Ok(tasks::release(conn, &claimed)?));
+            released = self.conn().and_then(|conn| Ok(tasks::release(conn, &instance, &claimed)?));
         }
         match released {
             Ok(n) => {

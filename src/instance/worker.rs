@@ -75,6 +75,7 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
         task_id: task.id,
         attempt: task.attempt,
         worker: i32::try_from(input.index).unwrap_or(i32::MAX),
+        claimed_at: task.claimed_at,
         queued,
         elapsed,
         outcome: outcome(&task, entry, ran, cancelled, elapsed),
@@ -149,6 +150,7 @@ mod tests {
             attempt,
             max_attempts,
             execution_id: 1,
+            claimed_at: chrono::Utc::now(),
         }
     }
 

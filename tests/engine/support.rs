@@ -56,6 +56,27 @@ pub fn unfinished(conn: &mut PgConnection) -> i64 {
     task_engine::report::unfinished_tasks(conn, ..).expect("count unfinished tasks")
 }
 
+/// The attempts of tasks no longer running that do not have exactly one closed
+/// execution, plus the executions still open (none should be: an execution is
+/// written when its attempt ends).
+pub fn attempts_not_recorded_once(conn: &mut PgConnection) -> i64 {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(
+        "SELECT (SELECT count(*) FROM tasks t, generate_series(1, t.attempts) a
+                 WHERE t.status <> 'running'
+                   AND (SELECT count(*) FROM task_executions e
+                        WHERE e.task_id = t.id AND e.attempt = a AND e.stopped_at IS NOT NULL) <> 1)
+              + (SELECT count(*) FROM task_executions WHERE stopped_at IS NULL) AS n",
+    )
+    .get_result::<Count>(conn)
+    .expect("count the attempts")
+    .n
+}
+
 pub fn load_task(conn: &mut PgConnection, id: i64) -> TaskRow {
     tasks::table.find(id).select(TaskRow::as_select()).first(conn).expect("task row")
 }

@@ -50,6 +50,8 @@ impl Mode {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Options {
     pub tasks: u32,
+    /// Instances draining together, each with `workers`.
+    pub instances: usize,
     pub workers: usize,
     pub runs: usize,
     pub batched_only: bool,
@@ -58,8 +60,8 @@ pub(super) struct Options {
 }
 
 pub(super) fn run(db: &Database, registry: &Registry, options: &Options) -> anyhow::Result<()> {
-    if options.tasks < 10 || options.workers == 0 || options.runs == 0 {
-        bail!(crate::UsageError("--tasks must be at least 10, --workers and --runs at least 1".into()));
+    if options.tasks < 10 || options.instances == 0 || options.workers == 0 || options.runs == 0 {
+        bail!(crate::UsageError("--tasks must be at least 10, --instances, --workers and --runs at least 1".into()));
     }
     let modes: &[Mode] = if options.batched_only { &[Mode::Batched] } else { &[Mode::Batched, Mode::SingleRoundTrip] };
     let mut medians = Vec::new();
@@ -93,7 +95,7 @@ pub(super) fn drain_once(
     mode: Mode,
     run: usize,
 ) -> anyhow::Result<Drained> {
-    let Options { tasks, workers, scenario, buffer, .. } = *options;
+    let Options { tasks, instances, workers, scenario, buffer, .. } = *options;
     let url = fresh_schema(db)?;
     let mut conn = PgConnection::establish(&url)?;
     let meter = Meter::new(&mut conn)?;
@@ -106,38 +108,45 @@ pub(super) fn drain_once(
                  SELECT 'bench_noop', 10, now() + interval '1 day' FROM generate_series(1, 100000)",
         )?;
     }
-    let mut runner = Runner::new(&url, registry.clone())
-        .instance(format!("drain-{run}"))
-        .workers(workers)
-        // The fallback poll must not explain a pickup.
-        .poll_interval(Duration::from_secs(3600));
-    if let Some(buffer) = buffer {
-        runner = runner.claim_buffer(buffer);
-    }
-    if mode == Mode::SingleRoundTrip {
-        runner = runner.max_claim(1).claim_buffer(0).max_completion_batch(1).flush_delay(Duration::ZERO);
-    }
+    let runner = |i: usize| {
+        let mut runner = Runner::new(&url, registry.clone())
+            .instance(format!("drain-{run}-{i}"))
+            .workers(workers)
+            // The fallback poll must not explain a pickup.
+            .poll_interval(Duration::from_secs(3600));
+        if let Some(buffer) = buffer {
+            runner = runner.claim_buffer(buffer);
+        }
+        if mode == Mode::SingleRoundTrip {
+            runner = runner.max_claim(1).claim_buffer(0).max_completion_batch(1).flush_delay(Duration::ZERO);
+        }
+        runner
+    };
+    let start_all = || (0..instances).map(|i| runner(i).start()).collect::<Result<Vec<_>, _>>();
 
     let before = meter.read(&mut conn)?;
-    let (engine, inserted_at, visible_at) = if scenario == Scenario::Prepared {
+    let (engines, inserted_at, visible_at) = if scenario == Scenario::Prepared {
         let inserted_at = Instant::now();
         NewTask::new(&Noop {})?.insert_copies(&mut conn, tasks)?;
         conn.batch_execute("VACUUM ANALYZE tasks")?;
         let started_at = Instant::now();
-        (runner.start()?, inserted_at, started_at)
+        (start_all()?, inserted_at, started_at)
     } else {
-        let engine = runner.start()?;
-        if !super::wait_idle(std::slice::from_ref(&engine), workers, 0, Duration::from_secs(30)) {
-            bail!("the instance did not fall idle");
+        let engines = start_all()?;
+        if !super::wait_idle(&engines, workers, instances as u64 - 1, Duration::from_secs(30)) {
+            bail!("the instances did not fall idle");
         }
         let inserted_at = Instant::now();
         NewTask::new(&Noop {})?.insert_copies(&mut conn, tasks)?;
-        (engine, inserted_at, Instant::now())
+        (engines, inserted_at, Instant::now())
     };
-    let tenths = wait_tenths(&engine, u64::from(tasks), visible_at)?;
+    let tenths = wait_tenths(&engines, u64::from(tasks), visible_at)?;
     let after = meter.read(&mut conn)?;
-    let stats = engine.stats();
-    engine.shutdown();
+    let (claims, wasted_claims, completion_batches) = engines
+        .iter()
+        .map(|e| e.stats())
+        .fold((0, 0, 0), |a, s| (a.0 + s.claims, a.1 + s.wasted_claims, a.2 + s.completion_batches));
+    engines.into_iter().for_each(RunningEngine::shutdown);
     let cost = Meter::cost(before, after, u64::from(tasks));
     if scenario == Scenario::Backlog {
         conn.batch_execute("DELETE FROM tasks WHERE task_class = 'bench_unknown' OR priority = 10")?;
@@ -157,13 +166,13 @@ pub(super) fn drain_once(
         .collect();
     let last_over_first = tenth_rates[9] / tenth_rates[0];
     println!(
-        "drain ({scenario:?}, {}), run {run}: {tasks} tasks, {workers} workers: {rate:.0} tasks/s ({secs:.3} s; {:.0} \
+        "drain ({scenario:?}, {}), run {run}: {tasks} tasks, {instances} x {workers} workers: {rate:.0} tasks/s ({secs:.3} s; {:.0} \
          tasks/s from the insert's start); last tenth / first {last_over_first:.2}; {} claims, {} completion \
          statements; {cost}; {check}",
         mode.name(),
         f64::from(tasks) / with_insert.as_secs_f64(),
-        stats.claims,
-        stats.completion_batches,
+        claims,
+        completion_batches,
     );
     let mut json = serde_json::json!({
         "bench": "drain",
@@ -171,15 +180,16 @@ pub(super) fn drain_once(
         "mode": mode.name(),
         "run": run,
         "tasks": tasks,
+        "instances": instances,
         "workers": workers,
         "seconds": round3(secs),
         "tasks_per_s": rate.round(),
         "tasks_per_s_from_insert_start": (f64::from(tasks) / with_insert.as_secs_f64()).round(),
         "tasks_per_s_by_tenth": tenth_rates,
         "last_tenth_over_first": round3(last_over_first),
-        "claims": stats.claims,
-        "wasted_claims_per_task": round3(stats.wasted_claims as f64 / f64::from(tasks)),
-        "completion_statements": stats.completion_batches,
+        "claims": claims,
+        "wasted_claims_per_task": round3(wasted_claims as f64 / f64::from(tasks)),
+        "completion_statements": completion_batches,
         "ran_exactly_once": check.ok(),
     });
     json.as_object_mut().expect("an object").extend(cost.json("engine").as_object().expect("an object").clone());
@@ -190,13 +200,13 @@ pub(super) fn drain_once(
     Ok(Drained { rate, cost })
 }
 
-/// Waits until `engine` has completed `tasks`; returns when each tenth was done,
+/// Waits until `engines` have completed `tasks`; returns when each tenth was done,
 /// counted from `from`.
-fn wait_tenths(engine: &RunningEngine, tasks: u64, from: Instant) -> anyhow::Result<Vec<Duration>> {
+fn wait_tenths(engines: &[RunningEngine], tasks: u64, from: Instant) -> anyhow::Result<Vec<Duration>> {
     let deadline = Instant::now() + Duration::from_secs(3600);
     let mut tenths = Vec::with_capacity(10);
     while tenths.len() < 10 {
-        let done = engine.stats().completions;
+        let done: u64 = engines.iter().map(|e| e.stats().completions).sum();
         while tenths.len() < 10 && done * 10 >= tasks * (tenths.len() as u64 + 1) {
             tenths.push(from.elapsed());
         }

@@ -83,8 +83,8 @@ impl Meter {
             #[diesel(sql_type = BigInt)]
             bytes: i64,
         }
-        let wal: Wal =
-            diesel::sql_query("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS bytes").get_result(conn)?;
+        let wal: Wal = diesel::sql_query("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS bytes")
+            .get_result(conn)?;
         Ok(Reading {
             process_cpu: process_cpu(std::process::id()),
             server_cpu: self.postmaster.map(server_cpu),

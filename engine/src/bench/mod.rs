@@ -98,7 +98,10 @@ pub struct DrainArgs {
     /// Tasks to drain.
     #[arg(long, default_value_t = 20_000)]
     tasks: u32,
-    /// Workers of the instance.
+    /// Instances draining together.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// Workers of each instance.
     #[arg(long, default_value_t = 8)]
     workers: usize,
     /// Runs of each (the figure is their median).
@@ -116,6 +119,7 @@ impl DrainArgs {
     fn options(&self) -> drain::Options {
         drain::Options {
             tasks: self.tasks,
+            instances: self.instances,
             workers: self.workers,
             runs: self.runs,
             buffer: self.buffer,
