@@ -186,8 +186,10 @@ pub(crate) fn claim(conn: &mut PgConnection, instance: &str, task_types: &[&str]
 /// sequential and bitmap scans off, [`claim`] and [`due`] walk `tasks_claim_idx` level
 /// by level whatever the statistics say (taken while the table was empty, they make a
 /// scan look cheaper). Their generic plan is kept: planning the claim anew, as a
-/// custom plan would, takes longer (about 1 ms) than running it. Lock waits are
-/// bounded by [`ROW_LOCK_WAIT`]. Changes this session's settings only.
+/// custom plan would, takes longer (about 1 ms) than running it. JIT is off: once
+/// statistics show a big table, the plan's estimated cost (which the disabled scans
+/// inflate) passes `jit_above_cost`, and compiling it took 400 ms, every claim. Lock
+/// waits are bounded by [`ROW_LOCK_WAIT`]. Changes this session's settings only.
 pub(crate) fn prepare_claimer_session(conn: &mut PgConnection) -> QueryResult<()> {
     conn.batch_execute(PLAN_BY_INDEX)?;
     bound_lock_waits(conn)
@@ -195,7 +197,7 @@ pub(crate) fn prepare_claimer_session(conn: &mut PgConnection) -> QueryResult<()
 
 /// The settings of [`prepare_claimer_session`].
 const PLAN_BY_INDEX: &str =
-    "SET enable_seqscan = off; SET enable_bitmapscan = off; SET plan_cache_mode = force_generic_plan";
+    "SET enable_seqscan = off; SET enable_bitmapscan = off; SET plan_cache_mode = force_generic_plan; SET jit = off";
 
 /// How an attempt ended, as the task row will show it.
 #[derive(Debug, Clone, PartialEq)]
@@ -326,12 +328,12 @@ pub(crate) fn bound_lock_waits(conn: &mut PgConnection) -> QueryResult<()> {
 }
 
 /// Sets up the completer's own connection for [`complete`]: with sequential scans and
-/// nested loops off, the planner finds the batch's rows through the primary keys
+/// nested loops off (and JIT, as for the claim), the planner finds the batch's rows through the primary keys
 /// (`id = ANY(...)`) and joins them by hash even while stale statistics make a scan of
 /// the whole table look cheap; its lock waits are bounded by [`ROW_LOCK_WAIT`]. Changes
 /// this session's settings only.
 pub(crate) fn prepare_completer_session(conn: &mut PgConnection) -> QueryResult<()> {
-    conn.batch_execute("SET enable_seqscan = off; SET enable_nestloop = off")?;
+    conn.batch_execute("SET enable_seqscan = off; SET enable_nestloop = off; SET jit = off")?;
     bound_lock_waits(conn)
 }
 
@@ -732,17 +734,21 @@ mod tests {
         )
         .unwrap();
         prepare_claimer_session(&mut conn).unwrap();
-        for mode in ["force_custom_plan", "force_generic_plan"] {
+        // Prepared as the producer's connection has it (diesel's bound statements are
+        // one-shot: planned with their values).
+        conn.batch_execute(&format!("PREPARE claim_here (text[], bigint, text, bigint) AS {CLAIM}")).unwrap();
+        // With costs: without, EXPLAIN does not say whether the plan was compiled.
+        let explain = |conn: &mut PgConnection, mode: &str| -> String {
             conn.batch_execute(&format!("BEGIN; SET LOCAL plan_cache_mode = {mode}")).unwrap();
-            let plan: Vec<PlanLine> = diesel::sql_query(format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {CLAIM}"))
-                .bind::<Array<Text>, _>(vec!["noop", "echo"])
-                .bind::<BigInt, _>(10)
-                .bind::<Text, _>("i")
-                .bind::<BigInt, _>(41)
-                .load(&mut conn)
-                .unwrap();
+            let plan: Vec<PlanLine> =
+                diesel::sql_query("EXPLAIN (ANALYZE, BUFFERS) EXECUTE claim_here(ARRAY['noop', 'echo'], 10, 'i', 41)")
+                    .load(conn)
+                    .unwrap();
             conn.batch_execute("ROLLBACK").unwrap();
-            let plan = plan.into_iter().map(|p| p.line).collect::<Vec<_>>().join("\n");
+            plan.into_iter().map(|p| p.line).collect::<Vec<_>>().join("\n")
+        };
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            let plan = explain(&mut conn, mode);
             for bad in ["Seq Scan", "Bitmap"] {
                 assert!(!plan.contains(bad), "{mode}: the claim's plan has a {bad}:\n{plan}");
             }
@@ -755,6 +761,12 @@ mod tests {
                 .unwrap_or(0);
             assert!(buffers < 600, "{mode}: the claim of 10 tasks read {buffers} buffers:\n{plan}");
         }
+
+        // With the statistics of the table as it now is, the generic plan's estimated
+        // cost passes `jit_above_cost`: compiling it took longer than running it.
+        conn.batch_execute("ANALYZE tasks").unwrap();
+        let plan = explain(&mut conn, "force_generic_plan");
+        assert!(!plan.contains("JIT"), "the claim was compiled:\n{plan}");
 
         let claimed = claim(&mut conn, "i", &["noop", "echo"], 10).unwrap();
         assert!(!claimed.more, "a claim alone was told that others held tasks");

@@ -8,6 +8,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use task_engine::{NewTask, Registry, Runner, Task};
 
+use super::meter::Meter;
 use super::tasks::{Hold, Noop};
 use super::{drop_schema, exactly_once, fresh_schema, start, wait_idle, MISSED_AFTER};
 use crate::database::Database;
@@ -25,22 +26,25 @@ pub(super) fn run(
     // Bulk: one statement whatever the number, one notification.
     let url = fresh_schema(db)?;
     let mut conn = PgConnection::establish(&url)?;
+    let meter = Meter::new(&mut conn)?;
+    let before = meter.read(&mut conn)?;
     let started = Instant::now();
     NewTask::new(&Noop {})?.insert_copies(&mut conn, bulk)?;
     let copies = f64::from(bulk) / started.elapsed().as_secs_f64();
+    let copies_cost = Meter::cost(before, meter.read(&mut conn)?, u64::from(bulk));
     let batch: Vec<NewTask> = (0..bulk).map(|_| NewTask::new(&Noop {})).collect::<Result<_, _>>()?;
     let started = Instant::now();
     task_engine::enqueue_many(&mut conn, &batch)?;
     let many = f64::from(bulk) / started.elapsed().as_secs_f64();
     drop_schema(db)?;
     println!(
-        "enqueue, bulk of {bulk}: insert_copies (--count) {copies:.0} tasks/s, enqueue_many (arrays) {many:.0} tasks/s"
+        "enqueue, bulk of {bulk}: insert_copies (--count) {copies:.0} tasks/s ({copies_cost}), enqueue_many (arrays) \
+         {many:.0} tasks/s"
     );
-    println!(
-        "{}",
-        serde_json::json!({"bench": "enqueue_bulk", "tasks": bulk, "copies_tasks_per_s": copies.round(),
-                           "enqueue_many_tasks_per_s": many.round()})
-    );
+    let mut json = serde_json::json!({"bench": "enqueue_bulk", "tasks": bulk, "copies_tasks_per_s": copies.round(),
+                                      "enqueue_many_tasks_per_s": many.round()});
+    json.as_object_mut().expect("an object").extend(copies_cost.json("client").as_object().expect("an object").clone());
+    println!("{json}");
 
     // Concurrent single inserts, four ways. The engine runs `noop` tasks; the other
     // type is one no instance runs.
@@ -100,8 +104,11 @@ pub(super) fn run(
         let before = engine.as_ref().map(|e| e.stats().notifications).unwrap_or(0);
         let runs_them = phase == "engine idle" || phase == "no trigger, engine polling every ms";
         let class = if runs_them { Noop::NAME } else { "bench_nobody_runs_this" };
+        let meter = Meter::new(&mut conn)?;
+        let reading = meter.read(&mut conn)?;
         let total = concurrent_inserts(&url, class, clients, duration)?;
         let rate = total as f64 / duration.as_secs_f64();
+        let cost = Meter::cost(reading, meter.read(&mut conn)?, total.max(1));
         let notifications = engine.as_ref().map(|e| e.stats().notifications - before);
         let mut check = None;
         if runs_them {
@@ -121,17 +128,16 @@ pub(super) fn run(
         }
         drop_schema(db)?;
         println!(
-            "enqueue, {clients} clients x single plain-SQL inserts, {phase}: {rate:.0} tasks/s{}{}",
+            "enqueue, {clients} clients x single plain-SQL inserts, {phase}: {rate:.0} tasks/s{}; {cost}{}",
             notifications.map(|n| format!(" ({n} notifications)")).unwrap_or_default(),
             check.as_ref().map(|(left, c)| format!("; {left} missed; {c}")).unwrap_or_default()
         );
-        println!(
-            "{}",
-            serde_json::json!({"bench": "enqueue_concurrent", "phase": phase, "clients": clients,
-                               "tasks": total, "tasks_per_s": rate.round(), "notifications": notifications,
-                               "missed": check.as_ref().map(|(left, _)| left),
-                               "ran_exactly_once": check.as_ref().map(|(_, c)| c.ok())})
-        );
+        let mut json = serde_json::json!({"bench": "enqueue_concurrent", "phase": phase, "clients": clients,
+                           "tasks": total, "tasks_per_s": rate.round(), "notifications": notifications,
+                           "missed": check.as_ref().map(|(left, _)| left),
+                           "ran_exactly_once": check.as_ref().map(|(_, c)| c.ok())});
+        json.as_object_mut().expect("an object").extend(cost.json("client").as_object().expect("an object").clone());
+        println!("{json}");
         if let Some((left, c)) = &check {
             if *left > 0 || !c.ok() {
                 bail!("the inserted tasks did not all run exactly once ({c}, {left} missed)");

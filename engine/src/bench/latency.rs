@@ -8,6 +8,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Double, Nullable};
 use task_engine::{EngineStats, Registry, RunningEngine};
 
+use super::meter::Meter;
 use super::{
     drop_schema, exactly_once, fresh_schema, percentile, round3, start, total_claims, wait_idle, MISSED_AFTER,
 };
@@ -39,6 +40,8 @@ pub(super) fn run(
             .execute(&mut conn)?
             == 1;
     let offset = clock_offset(&mut conn)?;
+    let meter = Meter::new(&mut conn)?;
+    let cost_before = meter.read(&mut conn)?;
     let mut missed = 0;
     // (task id, transaction id, when the insert returned on the server's clock)
     let mut inserted = Vec::with_capacity(tasks);
@@ -61,6 +64,7 @@ pub(super) fn run(
         std::thread::sleep(gap);
     }
     let wasted: u64 = engines.iter().zip(&before).map(|(e, b)| e.stats().wasted_claims - b.wasted_claims).sum();
+    let cost = Meter::cost(cost_before, meter.read(&mut conn)?, tasks as u64);
     for engine in engines {
         engine.shutdown();
     }
@@ -111,7 +115,8 @@ pub(super) fn run(
     println!(
         "latency: {instances} instance(s) x {workers} workers, {tasks} tasks one at a time: \
          pickup from commit ({commit_clock}) p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms \
-         (from the insert's start p50 {:.2} ms, p99 {:.2} ms); wasted claims per task {:.2}; missed {missed}; {check}",
+         (from the insert's start p50 {:.2} ms, p99 {:.2} ms); wasted claims per task {:.2}; missed {missed}; \
+         {cost} (the gaps' idle work included); {check}",
         p(0.50),
         p(0.95),
         p(0.99),
@@ -120,9 +125,7 @@ pub(super) fn run(
         i(0.99),
         wasted as f64 / tasks as f64,
     );
-    println!(
-        "{}",
-        serde_json::json!({
+    let mut json = serde_json::json!({
             "bench": "latency",
             "instances": instances,
             "workers": workers,
@@ -139,8 +142,9 @@ pub(super) fn run(
             "wasted_claims_per_task": round3(wasted as f64 / tasks as f64),
             "missed": missed,
             "ran_exactly_once": check.ok(),
-        })
-    );
+    });
+    json.as_object_mut().expect("an object").extend(cost.json("engine").as_object().expect("an object").clone());
+    println!("{json}");
     if !check.ok() || missed > 0 {
         bail!("the benchmark's tasks did not all run exactly once ({check}, {missed} missed)");
     }
