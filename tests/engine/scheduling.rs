@@ -12,7 +12,7 @@ use test_db::TestDatabase;
 
 use crate::support::{
     executions_of, load_task, runner, start_engine, wait_until, wait_until_all_ended, wait_until_idle, AlwaysFails,
-    Counted, Flaky, Gate, Gated, PanicsOnce,
+    Counted, Flaky, Gate, Gated, PanicsOnce, UntilCancelled,
 };
 
 fn wait_for_status(conn: &mut PgConnection, id: i64, wanted: &str) {
@@ -225,14 +225,17 @@ fn a_cancelled_running_task_is_asked_to_stop_and_ends_cancelled() {
     let engine = start_engine(&db, "cancel-running", 1);
     wait_until_idle(&engine, 1);
     let mut conn = db.connect();
-    let id = task_engine::enqueue(&mut conn, &::tasks::Sleep { ms: 600_000 }).unwrap();
-    wait_for_status(&mut conn, id, status::RUNNING);
+    let gate_name = format!("{}-{}-until-cancelled", db.name(), std::process::id());
+    let id = task_engine::enqueue(&mut conn, &UntilCancelled { gate: gate_name.clone() }).unwrap();
+    // Started, not only claimed: a cancel heard while the task waits for its worker
+    // ends it "cancelled before it started".
+    Gate::named(&gate_name).wait_for_started(1);
 
     assert_eq!(task_engine::cancel(&mut conn, id).unwrap(), Cancelled::Running);
     wait_for_status(&mut conn, id, status::CANCELLED);
     let executions = executions_of(&mut conn, id);
     assert_eq!(executions.len(), 1, "a cancelled task was retried");
-    assert_eq!(executions[0].error.as_deref(), Some("cancelled while sleeping"));
+    assert_eq!(executions[0].error.as_deref(), Some("cancelled while running"));
     assert!(load_task(&mut conn, id).cancel_requested_at.is_some());
     engine.shutdown();
 }

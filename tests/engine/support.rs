@@ -112,6 +112,33 @@ impl Task for Gated {
 }
 register_task!(Gated);
 
+/// Says on its gate that it started, then runs until it is asked to stop: fails
+/// "cancelled while running" when cancelled, succeeds when the gate opens.
+#[derive(Serialize, Deserialize)]
+pub struct UntilCancelled {
+    pub gate: String,
+}
+
+impl Task for UntilCancelled {
+    const NAME: &'static str = "test_until_cancelled";
+    type Output = ();
+
+    fn run(&self, ctx: &TaskContext) -> Result<(), TaskError> {
+        let gate = Gate::named(&self.gate);
+        let mut state = gate.state.lock().unwrap();
+        state.started += 1;
+        gate.changed.notify_all();
+        while !state.open {
+            if ctx.cancel_requested() {
+                return Err(TaskError::permanent("cancelled while running"));
+            }
+            state = gate.changed.wait_timeout(state, Duration::from_millis(5)).unwrap().0;
+        }
+        Ok(())
+    }
+}
+register_task!(UntilCancelled);
+
 #[derive(Default)]
 pub struct Gate {
     state: Mutex<GateState>,
