@@ -97,6 +97,16 @@ pub enum Error {
     #[error("{0}")]
     Config(String),
 
+    /// A [`crate::Runner`] setting outside what the engine can work with: refused by
+    /// [`crate::Runner::start`] before it connects, never adjusted silently.
+    #[error("{setting}: {reason}")]
+    InvalidSetting {
+        /// The builder method (and `engine run` option) that set it.
+        setting: &'static str,
+        /// What it must be.
+        reason: String,
+    },
+
     /// No task has this id.
     #[error("there is no task {0}")]
     TaskNotFound(i64),

@@ -127,6 +127,16 @@ impl Runner {
     /// How long a claimed task may wait in the instance for a worker, unless
     /// [`Runner::max_queue_wait`] says otherwise.
     pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_secs(1);
+    /// The most worker threads an instance runs (each has a connection of the pool).
+    pub const MAX_WORKERS: usize = 10_000;
+    /// The shortest fallback poll: an idle instance claims this often.
+    pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(1);
+    /// The shortest wait for a worker: the producer looks at the queued tasks about
+    /// this often.
+    pub const MIN_MAX_QUEUE_WAIT: Duration = Duration::from_millis(10);
+    /// The range of leases: heartbeats go six times per lease, and a day is the most a
+    /// dead instance's tasks should wait for their rescue.
+    pub const LEASES: std::ops::RangeInclusive<Duration> = Duration::from_secs(1)..=Duration::from_secs(86_400);
 
     /// Starts configuring an instance that runs the registry's task types on the
     /// database at `database_url`.
@@ -151,13 +161,13 @@ impl Runner {
     /// for them). 1, with [`Runner::max_completion_batch`] 1 and a zero
     /// [`Runner::flush_delay`], is the one-task-per-round-trip engine, for comparison.
     pub fn max_claim(mut self, max_claim: usize) -> Self {
-        self.max_claim = max_claim.max(1);
+        self.max_claim = max_claim;
         self
     }
 
-    /// Caps the outcomes one completion statement records (default 1000).
+    /// Caps the outcomes one completion statement records (default 1000, at least 1).
     pub fn max_completion_batch(mut self, max: usize) -> Self {
-        self.max_completion_batch = max.max(1);
+        self.max_completion_batch = max;
         self
     }
 
@@ -178,9 +188,9 @@ impl Runner {
     /// claim it (it notifies them). The claim-ahead buffer follows the tasks' pace,
     /// but a claim can still take slow tasks along with fast ones; this bounds what
     /// that costs the slow tasks' neighbours. Checked about as often as this wait
-    /// (at least every second).
+    /// (at least every second); at least [`Runner::MIN_MAX_QUEUE_WAIT`].
     pub fn max_queue_wait(mut self, wait: Duration) -> Self {
-        self.max_queue_wait = wait.max(Duration::from_millis(1));
+        self.max_queue_wait = wait;
         self
     }
 
@@ -193,9 +203,10 @@ impl Runner {
 
     /// Sets the lease: an instance silent for this long is taken for dead and its
     /// running tasks are put back to waiting by another (heartbeats go six times per
-    /// lease). Every instance sharing a database should use the same lease.
+    /// lease). Every instance sharing a database should use the same lease. Within
+    /// [`Runner::LEASES`], 1 s to a day.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease.clamp(Duration::from_millis(60), Duration::from_secs(365 * 86_400));
+        self.lease = lease;
         self
     }
 
@@ -206,28 +217,66 @@ impl Runner {
         self
     }
 
-    /// Names the instance (default: [`default_instance_name`]).
+    /// Names the instance (default: [`default_instance_name`]): 1 to 200 bytes,
+    /// without control characters.
     pub fn instance(mut self, name: impl Into<String>) -> Self {
         self.instance = Some(name.into());
         self
     }
 
-    /// Sets the number of worker threads (at least 1).
+    /// Sets the number of worker threads (1 to [`Runner::MAX_WORKERS`]).
     pub fn workers(mut self, workers: usize) -> Self {
-        self.workers = workers.max(1);
+        self.workers = workers;
         self
     }
 
     /// Sets how long an idle worker sleeps before looking for work unprompted (at
-    /// least a millisecond).
+    /// least [`Runner::MIN_POLL_INTERVAL`]).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval.max(Duration::from_millis(1));
+        self.poll_interval = interval;
         self
     }
 
-    /// Starts the instance's threads and returns the running instance. Fails if the
-    /// database cannot be reached or the instance's name is in use.
+    /// The settings out of range, named as the builder method that set them.
+    fn check(&self) -> Result<(), Error> {
+        let refuse = |setting, reason: String| Err(Error::InvalidSetting { setting, reason });
+        if !(1..=Self::MAX_WORKERS).contains(&self.workers) {
+            return refuse("workers", format!("{} workers: from 1 to {}", self.workers, Self::MAX_WORKERS));
+        }
+        if self.poll_interval < Self::MIN_POLL_INTERVAL {
+            return refuse(
+                "poll_interval",
+                format!("{:?}: at least {:?}", self.poll_interval, Self::MIN_POLL_INTERVAL),
+            );
+        }
+        if self.max_queue_wait < Self::MIN_MAX_QUEUE_WAIT {
+            return refuse(
+                "max_queue_wait",
+                format!("{:?}: at least {:?}", self.max_queue_wait, Self::MIN_MAX_QUEUE_WAIT),
+            );
+        }
+        if !Self::LEASES.contains(&self.lease) {
+            return refuse("lease", format!("{:?}: from 1s to 1 day", self.lease));
+        }
+        if self.max_claim == 0 {
+            return refuse("max_claim", "0: at least 1".into());
+        }
+        if self.max_completion_batch == 0 {
+            return refuse("max_completion_batch", "0: at least 1".into());
+        }
+        if let Some(name) = &self.instance {
+            if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+                return refuse("instance", format!("{name:?}: 1 to 200 bytes, without control characters"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the instance's threads and returns the running instance. Fails, before
+    /// it connects, on a setting out of its range ([`Error::InvalidSetting`]), and
+    /// then if the database cannot be reached or the instance's name is in use.
     pub fn start(self) -> Result<RunningEngine, Error> {
+        self.check()?;
         let instance = self.instance.unwrap_or_else(default_instance_name);
         let task_types = self.registry.names();
         let pool = match self.pool {

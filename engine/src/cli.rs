@@ -104,7 +104,7 @@ pub enum Command {
         claim_buffer: usize,
         /// A claimed task that waits this long for a worker goes back to the database
         /// for other instances.
-        #[arg(long, env = "TASK_ENGINE_MAX_QUEUE_WAIT", value_parser = duration::parse, default_value = "1s")]
+        #[arg(long, env = "TASK_ENGINE_MAX_QUEUE_WAIT", value_parser = max_queue_wait, default_value = "1s")]
         max_queue_wait: Duration,
     },
     /// Shows tasks by type and status and the latest executions, or one task's history.
@@ -307,10 +307,20 @@ fn poll_interval(text: &str) -> Result<Duration, String> {
     Ok(interval)
 }
 
+/// `--max-queue-wait`: at least [`Runner::MIN_MAX_QUEUE_WAIT`] (the producer looks at
+/// the queued tasks about this often).
+fn max_queue_wait(text: &str) -> Result<Duration, String> {
+    let wait = duration::parse(text)?;
+    if wait < Runner::MIN_MAX_QUEUE_WAIT {
+        return Err(format!("the wait for a worker must be at least {:?}", Runner::MIN_MAX_QUEUE_WAIT));
+    }
+    Ok(wait)
+}
+
 /// `--lease`: from a second (heartbeats go six times per lease) to a day.
 fn lease(text: &str) -> Result<Duration, String> {
     let lease = duration::parse(text)?;
-    if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&lease) {
+    if !Runner::LEASES.contains(&lease) {
         return Err("the lease must be from 1s to 1d".into());
     }
     Ok(lease)

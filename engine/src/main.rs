@@ -57,6 +57,7 @@ fn exit_code_of(error: &anyhow::Error) -> u8 {
             | task_engine::Error::InvalidParameters { .. }
             | task_engine::Error::Serialization { .. }
             | task_engine::Error::InvalidValue(_)
+            | task_engine::Error::InvalidSetting { .. }
             | task_engine::Error::TaskNotFound(_)
             | task_engine::Error::InvalidTransition { .. },
         ) => 2,

@@ -398,6 +398,9 @@ fn engine_run_refuses_settings_it_cannot_work_with_with_exit_code_2() {
         (vec!["--lease", "0s"], "from 1s to 1d"),
         (vec!["--lease", "100000d"], "from 1s to 1d"),
         (vec!["--workers", "0"], "--workers"),
+        (vec!["--workers", "100000"], "--workers"),
+        (vec!["--max-queue-wait", "1ms"], "at least 10ms"),
+        (vec!["--instance", ""], "instance"),
     ] {
         // Accepted, `engine run` would run until stopped: give it 20 s to refuse.
         let mut child = spawn_engine_run(&db, &args, Stdio::piped());

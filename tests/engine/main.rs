@@ -9,6 +9,7 @@ mod faults;
 mod running;
 mod scheduling;
 mod schema;
+mod settings;
 mod stopping;
 mod support;
 mod wakeups;
