@@ -10,7 +10,7 @@ use log::LevelFilter;
 use task_engine::{NewTask, Registry, Runner};
 
 use crate::database::Database;
-use crate::{bench, demo, duration, status, UsageError};
+use crate::{bench, demo, duration, outln, status, UsageError};
 
 #[derive(Debug, Parser)]
 #[command(name = "engine", version, about = "A background task engine that keeps its tasks in PostgreSQL")]
@@ -181,7 +181,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Tasks => {
             for entry in registry.entries() {
-                println!("{}\t{}\tmax attempts {}", entry.name(), entry.rust_type(), entry.max_attempts());
+                outln!("{}\t{}\tmax attempts {}", entry.name(), entry.rust_type(), entry.max_attempts());
             }
             Ok(())
         }
@@ -190,10 +190,10 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             let mut conn = db.connect()?;
             let applied = task_engine::run_migrations(&mut conn)?;
             if applied.is_empty() {
-                println!("the schema is up to date");
+                outln!("the schema is up to date");
             }
             for name in applied {
-                println!("applied {name}");
+                outln!("applied {name}");
             }
             Ok(())
         }
@@ -249,13 +249,13 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Retry { id } => {
             let db = Database::open(cli.database_url, &cli.data_dir)?;
             task_engine::retry(&mut db.connect_migrated()?, id)?;
-            println!("task {id} is waiting again");
+            outln!("task {id} is waiting again");
             Ok(())
         }
         Command::Prune { older_than, batch } => {
             let db = Database::open(cli.database_url, &cli.data_dir)?;
             let deleted = task_engine::prune(&mut db.connect_migrated()?, older_than, batch)?;
-            println!("{deleted} finished task(s) deleted, with their executions");
+            outln!("{deleted} finished task(s) deleted, with their executions");
             Ok(())
         }
         Command::Cancel { id } => {

@@ -28,6 +28,16 @@ impl fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+/// Writes a line to stdout, returning the error: a closed pipe (`engine status | head`)
+/// then ends the command with its usual exit code instead of a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?;
+    }};
+}
+pub(crate) use outln;
+
 fn main() -> ExitCode {
     // Reference every task crate, or the linker may drop its registrations. Add one
     // line here for each task crate you add to the workspace.
@@ -39,6 +49,12 @@ fn main() -> ExitCode {
 
     match cli::execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader has all it wanted.
+        Err(error)
+            if error.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::from(exit_code_of(&error))

@@ -6,7 +6,7 @@ use diesel::PgConnection;
 use task_engine::models::{status, TaskExecution};
 use task_engine::{report, Registry};
 
-use crate::UsageError;
+use crate::{outln, UsageError};
 
 const STATES: [&str; 5] = [status::WAITING, status::RUNNING, status::STOPPED, status::FAILED, status::CANCELLED];
 
@@ -21,12 +21,12 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
             totals[column] += row.count;
         }
     }
-    println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", "TYPE", STATES[0], STATES[1], STATES[2], STATES[3], STATES[4]);
+    outln!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", "TYPE", STATES[0], STATES[1], STATES[2], STATES[3], STATES[4]);
     for (task_class, n) in &by_type {
-        println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", plain(task_class), n[0], n[1], n[2], n[3], n[4]);
+        outln!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", plain(task_class), n[0], n[1], n[2], n[3], n[4]);
     }
     let t = totals;
-    println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", "(all)", t[0], t[1], t[2], t[3], t[4]);
+    outln!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", "(all)", t[0], t[1], t[2], t[3], t[4]);
     // Instances claim only the types they know: tasks of other types wait.
     let unknown: Vec<String> = by_type
         .iter()
@@ -34,15 +34,15 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
         .map(|(task_class, n)| format!("{} ({} waiting)", plain(task_class), n[0]))
         .collect();
     if !unknown.is_empty() {
-        println!("\ntypes this engine does not know (they wait for an instance that does): {}", unknown.join(", "));
+        outln!("\ntypes this engine does not know (they wait for an instance that does): {}", unknown.join(", "));
     }
 
     let instances = report::instances(conn)?;
     if !instances.is_empty() {
-        println!("\ninstances:");
-        println!("{:<24} {:<16} {:>8} {:<20} {:<20} {:>8}", "NAME", "HOST", "PID", "STARTED", "LAST SEEN", "RUNNING");
+        outln!("\ninstances:");
+        outln!("{:<24} {:<16} {:>8} {:<20} {:<20} {:>8}", "NAME", "HOST", "PID", "STARTED", "LAST SEEN", "RUNNING");
         for i in instances {
-            println!(
+            outln!(
                 "{:<24} {:<16} {:>8} {:<20} {:<20} {:>8}",
                 plain(&i.name),
                 plain(&i.host),
@@ -58,13 +58,19 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
     if executions.is_empty() {
         return Ok(());
     }
-    println!("\nlatest executions:");
-    println!(
+    outln!("\nlatest executions:");
+    outln!(
         "{:>8} {:>8} {:<10} {:>3} {:<24} {:<20} {:>10}  OUTCOME",
-        "EXEC", "TASK", "TYPE", "TRY", "STARTED", "INSTANCE", "MS"
+        "EXEC",
+        "TASK",
+        "TYPE",
+        "TRY",
+        "STARTED",
+        "INSTANCE",
+        "MS"
     );
     for (execution, task_class) in executions {
-        print_execution(&execution, Some(&task_class));
+        print_execution(&execution, Some(&task_class))?;
     }
     Ok(())
 }
@@ -75,36 +81,42 @@ pub fn print_task(conn: &mut PgConnection, id: i64) -> anyhow::Result<()> {
     let Some((task, executions)) = report::task_shown(conn, id)? else {
         return Err(UsageError(format!("there is no task {id}")).into());
     };
-    println!("task {}: {}", task.id, plain(&task.task_class));
-    println!("  status       {}", task.status);
-    println!("  parameters   {}", plain(&task.task_parameters));
-    println!("  priority     {}", task.priority);
-    println!("  run at       {}", task.run_at);
-    println!("  attempts     {} of {}", task.attempts, task.max_attempts);
-    println!("  instance     {}", plain(task.instance.as_deref().unwrap_or("-")));
+    outln!("task {}: {}", task.id, plain(&task.task_class));
+    outln!("  status       {}", task.status);
+    outln!("  parameters   {}", plain(&task.task_parameters));
+    outln!("  priority     {}", task.priority);
+    outln!("  run at       {}", task.run_at);
+    outln!("  attempts     {} of {}", task.attempts, task.max_attempts);
+    outln!("  instance     {}", plain(task.instance.as_deref().unwrap_or("-")));
     if let Some(at) = task.cancel_requested_at {
-        println!("  cancel asked {at}");
+        outln!("  cancel asked {at}");
     }
-    println!("  created      {}", task.created_at);
-    println!("  updated      {}", task.updated_at);
+    outln!("  created      {}", task.created_at);
+    outln!("  updated      {}", task.updated_at);
     if task.status == "running" {
         // A running attempt's execution is written when it ends; its start is the claim.
-        println!("  running      attempt {} since {} (recorded when it ends)", task.attempts, task.updated_at);
+        outln!("  running      attempt {} since {} (recorded when it ends)", task.attempts, task.updated_at);
     }
-    println!("executions: {}", executions.len());
+    outln!("executions: {}", executions.len());
     if !executions.is_empty() {
-        println!(
+        outln!(
             "{:>8} {:>8} {:<10} {:>3} {:<24} {:<20} {:>10}  OUTCOME",
-            "EXEC", "TASK", "", "TRY", "STARTED", "INSTANCE", "MS"
+            "EXEC",
+            "TASK",
+            "",
+            "TRY",
+            "STARTED",
+            "INSTANCE",
+            "MS"
         );
     }
     for execution in &executions {
-        print_execution(execution, None);
+        print_execution(execution, None)?;
     }
     Ok(())
 }
 
-fn print_execution(e: &TaskExecution, task_class: Option<&str>) {
+fn print_execution(e: &TaskExecution, task_class: Option<&str>) -> anyhow::Result<()> {
     let ms = e
         .stopped_at
         .map(|stopped| format!("{:.3}", (stopped - e.started_at).num_microseconds().unwrap_or(0) as f64 / 1000.0))
@@ -115,7 +127,7 @@ fn print_execution(e: &TaskExecution, task_class: Option<&str>) {
         (Some(_), None, Some(result)) => format!("ok: {result}"),
         (Some(_), None, None) => "ok".to_owned(),
     };
-    println!(
+    outln!(
         "{:>8} {:>8} {:<10} {:>3} {:<24} {:<20} {:>10}  {}",
         e.id,
         e.task_id,
@@ -126,6 +138,7 @@ fn print_execution(e: &TaskExecution, task_class: Option<&str>) {
         ms,
         outcome
     );
+    Ok(())
 }
 
 /// Text from the database as it may be printed on a terminal: control characters

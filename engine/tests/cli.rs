@@ -453,3 +453,25 @@ fn engine_status_prints_control_characters_from_the_database_escaped() {
     assert!(!out.stdout.contains(&0x1b), "an escape sequence reached the terminal: {:?}", text(&out.stdout));
     assert!(text(&out.stdout).contains("evil\\u{1b}[2J"), "{}", text(&out.stdout));
 }
+
+#[test]
+fn engine_status_into_a_closed_pipe_exits_0_without_a_panic() {
+    let db = TestDatabase::new();
+    engine(&db, &["enqueue", "noop", "--count", "3"]);
+    for args in [&["status"][..], &["status", "--task", "1"], &["tasks"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_engine"))
+            .args(args)
+            .env("DATABASE_URL", db.url())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader is gone before the first line, as with `| head -0`.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
