@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::context::InstanceHandle;
-use crate::db::connect::{connection_pool, PgPool};
+use crate::db::connect::{connection_pool, redact_url, PgPool};
+use crate::db::migrate;
 use crate::error::Error;
 use crate::instance::handoff::Handoff;
 use crate::instance::heartbeat::{self, Alive, Heartbeat};
@@ -284,6 +285,18 @@ impl Runner {
             // The scheduler, the tasks' own queries, and a spare.
             None => connection_pool(&self.database_url, u32::try_from(self.workers + 2).unwrap_or(u32::MAX))?,
         };
+        {
+            let mut conn = pool.get()?;
+            let missing = migrate::missing_schema(&mut conn)?;
+            if !missing.is_empty() {
+                return Err(Error::Config(format!(
+                    "the database at {} lacks the engine's schema ({} missing): run \
+                     task_engine::run_migrations(&mut conn) (or `engine migrate`) first",
+                    redact_url(&self.database_url),
+                    missing.join(", ")
+                )));
+            }
+        }
         let buffer = self.buffer.unwrap_or(Self::DEFAULT_BUFFER_PER_WORKER.saturating_mul(self.workers));
         let shutdown = Shutdown::default();
         // The heartbeat's own end: after the last attempt is recorded.

@@ -46,3 +46,22 @@ fn settings_in_range_go_on_to_connect() {
         started.err()
     );
 }
+
+#[test]
+fn a_database_without_the_engine_schema_is_refused_at_start_with_what_to_run() {
+    let db = test_db::TestDatabase::new();
+    let mut conn = db.connect();
+    diesel::connection::SimpleConnection::batch_execute(&mut conn, "CREATE SCHEMA elsewhere").unwrap();
+    // The same database seen through a schema that was never migrated.
+    let url = format!("{}?options=-csearch_path%3Delsewhere", db.url());
+    let refused = Runner::new(url, Registry::default()).workers(1).start().err().expect("refused");
+    let message = refused.to_string();
+    assert!(matches!(refused, Error::Config(_)), "{message}");
+    assert!(message.contains("run task_engine::run_migrations"), "{message}");
+    assert!(message.contains("tasks, task_executions, task_engine_instances, tasks_claim_idx"), "{message}");
+
+    // Migrated before this version: the last migration's index is missing.
+    diesel::connection::SimpleConnection::batch_execute(&mut conn, "DROP INDEX tasks_claim_idx").unwrap();
+    let refused = Runner::new(db.url(), Registry::default()).workers(1).start().err().expect("refused");
+    assert!(refused.to_string().contains("(tasks_claim_idx missing)"), "{refused}");
+}
