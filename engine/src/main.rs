@@ -56,10 +56,25 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", report(&error));
             ExitCode::from(exit_code_of(&error))
         }
     }
+}
+
+/// The error and its causes, each cause once: the library's messages already include
+/// their source's ("parameters do not fit task type `x`: missing field `y`"), and the
+/// chain would say it again.
+fn report(error: &anyhow::Error) -> String {
+    let mut out = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 /// Bad input is 2; everything else (database away, migration failed, ...) is 1.

@@ -105,6 +105,10 @@ fn engine_enqueue_refuses_bad_input_with_exit_code_2_and_inserts_nothing() {
         assert!(text(&out.stderr).contains(says), "{args:?}: stderr lacks `{says}`: {}", text(&out.stderr));
     }
     assert_eq!(task_count(&db), 0);
+    // The cause is said once, not once by the message and again by the error's chain.
+    let out = engine(&db, &["enqueue", "fail", "--params", "{}"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.matches("missing field").count(), 1, "{stderr}");
 }
 
 #[test]
