@@ -38,7 +38,8 @@ pub enum Command {
     Migrate,
     /// Lists the registered task types.
     Tasks,
-    /// Enqueues tasks and prints their ids, one a line.
+    /// Enqueues tasks: prints the new task's id, or, with `--count`, how many were
+    /// inserted and their ids' range (every id with `--ids`).
     Enqueue {
         /// The task type (see `engine tasks`).
         task_type: String,
@@ -48,6 +49,9 @@ pub enum Command {
         /// How many copies to insert (in one statement).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         count: u32,
+        /// With `--count`, print every new id, one a line.
+        #[arg(long)]
+        ids: bool,
         /// Run no earlier than this time (RFC 3339, e.g. 2026-12-01T09:00:00Z).
         #[arg(long, conflicts_with = "run_in", value_parser = parse_time)]
         at: Option<chrono::DateTime<chrono::Utc>>,
@@ -197,7 +201,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Enqueue { task_type, params, count, at, run_in, priority, max_attempts } => {
+        Command::Enqueue { task_type, params, count, ids: print_ids, at, run_in, priority, max_attempts } => {
             // Check everything before touching the database: bad input inserts nothing.
             let parameters: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| UsageError(format!("--params is not valid JSON: {e}")))?;
@@ -215,10 +219,22 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             let db = Database::open(cli.database_url, &cli.data_dir)?;
             let mut conn = db.connect_migrated()?;
             let ids = if count == 1 { vec![task.insert(&mut conn)?] } else { task.insert_copies(&mut conn, count)? };
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for id in ids {
-                use std::io::Write as _;
-                writeln!(out, "{id}")?;
+            match (&ids[..], print_ids) {
+                ([id], _) => outln!("{id}"),
+                (_, true) => {
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    for id in &ids {
+                        use std::io::Write as _;
+                        writeln!(out, "{id}")?;
+                    }
+                    use std::io::Write as _;
+                    out.flush()?;
+                }
+                ([first, .., last], false) => {
+                    let gaps = if last - first + 1 == ids.len() as i64 { "" } else { ", with gaps" };
+                    outln!("{} tasks inserted, ids {first} to {last}{gaps} (--ids prints each)", ids.len());
+                }
+                ([], false) => {}
             }
             Ok(())
         }

@@ -73,7 +73,7 @@ fn engine_tasks_lists_every_type_of_the_linked_tasks_crate() {
 const TASKS_CRATE_TYPES: [&str; 6] = ["echo", "fail", "journal", "noop", "panic", "sleep"];
 
 #[test]
-fn engine_enqueue_prints_the_new_ids_and_count_inserts_in_bulk() {
+fn engine_enqueue_prints_the_new_id_and_a_count_for_a_bulk_insert() {
     let db = TestDatabase::new();
     let out = engine(&db, &["enqueue", "sleep", "--params", r#"{"ms": 3}"#]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -82,10 +82,15 @@ fn engine_enqueue_prints_the_new_ids_and_count_inserts_in_bulk() {
         tasks::table.find(id).select((tasks::task_class, tasks::task_parameters)).first(&mut db.connect()).unwrap();
     assert_eq!(row, ("sleep".to_owned(), serde_json::json!({"ms": 3})));
 
+    // In bulk, a count and the ids' range, not 2,500 lines; each id on request.
     let out = engine(&db, &["enqueue", "noop", "--count", "2500"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout).lines().count(), 2500);
+    let said = text(&out.stdout);
+    assert_eq!(said.trim(), format!("2500 tasks inserted, ids {} to {} (--ids prints each)", id + 1, id + 2500));
     assert_eq!(task_count(&db), 2501);
+    let out = engine(&db, &["enqueue", "noop", "--count", "3", "--ids"]);
+    let ids: Vec<i64> = text(&out.stdout).lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(ids, [id + 2501, id + 2502, id + 2503]);
 }
 
 #[test]
@@ -318,10 +323,11 @@ fn engine_status_lists_waiting_types_this_engine_does_not_know() {
 #[test]
 fn the_tasks_of_a_killed_engine_run_come_back_and_complete_elsewhere() {
     let db = TestDatabase::new();
-    let ids: Vec<i64> = text(&engine(&db, &["enqueue", "sleep", "--params", r#"{"ms": 1500}"#, "--count", "3"]).stdout)
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
+    let ids: Vec<i64> =
+        text(&engine(&db, &["enqueue", "sleep", "--params", r#"{"ms": 1500}"#, "--count", "3", "--ids"]).stdout)
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect();
     let mut victim = spawn_engine_run(
         &db,
         &["--workers", "3", "--instance", "victim", "--lease", "1s", "--poll-interval", "1h"],
