@@ -3,53 +3,87 @@
 use std::collections::BTreeMap;
 
 use diesel::PgConnection;
-use task_engine::models::{status, TaskExecution};
+use task_engine::models::TaskExecution;
 use task_engine::{report, Registry};
 
 use crate::{outln, UsageError};
 
-const STATES: [&str; 5] = [status::WAITING, status::RUNNING, status::STOPPED, status::FAILED, status::CANCELLED];
+/// Failed tasks listed by `engine status`.
+const FAILED_SHOWN: i64 = 10;
 
-/// Prints counts by type and state, then the latest executions.
+/// Prints counts by type and state, the latest failed tasks with their last error,
+/// the instances, then the latest executions.
 pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64) -> anyhow::Result<()> {
+    const N: usize = report::STATES.len();
     let counts = report::status_counts(conn)?;
-    let mut by_type: BTreeMap<&str, [i64; 5]> = BTreeMap::new();
-    let mut totals = [0i64; 5];
+    let mut by_type: BTreeMap<&str, [i64; N]> = BTreeMap::new();
+    let mut totals = [0i64; N];
     for row in &counts {
-        if let Some(column) = STATES.iter().position(|s| *s == row.status) {
+        if let Some(column) = report::STATES.iter().position(|s| *s == row.state) {
             by_type.entry(&row.task_class).or_default()[column] += row.count;
             totals[column] += row.count;
         }
     }
-    outln!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", "TYPE", STATES[0], STATES[1], STATES[2], STATES[3], STATES[4]);
+    let line = |name: &str, n: &[String]| {
+        format!("{:<16} {}", name, n.iter().map(|c| format!("{c:>10}")).collect::<Vec<_>>().join(""))
+    };
+    outln!("{}", line("TYPE", &report::STATES.map(str::to_owned)));
     for (task_class, n) in &by_type {
-        outln!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", plain(task_class), n[0], n[1], n[2], n[3], n[4]);
+        outln!("{}", line(&plain(task_class), &n.map(|c| c.to_string())));
     }
-    let t = totals;
-    outln!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}", "(all)", t[0], t[1], t[2], t[3], t[4]);
+    outln!("{}", line("(all)", &totals.map(|c| c.to_string())));
     // Instances claim only the types they know: tasks of other types wait.
     let unknown: Vec<String> = by_type
         .iter()
-        .filter(|(task_class, n)| n[0] > 0 && registry.get(task_class).is_err())
-        .map(|(task_class, n)| format!("{} ({} waiting)", plain(task_class), n[0]))
+        .map(|(task_class, n)| (task_class, n[0] + n[1] + n[2]))
+        .filter(|(task_class, waiting)| *waiting > 0 && registry.get(task_class).is_err())
+        .map(|(task_class, waiting)| format!("{} ({waiting} waiting)", plain(task_class)))
         .collect();
     if !unknown.is_empty() {
         outln!("\ntypes this engine does not know (they wait for an instance that does): {}", unknown.join(", "));
     }
 
+    let failed = report::failed_tasks(conn, FAILED_SHOWN)?;
+    if !failed.is_empty() {
+        outln!("\nfailed tasks, latest first (engine retry ID puts one back):");
+        outln!("{:>8} {:<16} {:>5} {:<20}  LAST ERROR", "TASK", "TYPE", "TRIES", "FAILED");
+        for f in failed {
+            let error = f.last_error.as_deref().map(plain).unwrap_or_else(|| "-".into());
+            let error: String =
+                if error.chars().count() > 100 { error.chars().take(99).chain(['…']).collect() } else { error };
+            outln!(
+                "{:>8} {:<16} {:>5} {:<20}  {}",
+                f.id,
+                plain(&f.task_class),
+                f.attempts,
+                f.failed_at.format("%Y-%m-%d %H:%M:%S"),
+                error
+            );
+        }
+    }
+
     let instances = report::instances(conn)?;
     if !instances.is_empty() {
         outln!("\ninstances:");
-        outln!("{:<24} {:<16} {:>8} {:<20} {:<20} {:>8}", "NAME", "HOST", "PID", "STARTED", "LAST SEEN", "RUNNING");
+        outln!(
+            "{:<24} {:<16} {:>8} {:<20} {:<20} {:>8}  STATE",
+            "NAME",
+            "HOST",
+            "PID",
+            "STARTED",
+            "LAST SEEN",
+            "RUNNING"
+        );
         for i in instances {
             outln!(
-                "{:<24} {:<16} {:>8} {:<20} {:<20} {:>8}",
+                "{:<24} {:<16} {:>8} {:<20} {:<20} {:>8}  {}",
                 plain(&i.name),
                 plain(&i.host),
                 i.pid,
                 i.started_at.format("%Y-%m-%d %H:%M:%S"),
                 format!("{:.1} s ago", i.silent_for),
-                i.running
+                i.running,
+                if i.dead { "dead (silent past its lease; forgotten after ten)" } else { "live" }
             );
         }
     }
@@ -82,7 +116,9 @@ pub fn print_task(conn: &mut PgConnection, id: i64) -> anyhow::Result<()> {
         return Err(UsageError(format!("there is no task {id}")).into());
     };
     outln!("task {}: {}", task.id, plain(&task.task_class));
-    outln!("  status       {}", task.status);
+    // `stopped` is the series' word; other queues say succeeded (or completed).
+    let succeeded = if task.status == "stopped" { " (succeeded)" } else { "" };
+    outln!("  status       {}{succeeded}", task.status);
     outln!("  parameters   {}", plain(&task.task_parameters));
     outln!("  priority     {}", task.priority);
     outln!("  run at       {}", task.run_at);

@@ -194,7 +194,7 @@ fn engine_status_shows_a_task_with_every_attempt() {
     assert!(shown.contains("error: quota exceeded"), "{shown}");
 
     let overview = text(&engine(&db, &["status"]).stdout);
-    assert!(overview.lines().any(|l| l.starts_with("fail") && l.split_whitespace().nth(4) == Some("1")), "{overview}");
+    assert_eq!(state_counts(&overview, "fail").get("failed"), Some(&1), "{overview}");
 
     let missing = engine(&db, &["status", "--task", "999999"]);
     assert_eq!(missing.status.code(), Some(2));
@@ -484,4 +484,47 @@ fn engine_status_into_a_closed_pipe_exits_0_without_a_panic() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+/// The counts `engine status` shows for one type, by the column headers.
+fn state_counts(overview: &str, task_type: &str) -> std::collections::HashMap<String, i64> {
+    let mut lines = overview.lines();
+    let header: Vec<&str> = lines.next().expect("a header").split_whitespace().skip(1).collect();
+    let row = lines.find(|l| l.split_whitespace().next() == Some(task_type)).unwrap_or_else(|| panic!("{overview}"));
+    header.iter().map(|h| h.to_string()).zip(row.split_whitespace().skip(1).map(|n| n.parse().unwrap())).collect()
+}
+
+#[test]
+fn engine_status_tells_every_state_apart_lists_failed_tasks_and_marks_dead_instances() {
+    let db = TestDatabase::new();
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut db.connect(),
+        "INSERT INTO tasks (id, task_class, status, run_at, attempts) VALUES
+                 (1, 'echo', 'waiting',   now(),                    0),
+                 (2, 'echo', 'waiting',   now() + interval '1 hour', 0),
+                 (3, 'echo', 'waiting',   now() + interval '1 hour', 2),
+                 (4, 'echo', 'running',   now(),                    1),
+                 (5, 'echo', 'stopped',   now(),                    1),
+                 (6, 'echo', 'failed',    now(),                    2),
+                 (7, 'echo', 'cancelled', now(),                    0);
+             INSERT INTO task_executions (task_id, attempt, started_at, stopped_at, error, instance, worker) VALUES
+                 (6, 1, now(), now(), 'first: timeout', 'i', 0),
+                 (6, 2, now(), now(), 'second: quota exceeded', 'i', 0);
+             INSERT INTO task_engine_instances (name, host, pid, lease, last_seen_at) VALUES
+                 ('ghost', 'h', 1, interval '1 second', now() - interval '1 minute'),
+                 ('alive', 'h', 2, interval '30 seconds', now())",
+    )
+    .unwrap();
+    let out = engine(&db, &["status"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    let counts = state_counts(&shown, "echo");
+    for state in ["scheduled", "retrying", "waiting", "running", "succeeded", "failed", "cancelled"] {
+        assert_eq!(counts.get(state), Some(&1), "{state}: {shown}");
+    }
+    let failed = shown.lines().find(|l| l.trim_start().starts_with("6 ")).unwrap_or_else(|| panic!("{shown}"));
+    assert!(failed.contains("second: quota exceeded") && !failed.contains("first"), "{failed}");
+    let instance = |name: &str| shown.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{shown}"));
+    assert!(instance("ghost").contains("dead"), "{shown}");
+    assert!(instance("alive").contains("live"), "{shown}");
 }

@@ -17,18 +17,68 @@ pub struct StatusCount {
     /// The task type (`tasks.task_class`).
     #[diesel(sql_type = Text)]
     pub task_class: String,
+    /// The `status` column.
     #[diesel(sql_type = Text)]
     pub status: String,
+    /// What a person calls it: one of [`STATES`].
+    #[diesel(sql_type = Text)]
+    pub state: String,
     #[diesel(sql_type = BigInt)]
     pub count: i64,
 }
 
-/// Counts tasks by type and state, sorted by type then state.
+/// The states [`status_counts`] tells apart, in a task's order of life: `waiting`
+/// splits into `scheduled` (due later, never tried), `retrying` (due later after a
+/// failed or lost attempt) and `waiting` (due now); `stopped` is shown as `succeeded`,
+/// the word of the other queues.
+pub const STATES: [&str; 7] = ["scheduled", "retrying", "waiting", "running", "succeeded", "failed", "cancelled"];
+
+/// Counts tasks by type and state ([`STATES`]), sorted by type then state. Reads the
+/// whole table.
 pub fn status_counts(conn: &mut PgConnection) -> Result<Vec<StatusCount>, Error> {
     Ok(diesel::sql_query(
-        "SELECT task_class, status, count(*) AS count FROM tasks
-         GROUP BY task_class, status ORDER BY task_class, status",
+        "SELECT task_class, status,
+                CASE WHEN status = 'waiting' AND run_at > now() AND attempts > 0 THEN 'retrying'
+                     WHEN status = 'waiting' AND run_at > now() THEN 'scheduled'
+                     WHEN status = 'stopped' THEN 'succeeded'
+                     ELSE status END AS state,
+                count(*) AS count
+         FROM tasks
+         GROUP BY 1, 2, 3 ORDER BY 1, 3",
     )
+    .load(conn)?)
+}
+
+/// A task that failed for good, with its last attempt's error.
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+pub struct FailedTask {
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+    #[diesel(sql_type = Text)]
+    pub task_class: String,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pub attempts: i32,
+    /// When it failed.
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    pub failed_at: DateTime<Utc>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub last_error: Option<String>,
+}
+
+/// The `limit` tasks that failed last, newest first, each with its last attempt's
+/// error. Reads the whole table (there is no index on failed tasks).
+pub fn failed_tasks(conn: &mut PgConnection, limit: i64) -> Result<Vec<FailedTask>, Error> {
+    Ok(diesel::sql_query(
+        "SELECT t.id, t.task_class, t.attempts, t.updated_at AS failed_at, e.error AS last_error
+         FROM tasks t
+         LEFT JOIN LATERAL (
+             SELECT x.error FROM task_executions x WHERE x.task_id = t.id ORDER BY x.attempt DESC, x.id DESC LIMIT 1
+         ) e ON true
+         WHERE t.status = 'failed'
+         ORDER BY t.updated_at DESC, t.id DESC
+         LIMIT $1",
+    )
+    .bind::<BigInt, _>(limit)
     .load(conn)?)
 }
 
@@ -191,6 +241,10 @@ pub struct InstanceRow {
     /// Seconds since its last heartbeat, on the server's clock.
     #[diesel(sql_type = Double)]
     pub silent_for: f64,
+    /// Silent for longer than its lease: taken for dead, its tasks rescued; its row
+    /// is removed after ten leases.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub dead: bool,
     #[diesel(sql_type = BigInt)]
     pub running: i64,
 }
@@ -200,6 +254,7 @@ pub fn instances(conn: &mut PgConnection) -> Result<Vec<InstanceRow>, Error> {
     Ok(diesel::sql_query(
         "SELECT i.name, i.host, i.pid, i.started_at, i.last_seen_at,
                 extract(epoch FROM now() - i.last_seen_at)::float8 AS silent_for,
+                i.lease IS NOT NULL AND i.last_seen_at < now() - i.lease AS dead,
                 (SELECT count(*) FROM tasks t WHERE t.status = 'running' AND t.instance = i.name) AS running
          FROM task_engine_instances i ORDER BY i.name",
     )
