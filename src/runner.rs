@@ -66,6 +66,13 @@ pub struct EngineStats {
     pub completion_batches: u64,
     /// Times the completer failed to record a batch (and tried again).
     pub completion_failures: u64,
+    /// Attempts recorded as succeeded.
+    pub succeeded: u64,
+    /// Attempts recorded as failed, to be tried again.
+    pub retried: u64,
+    /// Attempts recorded as failed for good (a permanent error, the last attempt, a
+    /// cancel).
+    pub failed: u64,
     /// Whether the instance holds the stripes that make inserts notify (it is idle).
     pub marked_idle: bool,
     /// Tasks claimed.
@@ -498,6 +505,9 @@ impl RunningEngine {
             completions: read(&completer.completions),
             completion_batches: read(&completer.batches),
             completion_failures: read(&completer.failures),
+            succeeded: read(&completer.succeeded),
+            retried: read(&completer.retried),
+            failed: read(&completer.failed),
             marked_idle: producer.marked_idle.load(Ordering::SeqCst),
             claimed_tasks: read(&producer.claimed_tasks),
             vacuums: read(&vacuum.vacuums),
@@ -517,18 +527,26 @@ impl RunningEngine {
     /// recorded.
     pub fn shutdown(self) {
         self.stop_handle().stop();
-        self.join();
+        let _ = self.join();
     }
 
-    /// Waits for the instance's threads to end (after a stop).
+    /// Waits for the instance's threads to end (after a stop), and returns its counters
+    /// as they end.
     ///
     /// In order: the producer (it gives back the tasks no worker started), the workers
     /// (they finish their tasks), the completer (it records every outcome, and ends
     /// with the last worker), the listener, the scheduler and the vacuum; last the
     /// heartbeat, which kept the instance alive through all that (its attempts are
     /// never taken for lost while they run) and now removes its row.
-    pub fn join(self) {
-        let Threads { producer, workers, completer, others, heartbeat } = self.threads;
+    pub fn join(mut self) -> EngineStats {
+        let stats = self.stats_when_ended();
+        log::info!("instance {} stopped", self.instance);
+        stats
+    }
+
+    /// Joins the threads and reads the counters once they have all ended.
+    fn stats_when_ended(&mut self) -> EngineStats {
+        let Threads { producer, workers, completer, others, heartbeat } = std::mem::take(&mut self.threads);
         join_all(producer);
         join_all(workers);
         join_all(completer);
@@ -536,7 +554,7 @@ impl RunningEngine {
         // Every attempt is recorded: the instance can go.
         self.retired.stop();
         join_all(heartbeat);
-        log::info!("instance {} stopped", self.instance);
+        self.stats()
     }
 }
 

@@ -110,6 +110,10 @@ pub enum Command {
         /// for other instances.
         #[arg(long, env = "TASK_ENGINE_MAX_QUEUE_WAIT", value_parser = max_queue_wait, default_value = "1s")]
         max_queue_wait: Duration,
+        /// How often to log a summary line (attempts recorded, their outcomes, the
+        /// rate); one more comes at the stop.
+        #[arg(long, env = "TASK_ENGINE_SUMMARY_EVERY", value_parser = summary_every, default_value = "1m")]
+        summary_every: Duration,
     },
     /// Shows tasks by type and status and the latest executions, or one task's history.
     Status {
@@ -238,7 +242,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { workers, instance, poll_interval, lease, claim_buffer, max_queue_wait } => {
+        Command::Run { workers, instance, poll_interval, lease, claim_buffer, max_queue_wait, summary_every } => {
             let workers = usize::from(workers);
             let db = Database::open(cli.database_url, &cli.data_dir)?;
             db.connect_migrated()?;
@@ -250,8 +254,25 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 .claim_buffer(claim_buffer.saturating_mul(workers))
                 .max_queue_wait(max_queue_wait)
                 .start()?;
-            stop_on_signals(engine.stop_handle())?;
-            engine.join();
+            let (stopped, stop_heard) = std::sync::mpsc::channel();
+            stop_on_signals(engine.stop_handle(), stopped)?;
+            let started = std::time::Instant::now();
+            let mut last = (started, task_engine::EngineStats::default());
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop_heard.recv_timeout(summary_every) {
+                let now = (std::time::Instant::now(), engine.stats());
+                log::info!(
+                    "instance {}: last {:.0?}: {}",
+                    engine.instance(),
+                    now.0 - last.0,
+                    summary(&last.1, &now.1, now.0 - last.0)
+                );
+                last = now;
+            }
+            let name = engine.instance().to_owned();
+            let end = engine.join();
+            let ran = started.elapsed();
+            let zero = task_engine::EngineStats::default();
+            log::info!("instance {name} ran {:.0?}: {}", ran, summary(&zero, &end, ran));
             Ok(())
         }
         Command::Status { task, recent } => {
@@ -291,7 +312,31 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
 
 /// Starts the signal thread: the first SIGINT or SIGTERM stops the instance
 /// gracefully, a second one exits at once.
-fn stop_on_signals(stop: task_engine::StopHandle) -> anyhow::Result<()> {
+/// What an instance recorded between two readings of its counters, for a person.
+fn summary(before: &task_engine::EngineStats, after: &task_engine::EngineStats, over: Duration) -> String {
+    let recorded = after.completions - before.completions;
+    let rate = recorded as f64 / over.as_secs_f64().max(1e-9);
+    format!(
+        "{recorded} attempts recorded ({rate:.1}/s): {} succeeded, {} failed and to be retried, {} failed for good; \
+         {} tasks given back, {} rescued from dead instances",
+        after.succeeded - before.succeeded,
+        after.retried - before.retried,
+        after.failed - before.failed,
+        after.given_back - before.given_back,
+        after.rescued - before.rescued,
+    )
+}
+
+/// `--summary-every`: at least a second.
+fn summary_every(text: &str) -> Result<Duration, String> {
+    let every = duration::parse(text)?;
+    if every < Duration::from_secs(1) {
+        return Err("the summary comes at most every 1s".into());
+    }
+    Ok(every)
+}
+
+fn stop_on_signals(stop: task_engine::StopHandle, stopped: std::sync::mpsc::Sender<()>) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("could not install signal handlers")?;
@@ -304,6 +349,7 @@ fn stop_on_signals(stop: task_engine::StopHandle) -> anyhow::Result<()> {
                 if received == 1 {
                     log::info!("signal {signal} received: stopping (send it again to exit at once)");
                     stop.stop();
+                    let _ = stopped.send(());
                 } else {
                     log::warn!("second signal: exiting at once; tasks in flight will be rescued as lost");
                     std::process::exit(1);
@@ -346,4 +392,27 @@ fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     chrono::DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&chrono::Utc))
         .map_err(|e| format!("not an RFC 3339 time (e.g. 2026-12-01T09:00:00Z): {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_says_what_was_recorded_between_two_readings() {
+        let before = task_engine::EngineStats { completions: 10, succeeded: 9, failed: 1, ..Default::default() };
+        let after = task_engine::EngineStats {
+            completions: 130,
+            succeeded: 115,
+            retried: 4,
+            failed: 11,
+            given_back: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            summary(&before, &after, Duration::from_secs(60)),
+            "120 attempts recorded (2.0/s): 106 succeeded, 4 failed and to be retried, 10 failed for good; \
+             2 tasks given back, 0 rescued from dead instances"
+        );
+    }
 }

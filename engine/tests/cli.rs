@@ -160,6 +160,9 @@ fn engine_run_works_through_the_queue_and_exits_0_on_sigterm() {
     let listed: Vec<&str> = types_line.split("task types: ").nth(1).unwrap().split(", ").collect();
     assert!(TASKS_CRATE_TYPES.iter().all(|t| listed.contains(t)), "{types_line}");
     assert!(stderr.contains("instance cli-run stopped"), "{stderr}");
+    // Success is not silent: the stop says what the instance did.
+    let summary = stderr.lines().find(|l| l.contains("instance cli-run ran")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(summary.contains("20 attempts recorded") && summary.contains("20 succeeded"), "{summary}");
     let instances: Vec<String> = task_executions::table.select(task_executions::instance).load(&mut conn).unwrap();
     assert!(instances.iter().all(|i| i == "cli-run"));
     let registered: i64 =

@@ -55,6 +55,10 @@ pub(crate) struct Stats {
     pub failures: AtomicU64,
     /// Outcomes the database refused, recorded with their text escaped.
     pub replaced: AtomicU64,
+    /// Recorded outcomes, by kind.
+    pub succeeded: AtomicU64,
+    pub retried: AtomicU64,
+    pub failed: AtomicU64,
 }
 
 /// Where outcomes wait to be recorded.
@@ -352,6 +356,12 @@ impl Recorder<'_> {
         stats.batches.fetch_add(1, Ordering::Relaxed);
         self.forget(batch);
         for completion in batch {
+            let kind = match completion.outcome {
+                Outcome::Succeeded(_) => &stats.succeeded,
+                Outcome::Retry { .. } => &stats.retried,
+                Outcome::Failed(_) => &stats.failed,
+            };
+            kind.fetch_add(1, Ordering::Relaxed);
             if let Some(at) = match &completion.outcome {
                 Outcome::Retry { delay, .. } => Instant::now().checked_add(*delay),
                 _ => None,
