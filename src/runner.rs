@@ -396,7 +396,7 @@ impl Runner {
             database_url: self.database_url,
             task_types,
             handoff: Arc::clone(&handoff),
-            in_flight,
+            in_flight: Arc::clone(&in_flight),
             timer,
             alive: Arc::clone(&alive),
             shutdown: shutdown.clone(),
@@ -406,8 +406,16 @@ impl Runner {
         };
         threads.push(("producer".into(), Group::Producer, Box::new(move || producer::run(input))));
 
-        let mut engine =
-            RunningEngine { instance, shutdown, retired, alive, handoff, stats, threads: Threads::default() };
+        let mut engine = RunningEngine {
+            instance,
+            shutdown,
+            retired,
+            alive,
+            handoff,
+            in_flight,
+            stats,
+            threads: Threads::default(),
+        };
         let mut pending = threads.into_iter();
         while let Some((name, group, body)) = pending.next() {
             if let Err(source) = engine.threads.spawn(&name, group, body) {
@@ -434,6 +442,8 @@ pub struct RunningEngine {
     retired: Shutdown,
     alive: Arc<Alive>,
     handoff: Arc<Handoff>,
+    /// The tasks claimed here and not yet recorded, for the stop's message.
+    in_flight: Arc<InFlight>,
     stats: Stats,
     threads: Threads,
 }
@@ -520,7 +530,11 @@ impl RunningEngine {
     /// Returns a handle that stops the instance from another thread (a signal handler,
     /// say).
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle { instance: self.instance.clone(), shutdown: self.shutdown.clone() }
+        StopHandle {
+            instance: self.instance.clone(),
+            shutdown: self.shutdown.clone(),
+            in_flight: Arc::clone(&self.in_flight),
+        }
     }
 
     /// Stops claiming and waits until the tasks in flight have finished and been
@@ -563,13 +577,29 @@ impl RunningEngine {
 pub struct StopHandle {
     instance: String,
     shutdown: Shutdown,
+    in_flight: Arc<InFlight>,
 }
 
 impl StopHandle {
-    /// Asks the instance to stop; returns at once.
+    /// Asks the instance to stop; returns at once. Says in the log which tasks it
+    /// waits for.
     pub fn stop(&self) {
         if self.shutdown.stop() {
-            log::info!("instance {} stopping: finishing the tasks in flight", self.instance);
+            let mut ids = self.in_flight.ids();
+            ids.sort_unstable();
+            if ids.is_empty() {
+                log::info!("instance {} stopping: no task in flight", self.instance);
+            } else {
+                let shown: Vec<String> = ids.iter().take(20).map(i64::to_string).collect();
+                let more = if ids.len() > 20 { format!(" and {} more", ids.len() - 20) } else { String::new() };
+                log::info!(
+                    "instance {} stopping: waiting for the {} task(s) in flight to finish and be recorded (ids {}{more}; \
+                     those no worker has started go back to the queue)",
+                    self.instance,
+                    ids.len(),
+                    shown.join(", ")
+                );
+            }
         }
     }
 }

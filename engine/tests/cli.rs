@@ -531,3 +531,25 @@ fn engine_status_tells_every_state_apart_lists_failed_tasks_and_marks_dead_insta
     assert!(instance("ghost").contains("dead"), "{shown}");
     assert!(instance("alive").contains("live"), "{shown}");
 }
+
+#[test]
+fn a_graceful_stop_says_which_tasks_it_waits_for() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let id = text(&engine(&db, &["enqueue", "sleep", "--params", r#"{"ms": 1500}"#]).stdout).trim().to_owned();
+    let child = spawn_engine_run(&db, &["--workers", "1", "--instance", "graceful"], Stdio::piped());
+    wait_until("the task runs", || count_in_status(&mut conn, "running") == 1);
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let stopping =
+        stderr.lines().find(|l| l.contains("instance graceful stopping")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        stopping.contains("waiting for the 1 task(s) in flight") && stopping.contains(&format!("(ids {id};")),
+        "{stopping}"
+    );
+    // Finished, or given back if the stop came before its worker took it: not left running.
+    assert_eq!(count_in_status(&mut conn, "running"), 0, "{stderr}");
+}
