@@ -3,6 +3,8 @@
 //! summary read back from `task_executions`.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -19,6 +21,12 @@ pub fn run(database_url: Option<String>, data_dir: &Path, registry: Registry, wo
 }
 
 fn run_on(db: &Database, registry: Registry, workers: usize) -> anyhow::Result<()> {
+    // SIGINT or SIGTERM stops the demo as `engine run` stops: its instance finishes the
+    // tasks in flight and removes its row, and the embedded cluster is stopped.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&interrupted)).context("could not install signal handlers")?;
+    }
     let mut conn = db.connect_migrated()?;
     let mix = mix(&registry)?;
     let ids = task_engine::enqueue_many(&mut conn, &mix)?;
@@ -29,6 +37,9 @@ fn run_on(db: &Database, registry: Registry, workers: usize) -> anyhow::Result<(
     let engine = Runner::new(db.url(), registry).workers(workers).instance("demo").start()?;
     // Wait until each of our tasks has ended; give up after a minute.
     let outcome = loop {
+        if interrupted.load(Ordering::SeqCst) {
+            break Err(anyhow::anyhow!("interrupted: the demo stopped its instance; its tasks stay in the database"));
+        }
         let unfinished =
             report::unfinished_tasks(&mut conn, first..=last).context("could not follow the demo's tasks")?;
         if unfinished == 0 {

@@ -553,3 +553,31 @@ fn a_graceful_stop_says_which_tasks_it_waits_for() {
     // Finished, or given back if the stop came before its worker took it: not left running.
     assert_eq!(count_in_status(&mut conn, "running"), 0, "{stderr}");
 }
+
+#[test]
+fn the_demo_stops_its_instance_on_sigint_and_leaves_no_row_behind() {
+    use std::io::BufRead as _;
+    let db = TestDatabase::new();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(["demo"])
+        .env("DATABASE_URL", db.url())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.starts_with("enqueued"), "{first}");
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let registered: i64 = diesel::sql_query("SELECT count(*) AS n FROM task_engine_instances")
+        .get_result::<N>(&mut db.connect())
+        .unwrap()
+        .n;
+    assert_eq!(registered, 0, "the demo's instance left its row");
+}
