@@ -16,6 +16,18 @@ fn engine(db: &TestDatabase, args: &[&str]) -> Output {
         .expect("engine runs")
 }
 
+/// Starts `engine` with `args` on `db`, in the background, its output piped.
+fn spawn_engine(db: &TestDatabase, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("engine starts")
+}
+
 /// Starts `engine run` with `args` on `db`, in the background.
 fn spawn_engine_run(db: &TestDatabase, args: &[&str], stderr: Stdio) -> Child {
     Command::new(env!("CARGO_BIN_EXE_engine"))
@@ -472,14 +484,7 @@ fn engine_status_into_a_closed_pipe_exits_0_without_a_panic() {
     let db = TestDatabase::new();
     engine(&db, &["enqueue", "noop", "--count", "3"]);
     for args in [&["status"][..], &["status", "--task", "1"], &["tasks"]] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_engine"))
-            .args(args)
-            .env("DATABASE_URL", db.url())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_engine(&db, args);
         // The reader is gone before the first line, as with `| head -0`.
         drop(child.stdout.take());
         let out = child.wait_with_output().unwrap();
@@ -558,14 +563,7 @@ fn a_graceful_stop_says_which_tasks_it_waits_for() {
 fn the_demo_stops_its_instance_on_sigint_and_leaves_no_row_behind() {
     use std::io::BufRead as _;
     let db = TestDatabase::new();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(["demo"])
-        .env("DATABASE_URL", db.url())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_engine(&db, &["demo"]);
     let mut first = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
     assert!(first.starts_with("enqueued"), "{first}");
