@@ -38,6 +38,10 @@ pub enum Command {
     Migrate,
     /// Lists the registered task types.
     Tasks,
+    /// Prints the database's URL (the embedded cluster's, started if it was not
+    /// running, and left running; or `DATABASE_URL`, its password hidden), for psql or
+    /// your own program.
+    DbUrl,
     /// Enqueues tasks: prints the new task's id, or, with `--count`, how many were
     /// inserted and their ids' range (every id with `--ids`).
     Enqueue {
@@ -191,6 +195,11 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             for entry in registry.entries() {
                 outln!("{}\t{}\tmax attempts {}", entry.name(), entry.rust_type(), entry.max_attempts());
             }
+            Ok(())
+        }
+        Command::DbUrl => {
+            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            outln!("{}", task_engine::redact_url(db.url()));
             Ok(())
         }
         Command::Migrate => {

@@ -40,17 +40,22 @@ impl Database {
         };
         let mut cluster = Cluster::init_or_open(&data_dir, options)?;
         let started_here = !cluster.is_running();
+        // The same port at every start of this directory (unless another server took
+        // it), so that a URL written down once keeps working.
+        cluster.prefer_port(preferred_port(&data_dir));
         cluster.start()?;
         cluster.create_database_if_missing(EMBEDDED_DATABASE)?;
+        let url = cluster.url(EMBEDDED_DATABASE);
         if started_here {
+            let as_postgres = if cluster.runs_as_postgres() { "runuser -u postgres -- " } else { "" };
             log::info!(
-                "embedded PostgreSQL started: {} on port {} (stop it with `pg_ctl -D {} stop`)",
+                "embedded PostgreSQL started: {} on port {}; its URL: {url}; psql: `{as_postgres}psql {url}`; \
+                 stop it with `{as_postgres}pg_ctl -D {} stop`",
                 data_dir.display(),
                 cluster.port(),
                 data_dir.display()
             );
         }
-        let url = cluster.url(EMBEDDED_DATABASE);
         Ok(Self { url, embedded: Some(Embedded { cluster, started_here }) })
     }
 
@@ -91,4 +96,15 @@ impl Database {
         }
         Ok(())
     }
+}
+
+/// A port in 20000-29999 that depends only on the data directory's path.
+fn preferred_port(data_dir: &Path) -> u16 {
+    // FNV-1a: the same value from one build (and Rust version) to the next.
+    let hash = data_dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    20_000 + (hash % 10_000) as u16
 }

@@ -579,3 +579,32 @@ fn the_demo_stops_its_instance_on_sigint_and_leaves_no_row_behind() {
         .n;
     assert_eq!(registered, 0, "the demo's instance left its row");
 }
+
+#[test]
+fn the_embedded_default_says_its_url_and_keeps_its_port_from_one_start_to_the_next() {
+    let dir = std::env::temp_dir().join(format!("task-engine-db-url-{}", std::process::id()));
+    let db_url = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_engine"))
+            .args(["--data-dir", dir.to_str().unwrap(), "db-url"])
+            .env_remove("DATABASE_URL")
+            .env_remove("TASK_ENGINE_DATA_DIR")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        (text(&out.stdout).trim().to_owned(), text(&out.stderr))
+    };
+    let stop = || {
+        let cluster =
+            pg_cluster::Cluster::init_or_open(&dir.join("pg"), pg_cluster::ClusterOptions::default()).unwrap();
+        cluster.stop().unwrap();
+    };
+    let (url, said) = db_url();
+    assert!(url.starts_with("postgres://postgres@127.0.0.1:") && url.ends_with("/task_engine"), "{url}");
+    assert!(said.contains(&format!("its URL: {url}")) && said.contains(&format!("psql {url}`")), "{said}");
+    PgConnection::establish(&url).expect("the printed URL connects");
+    stop();
+    let (again, _) = db_url();
+    stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(again, url, "the port changed from one start to the next");
+}

@@ -360,6 +360,19 @@ impl Cluster {
         }
     }
 
+    /// The port to try first at the next start, unless the server already runs (then
+    /// a free one, if it is taken).
+    pub fn prefer_port(&mut self, port: u16) {
+        if self.running_port().is_none() {
+            self.port = port;
+        }
+    }
+
+    /// Whether the server runs as the `postgres` user (we are root).
+    pub fn runs_as_postgres(&self) -> bool {
+        self.run_as.is_some()
+    }
+
     /// The port the server listens on.
     pub fn port(&self) -> u16 {
         self.port
