@@ -20,9 +20,11 @@ pub struct Cli {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
 
-    /// Where the embedded default keeps its PostgreSQL cluster (used without DATABASE_URL).
-    #[arg(long, env = "TASK_ENGINE_DATA_DIR", global = true, default_value = ".task_engine")]
-    pub data_dir: PathBuf,
+    /// Where the embedded default keeps its PostgreSQL cluster (used without
+    /// DATABASE_URL). Default: `.task_engine` in the nearest directory, from the current
+    /// one up, that holds one or the workspace's `Cargo.lock`, else here.
+    #[arg(long, env = "TASK_ENGINE_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
 
     /// Log level: off, error, warn, info, debug, trace.
     #[arg(long, env = "TASK_ENGINE_LOG", global = true, default_value = "info")]
@@ -190,6 +192,10 @@ pub fn route_panics_to_the_log() {
 
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
     let registry = Registry::from_inventory()?;
+    let data_dir = match &cli.data_dir {
+        Some(dir) => dir.clone(),
+        None => default_data_dir()?,
+    };
     match cli.command {
         Command::Tasks => {
             for entry in registry.entries() {
@@ -198,12 +204,12 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::DbUrl => {
-            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            let db = Database::open(cli.database_url, &data_dir)?;
             outln!("{}", task_engine::redact_url(db.url()));
             Ok(())
         }
         Command::Migrate => {
-            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            let db = Database::open(cli.database_url, &data_dir)?;
             let mut conn = db.connect()?;
             let applied = task_engine::run_migrations(&mut conn)?;
             if applied.is_empty() {
@@ -229,7 +235,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 task = task.max_attempts(max_attempts);
             }
             task.validate()?;
-            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            let db = Database::open(cli.database_url, &data_dir)?;
             let mut conn = db.connect_migrated()?;
             let ids = if count == 1 { vec![task.insert(&mut conn)?] } else { task.insert_copies(&mut conn, count)? };
             match (&ids[..], print_ids) {
@@ -253,7 +259,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run { workers, instance, poll_interval, lease, claim_buffer, max_queue_wait, summary_every } => {
             let workers = usize::from(workers);
-            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            let db = Database::open(cli.database_url, &data_dir)?;
             db.connect_migrated()?;
             let engine = Runner::new(db.url(), registry)
                 .workers(workers)
@@ -285,7 +291,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { task, recent } => {
-            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            let db = Database::open(cli.database_url, &data_dir)?;
             let mut conn = db.connect_migrated()?;
             match task {
                 Some(id) => status::print_task(&mut conn, id),
@@ -293,19 +299,19 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Retry { id } => {
-            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            let db = Database::open(cli.database_url, &data_dir)?;
             task_engine::retry(&mut db.connect_migrated()?, id)?;
             outln!("task {id} is waiting again");
             Ok(())
         }
         Command::Prune { older_than, batch } => {
-            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            let db = Database::open(cli.database_url, &data_dir)?;
             let deleted = task_engine::prune(&mut db.connect_migrated()?, older_than, batch)?;
             outln!("{deleted} finished task(s) deleted, with their executions");
             Ok(())
         }
         Command::Cancel { id } => {
-            let db = Database::open(cli.database_url, &cli.data_dir)?;
+            let db = Database::open(cli.database_url, &data_dir)?;
             match task_engine::cancel(&mut db.connect_migrated()?, id)? {
                 task_engine::Cancelled::Waiting => println!("task {id} cancelled: it will not run"),
                 task_engine::Cancelled::Running => println!(
@@ -314,13 +320,24 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Demo { workers } => demo::run(cli.database_url, &cli.data_dir, registry, workers),
-        Command::Bench(bench) => bench::run(bench, cli.database_url, &cli.data_dir),
+        Command::Demo { workers } => demo::run(cli.database_url, &data_dir, registry, workers),
+        Command::Bench(bench) => bench::run(bench, cli.database_url, &data_dir),
     }
 }
 
 /// Starts the signal thread: the first SIGINT or SIGTERM stops the instance
 /// gracefully, a second one exits at once.
+/// `.task_engine` in the nearest directory, from the current one up, that holds one or
+/// `Cargo.lock` (the workspace's root), else here: the commands find the same cluster
+/// from any directory of the workspace.
+fn default_data_dir() -> anyhow::Result<PathBuf> {
+    const NAME: &str = ".task_engine";
+    let here = std::env::current_dir().context("could not read the current directory")?;
+    // The first level up that has either: nothing above the workspace's root counts.
+    let home = here.ancestors().find(|d| d.join(NAME).is_dir() || d.join("Cargo.lock").is_file()).unwrap_or(&here);
+    Ok(home.join(NAME))
+}
+
 /// What an instance recorded between two readings of its counters, for a person.
 fn summary(before: &task_engine::EngineStats, after: &task_engine::EngineStats, over: Duration) -> String {
     let recorded = after.completions - before.completions;

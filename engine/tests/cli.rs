@@ -608,3 +608,31 @@ fn the_embedded_default_says_its_url_and_keeps_its_port_from_one_start_to_the_ne
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(again, url, "the port changed from one start to the next");
 }
+
+#[test]
+fn the_embedded_default_is_the_workspaces_from_any_of_its_directories() {
+    let root = std::env::temp_dir().join(format!("task-engine-workspace-{}", std::process::id()));
+    let sub = root.join("tasks").join("src");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(root.join("Cargo.lock"), "").unwrap();
+    let db_url = |dir: &std::path::Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_engine"))
+            .arg("db-url")
+            .current_dir(dir)
+            .env_remove("DATABASE_URL")
+            .env_remove("TASK_ENGINE_DATA_DIR")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_owned()
+    };
+    let from_below = db_url(&sub);
+    let from_root = db_url(&root);
+    let cluster =
+        pg_cluster::Cluster::init_or_open(&root.join(".task_engine/pg"), pg_cluster::ClusterOptions::default());
+    let made_below = sub.join(".task_engine").exists();
+    cluster.unwrap().stop().unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+    assert!(!made_below, "a second cluster was made in a subdirectory");
+    assert_eq!(from_below, from_root, "the root and a subdirectory saw different clusters");
+}
