@@ -285,6 +285,9 @@ impl Runner {
     /// then if the database cannot be reached or the instance's name is in use.
     pub fn start(self) -> Result<RunningEngine, Error> {
         self.check()?;
+        if let Some(warning) = unheard_warning(log::max_level()) {
+            eprintln!("{warning}");
+        }
         let instance = self.instance.unwrap_or_else(default_instance_name);
         let task_types = self.registry.names();
         let pool = match self.pool {
@@ -610,5 +613,28 @@ fn join_all(handles: Vec<JoinHandle<()>>) {
         if handle.join().is_err() {
             log::error!("{name} ended by a panic outside any task");
         }
+    }
+}
+
+/// What to say, once, when nothing would hear the engine's log: a task failing for good
+/// would otherwise pass in silence. `Off` is the level of a program with no logger.
+fn unheard_warning(level: log::LevelFilter) -> Option<&'static str> {
+    (level == log::LevelFilter::Off).then_some(
+        "task_engine: no logger is installed (log::max_level() is Off), so failed tasks, lost \
+         connections and rescues will not be reported; install a `log` backend (env_logger, \
+         fern, ...) before Runner::start",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unheard_warning;
+    use log::LevelFilter;
+
+    #[test]
+    fn a_program_without_a_logger_is_told_once_at_start() {
+        assert!(unheard_warning(LevelFilter::Off).is_some_and(|w| w.contains("no logger is installed")));
+        assert_eq!(unheard_warning(LevelFilter::Error), None);
+        assert_eq!(unheard_warning(LevelFilter::Trace), None);
     }
 }

@@ -254,3 +254,31 @@ fn the_readme_layout_names_every_source_file_in_its_directory() {
         assert_eq!(named, &files, "the README's layout of {dir:?} differs from the tree");
     }
 }
+
+/// The README's recipe, step by step, holds for the project's own task crate: `tasks/`
+/// is the recipe's example, built and tested with everything else.
+#[test]
+fn every_task_crate_follows_the_recipe() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let recipe = readme.split("\n## Adding a task crate\n").nth(1).unwrap().split("\n## ").next().unwrap();
+    let read = |path: &str| std::fs::read_to_string(root().join(path)).unwrap();
+    let manifest = read("tasks/Cargo.toml");
+    let dependencies = manifest.split("[dependencies]\n").nth(1).unwrap().split("\n[").next().unwrap();
+
+    // 1. the dependencies the recipe names (each `name.workspace = true` in backquotes)
+    let named: Vec<&str> = recipe.split('`').filter(|s| s.ends_with(".workspace = true")).collect();
+    assert!(named.len() >= 3, "the recipe names its dependencies: {named:?}");
+    for line in named {
+        assert!(dependencies.lines().any(|l| l.trim() == line), "tasks/Cargo.toml lacks {line:?}");
+    }
+    // 2. a member, and a default member
+    let workspace = read("Cargo.toml");
+    for table in ["members", "default-members"] {
+        let list = workspace.split(&format!("\n{table} = [")).nth(1).unwrap().split(']').next().unwrap();
+        assert!(list.split(',').any(|m| m.trim() == "\"tasks\""), "tasks is not in {table}");
+    }
+    // 3. a dependency of `engine`
+    assert!(read("engine/Cargo.toml").lines().any(|l| l.starts_with("tasks")), "engine does not depend on tasks");
+    // 4. `pub fn link() {}`
+    assert!(read("tasks/src/lib.rs").contains("\npub fn link() {}\n"), "tasks has no `pub fn link() {{}}`");
+}

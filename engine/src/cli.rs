@@ -261,6 +261,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             let workers = usize::from(workers);
             let db = Database::open(cli.database_url, &data_dir)?;
             db.connect_migrated()?;
+            log::info!("task crates linked in: {}", crate::task_crates::TASK_CRATES.join(", "));
             let engine = Runner::new(db.url(), registry)
                 .workers(workers)
                 .instance(instance.unwrap_or_else(task_engine::default_instance_name))

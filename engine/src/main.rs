@@ -9,6 +9,11 @@ mod demo;
 mod duration;
 mod status;
 
+/// `TASK_CRATES` and `link_task_crates()`, written by build.rs.
+mod task_crates {
+    include!(concat!(env!("OUT_DIR"), "/task_crates.rs"));
+}
+
 use std::fmt;
 use std::process::ExitCode;
 
@@ -39,9 +44,8 @@ macro_rules! outln {
 pub(crate) use outln;
 
 fn main() -> ExitCode {
-    // Reference every task crate, or the linker may drop its registrations. Add one
-    // line here for each task crate you add to the workspace.
-    tasks::link();
+    // Every task crate this package depends on (build.rs lists them).
+    task_crates::link_task_crates();
 
     let cli = Cli::parse();
     cli::setup_logging(&cli);
