@@ -57,6 +57,8 @@ pub struct NewTask {
     run_at: Option<DateTime<Utc>>,
     delay: Duration,
     max_attempts: i32,
+    queue: String,
+    key: String,
 }
 
 impl NewTask {
@@ -64,17 +66,17 @@ impl NewTask {
     pub fn new<T: Task>(task: &T) -> Result<Self, Error> {
         let parameters =
             serde_json::to_value(task).map_err(|source| Error::Serialization { task_type: T::NAME, source })?;
-        Ok(Self::unchecked(T::NAME, parameters, T::MAX_ATTEMPTS))
+        Ok(Self::unchecked(T::NAME, parameters, T::MAX_ATTEMPTS, T::QUEUE))
     }
 
     /// Describes a task given by type name and JSON parameters, checked against the
     /// registry: an unknown type or parameters that do not fit are refused.
     pub fn from_json(registry: &Registry, task_type: &str, parameters: serde_json::Value) -> Result<Self, Error> {
         let entry = registry.check(task_type, &parameters)?;
-        Ok(Self::unchecked(entry.name(), parameters, entry.max_attempts()))
+        Ok(Self::unchecked(entry.name(), parameters, entry.max_attempts(), entry.queue()))
     }
 
-    fn unchecked(task_type: &str, parameters: serde_json::Value, max_attempts: i32) -> Self {
+    fn unchecked(task_type: &str, parameters: serde_json::Value, max_attempts: i32, queue: &str) -> Self {
         // A type declaring fewer than one attempt still gets one.
         let max_attempts = max_attempts.max(1);
         Self {
@@ -84,7 +86,24 @@ impl NewTask {
             run_at: None,
             delay: Duration::ZERO,
             max_attempts,
+            queue: queue.to_owned(),
+            key: String::new(),
         }
+    }
+
+    /// Puts the task in `queue` instead of its type's ([`Task::QUEUE`], by default
+    /// `default`): 1 to 200 bytes.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// Gives the task a key for fair dispatch within its queue (a tenant, a customer):
+    /// keys are served in turn, and a queue's limit per key bounds how many tasks of
+    /// one key run at once. Default: none (`""`).
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = key.into();
+        self
     }
 
     /// Sets the priority: higher runs first (default 0).
@@ -127,14 +146,29 @@ impl NewTask {
             run_at: self.run_at,
             delay_us: micros(self.delay),
             max_attempts: self.max_attempts,
+            queue: &self.queue,
+            key: &self.key,
         }
     }
 
     /// Checks that the database can store the task: no NUL character in its parameters
-    /// (neither `jsonb` nor `text` can hold one), a due time within PostgreSQL's range.
+    /// (neither `jsonb` nor `text` can hold one), nor in its key, a queue name of 1 to 200
+    /// bytes, a due time within PostgreSQL's range.
     /// Inserting calls it first; call it yourself to refuse bad input before anything
     /// else happens.
     pub fn validate(&self) -> Result<(), Error> {
+        if self.queue.is_empty() || self.queue.len() > 200 || self.queue.contains('\0') {
+            return Err(Error::InvalidValue(format!(
+                "the queue of a task of type `{}` must be 1 to 200 bytes without NUL, not {:?}",
+                self.task_type, self.queue
+            )));
+        }
+        if self.key.contains('\0') {
+            return Err(Error::InvalidValue(format!(
+                "the key of a task of type `{}` holds a NUL character, which PostgreSQL cannot store",
+                self.task_type
+            )));
+        }
         if let Some(path) = nul_in(&self.parameters, "$") {
             return Err(Error::InvalidValue(format!(
                 "the parameters of task type `{}` hold a NUL character (at {path}), which PostgreSQL cannot store",

@@ -2,8 +2,8 @@
 
 // The map. What a task crate writes: `task` (the trait, its errors, the macro),
 // `context` (what a running task sees). What a program calls: `registry` (the types it
-// runs), `enqueue`, `admin` (retry, cancel, prune), `runner` (start and stop an
-// instance). Inside: `instance` (the threads of a running instance, one part a file)
+// runs), `enqueue`, `admin` (retry, cancel, prune), `queue` (pause, limits), `runner`
+// (start and stop an instance). Inside: `instance` (the threads of a running instance, one part a file)
 // and `db` (every SQL statement, and diesel's schema and models); `error` for all.
 
 mod admin;
@@ -12,6 +12,7 @@ mod db;
 mod enqueue;
 mod error;
 mod instance;
+mod queue;
 mod registry;
 mod runner;
 mod task;
@@ -23,9 +24,10 @@ pub use db::migrate::{pending_migrations, run_migrations};
 pub use db::{models, report, schema};
 pub use enqueue::{enqueue, enqueue_many, NewTask};
 pub use error::Error;
+pub use queue::{pause_queue, resume_queue, set_queue_concurrency, set_queue_key_limit, set_queue_rate_limit};
 pub use registry::{Registry, TaskEntry};
 pub use runner::{default_instance_name, EngineStats, Runner, RunningEngine, StopHandle};
-pub use task::{default_retry_delay, Task, TaskError};
+pub use task::{default_retry_delay, Task, TaskError, DEFAULT_QUEUE};
 
 #[doc(hidden)]
 pub use inventory as __inventory;

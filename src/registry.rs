@@ -16,6 +16,7 @@ pub struct TaskEntry {
     name: &'static str,
     rust_type: &'static str,
     max_attempts: i32,
+    queue: &'static str,
     retry_delay: fn(i32) -> Duration,
     check: fn(&serde_json::Value) -> Result<(), serde_json::Error>,
     run: fn(&str, &TaskContext) -> Result<serde_json::Value, RunFailure>,
@@ -31,6 +32,7 @@ impl TaskEntry {
             name: T::NAME,
             rust_type,
             max_attempts: T::MAX_ATTEMPTS,
+            queue: T::QUEUE,
             retry_delay: T::retry_delay,
             check: check_parameters::<T>,
             run: run_erased::<T>,
@@ -50,6 +52,11 @@ impl TaskEntry {
     /// Returns the type's default number of attempts.
     pub fn max_attempts(&self) -> i32 {
         self.max_attempts
+    }
+
+    /// Returns the queue its tasks go to unless their enqueue says otherwise.
+    pub fn queue(&self) -> &'static str {
+        self.queue
     }
 
     /// Returns the wait before the attempt after failed attempt `attempt`.

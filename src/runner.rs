@@ -14,11 +14,13 @@ use crate::error::Error;
 use crate::instance::handoff::Handoff;
 use crate::instance::heartbeat::{self, Alive, Heartbeat};
 use crate::instance::in_flight::InFlight;
+use crate::instance::lanes::{Lane, Lanes};
 use crate::instance::listener::{self, Listener};
 use crate::instance::scheduler::{self, Timer};
 use crate::instance::shutdown::Shutdown;
 use crate::instance::{completer, producer, vacuum, worker};
 use crate::registry::Registry;
+use crate::task::DEFAULT_QUEUE;
 
 /// Returns the instance name used when none is given: host name and process id.
 pub fn default_instance_name() -> String {
@@ -106,6 +108,8 @@ pub struct Runner {
     registry: Registry,
     instance: Option<String>,
     workers: usize,
+    /// The queues and their workers; none: [`DEFAULT_QUEUE`] with `workers`.
+    queues: Vec<(String, usize)>,
     poll_interval: Duration,
     max_queue_wait: Duration,
     lease: Duration,
@@ -155,6 +159,7 @@ impl Runner {
             registry,
             instance: None,
             workers: Self::DEFAULT_WORKERS,
+            queues: Vec::new(),
             poll_interval: Self::DEFAULT_POLL_INTERVAL,
             max_queue_wait: Self::DEFAULT_MAX_QUEUE_WAIT,
             lease: Self::DEFAULT_LEASE,
@@ -232,10 +237,30 @@ impl Runner {
         self
     }
 
-    /// Sets the number of worker threads (1 to [`Runner::MAX_WORKERS`]).
+    /// Sets the number of worker threads (1 to [`Runner::MAX_WORKERS`]) of the queue
+    /// `default`, which the instance runs unless [`Runner::queue`] names others.
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = workers;
         self
+    }
+
+    /// Runs `queue` with `workers` worker threads of its own (at least 1): at most that
+    /// many of its tasks run here at once. Once called, the instance runs the queues
+    /// named this way and no other (name `default` to keep it); [`Runner::workers`]
+    /// no longer counts. The queues' workers add up to at most
+    /// [`Runner::MAX_WORKERS`].
+    pub fn queue(mut self, queue: impl Into<String>, workers: usize) -> Self {
+        self.queues.push((queue.into(), workers));
+        self
+    }
+
+    /// The queues this instance runs, with their workers.
+    fn lanes(&self) -> Vec<(String, usize)> {
+        if self.queues.is_empty() {
+            vec![(DEFAULT_QUEUE.to_owned(), self.workers)]
+        } else {
+            self.queues.clone()
+        }
     }
 
     /// Sets how long an idle worker sleeps before looking for work unprompted (at
@@ -250,6 +275,21 @@ impl Runner {
         let refuse = |setting, reason: String| Err(Error::InvalidSetting { setting, reason });
         if !(1..=Self::MAX_WORKERS).contains(&self.workers) {
             return refuse("workers", format!("{} workers: from 1 to {}", self.workers, Self::MAX_WORKERS));
+        }
+        for (index, (queue, workers)) in self.queues.iter().enumerate() {
+            if queue.is_empty() || queue.len() > 200 || queue.chars().any(char::is_control) {
+                return refuse("queue", format!("{queue:?}: 1 to 200 bytes, without control characters"));
+            }
+            if *workers == 0 {
+                return refuse("queue", format!("{queue}: 0 workers: at least 1"));
+            }
+            if self.queues[..index].iter().any(|(q, _)| q == queue) {
+                return refuse("queue", format!("{queue}: named twice"));
+            }
+        }
+        let total: usize = self.queues.iter().map(|(_, w)| *w).sum();
+        if total > Self::MAX_WORKERS {
+            return refuse("queue", format!("{total} workers in all: at most {}", Self::MAX_WORKERS));
         }
         if self.poll_interval < Self::MIN_POLL_INTERVAL {
             return refuse(
@@ -288,12 +328,14 @@ impl Runner {
         if let Some(warning) = unheard_warning(log::max_level()) {
             eprintln!("{warning}");
         }
-        let instance = self.instance.unwrap_or_else(default_instance_name);
+        let lanes = self.lanes();
+        let workers: usize = lanes.iter().map(|(_, w)| *w).sum();
+        let instance = self.instance.clone().unwrap_or_else(default_instance_name);
         let task_types = self.registry.names();
         let pool = match self.pool {
             Some(pool) => pool,
             // The scheduler, the tasks' own queries, and a spare.
-            None => connection_pool(&self.database_url, u32::try_from(self.workers + 2).unwrap_or(u32::MAX))?,
+            None => connection_pool(&self.database_url, u32::try_from(workers + 2).unwrap_or(u32::MAX))?,
         };
         {
             let mut conn = pool.get()?;
@@ -307,17 +349,29 @@ impl Runner {
                 )));
             }
         }
-        let buffer = self.buffer.unwrap_or(Self::DEFAULT_BUFFER_PER_WORKER.saturating_mul(self.workers));
+        let buffer = self.buffer.unwrap_or(Self::DEFAULT_BUFFER_PER_WORKER.saturating_mul(workers));
         let shutdown = Shutdown::default();
         // The heartbeat's own end: after the last attempt is recorded.
         let retired = Shutdown::default();
-        let handoff = Arc::new(Handoff::new(self.workers, buffer).with_max_claim(self.max_claim));
+        // Each lane gets its share of the buffer.
+        let lanes = Arc::new(Lanes::new(
+            lanes
+                .iter()
+                .map(|(queue, lane_workers)| Lane {
+                    queue: queue.clone(),
+                    handoff: Arc::new(
+                        Handoff::new(*lane_workers, buffer.saturating_mul(*lane_workers) / workers.max(1))
+                            .with_max_claim(self.max_claim),
+                    ),
+                })
+                .collect(),
+        ));
         let timer = Arc::new(Timer::default());
         let in_flight = Arc::new(InFlight::default());
         let alive = Arc::new(Alive::default());
         shutdown.on_stop({
-            let handoff = Arc::clone(&handoff);
-            move || handoff.stop()
+            let lanes = Arc::clone(&lanes);
+            move || lanes.stop()
         });
         shutdown.on_stop({
             let timer = Arc::clone(&timer);
@@ -330,7 +384,7 @@ impl Runner {
         let listener = Listener::new(listener::Input {
             instance: instance.clone(),
             database_url: self.database_url.clone(),
-            handoff: Arc::clone(&handoff),
+            lanes: Arc::clone(&lanes),
             timer: Arc::clone(&timer),
             in_flight: Arc::clone(&in_flight),
             shutdown: shutdown.clone(),
@@ -350,7 +404,12 @@ impl Runner {
             retired: retired.clone(),
             stats: Arc::clone(&stats.heartbeat),
         })?;
-        log::info!("instance {instance} starting {} workers; task types: {}", self.workers, task_types.join(", "));
+        let queues: Vec<String> = lanes.iter().map(|l| format!("{}={}", l.queue, l.handoff.capacity())).collect();
+        log::info!(
+            "instance {instance} starting {workers} workers (queues {}); task types: {}",
+            queues.join(", "),
+            task_types.join(", ")
+        );
 
         // The threads, in the order they start: the producer last, once there are
         // workers to hand tasks to.
@@ -360,7 +419,7 @@ impl Runner {
             pool: pool.clone(),
             task_types: task_types.clone(),
             timer: Arc::clone(&timer),
-            handoff: Arc::clone(&handoff),
+            lanes: Arc::clone(&lanes),
             poll_interval: self.poll_interval,
         };
         threads.push(("scheduler".into(), Group::Others, Box::new(move || scheduler::run(input))));
@@ -373,7 +432,7 @@ impl Runner {
         };
         threads.push(("vacuum".into(), Group::Others, Box::new(move || vacuum::run(input))));
         // The completer ends once every worker's outbox is gone.
-        let (inbox, outboxes) = completer::inbox(self.flush_delay, self.max_completion_batch, self.workers);
+        let (inbox, outboxes) = completer::inbox(self.flush_delay, self.max_completion_batch, workers);
         let input = completer::Input {
             database_url: self.database_url.clone(),
             inbox,
@@ -383,42 +442,43 @@ impl Runner {
         };
         threads.push(("completer".into(), Group::Completer, Box::new(move || completer::run(input))));
         let context = Arc::new(InstanceHandle { name: instance.clone(), stopping: shutdown.flag(), pool });
-        for (index, outbox) in outboxes.into_iter().enumerate() {
-            let input = worker::Input {
-                index,
-                handoff: Arc::clone(&handoff),
-                registry: self.registry.clone(),
-                outbox,
-                instance: Arc::clone(&context),
-                in_flight: Arc::clone(&in_flight),
-            };
-            threads.push((format!("worker-{index}"), Group::Workers, Box::new(move || worker::run(input))));
+        let mut outboxes = outboxes.into_iter().enumerate();
+        let named = lanes.iter().count() > 1;
+        for lane in lanes.iter() {
+            for (index, outbox) in outboxes.by_ref().take(lane.handoff.capacity()) {
+                let input = worker::Input {
+                    index,
+                    handoff: Arc::clone(&lane.handoff),
+                    registry: self.registry.clone(),
+                    outbox,
+                    instance: Arc::clone(&context),
+                    in_flight: Arc::clone(&in_flight),
+                };
+                threads.push((format!("worker-{index}"), Group::Workers, Box::new(move || worker::run(input))));
+            }
         }
-        let input = producer::Input {
-            instance: instance.clone(),
-            database_url: self.database_url,
-            task_types,
-            handoff: Arc::clone(&handoff),
-            in_flight: Arc::clone(&in_flight),
-            timer,
-            alive: Arc::clone(&alive),
-            shutdown: shutdown.clone(),
-            poll_interval: self.poll_interval,
-            max_queue_wait: self.max_queue_wait,
-            stats: Arc::clone(&stats.producer),
-        };
-        threads.push(("producer".into(), Group::Producer, Box::new(move || producer::run(input))));
+        // The producers last, once there are workers to hand tasks to.
+        for lane in lanes.iter() {
+            let input = producer::Input {
+                instance: instance.clone(),
+                database_url: self.database_url.clone(),
+                queue: lane.queue.clone(),
+                task_types: task_types.clone(),
+                handoff: Arc::clone(&lane.handoff),
+                in_flight: Arc::clone(&in_flight),
+                timer: Arc::clone(&timer),
+                alive: Arc::clone(&alive),
+                shutdown: shutdown.clone(),
+                poll_interval: self.poll_interval,
+                max_queue_wait: self.max_queue_wait,
+                stats: Arc::clone(&stats.producer),
+            };
+            let name = if named { format!("producer-{}", lane.queue) } else { "producer".to_owned() };
+            threads.push((name, Group::Producer, Box::new(move || producer::run(input))));
+        }
 
-        let mut engine = RunningEngine {
-            instance,
-            shutdown,
-            retired,
-            alive,
-            handoff,
-            in_flight,
-            stats,
-            threads: Threads::default(),
-        };
+        let mut engine =
+            RunningEngine { instance, shutdown, retired, alive, lanes, in_flight, stats, threads: Threads::default() };
         let mut pending = threads.into_iter();
         while let Some((name, group, body)) = pending.next() {
             if let Err(source) = engine.threads.spawn(&name, group, body) {
@@ -444,7 +504,7 @@ pub struct RunningEngine {
     /// Ends the heartbeat, once every other thread has ended.
     retired: Shutdown,
     alive: Arc<Alive>,
-    handoff: Arc<Handoff>,
+    lanes: Arc<Lanes>,
     /// The tasks claimed here and not yet recorded, for the stop's message.
     in_flight: Arc<InFlight>,
     stats: Stats,
@@ -511,7 +571,7 @@ impl RunningEngine {
             cancels_heard: read(&listener.cancels),
             listener_connections: read(&listener.connections),
             listening: listener.listening.load(Ordering::SeqCst),
-            sleeping_workers: self.handoff.sleeping(),
+            sleeping_workers: self.lanes.sleeping(),
             heartbeats: read(&heartbeat.heartbeats),
             rescue_passes: read(&heartbeat.rescue_passes),
             rescued: read(&heartbeat.rescued),

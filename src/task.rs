@@ -11,6 +11,9 @@ use serde::Serialize;
 
 use crate::context::TaskContext;
 
+/// The queue of a task whose type and enqueue name none.
+pub const DEFAULT_QUEUE: &str = "default";
+
 /// A typed task: the value is the task's parameters, stored as JSON in
 /// `tasks.task_parameters`; what [`Task::run`] returns is stored as JSON in the
 /// execution's `result`.
@@ -20,6 +23,11 @@ pub trait Task: Serialize + DeserializeOwned + Send + 'static {
 
     /// How many attempts a task of this type gets unless its enqueue says otherwise.
     const MAX_ATTEMPTS: i32 = 25;
+
+    /// The queue its tasks go to unless their enqueue says otherwise
+    /// ([`NewTask::queue`](crate::NewTask::queue)). An instance runs the queues it is
+    /// told to ([`Runner::queue`](crate::Runner::queue)), each with its own workers.
+    const QUEUE: &'static str = DEFAULT_QUEUE;
 
     /// What a successful run returns.
     type Output: Serialize;

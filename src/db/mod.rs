@@ -6,6 +6,7 @@
 //! - [`tasks`]: the life of a task: insert, claim, complete, release, rescue; the
 //!   scheduler's look-ahead and the vacuum;
 //! - [`operator`]: what an operator does to one task: retry, cancel, prune;
+//! - [`queues`]: a queue's settings: pause, limits;
 //! - [`instances`]: the instances' rows and name locks;
 //! - [`channel`]: the LISTEN connection, the stripes, the engine's own notifications;
 //! - [`report`]: read-only monitoring queries;
@@ -19,6 +20,7 @@ pub(crate) mod migrate;
 pub mod models;
 pub(crate) mod operator;
 mod prepared;
+pub(crate) mod queues;
 pub mod report;
 pub mod schema;
 pub(crate) mod tasks;

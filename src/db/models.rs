@@ -27,6 +27,11 @@ pub struct Task {
     pub updated_at: DateTime<Utc>,
     /// When an operator asked to cancel the task while it ran.
     pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// The queue it waits and runs in (`default` unless its type or its enqueue says
+    /// otherwise).
+    pub queue: String,
+    /// Its key for fair dispatch within the queue (a tenant, a customer); `""` for none.
+    pub fair_key: String,
 }
 
 /// One attempt at running a task, written when it ends (`stopped_at`, and a result or

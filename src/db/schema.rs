@@ -13,6 +13,20 @@ diesel::table! {
 }
 
 diesel::table! {
+    task_engine_queues (name) {
+        name -> Text,
+        paused -> Bool,
+        concurrency -> Nullable<Int4>,
+        key_concurrency -> Nullable<Int4>,
+        rate_limit -> Nullable<Int4>,
+        rate_period -> Nullable<Interval>,
+        window_start -> Nullable<Timestamptz>,
+        window_count -> Int4,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     task_executions (id) {
         id -> Int8,
         task_id -> Int8,
@@ -42,7 +56,9 @@ diesel::table! {
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         cancel_requested_at -> Nullable<Timestamptz>,
+        queue -> Text,
+        fair_key -> Text,
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(task_engine_instances, task_executions, tasks,);
+diesel::allow_tables_to_appear_in_same_query!(task_engine_instances, task_engine_queues, task_executions, tasks,);

@@ -36,72 +36,139 @@ pub(crate) struct ClaimedTask {
     /// The claim's time on the server: the attempt's start, before its wait for a
     /// worker.
     pub claimed_at: DateTime<Utc>,
+    /// Claimed under its queue's limit: its end frees a place, which the instances
+    /// waiting for one must hear of.
+    pub limited: bool,
 }
 
-/// The levels of waiting tasks of the types `$1`: one row per (type, priority) that has
-/// waiting tasks, found by one descent of `tasks_claim_idx` each (a skip scan: the
-/// highest priority of a type, then the highest below it, and so on), plus one row with
-/// a null priority per type that ends its list. Their number is that of the types and
-/// priorities in use, never that of the tasks.
+/// The levels of waiting tasks of the types `$types` in the queues `$queues`: one row per
+/// (queue, type, priority, key) that has waiting tasks, found by one or two descents of
+/// `tasks_claim_idx` each (a skip scan: the first key of the highest priority of a
+/// type, then the next key at that priority or else the first of the next priority
+/// down, and so on). Their number is that of the types, priorities and keys in use,
+/// never that of the tasks. Queues paused, and (unless `$locked`: the claim holds the
+/// queue's lock) queues with a limit, have none: the claim of such a queue must go
+/// through [`claim_limited`].
 macro_rules! waiting_levels {
-    () => {
-        "levels AS (
-             SELECT k.task_class,
-                    (SELECT t.priority FROM tasks t WHERE t.status = 'waiting' AND t.task_class = k.task_class
-                     ORDER BY t.priority DESC LIMIT 1) AS priority
-             FROM unnest($1::text[]) AS k(task_class)
+    ($types:literal, $queues:literal, $locked:literal) => {
+        concat!(
+            "levels AS (
+             SELECT qs.queue, ty.task_class, f.priority, f.fair_key
+             FROM unnest(",
+            $queues,
+            "::text[]) AS qs(queue) CROSS JOIN unnest(",
+            $types,
+            "::text[]) AS ty(task_class)
+             CROSS JOIN LATERAL (
+                 SELECT t.priority, t.fair_key FROM tasks t
+                 WHERE t.status = 'waiting' AND t.queue = qs.queue AND t.task_class = ty.task_class
+                 ORDER BY t.priority DESC, t.fair_key LIMIT 1) f
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM task_engine_queues s
+                 WHERE s.name = qs.queue
+                   AND (s.paused OR (NOT ",
+            $locked,
+            " AND (s.concurrency IS NOT NULL OR s.key_concurrency IS NOT NULL
+                                                 OR s.rate_limit IS NOT NULL))))
              UNION ALL
-             SELECT l.task_class,
-                    (SELECT t.priority FROM tasks t WHERE t.status = 'waiting' AND t.task_class = l.task_class
-                       AND t.priority < l.priority ORDER BY t.priority DESC LIMIT 1)
-             FROM levels l WHERE l.priority IS NOT NULL
+             SELECT l.queue, l.task_class, n.priority, n.fair_key
+             FROM levels l CROSS JOIN LATERAL (
+                 (SELECT t.priority, t.fair_key FROM tasks t
+                  WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
+                    AND t.priority = l.priority AND t.fair_key > l.fair_key
+                  ORDER BY t.fair_key LIMIT 1)
+                 UNION ALL
+                 (SELECT t.priority, t.fair_key FROM tasks t
+                  WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
+                    AND t.priority < l.priority
+                  ORDER BY t.priority DESC, t.fair_key LIMIT 1)
+                 LIMIT 1) n
          )"
+        )
     };
 }
 
-/// The statement of [`claim`]. `candidates` reads the first `$4` tasks due now of each
-/// level (each level's due tasks are the head of its range of `tasks_claim_idx`, so
-/// tasks due later and other types are never read) and keeps the first `$4` in claim
-/// order; `picked` locks the first `$2` of them that no other claim holds, and
-/// `claimed` updates those. Both find their rows by their physical address (`ctid`, a
-/// TID scan) rather than by descending the primary key once per task; a row changed
-/// since the candidates were read has moved, and is passed over (it was claimed, or
-/// is no longer due). `IS NOT DISTINCT FROM` (status is never null: the same as `=`)
-/// keeps the planner from proving `tasks_claim_idx`'s predicate and walking the whole
-/// index for the candidates' addresses, which statistics taken on an empty table make
-/// look cheap.
+/// The statement of [`claim`] and [`claim_limited`]. `candidates` reads the first `$4`
+/// tasks due now of each level (each level's due tasks are the head of its range of
+/// `tasks_claim_idx`, so tasks due later, other types and other keys are never read),
+/// keeps at most `$6 - running` of each key (`$6`, the queue's limit per key, null for
+/// none) and the first `$4` in claim order: higher priority first, then keys in turn
+/// (a key's first task comes after as many turns as it has tasks running: the key
+/// with the fewest running goes first), then the one due first.
+/// `picked` locks the first `$2` of them that no other claim holds, and `claimed`
+/// updates those. Both find their rows by their physical address (`ctid`, a TID scan)
+/// rather than by descending the primary key once per task; a row changed since the
+/// candidates were read has moved, and is passed over (it was claimed, or is no
+/// longer due). `IS NOT DISTINCT FROM` (status is never null: the same as `=`) keeps
+/// the planner from proving `tasks_claim_idx`'s predicate and walking the whole index
+/// for the candidates' addresses, which statistics taken on an empty table make look
+/// cheap. Each row says whether the queue has a limit.
 const CLAIM: &str = concat!(
     "WITH RECURSIVE ",
-    waiting_levels!(),
-    ", candidates AS (
-         SELECT c.ctid FROM levels l CROSS JOIN LATERAL (
-             SELECT t.ctid, t.id, t.priority, t.run_at FROM tasks t
-             WHERE t.status = 'waiting' AND t.task_class = l.task_class AND t.priority = l.priority
-               AND t.run_at <= now()
-             ORDER BY t.run_at, t.id
-             LIMIT $4) c
-         ORDER BY c.priority DESC, c.run_at, c.id
+    waiting_levels!("$1", "$5", "$7"),
+    ", sizing AS (
+         -- Each level's share of the candidates: all of them for one level, fewer for
+         -- many (keys), at least 8.
+         SELECT greatest(8, least($4, 2 * $4 / greatest(count(*), 1))) AS per_level FROM levels
+     ), heads AS (
+         SELECT c.ctid, l.priority, l.fair_key, c.run_at, c.id, c.level_rows = z.per_level AS level_full,
+                row_number() OVER (PARTITION BY l.fair_key ORDER BY l.priority DESC, c.run_at, c.id) AS turn
+         FROM sizing z CROSS JOIN levels l CROSS JOIN LATERAL (
+             SELECT x.*, count(*) OVER () AS level_rows FROM (
+                 SELECT t.ctid, t.id, t.run_at FROM tasks t
+                 WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
+                   AND t.priority = l.priority AND t.fair_key = l.fair_key AND t.run_at <= now()
+                 ORDER BY t.run_at, t.id
+                 LIMIT z.per_level) x) c
+     ), busy AS (
+         -- Under a limit per key, or among several keys: what runs of each key
+         -- (tasks_queue_running_idx), so that a key's turns come after its running tasks.
+         SELECT r.fair_key, count(*) AS running FROM tasks r
+         WHERE ($6::int IS NOT NULL OR (SELECT count(DISTINCT fair_key) FROM levels) > 1)
+           AND r.status = 'running' AND r.queue = ANY($5) AND r.fair_key IN (SELECT fair_key FROM levels)
+         GROUP BY r.fair_key
+     ), allowed AS (
+         SELECT h.*, h.turn + coalesce(b.running, 0) AS place,
+                ($6::int IS NULL OR h.turn <= $6::int - coalesce(b.running, 0)) AS fits
+         FROM heads h LEFT JOIN busy b ON b.fair_key = h.fair_key
+     ), candidates AS (
+         -- Among keys at the same place, those after `$8` (the key this claimer served
+         -- last) first: round robin from one claim to the next.
+         SELECT a.ctid, row_number() OVER (ORDER BY a.priority DESC, a.place, a.fair_key <= $8, a.fair_key,
+                                                    a.run_at, a.id) AS ord
+         FROM allowed a WHERE a.fits
+         ORDER BY a.priority DESC, a.place, a.fair_key <= $8, a.fair_key, a.run_at, a.id
          LIMIT $4
      ), picked AS (
-         SELECT t.ctid FROM tasks t
-         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates))
-           AND t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
-         ORDER BY t.priority DESC, t.run_at, t.id
+         SELECT t.ctid, c.ord FROM candidates c JOIN tasks t ON t.ctid = c.ctid
+         WHERE t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
+         ORDER BY c.ord
          LIMIT $2
-         FOR UPDATE SKIP LOCKED
+         FOR UPDATE OF t SKIP LOCKED
      ), claimed AS (
          UPDATE tasks t
          SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
-         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked))
-         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.priority, t.run_at
+         FROM picked p
+         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked)) AND t.ctid = p.ctid
+         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key, p.ord
      ), numbered AS (
          -- Execution ids in claim order.
          SELECT c.*, nextval('task_executions_id_seq') AS execution_id
-         FROM (SELECT * FROM claimed ORDER BY priority DESC, run_at, id) c
+         FROM (SELECT * FROM claimed ORDER BY ord) c
+     ), settings AS (
+         SELECT bool_or(s.concurrency IS NOT NULL OR s.key_concurrency IS NOT NULL OR s.rate_limit IS NOT NULL)
+                    AS limited
+         FROM task_engine_queues s WHERE s.name = ANY($5)
      )
      SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
-            c.max_attempts, c.execution_id, now() AS claimed_at, w.seen AS candidates
+            c.max_attempts, c.fair_key, c.execution_id, now() AS claimed_at, w.seen AS candidates,
+            coalesce(s.limited, false) AS limited,
+            -- A level cut at its share, of a key the limit per key did not cut: more waits.
+            coalesce((SELECT bool_or(a.level_full) FROM allowed a
+                      WHERE NOT EXISTS (SELECT 1 FROM allowed x WHERE x.fair_key = a.fair_key AND NOT x.fits)),
+                     false) AS unread
      FROM (SELECT count(*) AS seen FROM candidates) w
+     CROSS JOIN settings s
      LEFT JOIN numbered c ON true
      ORDER BY c.execution_id"
 );
@@ -111,27 +178,157 @@ const CLAIM: &str = concat!(
 pub(crate) struct Claim {
     pub tasks: Vec<ClaimedTask>,
     /// Whether tasks may wait that this claim did not reach: it came back short after
-    /// finding as many candidates as it reads, other claims holding some of them. The
-    /// claimer should claim again rather than take the queue for drained.
+    /// finding as many candidates as it reads, other claims holding some of them, or
+    /// it read only a share of a level (many keys). The claimer should claim again
+    /// rather than take the queue for drained.
     pub more: bool,
+    /// The queue has a limit: claim it with [`claim_limited`] (a plain [`claim`] of it
+    /// claims nothing).
+    pub limited: bool,
+    /// The queue's rate limit is used up for this window: how long until the next one.
+    pub rate_wait: Option<Duration>,
+    /// The key of the last task claimed: where the next claim's round of keys starts.
+    pub last_key: Option<String>,
 }
 
-/// Claims up to `limit` runnable tasks of the given types for `instance`: locks them
-/// with `FOR UPDATE SKIP LOCKED` (rows other claimers hold are passed over, not waited
-/// for), marks them `running` with one more attempt (while it runs, `updated_at` is
-/// its start) and takes an execution id for each, all in one statement. Highest
-/// priority first, then earliest due, then oldest. The attempts' executions are
-/// written when they end, in one insert ([`complete`]): an execution opened here and
-/// closed there cost a second write of the row, most often on another page, with two
-/// more index entries, per task.
+/// Claims up to `limit` runnable tasks of the given types in `queue` for `instance`:
+/// locks them with `FOR UPDATE SKIP LOCKED` (rows other claimers hold are passed over,
+/// not waited for), marks them `running` with one more attempt (while it runs,
+/// `updated_at` is its start) and takes an execution id for each, all in one statement.
+/// Highest priority first, then keys in turn, then earliest due, then oldest. The
+/// attempts' executions are written when they end, in one insert ([`complete`]): an
+/// execution opened here and closed there cost a second write of the row, most often
+/// on another page, with two more index entries, per task. Claims nothing from a
+/// paused queue or one with a limit, and says so.
 ///
-/// Its cost follows the tasks it claims and the (type, priority) levels in use, not the
-/// number of waiting tasks: it reads at most `2.5 * limit + 16` candidates (room for the
-/// rows concurrent claims hold), through `tasks_claim_idx`. Run it on a connection set
-/// up by [`prepare_claimer_session`], so that the plan is the same whatever the table's
+/// Its cost follows the tasks it claims and the (type, priority, key) levels in use, not
+/// the number of waiting tasks: it reads at most `2.5 * limit + 16` candidates (room for
+/// the rows concurrent claims hold) through `tasks_claim_idx`, or a share of that per
+/// level when levels are many. Run it on a connection set up by
+/// [`prepare_claimer_session`], so that the plan is the same whatever the table's
 /// statistics: a burst into a table analyzed while empty would otherwise be claimed by
 /// a bitmap scan and a sort of every waiting task.
-pub(crate) fn claim(conn: &mut PgConnection, instance: &str, task_types: &[&str], limit: i64) -> QueryResult<Claim> {
+pub(crate) fn claim(conn: &mut PgConnection, lane: &LaneClaim<'_>, limit: i64) -> QueryResult<Claim> {
+    run_claim(conn, lane, limit, None, false)
+}
+
+/// Who claims, from where: the same from one claim to the next, but `after_key`.
+#[derive(Clone, Copy)]
+pub(crate) struct LaneClaim<'a> {
+    pub instance: &'a str,
+    pub queue: &'a str,
+    pub task_types: &'a [&'a str],
+    /// The key this claimer served last (`last_key` of its last claim; `""` at first).
+    pub after_key: &'a str,
+}
+
+/// A queue's settings, as [`claim_limited`] reads them under the queue's row lock.
+#[derive(QueryableByName)]
+struct Limits {
+    #[diesel(sql_type = Bool)]
+    paused: bool,
+    #[diesel(sql_type = Nullable<Integer>)]
+    concurrency: Option<i32>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    key_concurrency: Option<i32>,
+    /// Claims left in the rate limit's window (a new window: all of them).
+    #[diesel(sql_type = Nullable<BigInt>)]
+    rate_left: Option<i64>,
+    /// Seconds until the window ends.
+    #[diesel(sql_type = Nullable<Double>)]
+    window_left: Option<f64>,
+}
+
+/// Claims from a queue with limits ([`claim`] otherwise), in one transaction: locks the
+/// queue's row in `task_engine_queues` (claims of this queue from every instance wait
+/// for one another there, so that each counts what the others claimed: the limits are
+/// never overshot), counts its running tasks (`tasks_queue_running_idx`), claims no
+/// more than its concurrency, its rate limit's window and its limit per key leave, and
+/// counts the claims in the window. A queue without a row, or without limits, is
+/// claimed as by [`claim`]; a paused one not at all. Changes the queue's row and the
+/// claimed tasks.
+pub(crate) fn claim_limited(conn: &mut PgConnection, lane: &LaneClaim<'_>, limit: i64) -> QueryResult<Claim> {
+    let queue = lane.queue;
+    conn.transaction(|conn| {
+        let limits: Option<Limits> = Prepared(
+            diesel::sql_query(
+                "SELECT paused, concurrency, key_concurrency,
+                        CASE WHEN rate_limit IS NULL THEN NULL
+                             WHEN window_start IS NULL OR now() >= window_start + rate_period THEN rate_limit::bigint
+                             ELSE rate_limit - window_count END AS rate_left,
+                        extract(epoch FROM window_start + rate_period - now())::float8 AS window_left
+                 FROM task_engine_queues WHERE name = $1
+                 FOR UPDATE",
+            )
+            .bind::<Text, _>(queue),
+        )
+        .get_result(conn)
+        .optional()?;
+        let Some(limits) = limits else {
+            return run_claim(conn, lane, limit, None, true);
+        };
+        if limits.paused {
+            return Ok(Claim { limited: true, ..Claim::default() });
+        }
+        let mut room = limit;
+        if let Some(concurrency) = limits.concurrency {
+            #[derive(QueryableByName)]
+            struct Running {
+                #[diesel(sql_type = BigInt)]
+                n: i64,
+            }
+            // A statement of its own: its snapshot is taken after the lock, and sees
+            // every claim of this queue committed before.
+            let running: Running = Prepared(
+                diesel::sql_query("SELECT count(*) AS n FROM tasks WHERE status = 'running' AND queue = $1")
+                    .bind::<Text, _>(queue),
+            )
+            .get_result(conn)?;
+            room = room.min(i64::from(concurrency) - running.n);
+        }
+        let mut rate_wait = None;
+        if let Some(left) = limits.rate_left {
+            room = room.min(left);
+            if left <= 0 {
+                rate_wait = Some(Duration::from_secs_f64(limits.window_left.unwrap_or(0.0).max(0.001)));
+            }
+        }
+        let limited = limits.concurrency.is_some() || limits.key_concurrency.is_some() || limits.rate_left.is_some();
+        if room <= 0 {
+            return Ok(Claim { limited, rate_wait, ..Claim::default() });
+        }
+        let mut claim = run_claim(conn, lane, room, limits.key_concurrency, true)?;
+        if limits.rate_left.is_some() && !claim.tasks.is_empty() {
+            let claimed = i32::try_from(claim.tasks.len()).unwrap_or(i32::MAX);
+            Prepared(
+                diesel::sql_query(
+                    "UPDATE task_engine_queues
+                     SET window_count = CASE WHEN window_start IS NULL OR now() >= window_start + rate_period
+                                             THEN $2 ELSE window_count + $2 END,
+                         window_start = CASE WHEN window_start IS NULL OR now() >= window_start + rate_period
+                                             THEN now() ELSE window_start END
+                     WHERE name = $1",
+                )
+                .bind::<Text, _>(queue)
+                .bind::<Integer, _>(claimed),
+            )
+            .execute(conn)?;
+        }
+        claim.limited = limited;
+        Ok(claim)
+    })
+}
+
+/// Runs [`CLAIM`] for one queue: `key_cap` is its limit per key, `locked` says the
+/// caller holds the queue's row lock (and may claim from a queue with limits).
+fn run_claim(
+    conn: &mut PgConnection,
+    lane: &LaneClaim<'_>,
+    limit: i64,
+    key_cap: Option<i32>,
+    locked: bool,
+) -> QueryResult<Claim> {
+    let LaneClaim { instance, queue, task_types, after_key } = *lane;
     #[derive(QueryableByName)]
     struct Row {
         #[diesel(sql_type = Nullable<BigInt>)]
@@ -144,12 +341,18 @@ pub(crate) fn claim(conn: &mut PgConnection, instance: &str, task_types: &[&str]
         attempt: Option<i32>,
         #[diesel(sql_type = Nullable<Integer>)]
         max_attempts: Option<i32>,
+        #[diesel(sql_type = Nullable<Text>)]
+        fair_key: Option<String>,
         #[diesel(sql_type = Nullable<BigInt>)]
         execution_id: Option<i64>,
         #[diesel(sql_type = Timestamptz)]
         claimed_at: DateTime<Utc>,
         #[diesel(sql_type = BigInt)]
         candidates: i64,
+        #[diesel(sql_type = Bool)]
+        limited: bool,
+        #[diesel(sql_type = Bool)]
+        unread: bool,
     }
     // 2.5 x the limit: with three instances claiming at once, 1.5 x left a claim short
     // (other claims holding its candidates) one time in two, and 4 x read more than
@@ -160,10 +363,16 @@ pub(crate) fn claim(conn: &mut PgConnection, instance: &str, task_types: &[&str]
             .bind::<Array<Text>, _>(task_types)
             .bind::<BigInt, _>(limit)
             .bind::<Text, _>(instance)
-            .bind::<BigInt, _>(window),
+            .bind::<BigInt, _>(window)
+            .bind::<Array<Text>, _>(&[queue][..])
+            .bind::<Nullable<Integer>, _>(key_cap)
+            .bind::<Bool, _>(locked)
+            .bind::<Text, _>(after_key),
     )
     .load(conn)?;
-    let candidates = rows.first().map_or(0, |r| r.candidates);
+    let Some(first) = rows.first() else { return Ok(Claim::default()) };
+    let (candidates, limited, unread) = (first.candidates, first.limited, first.unread);
+    let last_key = rows.last().and_then(|r| r.fair_key.clone());
     let tasks: Vec<ClaimedTask> = rows
         .into_iter()
         .filter_map(|r| {
@@ -175,11 +384,12 @@ pub(crate) fn claim(conn: &mut PgConnection, instance: &str, task_types: &[&str]
                 max_attempts: r.max_attempts?,
                 execution_id: r.execution_id?,
                 claimed_at: r.claimed_at,
+                limited: locked && limited,
             })
         })
         .collect();
-    let more = candidates >= window && (tasks.len() as i64) < limit;
-    Ok(Claim { tasks, more })
+    let more = (candidates >= window || unread) && (tasks.len() as i64) < limit;
+    Ok(Claim { tasks, more, limited, rate_wait: None, last_key })
 }
 
 /// Sets up a connection that claims (the producer's) or looks for due tasks: with
@@ -227,6 +437,9 @@ pub(crate) struct Completion {
     /// `started_at` plus this, so that both come from the server's clock.
     pub elapsed: Duration,
     pub outcome: Outcome,
+    /// The task ran under its queue's limit: once recorded, its place is free, and the
+    /// instances waiting for one must be told.
+    pub frees_a_place: bool,
 }
 
 /// The statement of [`complete`].
@@ -404,6 +617,9 @@ pub(crate) struct TaskInsert<'a> {
     /// Without `run_at`: due this long after the insert, on the server's clock.
     pub delay_us: i64,
     pub max_attempts: i32,
+    pub queue: &'a str,
+    /// For fair dispatch; `""` for none.
+    pub key: &'a str,
 }
 
 #[derive(QueryableByName)]
@@ -423,14 +639,17 @@ pub(crate) fn insert_tasks(conn: &mut PgConnection, tasks: &[TaskInsert<'_>]) ->
     let run_ats: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.run_at).collect();
     let max_attempts: Vec<i32> = tasks.iter().map(|t| t.max_attempts).collect();
     let delays_us: Vec<i64> = tasks.iter().map(|t| t.delay_us).collect();
+    let queues: Vec<&str> = tasks.iter().map(|t| t.queue).collect();
+    let keys: Vec<&str> = tasks.iter().map(|t| t.key).collect();
     // WITH ORDINALITY and the ORDER BY make the ids come back in input order.
     let rows: Vec<InsertedId> = Prepared(
         diesel::sql_query(
             "WITH inserted AS (
-             INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts)
-             SELECT c, p, pr, COALESCE(r, now() + d * interval '1 microsecond'), m
-             FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::int[], $6::bigint[])
-                  WITH ORDINALITY AS n(c, p, pr, r, m, d, ord)
+             INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts, queue, fair_key)
+             SELECT c, p, pr, COALESCE(r, now() + d * interval '1 microsecond'), m, q, k
+             FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::int[], $6::bigint[],
+                         $7::text[], $8::text[])
+                  WITH ORDINALITY AS n(c, p, pr, r, m, d, q, k, ord)
              ORDER BY ord
              RETURNING id
          )
@@ -441,7 +660,9 @@ pub(crate) fn insert_tasks(conn: &mut PgConnection, tasks: &[TaskInsert<'_>]) ->
         .bind::<Array<Integer>, _>(priorities)
         .bind::<Array<Nullable<Timestamptz>>, _>(run_ats)
         .bind::<Array<Integer>, _>(max_attempts)
-        .bind::<Array<BigInt>, _>(delays_us),
+        .bind::<Array<BigInt>, _>(delays_us)
+        .bind::<Array<Text>, _>(queues)
+        .bind::<Array<Text>, _>(keys),
     )
     .load(conn)?;
     Ok(rows.into_iter().map(|r| r.id).collect())
@@ -452,8 +673,8 @@ pub(crate) fn insert_tasks(conn: &mut PgConnection, tasks: &[TaskInsert<'_>]) ->
 pub(crate) fn insert_copies(conn: &mut PgConnection, task: &TaskInsert<'_>, count: i64) -> QueryResult<Vec<i64>> {
     let rows: Vec<InsertedId> = diesel::sql_query(
         "WITH inserted AS (
-             INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts)
-             SELECT $1, $2, $3, COALESCE($4, now() + $7 * interval '1 microsecond'), $5
+             INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts, queue, fair_key)
+             SELECT $1, $2, $3, COALESCE($4, now() + $7 * interval '1 microsecond'), $5, $8, $9
              FROM generate_series(1, $6)
              RETURNING id
          )
@@ -466,6 +687,8 @@ pub(crate) fn insert_copies(conn: &mut PgConnection, task: &TaskInsert<'_>, coun
     .bind::<Integer, _>(task.max_attempts)
     .bind::<BigInt, _>(count)
     .bind::<BigInt, _>(task.delay_us)
+    .bind::<Text, _>(task.queue)
+    .bind::<Text, _>(task.key)
     .load(conn)?;
     Ok(rows.into_iter().map(|r| r.id).collect())
 }
@@ -604,35 +827,37 @@ pub(crate) struct Due {
     pub next_in: Option<f64>,
 }
 
-/// Counts the waiting tasks of the given types due now (up to `limit`) and finds when
-/// the next scheduled one is due (a task due at 'infinity' is never due), level by
+/// Counts the waiting tasks of the given types in the given queues (paused ones
+/// aside) due now (up to `limit`) and finds when the next scheduled one is due (a task due at 'infinity' is never due), level by
 /// level as [`claim`] does: each level's due tasks are the head of its range of
 /// `tasks_claim_idx`, and its next one the first entry after them. Locks and changes
 /// nothing. Its plan is pinned as the claim's, for this statement's transaction only
 /// (the connection comes from the pool).
-pub(crate) fn due(conn: &mut PgConnection, task_types: &[&str], limit: i64) -> QueryResult<Due> {
+pub(crate) fn due(conn: &mut PgConnection, queues: &[&str], task_types: &[&str], limit: i64) -> QueryResult<Due> {
     conn.transaction(|conn| {
         conn.batch_execute(&PLAN_BY_INDEX.replace("SET ", "SET LOCAL "))?;
         diesel::sql_query(concat!(
             "WITH RECURSIVE ",
-            waiting_levels!(),
+            waiting_levels!("$1", "$3", "true"),
             " SELECT
                  (SELECT count(*) FROM (
                       SELECT 1 FROM levels l CROSS JOIN LATERAL (
                           SELECT 1 FROM tasks t
-                          WHERE t.status = 'waiting' AND t.task_class = l.task_class AND t.priority = l.priority
-                            AND t.run_at <= now()
+                          WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
+                            AND t.priority = l.priority AND t.fair_key = l.fair_key AND t.run_at <= now()
                           LIMIT $2) c
                       LIMIT $2) d) AS now,
                  (SELECT extract(epoch FROM min(n.run_at) - now())::float8
                   FROM levels l CROSS JOIN LATERAL (
                       SELECT t.run_at FROM tasks t
-                      WHERE t.status = 'waiting' AND t.task_class = l.task_class AND t.priority = l.priority
+                      WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
+                        AND t.priority = l.priority AND t.fair_key = l.fair_key
                         AND t.run_at > now() AND t.run_at < 'infinity'
                       ORDER BY t.run_at LIMIT 1) n) AS next_in"
         ))
         .bind::<Array<Text>, _>(task_types)
         .bind::<BigInt, _>(limit)
+        .bind::<Array<Text>, _>(queues)
         .get_result(conn)
     })
 }
@@ -662,6 +887,11 @@ pub(crate) fn vacuum(conn: &mut PgConnection) -> QueryResult<bool> {
 
 #[cfg(test)]
 mod tests {
+    /// A claimer of the queue `default`.
+    fn lane<'a>(instance: &'a str, task_types: &'a [&'a str]) -> LaneClaim<'a> {
+        LaneClaim { instance, queue: "default", task_types, after_key: "" }
+    }
+
     use super::*;
 
     #[derive(QueryableByName)]
@@ -684,7 +914,7 @@ mod tests {
              ANALYZE tasks; ANALYZE task_executions;",
         )
         .unwrap();
-        let claimed = claim(&mut conn, "i", &["noop"], 300).unwrap().tasks;
+        let claimed = claim(&mut conn, &lane("i", &["noop"]), 300).unwrap().tasks;
         assert_eq!(claimed.len(), 300);
 
         let mut session = db.connect();
@@ -716,7 +946,8 @@ mod tests {
     }
 
     /// The claim of a burst into a table analyzed while empty, behind a backlog of
-    /// another type at a higher priority and of tasks due tomorrow: a few hundred
+    /// another type at a higher priority, of tasks due tomorrow and of another queue's
+    /// tasks: a few hundred
     /// buffers whatever the plan cache does, where walking the waiting tasks in
     /// priority order reads every entry of the backlog (thousands of buffers), and
     /// the plan the statistics suggest (a bitmap scan and a sort) reads all of them.
@@ -729,6 +960,7 @@ mod tests {
              INSERT INTO tasks (task_class, priority) SELECT 'unknown', 5 FROM generate_series(1, 100000);
              INSERT INTO tasks (task_class, priority, run_at)
                  SELECT 'noop', 10, now() + interval '1 day' FROM generate_series(1, 50000);
+             INSERT INTO tasks (task_class, priority, queue) SELECT 'noop', 10, 'other' FROM generate_series(1, 50000);
              INSERT INTO tasks (task_class, priority) SELECT 'noop', 0 FROM generate_series(1, 20000);
              INSERT INTO tasks (task_class, priority) SELECT 'noop', 1 FROM generate_series(1, 5)",
         )
@@ -736,12 +968,15 @@ mod tests {
         prepare_claimer_session(&mut conn).unwrap();
         // Prepared as the producer's connection has it (diesel's bound statements are
         // one-shot: planned with their values).
-        conn.batch_execute(&format!("PREPARE claim_here (text[], bigint, text, bigint) AS {CLAIM}")).unwrap();
+        conn.batch_execute(&format!(
+            "PREPARE claim_here (text[], bigint, text, bigint, text[], int, boolean, text) AS {CLAIM}"
+        ))
+        .unwrap();
         // With costs: without, EXPLAIN does not say whether the plan was compiled.
         let explain = |conn: &mut PgConnection, mode: &str| -> String {
             conn.batch_execute(&format!("BEGIN; SET LOCAL plan_cache_mode = {mode}")).unwrap();
             let plan: Vec<PlanLine> =
-                diesel::sql_query("EXPLAIN (ANALYZE, BUFFERS) EXECUTE claim_here(ARRAY['noop', 'echo'], 10, 'i', 41)")
+                diesel::sql_query("EXPLAIN (ANALYZE, BUFFERS) EXECUTE claim_here(ARRAY['noop', 'echo'], 10, 'i', 41, ARRAY['default'], NULL, false, '')")
                     .load(conn)
                     .unwrap();
             conn.batch_execute("ROLLBACK").unwrap();
@@ -768,12 +1003,12 @@ mod tests {
         let plan = explain(&mut conn, "force_generic_plan");
         assert!(!plan.contains("JIT"), "the claim was compiled:\n{plan}");
 
-        let claimed = claim(&mut conn, "i", &["noop", "echo"], 10).unwrap();
+        let claimed = claim(&mut conn, &lane("i", &["noop", "echo"]), 10).unwrap();
         assert!(!claimed.more, "a claim alone was told that others held tasks");
         let ids: Vec<i64> = claimed.tasks.iter().map(|t| t.id).collect();
         // The five of priority 1 (the last inserted), then the oldest of priority 0.
-        let first_of_priority_0 = 150_001;
-        let expected: Vec<i64> = (170_001..=170_005).chain(first_of_priority_0..first_of_priority_0 + 5).collect();
+        let first_of_priority_0 = 200_001;
+        let expected: Vec<i64> = (220_001..=220_005).chain(first_of_priority_0..first_of_priority_0 + 5).collect();
         assert_eq!(ids, expected, "not claimed in priority, then due, then id order");
     }
 
@@ -785,17 +1020,17 @@ mod tests {
         let (mut first, mut second) = (db.connect(), db.connect());
         first.batch_execute("INSERT INTO tasks (task_class) SELECT 'noop' FROM generate_series(1, 100)").unwrap();
         first.batch_execute("BEGIN").unwrap();
-        let held = claim(&mut first, "first", &["noop"], 40).unwrap();
+        let held = claim(&mut first, &lane("first", &["noop"]), 40).unwrap();
         assert_eq!(held.tasks.len(), 40);
         assert!(!held.more);
 
         // Its 28 candidates are the first 40's first 28: all held.
-        let blocked = claim(&mut second, "second", &["noop"], 5).unwrap();
+        let blocked = claim(&mut second, &lane("second", &["noop"]), 5).unwrap();
         assert!(blocked.tasks.is_empty(), "claimed tasks another claim holds");
         assert!(blocked.more, "an empty claim among held tasks took the queue for drained");
 
         first.batch_execute("COMMIT").unwrap();
-        let after = claim(&mut second, "second", &["noop"], 5).unwrap();
+        let after = claim(&mut second, &lane("second", &["noop"]), 5).unwrap();
         let ids: Vec<i64> = after.tasks.iter().map(|t| t.id).collect();
         assert_eq!(ids, vec![41, 42, 43, 44, 45]);
         assert!(!after.more);
@@ -872,7 +1107,7 @@ mod tests {
         let db = test_db::TestDatabase::new();
         let mut conn = db.connect();
         conn.batch_execute("INSERT INTO tasks (task_class) VALUES ('noop')").unwrap();
-        let task = claim(&mut conn, "me", &["noop"], 1).unwrap().tasks.remove(0);
+        let task = claim(&mut conn, &lane("me", &["noop"]), 1).unwrap().tasks.remove(0);
         assert!(recorded(&mut conn).is_empty(), "an execution was written before the attempt ended");
         assert_eq!(rescue(&mut conn, Lost::PreviousSelf, "me", Duration::from_secs(1), &[]).unwrap(), 1);
         let outcome = Completion {
@@ -884,6 +1119,7 @@ mod tests {
             queued: Duration::ZERO,
             elapsed: Duration::from_millis(5),
             outcome: Outcome::Succeeded(serde_json::Value::Null),
+            frees_a_place: false,
         };
         assert_eq!(complete(&mut conn, &[outcome]).unwrap(), 0);
         let errors: Vec<Option<String>> = recorded(&mut conn).into_iter().map(|r| r.error).collect();

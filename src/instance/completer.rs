@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
 
+use crate::db::channel;
 use crate::db::connect::{connect, ping};
 use crate::db::tasks::{self, Completion, Outcome};
 use crate::error::Error;
@@ -300,6 +301,12 @@ impl Recorder<'_> {
             None => self.conn.insert(open(&self.input.database_url)?),
         };
         tasks::complete(conn, batch)?;
+        let freed = batch.iter().filter(|c| c.frees_a_place).count();
+        if freed > 0 {
+            // Places freed under a queue's limit: the instances that found the queue full
+            // wait for this, not for a poll.
+            channel::notify(conn, &serde_json::json!({ "ready": freed }))?;
+        }
         Ok(())
     }
 
@@ -448,6 +455,7 @@ mod tests {
             queued: Duration::ZERO,
             elapsed: Duration::ZERO,
             outcome: Outcome::Succeeded(serde_json::Value::Null),
+            frees_a_place: false,
         }
     }
 

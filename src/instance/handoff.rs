@@ -321,6 +321,7 @@ mod tests {
             max_attempts: 1,
             execution_id: id,
             claimed_at: chrono::Utc::now(),
+            limited: false,
         }
     }
 

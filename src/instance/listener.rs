@@ -19,8 +19,8 @@ use crate::db::channel::Listening;
 use crate::db::connect::redact_url;
 use crate::error::Error;
 use crate::instance::backoff;
-use crate::instance::handoff::Handoff;
 use crate::instance::in_flight::InFlight;
+use crate::instance::lanes::Lanes;
 use crate::instance::scheduler::Timer;
 use crate::instance::shutdown::Shutdown;
 
@@ -33,7 +33,7 @@ pub(crate) struct Input {
     pub instance: String,
     pub database_url: String,
     /// Woken for inserted tasks.
-    pub handoff: Arc<Handoff>,
+    pub lanes: Arc<Lanes>,
     /// Armed for inserted scheduled tasks.
     pub timer: Arc<Timer>,
     /// Told of cancellations.
@@ -142,7 +142,7 @@ impl Listener {
         log::debug!("listening on {}", listening.channel());
         // Whatever was inserted while we were not listening: look for it now, and for
         // the next scheduled task.
-        input.handoff.wake_all();
+        input.lanes.wake_all();
         input.timer.refresh();
         input.stats.connections.fetch_add(1, Ordering::SeqCst);
         input.stats.listening.store(true, Ordering::SeqCst);
@@ -163,7 +163,7 @@ impl Listener {
     fn wake_for(&self, payload: &Payload) {
         let input = &self.input;
         if payload.ready > 0 {
-            input.handoff.wake(usize::try_from(payload.ready).unwrap_or(usize::MAX));
+            input.lanes.wake(usize::try_from(payload.ready).unwrap_or(usize::MAX));
         }
         if let Some(at) = payload.next_due(Instant::now()) {
             input.timer.arm(at);

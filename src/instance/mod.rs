@@ -1,11 +1,12 @@
 //! One running instance: a thread per part, each given the inputs it needs and
 //! nothing more (its `Input`), built and started by [`crate::runner`].
 //!
-//! A task's way through the parts: the [`producer`] claims it (for the idle workers
-//! and a buffer) and puts it in the [`handoff`]; a [`worker`] takes it, runs it and
-//! leaves its outcome with the [`completer`], which records outcomes in batches. The
-//! [`listener`] (notifications) and the [`scheduler`] (due times) tell the hand-off
-//! when there is work; the [`heartbeat`] keeps the instance alive in the database and
+//! A task's way through the parts: its queue's [`producer`] claims it (for the idle
+//! workers of that queue and a buffer) and puts it in the queue's [`handoff`] (a lane
+//! each, [`lanes`]); a [`worker`] of that queue takes it, runs it and leaves its
+//! outcome with the [`completer`], which records outcomes in batches. The
+//! [`listener`] (notifications) and the [`scheduler`] (due times) tell the lanes when
+//! there is work; the [`heartbeat`] keeps the instance alive in the database and
 //! runs the [`rescue`] of lost attempts; the [`vacuum`] keeps claims fast. Shared
 //! between them: the [`in_flight`] tasks and their cancellations, the one
 //! [`shutdown`], the one [`backoff`].
@@ -17,6 +18,7 @@ pub(crate) mod completer;
 pub(crate) mod handoff;
 pub(crate) mod heartbeat;
 pub(crate) mod in_flight;
+pub(crate) mod lanes;
 pub(crate) mod listener;
 pub(crate) mod producer;
 pub(crate) mod rescue;

@@ -1,6 +1,8 @@
-//! The producer: claims runnable tasks for the idle workers of its instance (and a
-//! buffer), as many as there is room for in one statement, and puts them in the
-//! hand-off. Workers never ask the database for work.
+//! The producer: claims runnable tasks of its queue for the idle workers of its lane
+//! (and a buffer), as many as there is room for in one statement, and puts them in the
+//! lane's hand-off. Workers never ask the database for work. A queue with limits is
+//! claimed under its row lock ([`tasks::claim_limited`]); the producer learns that it
+//! has limits from a plain claim, which then claims nothing.
 //!
 //! It also tells inserters whether to notify: while the instance is idle, its
 //! connection holds the stripes (see `task_engine_notify_insert`), and inserts notify;
@@ -41,12 +43,16 @@ pub(crate) struct Input {
     pub instance: String,
     /// For its own connection.
     pub database_url: String,
+    /// The queue it claims from.
+    pub queue: String,
     /// The types it claims: those the instance can run.
     pub task_types: Vec<&'static str>,
+    /// Its lane's.
     pub handoff: Arc<Handoff>,
     /// Where it records what it claimed.
     pub in_flight: Arc<InFlight>,
-    /// Asked to look again for scheduled tasks when the instance falls asleep.
+    /// Asked to look again for scheduled tasks when the instance falls asleep, and
+    /// armed for the next window of a rate limit used up.
     pub timer: Arc<Timer>,
     /// Whether the instance's heartbeat is recent enough to claim.
     pub alive: Arc<Alive>,
@@ -144,11 +150,22 @@ struct Producer {
     pace: Pace,
     /// Whether it is holding off claims, its heartbeat being late.
     paused: bool,
+    /// Whether its queue has limits (claimed under the queue's lock), as last seen.
+    limited: bool,
+    /// The key of the last task it claimed: its next claim serves the keys after it first.
+    last_key: String,
 }
 
 /// Claims until the instance stops, then gives back what no worker started.
 pub(crate) fn run(input: Input) {
-    let mut producer = Producer { input, conn: None, pace: Pace::new(Instant::now()), paused: false };
+    let mut producer = Producer {
+        input,
+        conn: None,
+        pace: Pace::new(Instant::now()),
+        paused: false,
+        limited: false,
+        last_key: String::new(),
+    };
     // Connect before the first claim is due (a failure is met again, and handled, there).
     let _ = producer.conn();
     let mut failures = 0u32;
@@ -177,7 +194,7 @@ pub(crate) fn run(input: Input) {
                 producer.input.handoff.wake(1);
             }
             Next::Claim(demand) => match producer.claim(demand.count) {
-                Ok((tasks::Claim { tasks: claimed, more }, sent_at)) => {
+                Ok((tasks::Claim { tasks: claimed, more, .. }, sent_at)) => {
                     failures = 0;
                     let found = claimed.len();
                     producer.count(&claimed);
@@ -244,11 +261,22 @@ impl Producer {
             // Prepare the claim with a claim of nothing: a real claim is then one round
             // trip, and its `now()` (the executions' start) follows its sending closely,
             // as the time its tasks spend in the hand-off assumes.
-            tasks::claim(&mut conn, &self.input.instance, &self.input.task_types, 0)?;
+            tasks::claim(&mut conn, &self.lane(), 0)?;
             self.conn = Some(conn);
             self.set_holding(false);
         }
         Ok(self.conn.as_mut().expect("just connected"))
+    }
+
+    /// Its claims' description, as of now.
+    fn lane(&self) -> tasks::LaneClaim<'_> {
+        let input = &self.input;
+        tasks::LaneClaim {
+            instance: &input.instance,
+            queue: &input.queue,
+            task_types: &input.task_types,
+            after_key: &self.last_key,
+        }
     }
 
     /// Forgets a connection that failed (closing it drops its locks).
@@ -271,7 +299,27 @@ impl Producer {
         self.conn()?;
         let (conn, input) = (self.conn.as_mut().expect("connected"), &self.input);
         let sent_at = Instant::now();
-        Ok((tasks::claim(conn, &input.instance, &input.task_types, limit)?, sent_at))
+        let lane = tasks::LaneClaim {
+            instance: &input.instance,
+            queue: &input.queue,
+            task_types: &input.task_types,
+            after_key: &self.last_key,
+        };
+        let mut claim =
+            if self.limited { tasks::claim_limited(conn, &lane, limit)? } else { tasks::claim(conn, &lane, limit)? };
+        if claim.limited && !self.limited {
+            // Limits were set on the queue: a plain claim of it claims nothing.
+            claim = tasks::claim_limited(conn, &lane, limit)?;
+        }
+        self.limited = claim.limited;
+        if let Some(key) = claim.last_key.take() {
+            self.last_key = key;
+        }
+        if let Some(wait) = claim.rate_wait {
+            // The scheduler wakes the lanes when the rate limit's next window opens.
+            input.timer.arm(Instant::now() + wait);
+        }
+        Ok((claim, sent_at))
     }
 
     fn count(&self, claimed: &[tasks::ClaimedTask]) {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::db::connect::PgPool;
 use crate::db::tasks;
 use crate::error::Error;
-use crate::instance::handoff::Handoff;
+use crate::instance::lanes::Lanes;
 use crate::instance::{backoff, lock};
 
 /// What the scheduler needs.
@@ -24,7 +24,7 @@ pub(crate) struct Input {
     pub task_types: Vec<&'static str>,
     pub timer: Arc<Timer>,
     /// Woken when tasks are due.
-    pub handoff: Arc<Handoff>,
+    pub lanes: Arc<Lanes>,
     /// The longest it sleeps without looking, as a safety net.
     pub poll_interval: Duration,
 }
@@ -110,13 +110,13 @@ pub(crate) fn run(input: Input) {
             // The task we armed for is due: the producer can claim it while we count
             // the others (the armed time is never early: delays are measured from
             // before they reached us).
-            input.handoff.wake(1);
+            input.lanes.wake(1);
         }
         match look(&input) {
             Ok(due) => {
                 failures = 0;
                 if due.now > 0 {
-                    input.handoff.wake(usize::try_from(due.now).unwrap_or(usize::MAX));
+                    input.lanes.wake(usize::try_from(due.now).unwrap_or(usize::MAX));
                 }
                 if let Some(next_in) = due.next_in {
                     input.timer.arm(Instant::now() + Duration::from_secs_f64(next_in.max(0.0)));
@@ -135,8 +135,8 @@ pub(crate) fn run(input: Input) {
 
 fn look(input: &Input) -> Result<tasks::Due, Error> {
     let mut conn = input.pool.get()?;
-    let workers = i64::try_from(input.handoff.capacity()).unwrap_or(i64::MAX);
-    Ok(tasks::due(&mut conn, &input.task_types, workers)?)
+    let workers = i64::try_from(input.lanes.capacity()).unwrap_or(i64::MAX);
+    Ok(tasks::due(&mut conn, &input.lanes.queues(), &input.task_types, workers)?)
 }
 
 #[cfg(test)]

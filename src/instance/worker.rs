@@ -79,6 +79,7 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
         queued,
         elapsed,
         outcome: outcome(&task, entry, ran, cancelled, elapsed),
+        frees_a_place: task.limited,
     }
 }
 
@@ -151,6 +152,7 @@ mod tests {
             max_attempts,
             execution_id: 1,
             claimed_at: chrono::Utc::now(),
+            limited: false,
         }
     }
 

@@ -6,6 +6,7 @@ mod batching;
 mod disasters;
 mod enqueueing;
 mod faults;
+mod queues;
 mod running;
 mod scheduling;
 mod schema;
