@@ -141,24 +141,26 @@ fn a_paused_queue_starts_nothing_and_resumes_without_polling() {
     let mut conn = db.connect();
     record_runs_here(&mut conn);
     task_engine::pause_queue(&mut conn, "paused").unwrap();
-    // Two lanes; the fallback poll is an hour (see `runner`).
-    let engine = runner(&db, "a", 1).queue("paused", 2).queue("open", 1).start().unwrap();
-    let paused = enqueue_stints(&mut conn, "paused", "", 1, 5);
-    // The insert woke both lanes; a task of the open queue, inserted after, has run:
-    // the paused lane has had its chance too, once both lanes have claimed again.
-    let claims = engine.stats().claims;
-    let open = enqueue_stints(&mut conn, "open", "", 1, 1);
-    wait_until("the open queue's task ran, and both lanes claimed since", || {
-        run_order(&mut conn) == open && engine.stats().claims >= claims + 2
+    // The fallback poll is an hour (see `runner`): only a notification wakes it.
+    let engine = start_on_queue(&db, "a", "paused", 2);
+    wait_until("the instance is idle, holding the stripes", || {
+        let stats = engine.stats();
+        stats.marked_idle && stats.listening && stats.sleeping_workers == 2
     });
+    let claims = engine.stats().claims;
+    let paused = enqueue_stints(&mut conn, "paused", "", 1, 5);
+    // The insert's notification makes it claim, and the claim starts nothing.
+    wait_until("the instance claimed after the insert", || engine.stats().claims > claims);
+    wait_until("the instance is idle again", || engine.stats().marked_idle);
     let waiting = count(&mut conn, "SELECT count(*) AS n FROM tasks WHERE queue = 'paused' AND status = 'waiting'");
     assert_eq!(waiting, 5, "a paused queue's task started");
+    assert!(run_order(&mut conn).is_empty());
 
     task_engine::resume_queue(&mut conn, "paused").unwrap();
     wait_until_all_ended(&mut conn);
     let mut ran = run_order(&mut conn);
-    ran.retain(|id| paused.contains(id));
-    assert_eq!(ran.len(), 5);
+    ran.sort_unstable();
+    assert_eq!(ran, paused);
     engine.shutdown();
 }
 
@@ -203,12 +205,13 @@ fn a_key_s_backlog_does_not_starve_another_key() {
     wait_until_all_ended(&mut conn);
     engine.shutdown();
 
-    // Keys in turn: the small key's tasks are among the first ten to run, not behind
-    // the 400 inserted before them.
+    // Keys in turn: the small key's five tasks alternate with the big key's (each among
+    // the first fifteen to start, two workers making the order jitter), not behind the
+    // 400 inserted before them.
     let order = run_order(&mut conn);
     let last_small = order.iter().rposition(|id| small.contains(id)).unwrap();
     let at: Vec<usize> = order.iter().enumerate().filter(|(_, id)| small.contains(id)).map(|(i, _)| i).collect();
-    assert!(last_small < 10, "the small key's tasks ran at {at:?} of {}", order.len());
+    assert!(last_small < 15, "the small key's tasks ran at {at:?} of {}", order.len());
 }
 
 #[test]
@@ -240,7 +243,7 @@ fn a_queue_no_instance_runs_waits() {
     let claims = engine.stats().claims;
     let ran = enqueue_stints(&mut conn, "default", "", 1, 1);
     wait_until("the default queue's task ran, claimed after the others' insert", || {
-        run_order(&mut conn) == ran && engine.stats().claims > claims
+        run_order(&mut conn).contains(&ran[0]) && engine.stats().claims > claims
     });
     let waiting: Vec<(i64, String)> = task_engine::schema::tasks::table
         .filter(task_engine::schema::tasks::status.eq("waiting"))
