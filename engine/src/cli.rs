@@ -34,6 +34,42 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// A queue's setting: a value, or `none` (clap reads an `Option` as an optional
+/// argument).
+#[derive(Debug, Clone, Copy)]
+pub struct Setting<T>(Option<T>);
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Each queue with tasks or settings: waiting, due later, running, paused, limits,
+    /// how long its oldest due task has waited.
+    List,
+    /// No instance claims from the queue until it is resumed (running tasks finish).
+    Pause { queue: String },
+    /// Claims from the queue again, and wakes the idle instances.
+    Resume { queue: String },
+    /// At most N of the queue's tasks run at once across every instance (`none`: no
+    /// limit; 1 runs them one at a time, in order).
+    Limit {
+        queue: String,
+        #[arg(value_parser = limit)]
+        limit: Setting<u32>,
+    },
+    /// At most N tasks of one key run at once (`none`: no limit).
+    KeyLimit {
+        queue: String,
+        #[arg(value_parser = limit)]
+        limit: Setting<u32>,
+    },
+    /// At most N task starts per period across every instance: `100/1m`, `5/1s`
+    /// (`none`: no limit).
+    Rate {
+        queue: String,
+        #[arg(value_parser = rate)]
+        rate: Setting<(u32, Duration)>,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Applies the schema's migrations (the same files `diesel migration run` applies).
@@ -70,7 +106,17 @@ pub enum Command {
         /// Attempts in all before the task fails for good (default: the type's).
         #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
         max_attempts: Option<i32>,
+        /// The queue (default: the type's, `default` unless it declares one).
+        #[arg(long)]
+        queue: Option<String>,
+        /// A key for fair dispatch within the queue (a tenant, a customer).
+        #[arg(long)]
+        key: Option<String>,
     },
+    /// Lists queues, pauses and resumes one, sets its limits (taking effect at every
+    /// instance's next claim).
+    #[command(subcommand)]
+    Queue(QueueCommand),
     /// Puts a failed or cancelled task back to waiting, keeping its history.
     Retry {
         /// The task's id.
@@ -93,7 +139,12 @@ pub enum Command {
     },
     /// Runs an engine instance until SIGINT or SIGTERM.
     Run {
-        /// Number of worker threads (1 to 10000).
+        /// The queues to run, each with its workers: `--queue default=8 --queue emails=2`
+        /// (or TASK_ENGINE_QUEUES=default=8,emails=2). Default: `default` with --workers.
+        #[arg(long = "queue", env = "TASK_ENGINE_QUEUES", value_delimiter = ',', value_parser = queue_workers)]
+        queues: Vec<(String, usize)>,
+        /// Number of worker threads (1 to 10000) of the queue `default`, when no --queue
+        /// is given.
         #[arg(long, env = "TASK_ENGINE_WORKERS", default_value_t = Runner::DEFAULT_WORKERS as u16,
               value_parser = clap::value_parser!(u16).range(1..=10_000))]
         workers: u16,
@@ -220,7 +271,18 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Enqueue { task_type, params, count, ids: print_ids, at, run_in, priority, max_attempts } => {
+        Command::Enqueue {
+            task_type,
+            params,
+            count,
+            ids: print_ids,
+            at,
+            run_in,
+            priority,
+            max_attempts,
+            queue,
+            key,
+        } => {
             // Check everything before touching the database: bad input inserts nothing.
             let parameters: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| UsageError(format!("--params is not valid JSON: {e}")))?;
@@ -233,6 +295,12 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(max_attempts) = max_attempts {
                 task = task.max_attempts(max_attempts);
+            }
+            if let Some(queue) = queue {
+                task = task.queue(queue);
+            }
+            if let Some(key) = key {
+                task = task.key(key);
             }
             task.validate()?;
             let db = Database::open(cli.database_url, &data_dir)?;
@@ -257,17 +325,28 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { workers, instance, poll_interval, lease, claim_buffer, max_queue_wait, summary_every } => {
+        Command::Run {
+            queues,
+            workers,
+            instance,
+            poll_interval,
+            lease,
+            claim_buffer,
+            max_queue_wait,
+            summary_every,
+        } => {
             let workers = usize::from(workers);
+            let all_workers = if queues.is_empty() { workers } else { queues.iter().map(|(_, w)| *w).sum() };
             let db = Database::open(cli.database_url, &data_dir)?;
             db.connect_migrated()?;
             log::info!("task crates linked in: {}", crate::task_crates::TASK_CRATES.join(", "));
-            let engine = Runner::new(db.url(), registry)
+            let runner = queues.into_iter().fold(Runner::new(db.url(), registry), |r, (q, w)| r.queue(q, w));
+            let engine = runner
                 .workers(workers)
                 .instance(instance.unwrap_or_else(task_engine::default_instance_name))
                 .poll_interval(poll_interval)
                 .lease(lease)
-                .claim_buffer(claim_buffer.saturating_mul(workers))
+                .claim_buffer(claim_buffer.saturating_mul(all_workers))
                 .max_queue_wait(max_queue_wait)
                 .start()?;
             let (stopped, stop_heard) = std::sync::mpsc::channel();
@@ -298,6 +377,37 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 Some(id) => status::print_task(&mut conn, id),
                 None => status::print_overview(&mut conn, &registry, recent),
             }
+        }
+        Command::Queue(command) => {
+            let db = Database::open(cli.database_url, &data_dir)?;
+            let mut conn = db.connect_migrated()?;
+            match command {
+                QueueCommand::List => status::print_queues(&mut conn)?,
+                QueueCommand::Pause { queue } => {
+                    task_engine::pause_queue(&mut conn, &queue)?;
+                    outln!("queue {queue} paused: no instance claims from it until `engine queue resume {queue}`");
+                }
+                QueueCommand::Resume { queue } => {
+                    task_engine::resume_queue(&mut conn, &queue)?;
+                    outln!("queue {queue} resumed");
+                }
+                QueueCommand::Limit { queue, limit: Setting(limit) } => {
+                    task_engine::set_queue_concurrency(&mut conn, &queue, limit)?;
+                    outln!("queue {queue}: {} at once", shown(limit));
+                }
+                QueueCommand::KeyLimit { queue, limit: Setting(limit) } => {
+                    task_engine::set_queue_key_limit(&mut conn, &queue, limit)?;
+                    outln!("queue {queue}: {} of one key at once", shown(limit));
+                }
+                QueueCommand::Rate { queue, rate: Setting(rate) } => {
+                    task_engine::set_queue_rate_limit(&mut conn, &queue, rate)?;
+                    match rate {
+                        Some((n, per)) => outln!("queue {queue}: at most {n} starts per {per:?}"),
+                        None => outln!("queue {queue}: no rate limit"),
+                    }
+                }
+            }
+            Ok(())
         }
         Command::Retry { id } => {
             let db = Database::open(cli.database_url, &data_dir)?;
@@ -413,6 +523,43 @@ fn lease(text: &str) -> Result<Duration, String> {
         return Err("the lease must be from 1s to 1d".into());
     }
     Ok(lease)
+}
+
+/// `--queue NAME=WORKERS`.
+fn queue_workers(text: &str) -> Result<(String, usize), String> {
+    let (name, workers) = text.split_once('=').ok_or("expected NAME=WORKERS, e.g. emails=2")?;
+    let workers: usize = workers.parse().map_err(|_| format!("{workers:?} is not a number of workers"))?;
+    if name.is_empty() || workers == 0 || workers > Runner::MAX_WORKERS {
+        return Err(format!("expected a queue name and 1 to {} workers", Runner::MAX_WORKERS));
+    }
+    Ok((name.to_owned(), workers))
+}
+
+/// A limit, or `none`.
+fn limit(text: &str) -> Result<Setting<u32>, String> {
+    if text == "none" {
+        return Ok(Setting(None));
+    }
+    text.parse().map(|n| Setting(Some(n))).map_err(|_| format!("{text:?}: a number, or none"))
+}
+
+/// `N/PERIOD` (`100/1m`), or `none`.
+fn rate(text: &str) -> Result<Setting<(u32, Duration)>, String> {
+    if text == "none" {
+        return Ok(Setting(None));
+    }
+    let (n, per) = text.split_once('/').ok_or("expected N/PERIOD, e.g. 100/1m, or none")?;
+    let n: u32 = n.parse().map_err(|_| format!("{n:?} is not a number of starts"))?;
+    let per = duration::parse(per)?;
+    if n == 0 || per < Duration::from_millis(1) {
+        return Err("at least 1 start per at least 1ms".into());
+    }
+    Ok(Setting(Some((n, per))))
+}
+
+/// A limit as a person reads it.
+fn shown(limit: Option<u32>) -> String {
+    limit.map_or_else(|| "no limit on how many run".to_owned(), |n| format!("at most {n}"))
 }
 
 fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {

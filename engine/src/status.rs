@@ -1,6 +1,7 @@
 //! `engine status`: what the tables say, for a person.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use diesel::PgConnection;
 use task_engine::models::TaskExecution;
@@ -11,8 +12,8 @@ use crate::{outln, UsageError};
 /// Failed tasks listed by `engine status`.
 const FAILED_SHOWN: i64 = 10;
 
-/// Prints counts by type and state, the latest failed tasks with their last error,
-/// the instances, then the latest executions.
+/// Prints counts by type and state, the queues, the latest failed tasks with their
+/// last error, the instances, then the latest executions.
 pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64) -> anyhow::Result<()> {
     const N: usize = report::STATES.len();
     let counts = report::status_counts(conn)?;
@@ -42,6 +43,9 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
     if !unknown.is_empty() {
         outln!("\ntypes this engine does not know (they wait for an instance that does): {}", unknown.join(", "));
     }
+
+    outln!();
+    print_queues(conn)?;
 
     let failed = report::failed_tasks(conn, FAILED_SHOWN)?;
     if !failed.is_empty() {
@@ -193,4 +197,42 @@ mod tests {
         assert_eq!(plain("send_email"), "send_email");
         assert_eq!(plain("red\u{1b}[31m\nline"), "red\\u{1b}[31m\\nline");
     }
+}
+
+/// The queues: what waits and runs in each, paused or not, its limits.
+pub fn print_queues(conn: &mut PgConnection) -> anyhow::Result<()> {
+    let queues = report::queues(conn)?;
+    outln!(
+        "{:<20} {:>9} {:>9} {:>9} {:<7} {:>7} {:>7} {:<14} OLDEST DUE",
+        "QUEUE",
+        "WAITING",
+        "LATER",
+        "RUNNING",
+        "STATE",
+        "LIMIT",
+        "PER KEY",
+        "RATE"
+    );
+    let or_dash = |n: Option<i32>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    for q in queues {
+        let rate = match (q.rate_limit, q.rate_period_s) {
+            (Some(n), Some(s)) => format!("{n}/{:?}", Duration::from_secs_f64(s)),
+            _ => "-".to_owned(),
+        };
+        let oldest =
+            q.oldest_due_s.map_or_else(|| "-".to_owned(), |s| format!("{:.1?}", Duration::from_secs_f64(s.max(0.0))));
+        outln!(
+            "{:<20} {:>9} {:>9} {:>9} {:<7} {:>7} {:>7} {:<14} {}",
+            plain(&q.name),
+            q.waiting,
+            q.later,
+            q.running,
+            if q.paused { "paused" } else { "active" },
+            or_dash(q.concurrency),
+            or_dash(q.key_concurrency),
+            rate,
+            oldest
+        );
+    }
+    Ok(())
 }

@@ -434,6 +434,9 @@ fn engine_run_refuses_settings_it_cannot_work_with_with_exit_code_2() {
         (vec!["--workers", "100000"], "--workers"),
         (vec!["--max-queue-wait", "1ms"], "at least 10ms"),
         (vec!["--instance", ""], "instance"),
+        (vec!["--queue", "emails=0"], "1 to 10000 workers"),
+        (vec!["--queue", "emails"], "NAME=WORKERS"),
+        (vec!["--queue", "emails=1", "--queue", "emails=2"], "named twice"),
     ] {
         // Accepted, `engine run` would run until stopped: give it 20 s to refuse.
         let mut child = spawn_engine_run(&db, &args, Stdio::piped());
@@ -635,4 +638,49 @@ fn the_embedded_default_is_the_workspaces_from_any_of_its_directories() {
     std::fs::remove_dir_all(&root).unwrap();
     assert!(!made_below, "a second cluster was made in a subdirectory");
     assert_eq!(from_below, from_root, "the root and a subdirectory saw different clusters");
+}
+
+#[test]
+fn engine_queue_pauses_limits_and_lists_and_engine_run_runs_the_queues_it_is_given() {
+    let db = TestDatabase::new();
+    let ok = |args: &[&str]| {
+        let out = engine(&db, args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    ok(&["queue", "pause", "emails"]);
+    ok(&["queue", "limit", "emails", "5"]);
+    ok(&["queue", "key-limit", "emails", "2"]);
+    ok(&["queue", "rate", "emails", "100/1m"]);
+    ok(&["enqueue", "noop", "--queue", "emails", "--key", "acme", "--count", "3"]);
+    let listed = ok(&["queue", "list"]);
+    let line = listed.lines().find(|l| l.starts_with("emails")).unwrap_or_else(|| panic!("{listed}"));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    // Name, waiting, later, running, state, limit, per key, rate (then the oldest's age).
+    assert_eq!(fields[..8], ["emails", "3", "0", "0", "paused", "5", "2", "100/60s"], "{line}");
+    let status = ok(&["status"]);
+    let shown = status.lines().find(|l| l.starts_with("emails")).unwrap_or_else(|| panic!("not in status: {status}"));
+    assert_eq!(shown.split_whitespace().take(8).collect::<Vec<_>>(), fields[..8], "engine status shows the queues too");
+
+    // Bad input: exit 2, nothing changed.
+    for args in
+        [&["queue", "limit", "emails", "many"][..], &["queue", "rate", "emails", "0/1s"], &["queue", "pause", ""]]
+    {
+        let out = engine(&db, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+    }
+
+    // Resumed, and run by an instance given that queue (and only it).
+    ok(&["queue", "resume", "emails"]);
+    ok(&["enqueue", "noop", "--count", "2"]);
+    let mut conn = db.connect();
+    let mut child = spawn_engine_run(&db, &["--queue", "emails=2", "--poll-interval", "1h"], Stdio::null());
+    wait_until("the emails queue's tasks ran", || count_in_status(&mut conn, "stopped") == 3);
+    let queues: Vec<(String, String)> =
+        tasks::table.select((tasks::queue, tasks::status)).order(tasks::id).load(&mut conn).unwrap();
+    let emails = ("emails".to_owned(), "stopped".to_owned());
+    let default = ("default".to_owned(), "waiting".to_owned());
+    assert_eq!(queues, [emails.clone(), emails.clone(), emails, default.clone(), default]);
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -260,3 +260,59 @@ pub fn instances(conn: &mut PgConnection) -> Result<Vec<InstanceRow>, Error> {
     )
     .load(conn)?)
 }
+
+/// A queue as `engine status` and `engine queue list` show it: what waits and runs in
+/// it, and its settings.
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+pub struct QueueRow {
+    #[diesel(sql_type = Text)]
+    pub name: String,
+    /// Waiting and due now.
+    #[diesel(sql_type = BigInt)]
+    pub waiting: i64,
+    /// Waiting and due later (scheduled, or retrying).
+    #[diesel(sql_type = BigInt)]
+    pub later: i64,
+    #[diesel(sql_type = BigInt)]
+    pub running: i64,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub paused: bool,
+    /// At most this many running at once, across instances.
+    #[diesel(sql_type = Nullable<diesel::sql_types::Integer>)]
+    pub concurrency: Option<i32>,
+    /// At most this many of one key running at once.
+    #[diesel(sql_type = Nullable<diesel::sql_types::Integer>)]
+    pub key_concurrency: Option<i32>,
+    /// At most this many starts per `rate_period_s` seconds.
+    #[diesel(sql_type = Nullable<diesel::sql_types::Integer>)]
+    pub rate_limit: Option<i32>,
+    #[diesel(sql_type = Nullable<Double>)]
+    pub rate_period_s: Option<f64>,
+    /// How long the oldest task due now has been due, in seconds.
+    #[diesel(sql_type = Nullable<Double>)]
+    pub oldest_due_s: Option<f64>,
+}
+
+/// Every queue that has tasks waiting or running, or settings, by name. Reads the
+/// waiting and running tasks.
+pub fn queues(conn: &mut PgConnection) -> Result<Vec<QueueRow>, Error> {
+    Ok(diesel::sql_query(
+        "WITH counts AS (
+             SELECT queue,
+                    count(*) FILTER (WHERE status = 'waiting' AND run_at <= now()) AS waiting,
+                    count(*) FILTER (WHERE status = 'waiting' AND run_at > now()) AS later,
+                    count(*) FILTER (WHERE status = 'running') AS running,
+                    min(run_at) FILTER (WHERE status = 'waiting' AND run_at <= now()) AS oldest_due
+             FROM tasks WHERE status IN ('waiting', 'running') GROUP BY queue
+         )
+         SELECT coalesce(c.queue, q.name) AS name, coalesce(c.waiting, 0) AS waiting,
+                coalesce(c.later, 0) AS later, coalesce(c.running, 0) AS running,
+                coalesce(q.paused, false) AS paused, q.concurrency, q.key_concurrency, q.rate_limit,
+                extract(epoch FROM q.rate_period)::float8 AS rate_period_s,
+                CASE WHEN isfinite(c.oldest_due) THEN extract(epoch FROM now() - c.oldest_due)::float8 END
+                    AS oldest_due_s
+         FROM counts c FULL JOIN task_engine_queues q ON q.name = c.queue
+         ORDER BY 1",
+    )
+    .load(conn)?)
+}
