@@ -188,17 +188,6 @@ fn plain(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::plain;
-
-    #[test]
-    fn control_characters_from_the_database_are_printed_escaped() {
-        assert_eq!(plain("send_email"), "send_email");
-        assert_eq!(plain("red\u{1b}[31m\nline"), "red\\u{1b}[31m\\nline");
-    }
-}
-
 /// The queues: what waits and runs in each, paused or not, its limits.
 pub fn print_queues(conn: &mut PgConnection) -> anyhow::Result<()> {
     let queues = report::queues(conn)?;
@@ -235,4 +224,15 @@ pub fn print_queues(conn: &mut PgConnection) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain;
+
+    #[test]
+    fn control_characters_from_the_database_are_printed_escaped() {
+        assert_eq!(plain("send_email"), "send_email");
+        assert_eq!(plain("red\u{1b}[31m\nline"), "red\\u{1b}[31m\\nline");
+    }
 }
