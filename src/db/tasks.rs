@@ -42,27 +42,28 @@ pub(crate) struct ClaimedTask {
 }
 
 /// The levels of waiting tasks of the types `$types` in the queues `$queues`: one row per
-/// (queue, type, priority, key) that has waiting tasks, found by one or two descents of
-/// `tasks_claim_idx` each (a skip scan: the first key of the highest priority of a
-/// type, then the next key at that priority or else the first of the next priority
-/// down, and so on). Their number is that of the types, priorities and keys in use,
-/// never that of the tasks. Queues paused, and (unless `$locked`: the claim holds the
-/// queue's lock) queues with a limit, have none: the claim of such a queue must go
-/// through [`claim_limited`].
+/// (queue, type, priority, key) that has waiting tasks, at most `$depth` per (queue,
+/// type), found by a walk of `tasks_claim_idx` of a few descents per level (a skip
+/// scan). Priorities go from the highest down; within one, keys go round from the first
+/// after `$after` (the key its claimer served last), wrapping to the first key, so that
+/// claim after claim every key has its turn even when a claim reaches only `$depth`
+/// of them. Their number is that of the types, priorities and keys in use, never that
+/// of the tasks. `walk` starts from a sentinel row (depth 0, above every priority);
+/// `levels` drops it, and `cut` says whether the walk stopped at `$depth` (more levels
+/// may wait). Queues paused, and (unless `$locked`: the claim holds the queue's lock)
+/// queues with a limit, have none: the claim of such a queue must go through
+/// [`claim_limited`].
 macro_rules! waiting_levels {
-    ($types:literal, $queues:literal, $locked:literal) => {
+    ($types:literal, $queues:literal, $locked:literal, $after:literal, $depth:literal) => {
         concat!(
-            "levels AS (
-             SELECT qs.queue, ty.task_class, f.priority, f.fair_key
+            "walk AS (
+             SELECT qs.queue, ty.task_class, 1099511627776::bigint AS priority, ''::text AS fair_key, 1 AS lap,
+                    0 AS depth
              FROM unnest(",
             $queues,
             "::text[]) AS qs(queue) CROSS JOIN unnest(",
             $types,
             "::text[]) AS ty(task_class)
-             CROSS JOIN LATERAL (
-                 SELECT t.priority, t.fair_key FROM tasks t
-                 WHERE t.status = 'waiting' AND t.queue = qs.queue AND t.task_class = ty.task_class
-                 ORDER BY t.priority DESC, t.fair_key LIMIT 1) f
              WHERE NOT EXISTS (
                  SELECT 1 FROM task_engine_queues s
                  WHERE s.name = qs.queue
@@ -71,18 +72,55 @@ macro_rules! waiting_levels {
             " AND (s.concurrency IS NOT NULL OR s.key_concurrency IS NOT NULL
                                                  OR s.rate_limit IS NOT NULL))))
              UNION ALL
-             SELECT l.queue, l.task_class, n.priority, n.fair_key
-             FROM levels l CROSS JOIN LATERAL (
-                 (SELECT t.priority, t.fair_key FROM tasks t
+             SELECT l.queue, l.task_class, n.priority, n.fair_key, n.lap, l.depth + 1
+             FROM walk l CROSS JOIN LATERAL (
+                 -- The next key at this priority, in this lap (lap 0: keys after `$after`;
+                 -- lap 1: from the first key to `$after`).
+                 (SELECT t.priority::bigint AS priority, t.fair_key, l.lap FROM tasks t
                   WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
                     AND t.priority = l.priority AND t.fair_key > l.fair_key
+                    AND (l.lap = 0 OR t.fair_key <= ",
+            $after,
+            ")
                   ORDER BY t.fair_key LIMIT 1)
                  UNION ALL
-                 (SELECT t.priority, t.fair_key FROM tasks t
-                  WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
-                    AND t.priority < l.priority
-                  ORDER BY t.priority DESC, t.fair_key LIMIT 1)
+                 -- Round the corner: the first key at this priority, up to `$after`.
+                 (SELECT t.priority::bigint, t.fair_key, 1 FROM tasks t
+                  WHERE l.lap = 0 AND t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
+                    AND t.priority = l.priority AND t.fair_key <= ",
+            $after,
+            "
+                  ORDER BY t.fair_key LIMIT 1)
+                 UNION ALL
+                 -- The next priority down: its first key after `$after`, else its first.
+                 (SELECT np.priority, coalesce(past.fair_key, head.fair_key),
+                         CASE WHEN past.fair_key IS NULL THEN 1 ELSE 0 END
+                  FROM (SELECT t.priority::bigint AS priority FROM tasks t
+                        WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
+                          AND t.priority < l.priority
+                        ORDER BY t.priority DESC LIMIT 1) np
+                  LEFT JOIN LATERAL (
+                      SELECT t.fair_key FROM tasks t
+                      WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
+                        AND t.priority = np.priority AND t.fair_key > ",
+            $after,
+            "
+                      ORDER BY t.fair_key LIMIT 1) past ON true
+                  CROSS JOIN LATERAL (
+                      SELECT t.fair_key FROM tasks t
+                      WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
+                        AND t.priority = np.priority
+                      ORDER BY t.fair_key LIMIT 1) head)
                  LIMIT 1) n
+             WHERE l.depth < ",
+            $depth,
+            "
+         ), levels AS (
+             SELECT queue, task_class, priority::int AS priority, fair_key FROM walk WHERE depth > 0
+         ), cut AS (
+             SELECT coalesce(max(depth), 0) >= ",
+            $depth,
+            " AS cut FROM walk
          )"
         )
     };
@@ -105,11 +143,13 @@ macro_rules! waiting_levels {
 /// cheap. Each row says whether the queue has a limit.
 const CLAIM: &str = concat!(
     "WITH RECURSIVE ",
-    waiting_levels!("$1", "$5", "$7"),
+    // At most 16 levels per (queue, type): a claim's cost stays that of a few levels
+    // whatever the number of keys; the keys past them come in the next claims.
+    waiting_levels!("$1", "$5", "$7", "$8", "16"),
     ", sizing AS (
-         -- Each level's share of the candidates: all of them for one level, fewer for
-         -- many (keys), at least 8.
-         SELECT greatest(8, least($4, 2 * $4 / greatest(count(*), 1))) AS per_level FROM levels
+         -- Each level's share of the candidates: all of them for one level, an even
+         -- share for many (keys), at least 4.
+         SELECT greatest(4, ($4 + count(*) - 1) / greatest(count(*), 1)) AS per_level FROM levels
      ), heads AS (
          SELECT c.ctid, l.priority, l.fair_key, c.run_at, c.id, c.level_rows = z.per_level AS level_full,
                 row_number() OVER (PARTITION BY l.fair_key ORDER BY l.priority DESC, c.run_at, c.id) AS turn
@@ -163,10 +203,11 @@ const CLAIM: &str = concat!(
      SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
             c.max_attempts, c.fair_key, c.execution_id, now() AS claimed_at, w.seen AS candidates,
             coalesce(s.limited, false) AS limited,
-            -- A level cut at its share, of a key the limit per key did not cut: more waits.
+            -- A level cut at its share, of a key the limit per key did not cut, or levels
+            -- left unwalked: more waits.
             coalesce((SELECT bool_or(a.level_full) FROM allowed a
                       WHERE NOT EXISTS (SELECT 1 FROM allowed x WHERE x.fair_key = a.fair_key AND NOT x.fits)),
-                     false) AS unread
+                     false) OR (SELECT cut FROM cut) AS unread
      FROM (SELECT count(*) AS seen FROM candidates) w
      CROSS JOIN settings s
      LEFT JOIN numbered c ON true
@@ -838,7 +879,7 @@ pub(crate) fn due(conn: &mut PgConnection, queues: &[&str], task_types: &[&str],
         conn.batch_execute(&PLAN_BY_INDEX.replace("SET ", "SET LOCAL "))?;
         diesel::sql_query(concat!(
             "WITH RECURSIVE ",
-            waiting_levels!("$1", "$3", "true"),
+            waiting_levels!("$1", "$3", "true", "''", "1000000"),
             " SELECT
                  (SELECT count(*) FROM (
                       SELECT 1 FROM levels l CROSS JOIN LATERAL (
@@ -1196,5 +1237,37 @@ mod tests {
         let seconds: Vec<(i64, f64)> = waits.iter().map(|w| (w.id, w.seconds)).collect();
         // attempt 1: 4 s, attempt 3: 84 s, give or take 10%.
         assert!((3.6..=4.4).contains(&seconds[0].1) && (75.6..=92.4).contains(&seconds[1].1), "{seconds:?}");
+    }
+}
+#[cfg(test)]
+mod explain_keys {
+    use super::*;
+    #[derive(QueryableByName)]
+    struct PlanLine {
+        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
+        line: String,
+    }
+    #[test]
+    #[ignore]
+    fn explain_claim_with_keys() {
+        let db = test_db::TestDatabase::new();
+        let mut conn = db.connect();
+        let keys: i64 = std::env::var("KEYS").ok().and_then(|k| k.parse().ok()).unwrap_or(100);
+        conn.batch_execute(&format!(
+            "ANALYZE tasks; INSERT INTO tasks (task_class, fair_key) SELECT 'noop', 'key' || (i % {keys}) FROM generate_series(1, 20000) i"
+        ))
+        .unwrap();
+        prepare_claimer_session(&mut conn).unwrap();
+        conn.batch_execute(&format!("PREPARE claim_here (text[], bigint, text, bigint, text[], int, boolean, text) AS {CLAIM}")).unwrap();
+        for _ in 0..3 {
+            conn.batch_execute("BEGIN").unwrap();
+            let plan: Vec<PlanLine> = diesel::sql_query(
+                "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) EXECUTE claim_here(ARRAY['noop'], 256, 'i', 656, ARRAY['default'], NULL, false, '')",
+            )
+            .load(&mut conn)
+            .unwrap();
+            conn.batch_execute("ROLLBACK").unwrap();
+            println!("{}", plan.into_iter().map(|p| p.line).collect::<Vec<_>>().join("\n"));
+        }
     }
 }

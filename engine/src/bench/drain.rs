@@ -13,7 +13,7 @@ use diesel::prelude::*;
 use task_engine::{NewTask, Registry, Runner, RunningEngine};
 
 use super::meter::{Cost, Meter};
-use super::tasks::Noop;
+use super::tasks::{Nap, Noop};
 use super::{drop_schema, exactly_once, fresh_schema, round3};
 use crate::database::Database;
 
@@ -57,6 +57,12 @@ pub(super) struct Options {
     pub batched_only: bool,
     pub buffer: Option<usize>,
     pub scenario: Scenario,
+    /// Tasks spread over this many keys (0: none).
+    pub keys: u32,
+    /// A limit on how many of the queue's tasks run at once.
+    pub limit: Option<u32>,
+    /// How long each task sleeps (0: a no-op).
+    pub task_ms: u64,
 }
 
 pub(super) fn run(db: &Database, registry: &Registry, options: &Options) -> anyhow::Result<()> {
@@ -95,9 +101,12 @@ pub(super) fn drain_once(
     mode: Mode,
     run: usize,
 ) -> anyhow::Result<Drained> {
-    let Options { tasks, instances, workers, scenario, buffer, .. } = *options;
+    let Options { tasks, instances, workers, scenario, buffer, keys, limit, task_ms, .. } = *options;
     let url = fresh_schema(db)?;
     let mut conn = PgConnection::establish(&url)?;
+    if limit.is_some() {
+        task_engine::set_queue_concurrency(&mut conn, task_engine::DEFAULT_QUEUE, limit)?;
+    }
     let meter = Meter::new(&mut conn)?;
     // The statistics of an empty table, as a freshly migrated or long-idle queue has them.
     conn.batch_execute("ANALYZE tasks")?;
@@ -125,9 +134,21 @@ pub(super) fn drain_once(
     let start_all = || (0..instances).map(|i| runner(i).start()).collect::<Result<Vec<_>, _>>();
 
     let before = meter.read(&mut conn)?;
+    let task = || if task_ms == 0 { NewTask::new(&Noop {}) } else { NewTask::new(&Nap { ms: task_ms }) };
+    let insert = |conn: &mut PgConnection| -> anyhow::Result<()> {
+        if keys == 0 {
+            task()?.insert_copies(conn, tasks)?;
+        } else {
+            let batch: Vec<NewTask> = (0..tasks)
+                .map(|i| Ok(task()?.key(format!("key{}", i % keys))))
+                .collect::<Result<_, task_engine::Error>>()?;
+            task_engine::enqueue_many(conn, &batch)?;
+        }
+        Ok(())
+    };
     let (engines, inserted_at, visible_at) = if scenario == Scenario::Prepared {
         let inserted_at = Instant::now();
-        NewTask::new(&Noop {})?.insert_copies(&mut conn, tasks)?;
+        insert(&mut conn)?;
         conn.batch_execute("VACUUM ANALYZE tasks")?;
         let started_at = Instant::now();
         (start_all()?, inserted_at, started_at)
@@ -137,10 +158,12 @@ pub(super) fn drain_once(
             bail!("the instances did not fall idle");
         }
         let inserted_at = Instant::now();
-        NewTask::new(&Noop {})?.insert_copies(&mut conn, tasks)?;
+        insert(&mut conn)?;
         (engines, inserted_at, Instant::now())
     };
+    let sampler = limit.map(|_| Sampler::start(&url));
     let tenths = wait_tenths(&engines, u64::from(tasks), visible_at)?;
+    let running = sampler.map(Sampler::finish).transpose()?;
     let after = meter.read(&mut conn)?;
     let (claims, wasted_claims, completion_batches) = engines
         .iter()
@@ -165,15 +188,22 @@ pub(super) fn drain_once(
         .map(|w| (tenth / (w[1] - w[0]).as_secs_f64()).round())
         .collect();
     let last_over_first = tenth_rates[9] / tenth_rates[0];
+    let shape = match (keys, limit, task_ms) {
+        (0, None, 0) => String::new(),
+        (keys, limit, ms) => format!(", {keys} keys, limit {limit:?}, tasks of {ms} ms"),
+    };
     println!(
-        "drain ({scenario:?}, {}), run {run}: {tasks} tasks, {instances} x {workers} workers: {rate:.0} tasks/s ({secs:.3} s; {:.0} \
-         tasks/s from the insert's start); last tenth / first {last_over_first:.2}; {} claims, {} completion \
-         statements; {cost}; {check}",
+        "drain ({scenario:?}, {}{shape}), run {run}: {tasks} tasks, {instances} x {workers} workers: {rate:.0} tasks/s \
+         ({secs:.3} s; {:.0} tasks/s from the insert's start); last tenth / first {last_over_first:.2}; {} claims, {} \
+         completion statements; {cost}; {check}",
         mode.name(),
         f64::from(tasks) / with_insert.as_secs_f64(),
         claims,
         completion_batches,
     );
+    if let (Some(samples), Some(limit)) = (&running, limit) {
+        println!("running under a limit of {limit}: {}", samples.summary(i64::from(limit)));
+    }
     let mut json = serde_json::json!({
         "bench": "drain",
         "scenario": format!("{scenario:?}").to_lowercase(),
@@ -191,6 +221,9 @@ pub(super) fn drain_once(
         "wasted_claims_per_task": round3(wasted_claims as f64 / f64::from(tasks)),
         "completion_statements": completion_batches,
         "ran_exactly_once": check.ok(),
+        "keys": keys,
+        "limit": limit,
+        "task_ms": task_ms,
     });
     json.as_object_mut().expect("an object").extend(cost.json("engine").as_object().expect("an object").clone());
     println!("{json}");
@@ -216,4 +249,64 @@ fn wait_tenths(engines: &[RunningEngine], tasks: u64, from: Instant) -> anyhow::
         std::thread::sleep(Duration::from_micros(500));
     }
     Ok(tenths)
+}
+
+/// Samples how many tasks run (status `running`: claimed, in a buffer or a worker)
+/// every 5 ms on a connection of its own, until finished.
+struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<Vec<i64>>>,
+}
+
+impl Sampler {
+    fn start(url: &str) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let url = url.to_owned();
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            #[derive(QueryableByName)]
+            struct N {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                n: i64,
+            }
+            let mut conn = PgConnection::establish(&url)?;
+            let mut samples = Vec::new();
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let n: N = diesel::sql_query("SELECT count(*) AS n FROM tasks WHERE status = 'running'").get_result(&mut conn)?;
+                samples.push(n.n);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(samples)
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> anyhow::Result<Samples> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let samples = self.thread.join().map_err(|_| anyhow::anyhow!("the sampler panicked"))??;
+        Ok(Samples(samples))
+    }
+}
+
+/// How many ran, sample by sample.
+struct Samples(Vec<i64>);
+
+impl Samples {
+    /// The samples taken while tasks remained (the drain's tail aside: the last 10% of
+    /// samples), their mean, their least, the share at the limit and above it.
+    fn summary(&self, limit: i64) -> String {
+        let body = &self.0[..self.0.len() * 9 / 10];
+        if body.is_empty() {
+            return "no sample".into();
+        }
+        let mean = body.iter().sum::<i64>() as f64 / body.len() as f64;
+        let at = body.iter().filter(|&&n| n == limit).count() as f64 / body.len() as f64;
+        let over = body.iter().filter(|&&n| n > limit).count();
+        format!(
+            "{} samples (the first 90%), mean {mean:.1}, least {}, at the limit {:.0}%, over it {over}",
+            body.len(),
+            body.iter().min().expect("not empty"),
+            at * 100.0
+        )
+    }
 }

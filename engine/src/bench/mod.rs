@@ -6,6 +6,7 @@
 
 mod drain;
 mod enqueue;
+mod fairness;
 mod latency;
 mod meter;
 mod peer;
@@ -76,6 +77,22 @@ pub enum Bench {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Fair dispatch: one key's backlog drains while another key's tasks arrive one at
+    /// a time; the second key's pickup.
+    Fairness {
+        /// Tasks of the big key waiting at the start.
+        #[arg(long, default_value_t = 1_000_000)]
+        backlog: u32,
+        /// Tasks of the small key, inserted one at a time.
+        #[arg(long, default_value_t = 100)]
+        small: usize,
+        /// Workers of the instance.
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        /// Pause between the small key's inserts.
+        #[arg(long, value_parser = duration::parse, default_value = "20ms")]
+        gap: Duration,
+    },
     /// Enqueue rates: bulk (one statement, one notification), then 8 clients
     /// inserting single tasks by plain SQL without the notifying trigger, with an idle
     /// engine, and with a busy one.
@@ -113,6 +130,16 @@ pub struct DrainArgs {
     /// How the tasks reach the instance.
     #[arg(long, value_enum, default_value = "burst")]
     scenario: drain::Scenario,
+    /// Each task sleeps this long (0: a no-op).
+    #[arg(long, default_value_t = 0)]
+    task_ms: u64,
+    /// Spread the tasks over this many keys, in turn (0: no key).
+    #[arg(long, default_value_t = 0)]
+    keys: u32,
+    /// Set this limit on how many tasks of the queue run at once (it then samples how
+    /// many run, every 5 ms).
+    #[arg(long)]
+    limit: Option<u32>,
 }
 
 impl DrainArgs {
@@ -124,6 +151,9 @@ impl DrainArgs {
             runs: self.runs,
             buffer: self.buffer,
             scenario: self.scenario,
+            keys: self.keys,
+            limit: self.limit,
+            task_ms: self.task_ms,
             batched_only: true,
         }
     }
@@ -138,6 +168,7 @@ pub fn run(bench: Bench, url: Option<String>, data_dir: &std::path::Path) -> any
             instances.into_iter().try_for_each(|n| latency::run(&db, &registry, tasks, n, workers, gap))
         }
         Bench::Enqueue { bulk, clients, duration } => enqueue::run(&db, &registry, bulk, clients, duration),
+        Bench::Fairness { backlog, small, workers, gap } => fairness::run(&db, &registry, backlog, small, workers, gap),
         Bench::Drain { drain, batched_only } => {
             drain::run(&db, &registry, &drain::Options { batched_only, ..drain.options() })
         }

@@ -34,10 +34,27 @@ impl Task for Hold {
     }
 }
 
+/// Sleeps `ms`: a task that takes time, for the limits' benchmarks.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Nap {
+    pub ms: u64,
+}
+
+impl Task for Nap {
+    const NAME: &'static str = "bench_nap";
+    type Output = ();
+
+    fn run(&self, _ctx: &TaskContext) -> Result<(), TaskError> {
+        std::thread::sleep(std::time::Duration::from_millis(self.ms));
+        Ok(())
+    }
+}
+
 /// The registry of the benchmarks' instances.
 pub fn registry() -> Result<Registry, task_engine::Error> {
     let mut registry = Registry::default();
     registry.register::<Noop>()?;
     registry.register::<Hold>()?;
+    registry.register::<Nap>()?;
     Ok(registry)
 }
