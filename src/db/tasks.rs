@@ -789,10 +789,13 @@ macro_rules! rescue_statement {
                  WHERE t.id = ANY(ARRAY(SELECT id FROM lost))
                  RETURNING t.status, t.run_at
              ), notified AS (
-                 -- Instances that run these types, not only this one, arm their timers.
+                 -- Instances that run these types, not only this one, arm their timers;
+                 -- and each rescued task freed a place under its queue's limit, if any.
                  SELECT pg_notify(task_engine_channel(), json_build_object(
-                            'ready', 0, 'next_in', extract(epoch FROM min(run_at) - now()))::text)
-                 FROM moved WHERE status = 'waiting' HAVING count(*) > 0
+                            'ready', count(*),
+                            'next_in', extract(epoch FROM min(run_at) FILTER (WHERE status = 'waiting') - now())
+                        )::text)
+                 FROM moved HAVING count(*) > 0
              )
              SELECT count(*) FILTER (WHERE status = 'waiting') AS waiting,
                     (SELECT count(*) FROM notified) AS notifications

@@ -255,3 +255,47 @@ fn a_queue_no_instance_runs_waits() {
     assert_eq!(waiting, [(by_type, nobody.clone()), (by_enqueue, nobody)]);
     engine.shutdown();
 }
+
+#[test]
+fn a_place_freed_by_a_rescue_under_a_limit_wakes_the_instance_waiting_for_it() {
+    use diesel::connection::SimpleConnection;
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    task_engine::set_queue_concurrency(&mut conn, "serial", Some(1)).unwrap();
+    // What a crash leaves: the queue's one place taken by a vanished instance's task
+    // (on its last attempt), and a task waiting behind it.
+    conn.batch_execute(
+        "INSERT INTO tasks (id, task_class, task_parameters, status, instance, attempts, max_attempts, queue)
+             VALUES (51, 'echo', '1', 'running', 'vanished', 1, 1, 'serial'),
+                    (52, 'echo', '2', 'waiting', NULL, 0, 1, 'serial')",
+    )
+    .unwrap();
+    // Its lease (30 s) keeps it from judging others within the test; it polls hourly.
+    let waiting = runner(&db, "waiting", 1).queue("serial", 1).start().unwrap();
+    wait_until("the instance found the queue full and went idle", || {
+        let stats = waiting.stats();
+        stats.claims >= 2 && stats.marked_idle && stats.sleeping_workers == 1
+    });
+    // The rescuer runs another queue, and judges after a second.
+    let rescuer = runner(&db, "rescuer", 1).lease(Duration::from_secs(1)).start().unwrap();
+    wait_until("the rescuer has ended the lost task", || {
+        rescuer.stats().rescue_passes > 0 && {
+            task_engine::schema::tasks::table
+                .find(51)
+                .select(task_engine::schema::tasks::status)
+                .first::<String>(&mut conn)
+                .unwrap()
+                == "failed"
+        }
+    });
+    wait_until("the waiting task ran, woken by the rescue", || {
+        task_engine::schema::tasks::table
+            .find(52)
+            .select(task_engine::schema::tasks::status)
+            .first::<String>(&mut conn)
+            .unwrap()
+            == "stopped"
+    });
+    waiting.shutdown();
+    rescuer.shutdown();
+}

@@ -272,7 +272,8 @@ impl Sampler {
             let mut conn = PgConnection::establish(&url)?;
             let mut samples = Vec::new();
             while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                let n: N = diesel::sql_query("SELECT count(*) AS n FROM tasks WHERE status = 'running'").get_result(&mut conn)?;
+                let n: N = diesel::sql_query("SELECT count(*) AS n FROM tasks WHERE status = 'running'")
+                    .get_result(&mut conn)?;
                 samples.push(n.n);
                 std::thread::sleep(Duration::from_millis(5));
             }
