@@ -18,8 +18,13 @@ DROP INDEX tasks_claim_idx;
 ALTER INDEX tasks_queue_claim_idx RENAME TO tasks_claim_idx;
 
 -- What runs in a queue, and of one key in it: counted by the claim of a queue with a
--- limit (under the queue's row lock, so that the count is exact).
-CREATE INDEX tasks_queue_running_idx ON tasks (queue, fair_key) WHERE status = 'running';
+-- limit (under the queue's row lock, so that the count is exact). It replaces the
+-- index of running tasks by instance, so that a claim still adds one entry per task
+-- to an index of running tasks, not two: the rescue, which looks for an instance's
+-- running tasks, reads them all (they are few, and it runs every few seconds at most).
+CREATE INDEX tasks_running_by_queue_idx ON tasks (queue, fair_key, instance) WHERE status = 'running';
+DROP INDEX tasks_running_idx;
+ALTER INDEX tasks_running_by_queue_idx RENAME TO tasks_running_idx;
 
 -- A queue's settings; a queue without a row has none (not paused, no limit). Changed
 -- at run time by `engine queue ...` or the library; read by every claim.

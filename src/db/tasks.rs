@@ -126,7 +126,66 @@ macro_rules! waiting_levels {
     };
 }
 
-/// The statement of [`claim`] and [`claim_limited`]. `candidates` reads the first `$4`
+/// The statement of [`claim`] and [`claim_limited`] while the queue's waiting tasks
+/// have one key (none, most often): `candidates` reads the first `$4` tasks due now of
+/// each level (each level's due tasks are the head of its range of `tasks_claim_idx`,
+/// so tasks due later, other types and other queues are never read) and keeps the
+/// first `$4` in claim order (higher priority first, then the one due first, then the
+/// older); `picked` locks the first `$2` of them that no other claim holds, and
+/// `claimed` updates those. Both find their rows by their physical address (`ctid`, a
+/// TID scan) rather than by descending the primary key once per task; a row changed
+/// since the candidates were read has moved, and is passed over (it was claimed, or is
+/// no longer due). `IS NOT DISTINCT FROM` (status is never null: the same as `=`) keeps
+/// the planner from proving `tasks_claim_idx`'s predicate and walking the whole index
+/// for the candidates' addresses, which statistics taken on an empty table make look
+/// cheap. Each row says whether the queue has a limit, whether more may wait, and how
+/// many keys the walk met (more than one: the next claim is [`CLAIM_FAIR`]).
+const CLAIM: &str = concat!(
+    "WITH RECURSIVE ",
+    waiting_levels!("$1", "$5", "$7", "$8", "16"),
+    ", candidates AS (
+         SELECT c.ctid FROM levels l CROSS JOIN LATERAL (
+             SELECT t.ctid, t.id, t.priority, t.run_at FROM tasks t
+             WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
+               AND t.priority = l.priority AND t.fair_key = l.fair_key AND t.run_at <= now()
+             ORDER BY t.run_at, t.id
+             LIMIT $4) c
+         ORDER BY c.priority DESC, c.run_at, c.id
+         LIMIT $4
+     ), picked AS (
+         SELECT t.ctid FROM tasks t
+         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates))
+           AND t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
+         ORDER BY t.priority DESC, t.run_at, t.id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED
+     ), claimed AS (
+         UPDATE tasks t
+         SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
+         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked))
+         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key, t.priority,
+                   t.run_at
+     ), numbered AS (
+         -- Execution ids in claim order.
+         SELECT c.*, nextval('task_executions_id_seq') AS execution_id
+         FROM (SELECT * FROM claimed ORDER BY priority DESC, run_at, id) c
+     ), settings AS (
+         SELECT bool_or(s.concurrency IS NOT NULL OR s.key_concurrency IS NOT NULL OR s.rate_limit IS NOT NULL)
+                    AS limited
+         FROM task_engine_queues s WHERE s.name = ANY($5)
+     )
+     SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
+            c.max_attempts, c.fair_key, c.execution_id, now() AS claimed_at, w.seen AS candidates,
+            coalesce(s.limited, false) AS limited, (SELECT cut FROM cut) AS unread,
+            (SELECT count(DISTINCT fair_key) FROM levels) AS keys
+     FROM (SELECT count(*) AS seen FROM candidates) w
+     CROSS JOIN settings s
+     LEFT JOIN numbered c ON true
+     ORDER BY c.execution_id"
+);
+
+/// The statement of [`claim`] and [`claim_limited`] among several keys, or under a limit
+/// per key. `candidates` reads the first `$4`
 /// tasks due now of each level (each level's due tasks are the head of its range of
 /// `tasks_claim_idx`, so tasks due later, other types and other keys are never read),
 /// keeps at most `$6 - running` of each key (`$6`, the queue's limit per key, null for
@@ -141,7 +200,7 @@ macro_rules! waiting_levels {
 /// the planner from proving `tasks_claim_idx`'s predicate and walking the whole index
 /// for the candidates' addresses, which statistics taken on an empty table make look
 /// cheap. Each row says whether the queue has a limit.
-const CLAIM: &str = concat!(
+const CLAIM_FAIR: &str = concat!(
     "WITH RECURSIVE ",
     // At most 16 levels per (queue, type): a claim's cost stays that of a few levels
     // whatever the number of keys; the keys past them come in the next claims.
@@ -162,7 +221,7 @@ const CLAIM: &str = concat!(
                  LIMIT z.per_level) x) c
      ), busy AS (
          -- Under a limit per key, or among several keys: what runs of each key
-         -- (tasks_queue_running_idx), so that a key's turns come after its running tasks.
+         -- (tasks_running_idx), so that a key's turns come after its running tasks.
          SELECT r.fair_key, count(*) AS running FROM tasks r
          WHERE ($6::int IS NOT NULL OR (SELECT count(DISTINCT fair_key) FROM levels) > 1)
            AND r.status = 'running' AND r.queue = ANY($5) AND r.fair_key IN (SELECT fair_key FROM levels)
@@ -207,7 +266,8 @@ const CLAIM: &str = concat!(
             -- left unwalked: more waits.
             coalesce((SELECT bool_or(a.level_full) FROM allowed a
                       WHERE NOT EXISTS (SELECT 1 FROM allowed x WHERE x.fair_key = a.fair_key AND NOT x.fits)),
-                     false) OR (SELECT cut FROM cut) AS unread
+                     false) OR (SELECT cut FROM cut) AS unread,
+            (SELECT count(DISTINCT fair_key) FROM levels) AS keys
      FROM (SELECT count(*) AS seen FROM candidates) w
      CROSS JOIN settings s
      LEFT JOIN numbered c ON true
@@ -230,6 +290,9 @@ pub(crate) struct Claim {
     pub rate_wait: Option<Duration>,
     /// The key of the last task claimed: where the next claim's round of keys starts.
     pub last_key: Option<String>,
+    /// How many keys the claim's walk met among the waiting tasks: more than one, and
+    /// the next claim should be fair ([`LaneClaim::fair`]).
+    pub keys: i64,
 }
 
 /// Claims up to `limit` runnable tasks of the given types in `queue` for `instance`:
@@ -261,6 +324,8 @@ pub(crate) struct LaneClaim<'a> {
     pub task_types: &'a [&'a str],
     /// The key this claimer served last (`last_key` of its last claim; `""` at first).
     pub after_key: &'a str,
+    /// Whether keys take turns ([`CLAIM_FAIR`]): the last claim met more than one.
+    pub fair: bool,
 }
 
 /// A queue's settings, as [`claim_limited`] reads them under the queue's row lock.
@@ -283,7 +348,7 @@ struct Limits {
 /// Claims from a queue with limits ([`claim`] otherwise), in one transaction: locks the
 /// queue's row in `task_engine_queues` (claims of this queue from every instance wait
 /// for one another there, so that each counts what the others claimed: the limits are
-/// never overshot), counts its running tasks (`tasks_queue_running_idx`), claims no
+/// never overshot), counts its running tasks (`tasks_running_idx`), claims no
 /// more than its concurrency, its rate limit's window and its limit per key leave, and
 /// counts the claims in the window. A queue without a row, or without limits, is
 /// claimed as by [`claim`]; a paused one not at all. Changes the queue's row and the
@@ -369,7 +434,7 @@ fn run_claim(
     key_cap: Option<i32>,
     locked: bool,
 ) -> QueryResult<Claim> {
-    let LaneClaim { instance, queue, task_types, after_key } = *lane;
+    let LaneClaim { instance, queue, task_types, after_key, .. } = *lane;
     #[derive(QueryableByName)]
     struct Row {
         #[diesel(sql_type = Nullable<BigInt>)]
@@ -394,13 +459,18 @@ fn run_claim(
         limited: bool,
         #[diesel(sql_type = Bool)]
         unread: bool,
+        #[diesel(sql_type = BigInt)]
+        keys: i64,
     }
     // 2.5 x the limit: with three instances claiming at once, 1.5 x left a claim short
     // (other claims holding its candidates) one time in two, and 4 x read more than
     // it saved (20,000-task drains, medians of 3: 22,000, 27,300 and 23,300 tasks/s).
     let window = limit.saturating_mul(5) / 2 + 16;
+    // The fair statement costs more (twice the simple one's time per task): only where
+    // keys must take turns.
+    let statement = if lane.fair || key_cap.is_some() { CLAIM_FAIR } else { CLAIM };
     let rows: Vec<Row> = Prepared(
-        diesel::sql_query(CLAIM)
+        diesel::sql_query(statement)
             .bind::<Array<Text>, _>(task_types)
             .bind::<BigInt, _>(limit)
             .bind::<Text, _>(instance)
@@ -412,7 +482,7 @@ fn run_claim(
     )
     .load(conn)?;
     let Some(first) = rows.first() else { return Ok(Claim::default()) };
-    let (candidates, limited, unread) = (first.candidates, first.limited, first.unread);
+    let (candidates, limited, unread, keys) = (first.candidates, first.limited, first.unread, first.keys);
     let last_key = rows.last().and_then(|r| r.fair_key.clone());
     let tasks: Vec<ClaimedTask> = rows
         .into_iter()
@@ -430,7 +500,7 @@ fn run_claim(
         })
         .collect();
     let more = (candidates >= window || unread) && (tasks.len() as i64) < limit;
-    Ok(Claim { tasks, more, limited, rate_wait: None, last_key })
+    Ok(Claim { tasks, more, limited, rate_wait: None, last_key, keys })
 }
 
 /// Sets up a connection that claims (the producer's) or looks for due tasks: with
@@ -933,7 +1003,7 @@ pub(crate) fn vacuum(conn: &mut PgConnection) -> QueryResult<bool> {
 mod tests {
     /// A claimer of the queue `default`.
     fn lane<'a>(instance: &'a str, task_types: &'a [&'a str]) -> LaneClaim<'a> {
-        LaneClaim { instance, queue: "default", task_types, after_key: "" }
+        LaneClaim { instance, queue: "default", task_types, after_key: "", fair: false }
     }
 
     use super::*;
@@ -1072,7 +1142,8 @@ mod tests {
         let mut after = String::new();
         let mut served = std::collections::BTreeSet::new();
         for _ in 0..4 {
-            let claimed = claim(&mut conn, &LaneClaim { after_key: &after, ..lane("i", &["noop"]) }, 16).unwrap();
+            let claimed =
+                claim(&mut conn, &LaneClaim { after_key: &after, fair: true, ..lane("i", &["noop"]) }, 16).unwrap();
             assert_eq!(claimed.tasks.len(), 16);
             let ids: Vec<i64> = claimed.tasks.iter().map(|t| t.id).collect();
             let keys: Vec<String> = diesel::sql_query("SELECT fair_key AS key FROM tasks WHERE id = ANY($1)")
@@ -1087,7 +1158,7 @@ mod tests {
         }
         assert_eq!(served.len(), 40, "keys served in four claims: {served:?}");
         // A claim that wants more than 16 keys hold comes back short, and says more waits.
-        let big = claim(&mut conn, &LaneClaim { after_key: &after, ..lane("i", &["noop"]) }, 300).unwrap();
+        let big = claim(&mut conn, &LaneClaim { after_key: &after, fair: true, ..lane("i", &["noop"]) }, 300).unwrap();
         assert!(big.tasks.len() < 300 && big.more, "{} claimed, more: {}", big.tasks.len(), big.more);
     }
 

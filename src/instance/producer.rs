@@ -154,6 +154,8 @@ struct Producer {
     limited: bool,
     /// The key of the last task it claimed: its next claim serves the keys after it first.
     last_key: String,
+    /// Whether its last claim met several keys: its next claim lets them take turns.
+    fair: bool,
 }
 
 /// Claims until the instance stops, then gives back what no worker started.
@@ -165,6 +167,7 @@ pub(crate) fn run(input: Input) {
         paused: false,
         limited: false,
         last_key: String::new(),
+        fair: false,
     };
     // Connect before the first claim is due (a failure is met again, and handled, there).
     let _ = producer.conn();
@@ -276,6 +279,7 @@ impl Producer {
             queue: &input.queue,
             task_types: &input.task_types,
             after_key: &self.last_key,
+            fair: self.fair,
         }
     }
 
@@ -304,6 +308,7 @@ impl Producer {
             queue: &input.queue,
             task_types: &input.task_types,
             after_key: &self.last_key,
+            fair: self.fair,
         };
         let mut claim =
             if self.limited { tasks::claim_limited(conn, &lane, limit)? } else { tasks::claim(conn, &lane, limit)? };
@@ -314,6 +319,9 @@ impl Producer {
         self.limited = claim.limited;
         if let Some(key) = claim.last_key.take() {
             self.last_key = key;
+        }
+        if claim.keys > 0 {
+            self.fair = claim.keys > 1;
         }
         if let Some(wait) = claim.rate_wait {
             // The scheduler wakes the lanes when the rate limit's next window opens.

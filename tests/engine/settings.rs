@@ -58,13 +58,10 @@ fn a_database_without_the_engine_schema_is_refused_at_start_with_what_to_run() {
     let message = refused.to_string();
     assert!(matches!(refused, Error::Config(_)), "{message}");
     assert!(message.contains("run task_engine::run_migrations"), "{message}");
-    assert!(
-        message.contains("tasks, task_executions, task_engine_instances, task_engine_queues, tasks_queue_running_idx"),
-        "{message}"
-    );
+    assert!(message.contains("tasks, task_executions, task_engine_instances, task_engine_queues"), "{message}");
 
     // Migrated before this version: the last migration's index is missing.
-    diesel::connection::SimpleConnection::batch_execute(&mut conn, "DROP INDEX tasks_queue_running_idx").unwrap();
+    diesel::connection::SimpleConnection::batch_execute(&mut conn, "DROP TABLE task_engine_queues").unwrap();
     let refused = Runner::new(db.url(), Registry::default()).workers(1).start().err().expect("refused");
-    assert!(refused.to_string().contains("(tasks_queue_running_idx missing)"), "{refused}");
+    assert!(refused.to_string().contains("(task_engine_queues missing)"), "{refused}");
 }
