@@ -116,7 +116,7 @@ macro_rules! waiting_levels {
             $depth,
             "
          ), levels AS (
-             SELECT queue, task_class, priority::int AS priority, fair_key FROM walk WHERE depth > 0
+             SELECT queue, task_class, priority::int AS priority, fair_key, depth FROM walk WHERE depth > 0
          ), cut AS (
              SELECT coalesce(max(depth), 0) >= ",
             $depth,
@@ -144,7 +144,8 @@ const CLAIM: &str = concat!(
     "WITH RECURSIVE ",
     waiting_levels!("$1", "$5", "$7", "$8", "16"),
     ", candidates AS (
-         SELECT c.ctid FROM levels l CROSS JOIN LATERAL (
+         SELECT c.ctid, row_number() OVER (ORDER BY c.priority DESC, c.run_at, c.id) AS ord
+         FROM levels l CROSS JOIN LATERAL (
              SELECT t.ctid, t.id, t.priority, t.run_at FROM tasks t
              WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
                AND t.priority = l.priority AND t.fair_key = l.fair_key AND t.run_at <= now()
@@ -153,22 +154,22 @@ const CLAIM: &str = concat!(
          ORDER BY c.priority DESC, c.run_at, c.id
          LIMIT $4
      ), picked AS (
-         SELECT t.ctid FROM tasks t
-         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates))
-           AND t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
-         ORDER BY t.priority DESC, t.run_at, t.id
+         -- In claim order, so that the lock stops at the `$2`th row it gets.
+         SELECT t.ctid, c.ord FROM (SELECT * FROM candidates ORDER BY ord) c JOIN tasks t ON t.ctid = c.ctid
+         WHERE t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
+         ORDER BY c.ord
          LIMIT $2
-         FOR UPDATE SKIP LOCKED
+         FOR UPDATE OF t SKIP LOCKED
      ), claimed AS (
          UPDATE tasks t
          SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
-         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked))
-         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key, t.priority,
-                   t.run_at
+         FROM picked p
+         WHERE t.ctid = p.ctid
+         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key, p.ord
      ), numbered AS (
          -- Execution ids in claim order.
          SELECT c.*, nextval('task_executions_id_seq') AS execution_id
-         FROM (SELECT * FROM claimed ORDER BY priority DESC, run_at, id) c
+         FROM (SELECT * FROM claimed ORDER BY ord) c
      ), settings AS (
          SELECT bool_or(s.concurrency IS NOT NULL OR s.key_concurrency IS NOT NULL OR s.rate_limit IS NOT NULL)
                     AS limited
@@ -184,8 +185,70 @@ const CLAIM: &str = concat!(
      ORDER BY c.execution_id"
 );
 
-/// The statement of [`claim`] and [`claim_limited`] among several keys, or under a limit
-/// per key. `candidates` reads the first `$4`
+/// The statement of [`claim`] and [`claim_limited`] among several keys: as [`CLAIM`],
+/// but each level gives an even share of the candidates, and they are taken in turns:
+/// every level's first task (higher priority first; among equals, in the walk's order:
+/// the keys after `$8`, the key this claimer served last, first), then every level's
+/// second, and so on.
+/// So one key's backlog never fills a claim while another key waits, and from one
+/// claim to the next the keys take turns even for claims of one task.
+const CLAIM_FAIR: &str = concat!(
+    "WITH RECURSIVE ",
+    waiting_levels!("$1", "$5", "$7", "$8", "16"),
+    ", sizing AS (
+         -- Each level's share of the candidates: an even share, at least 4.
+         SELECT greatest(4, ($4 + count(*) - 1) / greatest(count(*), 1)) AS per_level FROM levels
+     ), heads AS (
+         -- `depth` orders the levels of one priority: keys from the one after `$8` round.
+         SELECT c.ctid, l.priority, l.depth, c.turn, c.turn = z.per_level AS level_full
+         FROM sizing z CROSS JOIN levels l CROSS JOIN LATERAL (
+             SELECT x.ctid, row_number() OVER (ORDER BY x.run_at, x.id) AS turn
+             FROM (
+                 SELECT t.ctid, t.id, t.run_at FROM tasks t
+                 WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
+                   AND t.priority = l.priority AND t.fair_key = l.fair_key AND t.run_at <= now()
+                 ORDER BY t.run_at, t.id
+                 LIMIT z.per_level) x) c
+     ), candidates AS (
+         SELECT h.ctid, row_number() OVER (ORDER BY h.priority DESC, h.turn, h.depth) AS ord
+         FROM heads h
+         ORDER BY h.priority DESC, h.turn, h.depth
+         LIMIT $4
+     ), picked AS (
+         -- In claim order, so that the lock stops at the `$2`th row it gets.
+         SELECT t.ctid, c.ord FROM (SELECT * FROM candidates ORDER BY ord) c JOIN tasks t ON t.ctid = c.ctid
+         WHERE t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
+         ORDER BY c.ord
+         LIMIT $2
+         FOR UPDATE OF t SKIP LOCKED
+     ), claimed AS (
+         UPDATE tasks t
+         SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
+         FROM picked p
+         WHERE t.ctid = p.ctid
+         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key, p.ord
+     ), numbered AS (
+         -- Execution ids in claim order.
+         SELECT c.*, nextval('task_executions_id_seq') AS execution_id
+         FROM (SELECT * FROM claimed ORDER BY ord) c
+     ), settings AS (
+         SELECT bool_or(s.concurrency IS NOT NULL OR s.key_concurrency IS NOT NULL OR s.rate_limit IS NOT NULL)
+                    AS limited
+         FROM task_engine_queues s WHERE s.name = ANY($5)
+     )
+     SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
+            c.max_attempts, c.fair_key, c.execution_id, now() AS claimed_at, w.seen AS candidates,
+            coalesce(s.limited, false) AS limited,
+            -- A level cut at its share, or levels left unwalked: more waits.
+            coalesce((SELECT bool_or(level_full) FROM heads), false) OR (SELECT cut FROM cut) AS unread,
+            (SELECT count(DISTINCT fair_key) FROM levels) AS keys
+     FROM (SELECT count(*) AS seen FROM candidates) w
+     CROSS JOIN settings s
+     LEFT JOIN numbered c ON true
+     ORDER BY c.execution_id"
+);
+
+/// The statement of [`claim_limited`] under a limit per key. `candidates` reads the first `$4`
 /// tasks due now of each level (each level's due tasks are the head of its range of
 /// `tasks_claim_idx`, so tasks due later, other types and other keys are never read),
 /// keeps at most `$6 - running` of each key (`$6`, the queue's limit per key, null for
@@ -200,7 +263,7 @@ const CLAIM: &str = concat!(
 /// the planner from proving `tasks_claim_idx`'s predicate and walking the whole index
 /// for the candidates' addresses, which statistics taken on an empty table make look
 /// cheap. Each row says whether the queue has a limit.
-const CLAIM_FAIR: &str = concat!(
+const CLAIM_CAPPED: &str = concat!(
     "WITH RECURSIVE ",
     // At most 16 levels per (queue, type): a claim's cost stays that of a few levels
     // whatever the number of keys; the keys past them come in the next claims.
@@ -239,7 +302,8 @@ const CLAIM_FAIR: &str = concat!(
          ORDER BY a.priority DESC, a.place, a.fair_key <= $8, a.fair_key, a.run_at, a.id
          LIMIT $4
      ), picked AS (
-         SELECT t.ctid, c.ord FROM candidates c JOIN tasks t ON t.ctid = c.ctid
+         -- In claim order, so that the lock stops at the `$2`th row it gets.
+         SELECT t.ctid, c.ord FROM (SELECT * FROM candidates ORDER BY ord) c JOIN tasks t ON t.ctid = c.ctid
          WHERE t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
          ORDER BY c.ord
          LIMIT $2
@@ -248,7 +312,7 @@ const CLAIM_FAIR: &str = concat!(
          UPDATE tasks t
          SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
          FROM picked p
-         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked)) AND t.ctid = p.ctid
+         WHERE t.ctid = p.ctid
          RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key, p.ord
      ), numbered AS (
          -- Execution ids in claim order.
@@ -466,9 +530,12 @@ fn run_claim(
     // (other claims holding its candidates) one time in two, and 4 x read more than
     // it saved (20,000-task drains, medians of 3: 22,000, 27,300 and 23,300 tasks/s).
     let window = limit.saturating_mul(5) / 2 + 16;
-    // The fair statement costs more (twice the simple one's time per task): only where
-    // keys must take turns.
-    let statement = if lane.fair || key_cap.is_some() { CLAIM_FAIR } else { CLAIM };
+    // The fair statements cost more than the simple one: only where keys take turns.
+    let statement = match (key_cap, lane.fair) {
+        (Some(_), _) => CLAIM_CAPPED,
+        (None, true) => CLAIM_FAIR,
+        (None, false) => CLAIM,
+    };
     let rows: Vec<Row> = Prepared(
         diesel::sql_query(statement)
             .bind::<Array<Text>, _>(task_types)
