@@ -636,6 +636,11 @@ const COMPLETE: &str = "WITH moved AS (
              WHERE t.id = ANY($2) AND t.id = d.task_id AND t.attempts = d.attempt
                AND t.status IS NOT DISTINCT FROM 'running'
              RETURNING t.id, t.instance
+         ), notified AS (
+             -- Under a queue's limit (`$12`), each recorded attempt freed a place: wake the
+             -- instances that found the queue full, in this statement's commit.
+             SELECT pg_notify(task_engine_channel(), json_build_object('ready', count(*))::text)
+             FROM moved WHERE $12 HAVING count(*) > 0
          )
          INSERT INTO task_executions (id, task_id, attempt, started_at, stopped_at, result, error, instance, worker)
          SELECT d.execution_id, d.task_id, d.attempt,
@@ -645,12 +650,15 @@ const COMPLETE: &str = "WITH moved AS (
          FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[], $7::jsonb[], $8::text[],
                      $10::bigint[], $11::timestamptz[])
               AS d(execution_id, task_id, attempt, worker, elapsed_us, result, error, queued_us, claimed_at)
-         JOIN moved m ON m.id = d.task_id";
+         JOIN moved m ON m.id = d.task_id
+         -- Reading `notified` is what runs its pg_notify (once, before the first row).
+         WHERE (SELECT count(*) FROM notified) >= 0";
 
 /// Records finished attempts, in one statement: moves each task still running that
 /// attempt to the outcome's state, and writes the attempt's execution (start, end,
 /// result or error, instance, worker); a task an operator cancelled while it ran ends
-/// `cancelled` unless the attempt succeeded. Locks the batch's task rows. An attempt
+/// `cancelled` unless the attempt succeeded; under a queue's limit, notifies the
+/// instances that a place is free. Locks the batch's task rows. An attempt
 /// whose task is no longer running it (the rescue took it, and wrote its execution as
 /// lost, in one statement) changes nothing and writes nothing, so each attempt has one
 /// execution. Returns how many attempts were recorded.
@@ -701,7 +709,8 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
             .bind::<Array<Nullable<Text>>, _>(errors)
             .bind::<Array<Nullable<BigInt>>, _>(delays_us)
             .bind::<Array<BigInt>, _>(queued_us)
-            .bind::<Array<Timestamptz>, _>(claimed_at),
+            .bind::<Array<Timestamptz>, _>(claimed_at)
+            .bind::<Bool, _>(completions.iter().any(|c| c.frees_a_place)),
     )
     .execute(conn)
 }
@@ -1115,6 +1124,7 @@ mod tests {
                 .bind::<Array<Nullable<BigInt>>, _>(vec![None::<i64>; n])
                 .bind::<Array<BigInt>, _>(vec![5i64; n])
                 .bind::<Array<Timestamptz>, _>(claimed.iter().map(|t| t.claimed_at).collect::<Vec<_>>())
+                .bind::<Bool, _>(false)
                 .load(&mut session)
                 .unwrap();
             session.batch_execute("ROLLBACK").unwrap();

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
 
-use crate::db::channel;
 use crate::db::connect::{connect, ping};
 use crate::db::tasks::{self, Completion, Outcome};
 use crate::error::Error;
@@ -301,12 +300,6 @@ impl Recorder<'_> {
             None => self.conn.insert(open(&self.input.database_url)?),
         };
         tasks::complete(conn, batch)?;
-        let freed = batch.iter().filter(|c| c.frees_a_place).count();
-        if freed > 0 {
-            // Places freed under a queue's limit: the instances that found the queue full
-            // wait for this, not for a poll.
-            channel::notify(conn, &serde_json::json!({ "ready": freed }))?;
-        }
         Ok(())
     }
 
