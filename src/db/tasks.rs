@@ -92,25 +92,21 @@ macro_rules! waiting_levels {
             "
                   ORDER BY t.fair_key LIMIT 1)
                  UNION ALL
-                 -- The next priority down: its first key after `$after`, else its first.
-                 (SELECT np.priority, coalesce(past.fair_key, head.fair_key),
+                 -- The next priority down (one descent finds it and its first key): its
+                 -- first key after `$after`, else its first.
+                 (SELECT np.priority, coalesce(past.fair_key, np.fair_key),
                          CASE WHEN past.fair_key IS NULL THEN 1 ELSE 0 END
-                  FROM (SELECT t.priority::bigint AS priority FROM tasks t
+                  FROM (SELECT t.priority::bigint AS priority, t.fair_key FROM tasks t
                         WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
                           AND t.priority < l.priority
-                        ORDER BY t.priority DESC LIMIT 1) np
+                        ORDER BY t.priority DESC, t.fair_key LIMIT 1) np
                   LEFT JOIN LATERAL (
                       SELECT t.fair_key FROM tasks t
                       WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
                         AND t.priority = np.priority AND t.fair_key > ",
             $after,
             "
-                      ORDER BY t.fair_key LIMIT 1) past ON true
-                  CROSS JOIN LATERAL (
-                      SELECT t.fair_key FROM tasks t
-                      WHERE t.status = 'waiting' AND t.queue = l.queue AND t.task_class = l.task_class
-                        AND t.priority = np.priority
-                      ORDER BY t.fair_key LIMIT 1) head)
+                      ORDER BY t.fair_key LIMIT 1) past ON true)
                  LIMIT 1) n
              WHERE l.depth < ",
             $depth,
