@@ -148,12 +148,19 @@ const CLAIM: &str = concat!(
              LIMIT $4) c
          ORDER BY c.priority DESC, c.run_at, c.id
          LIMIT $4
+     ), room AS (
+         -- Under a limit at once (`$9`; claims of the queue hold its lock, and this
+         -- statement's snapshot follows the lock): what the running tasks leave.
+         SELECT CASE WHEN $9::int IS NULL THEN $2
+                     ELSE least($2, greatest(0, $9::int - (SELECT count(*) FROM tasks r
+                                                         WHERE r.status = 'running' AND r.queue = ANY($5))))
+                END AS n
      ), picked AS (
          SELECT t.ctid FROM tasks t
          WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates))
            AND t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
          ORDER BY t.priority DESC, t.run_at, t.id
-         LIMIT $2
+         LIMIT (SELECT n FROM room)
          FOR UPDATE SKIP LOCKED
      ), claimed AS (
          UPDATE tasks t
@@ -172,7 +179,7 @@ const CLAIM: &str = concat!(
      )
      SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
             c.max_attempts, c.fair_key, c.execution_id, now() AS claimed_at, w.seen AS candidates,
-            coalesce(s.limited, false) AS limited, (SELECT cut FROM cut) AS unread,
+            coalesce(s.limited, false) AS limited, (SELECT n FROM room) AS room, (SELECT cut FROM cut) AS unread,
             (SELECT count(DISTINCT fair_key) FROM levels) AS keys
      FROM (SELECT count(*) AS seen FROM candidates) w
      CROSS JOIN settings s
@@ -209,11 +216,18 @@ const CLAIM_FAIR: &str = concat!(
          FROM heads h
          ORDER BY h.priority DESC, h.turn, h.depth
          LIMIT $4
+     ), room AS (
+         -- Under a limit at once (`$9`; claims of the queue hold its lock, and this
+         -- statement's snapshot follows the lock): what the running tasks leave.
+         SELECT CASE WHEN $9::int IS NULL THEN $2
+                     ELSE least($2, greatest(0, $9::int - (SELECT count(*) FROM tasks r
+                                                         WHERE r.status = 'running' AND r.queue = ANY($5))))
+                END AS n
      ), picked AS (
          -- The first `$2` candidates, those another claim holds passed over (a join in
          -- claim order, locking as it goes, cost a quarter more per claim in a drain).
          SELECT t.ctid FROM tasks t
-         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates ORDER BY ord LIMIT $2))
+         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates ORDER BY ord LIMIT (SELECT n FROM room)))
            AND t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
          FOR UPDATE SKIP LOCKED
      ), claimed AS (
@@ -232,7 +246,7 @@ const CLAIM_FAIR: &str = concat!(
      )
      SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
             c.max_attempts, c.fair_key, c.execution_id, now() AS claimed_at, w.seen AS candidates,
-            coalesce(s.limited, false) AS limited,
+            coalesce(s.limited, false) AS limited, (SELECT n FROM room) AS room,
             -- A level cut at its share, or levels left unwalked: more waits.
             coalesce((SELECT bool_or(level_full) FROM heads), false) OR (SELECT cut FROM cut) AS unread,
             (SELECT count(DISTINCT fair_key) FROM levels) AS keys
@@ -295,11 +309,18 @@ const CLAIM_CAPPED: &str = concat!(
          FROM allowed a WHERE a.fits
          ORDER BY a.priority DESC, a.place, a.fair_key <= $8, a.fair_key, a.run_at, a.id
          LIMIT $4
+     ), room AS (
+         -- Under a limit at once (`$9`; claims of the queue hold its lock, and this
+         -- statement's snapshot follows the lock): what the running tasks leave.
+         SELECT CASE WHEN $9::int IS NULL THEN $2
+                     ELSE least($2, greatest(0, $9::int - (SELECT count(*) FROM tasks r
+                                                         WHERE r.status = 'running' AND r.queue = ANY($5))))
+                END AS n
      ), picked AS (
          -- The first `$2` candidates, those another claim holds passed over (a join in
          -- claim order, locking as it goes, cost a quarter more per claim in a drain).
          SELECT t.ctid FROM tasks t
-         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates ORDER BY ord LIMIT $2))
+         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates ORDER BY ord LIMIT (SELECT n FROM room)))
            AND t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
          FOR UPDATE SKIP LOCKED
      ), claimed AS (
@@ -318,7 +339,7 @@ const CLAIM_CAPPED: &str = concat!(
      )
      SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
             c.max_attempts, c.fair_key, c.execution_id, now() AS claimed_at, w.seen AS candidates,
-            coalesce(s.limited, false) AS limited,
+            coalesce(s.limited, false) AS limited, (SELECT n FROM room) AS room,
             -- A level cut at its share, of a key the limit per key did not cut, or levels
             -- left unwalked: more waits.
             coalesce((SELECT bool_or(a.level_full) FROM allowed a
@@ -370,7 +391,7 @@ pub(crate) struct Claim {
 /// statistics: a burst into a table analyzed while empty would otherwise be claimed by
 /// a bitmap scan and a sort of every waiting task.
 pub(crate) fn claim(conn: &mut PgConnection, lane: &LaneClaim<'_>, limit: i64) -> QueryResult<Claim> {
-    run_claim(conn, lane, limit, None, false)
+    run_claim(conn, lane, limit, QueueLimits::default(), false)
 }
 
 /// Who claims, from where: the same from one claim to the next, but `after_key`.
@@ -428,27 +449,14 @@ pub(crate) fn claim_limited(conn: &mut PgConnection, lane: &LaneClaim<'_>, limit
         .get_result(conn)
         .optional()?;
         let Some(limits) = limits else {
-            return run_claim(conn, lane, limit, None, true);
+            return run_claim(conn, lane, limit, QueueLimits::default(), true);
         };
         if limits.paused {
             return Ok(Claim { limited: true, ..Claim::default() });
         }
+        // What runs is counted by the claim itself: a statement after the lock, whose
+        // snapshot sees every claim of this queue committed before.
         let mut room = limit;
-        if let Some(concurrency) = limits.concurrency {
-            #[derive(QueryableByName)]
-            struct Running {
-                #[diesel(sql_type = BigInt)]
-                n: i64,
-            }
-            // A statement of its own: its snapshot is taken after the lock, and sees
-            // every claim of this queue committed before.
-            let running: Running = Prepared(
-                diesel::sql_query("SELECT count(*) AS n FROM tasks WHERE status = 'running' AND queue = $1")
-                    .bind::<Text, _>(queue),
-            )
-            .get_result(conn)?;
-            room = room.min(i64::from(concurrency) - running.n);
-        }
         let mut rate_wait = None;
         if let Some(left) = limits.rate_left {
             room = room.min(left);
@@ -460,7 +468,8 @@ pub(crate) fn claim_limited(conn: &mut PgConnection, lane: &LaneClaim<'_>, limit
         if room <= 0 {
             return Ok(Claim { limited, rate_wait, ..Claim::default() });
         }
-        let mut claim = run_claim(conn, lane, room, limits.key_concurrency, true)?;
+        let applied = QueueLimits { concurrency: limits.concurrency, key_cap: limits.key_concurrency };
+        let mut claim = run_claim(conn, lane, room, applied, true)?;
         if limits.rate_left.is_some() && !claim.tasks.is_empty() {
             let claimed = i32::try_from(claim.tasks.len()).unwrap_or(i32::MAX);
             Prepared(
@@ -482,15 +491,25 @@ pub(crate) fn claim_limited(conn: &mut PgConnection, lane: &LaneClaim<'_>, limit
     })
 }
 
-/// Runs [`CLAIM`] for one queue: `key_cap` is its limit per key, `locked` says the
+/// A queue's limits as one claim applies them.
+#[derive(Debug, Clone, Copy, Default)]
+struct QueueLimits {
+    /// At most this many running at once (the claim counts them).
+    concurrency: Option<i32>,
+    /// At most this many of one key running at once.
+    key_cap: Option<i32>,
+}
+
+/// Runs [`CLAIM`] (or a fair one) for one queue under `limits`; `locked` says the
 /// caller holds the queue's row lock (and may claim from a queue with limits).
 fn run_claim(
     conn: &mut PgConnection,
     lane: &LaneClaim<'_>,
     limit: i64,
-    key_cap: Option<i32>,
+    limits: QueueLimits,
     locked: bool,
 ) -> QueryResult<Claim> {
+    let QueueLimits { concurrency, key_cap } = limits;
     let LaneClaim { instance, queue, task_types, after_key, .. } = *lane;
     #[derive(QueryableByName)]
     struct Row {
@@ -514,6 +533,8 @@ fn run_claim(
         candidates: i64,
         #[diesel(sql_type = Bool)]
         limited: bool,
+        #[diesel(sql_type = BigInt)]
+        room: i64,
         #[diesel(sql_type = Bool)]
         unread: bool,
         #[diesel(sql_type = BigInt)]
@@ -538,11 +559,13 @@ fn run_claim(
             .bind::<Array<Text>, _>(&[queue][..])
             .bind::<Nullable<Integer>, _>(key_cap)
             .bind::<Bool, _>(locked)
-            .bind::<Text, _>(after_key),
+            .bind::<Text, _>(after_key)
+            .bind::<Nullable<Integer>, _>(concurrency),
     )
     .load(conn)?;
     let Some(first) = rows.first() else { return Ok(Claim::default()) };
-    let (candidates, limited, unread, keys) = (first.candidates, first.limited, first.unread, first.keys);
+    let (candidates, limited, unread, keys, room) =
+        (first.candidates, first.limited, first.unread, first.keys, first.room);
     let last_key = rows.last().and_then(|r| r.fair_key.clone());
     let tasks: Vec<ClaimedTask> = rows
         .into_iter()
@@ -559,7 +582,7 @@ fn run_claim(
             })
         })
         .collect();
-    let more = (candidates >= window || unread) && (tasks.len() as i64) < limit;
+    let more = (candidates >= window || unread) && (tasks.len() as i64) < room;
     Ok(Claim { tasks, more, limited, rate_wait: None, last_key, keys })
 }
 
@@ -1153,14 +1176,14 @@ mod tests {
         // Prepared as the producer's connection has it (diesel's bound statements are
         // one-shot: planned with their values).
         conn.batch_execute(&format!(
-            "PREPARE claim_here (text[], bigint, text, bigint, text[], int, boolean, text) AS {CLAIM}"
+            "PREPARE claim_here (text[], bigint, text, bigint, text[], int, boolean, text, int) AS {CLAIM}"
         ))
         .unwrap();
         // With costs: without, EXPLAIN does not say whether the plan was compiled.
         let explain = |conn: &mut PgConnection, mode: &str| -> String {
             conn.batch_execute(&format!("BEGIN; SET LOCAL plan_cache_mode = {mode}")).unwrap();
             let plan: Vec<PlanLine> =
-                diesel::sql_query("EXPLAIN (ANALYZE, BUFFERS) EXECUTE claim_here(ARRAY['noop', 'echo'], 10, 'i', 41, ARRAY['default'], NULL, false, '')")
+                diesel::sql_query("EXPLAIN (ANALYZE, BUFFERS) EXECUTE claim_here(ARRAY['noop', 'echo'], 10, 'i', 41, ARRAY['default'], NULL, false, '', NULL)")
                     .load(conn)
                     .unwrap();
             conn.batch_execute("ROLLBACK").unwrap();
