@@ -122,6 +122,68 @@ macro_rules! waiting_levels {
     };
 }
 
+/// The end of the claim statements, from `candidates` (`ctid`, `id`, `ord`) on: `room`,
+/// what a limit at once (`$9`) leaves of the `$2` asked for (claims of a queue with a
+/// limit hold its lock, and the statement's snapshot follows the lock).
+macro_rules! claim_room {
+    () => {
+        "     ), room AS (
+         SELECT CASE WHEN $9::int IS NULL THEN $2
+                     ELSE least($2, greatest(0, $9::int - (SELECT count(*) FROM tasks r
+                                                         WHERE r.status = 'running' AND r.queue = ANY($5))))
+                END AS n
+"
+    };
+}
+
+/// The fair claims' lock and update: the first `room` candidates in claim order, those
+/// another claim holds passed over (a join in claim order, locking as it goes, cost a
+/// quarter more per claim in a drain), and execution ids in claim order.
+macro_rules! claim_in_order {
+    () => {
+        "     ), picked AS (
+         SELECT t.ctid FROM tasks t
+         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates ORDER BY ord LIMIT (SELECT n FROM room)))
+           AND t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
+         FOR UPDATE SKIP LOCKED
+     ), claimed AS (
+         UPDATE tasks t
+         SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
+         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked))
+         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key
+     ), numbered AS (
+         SELECT c.*, nextval('task_executions_id_seq') AS execution_id
+         FROM (SELECT claimed.*, k.ord FROM claimed JOIN candidates k ON k.id = claimed.id ORDER BY k.ord) c
+"
+    };
+}
+
+/// The claims' result: the claimed tasks, and on every row whether the queue has a
+/// limit, the room the limit left, whether more waits (`$levels_cut`: levels read only
+/// in part; or levels left unwalked), and how many keys the walk met.
+macro_rules! claim_result {
+    ($levels_cut:literal) => {
+        concat!(
+            "     ), settings AS (
+         SELECT bool_or(s.concurrency IS NOT NULL OR s.key_concurrency IS NOT NULL OR s.rate_limit IS NOT NULL)
+                    AS limited
+         FROM task_engine_queues s WHERE s.name = ANY($5)
+     )
+     SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
+            c.max_attempts, c.fair_key, c.execution_id, now() AS claimed_at, w.seen AS candidates,
+            coalesce(s.limited, false) AS limited, (SELECT n FROM room) AS room,
+            ",
+            $levels_cut,
+            " OR (SELECT cut FROM cut) AS unread,
+            (SELECT count(DISTINCT fair_key) FROM levels) AS keys
+     FROM (SELECT count(*) AS seen FROM candidates) w
+     CROSS JOIN settings s
+     LEFT JOIN numbered c ON true
+     ORDER BY c.execution_id"
+        )
+    };
+}
+
 /// The statement of [`claim`] and [`claim_limited`] while the queue's waiting tasks
 /// have one key (none, most often): `candidates` reads the first `$4` tasks due now of
 /// each level (each level's due tasks are the head of its range of `tasks_claim_idx`,
@@ -148,14 +210,9 @@ const CLAIM: &str = concat!(
              LIMIT $4) c
          ORDER BY c.priority DESC, c.run_at, c.id
          LIMIT $4
-     ), room AS (
-         -- Under a limit at once (`$9`; claims of the queue hold its lock, and this
-         -- statement's snapshot follows the lock): what the running tasks leave.
-         SELECT CASE WHEN $9::int IS NULL THEN $2
-                     ELSE least($2, greatest(0, $9::int - (SELECT count(*) FROM tasks r
-                                                         WHERE r.status = 'running' AND r.queue = ANY($5))))
-                END AS n
-     ), picked AS (
+",
+    claim_room!(),
+    "     ), picked AS (
          SELECT t.ctid FROM tasks t
          WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates))
            AND t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
@@ -172,19 +229,8 @@ const CLAIM: &str = concat!(
          -- Execution ids in claim order.
          SELECT c.*, nextval('task_executions_id_seq') AS execution_id
          FROM (SELECT * FROM claimed ORDER BY priority DESC, run_at, id) c
-     ), settings AS (
-         SELECT bool_or(s.concurrency IS NOT NULL OR s.key_concurrency IS NOT NULL OR s.rate_limit IS NOT NULL)
-                    AS limited
-         FROM task_engine_queues s WHERE s.name = ANY($5)
-     )
-     SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
-            c.max_attempts, c.fair_key, c.execution_id, now() AS claimed_at, w.seen AS candidates,
-            coalesce(s.limited, false) AS limited, (SELECT n FROM room) AS room, (SELECT cut FROM cut) AS unread,
-            (SELECT count(DISTINCT fair_key) FROM levels) AS keys
-     FROM (SELECT count(*) AS seen FROM candidates) w
-     CROSS JOIN settings s
-     LEFT JOIN numbered c ON true
-     ORDER BY c.execution_id"
+",
+    claim_result!("false")
 );
 
 /// The statement of [`claim`] and [`claim_limited`] among several keys: as [`CLAIM`],
@@ -216,44 +262,10 @@ const CLAIM_FAIR: &str = concat!(
          FROM heads h
          ORDER BY h.priority DESC, h.turn, h.depth
          LIMIT $4
-     ), room AS (
-         -- Under a limit at once (`$9`; claims of the queue hold its lock, and this
-         -- statement's snapshot follows the lock): what the running tasks leave.
-         SELECT CASE WHEN $9::int IS NULL THEN $2
-                     ELSE least($2, greatest(0, $9::int - (SELECT count(*) FROM tasks r
-                                                         WHERE r.status = 'running' AND r.queue = ANY($5))))
-                END AS n
-     ), picked AS (
-         -- The first `$2` candidates, those another claim holds passed over (a join in
-         -- claim order, locking as it goes, cost a quarter more per claim in a drain).
-         SELECT t.ctid FROM tasks t
-         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates ORDER BY ord LIMIT (SELECT n FROM room)))
-           AND t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
-         FOR UPDATE SKIP LOCKED
-     ), claimed AS (
-         UPDATE tasks t
-         SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
-         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked))
-         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key
-     ), numbered AS (
-         -- Execution ids in claim order.
-         SELECT c.*, nextval('task_executions_id_seq') AS execution_id
-         FROM (SELECT claimed.*, k.ord FROM claimed JOIN candidates k ON k.id = claimed.id ORDER BY k.ord) c
-     ), settings AS (
-         SELECT bool_or(s.concurrency IS NOT NULL OR s.key_concurrency IS NOT NULL OR s.rate_limit IS NOT NULL)
-                    AS limited
-         FROM task_engine_queues s WHERE s.name = ANY($5)
-     )
-     SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
-            c.max_attempts, c.fair_key, c.execution_id, now() AS claimed_at, w.seen AS candidates,
-            coalesce(s.limited, false) AS limited, (SELECT n FROM room) AS room,
-            -- A level cut at its share, or levels left unwalked: more waits.
-            coalesce((SELECT bool_or(level_full) FROM heads), false) OR (SELECT cut FROM cut) AS unread,
-            (SELECT count(DISTINCT fair_key) FROM levels) AS keys
-     FROM (SELECT count(*) AS seen FROM candidates) w
-     CROSS JOIN settings s
-     LEFT JOIN numbered c ON true
-     ORDER BY c.execution_id"
+",
+    claim_room!(),
+    claim_in_order!(),
+    claim_result!("coalesce((SELECT bool_or(level_full) FROM heads), false)")
 );
 
 /// The statement of [`claim_limited`] under a limit per key. `candidates` reads the first `$4`
@@ -309,47 +321,15 @@ const CLAIM_CAPPED: &str = concat!(
          FROM allowed a WHERE a.fits
          ORDER BY a.priority DESC, a.place, a.fair_key <= $8, a.fair_key, a.run_at, a.id
          LIMIT $4
-     ), room AS (
-         -- Under a limit at once (`$9`; claims of the queue hold its lock, and this
-         -- statement's snapshot follows the lock): what the running tasks leave.
-         SELECT CASE WHEN $9::int IS NULL THEN $2
-                     ELSE least($2, greatest(0, $9::int - (SELECT count(*) FROM tasks r
-                                                         WHERE r.status = 'running' AND r.queue = ANY($5))))
-                END AS n
-     ), picked AS (
-         -- The first `$2` candidates, those another claim holds passed over (a join in
-         -- claim order, locking as it goes, cost a quarter more per claim in a drain).
-         SELECT t.ctid FROM tasks t
-         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates ORDER BY ord LIMIT (SELECT n FROM room)))
-           AND t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
-         FOR UPDATE SKIP LOCKED
-     ), claimed AS (
-         UPDATE tasks t
-         SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
-         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked))
-         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key
-     ), numbered AS (
-         -- Execution ids in claim order.
-         SELECT c.*, nextval('task_executions_id_seq') AS execution_id
-         FROM (SELECT claimed.*, k.ord FROM claimed JOIN candidates k ON k.id = claimed.id ORDER BY k.ord) c
-     ), settings AS (
-         SELECT bool_or(s.concurrency IS NOT NULL OR s.key_concurrency IS NOT NULL OR s.rate_limit IS NOT NULL)
-                    AS limited
-         FROM task_engine_queues s WHERE s.name = ANY($5)
-     )
-     SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
-            c.max_attempts, c.fair_key, c.execution_id, now() AS claimed_at, w.seen AS candidates,
-            coalesce(s.limited, false) AS limited, (SELECT n FROM room) AS room,
-            -- A level cut at its share, of a key the limit per key did not cut, or levels
-            -- left unwalked: more waits.
-            coalesce((SELECT bool_or(a.level_full) FROM allowed a
-                      WHERE NOT EXISTS (SELECT 1 FROM allowed x WHERE x.fair_key = a.fair_key AND NOT x.fits)),
-                     false) OR (SELECT cut FROM cut) AS unread,
-            (SELECT count(DISTINCT fair_key) FROM levels) AS keys
-     FROM (SELECT count(*) AS seen FROM candidates) w
-     CROSS JOIN settings s
-     LEFT JOIN numbered c ON true
-     ORDER BY c.execution_id"
+",
+    claim_room!(),
+    claim_in_order!(),
+    // Levels cut at their share count only for keys the limit per key did not cut.
+    claim_result!(
+        "coalesce((SELECT bool_or(a.level_full) FROM allowed a
+                   WHERE NOT EXISTS (SELECT 1 FROM allowed x WHERE x.fair_key = a.fair_key AND NOT x.fits)),
+                  false)"
+    )
 );
 
 /// What a claim got.
