@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use task_engine::{register_task, NewTask, RunningEngine, Task, TaskContext, TaskError};
 use test_db::TestDatabase;
 
-use crate::support::{record_runs_here, runner, wait_until, wait_until_all_ended};
+use crate::support::{record_runs_here, run_recorded, runner, wait_until, wait_until_all_ended};
 
 /// Records its run in `test_runs` (see [`record_runs_here`]), lasting `ms`.
 #[derive(Serialize, Deserialize)]
@@ -22,20 +22,11 @@ impl Task for Stint {
     type Output = ();
 
     fn run(&self, ctx: &TaskContext) -> Result<(), TaskError> {
-        let mut conn = ctx.connection()?;
-        diesel::sql_query(
-            "INSERT INTO test_runs (task_id, attempt, instance, started_at) VALUES ($1, $2, $3, clock_timestamp())",
-        )
-        .bind::<diesel::sql_types::BigInt, _>(ctx.task_id())
-        .bind::<diesel::sql_types::Integer, _>(ctx.attempt())
-        .bind::<diesel::sql_types::Text, _>(ctx.instance())
-        .execute(&mut conn)?;
-        std::thread::sleep(Duration::from_millis(self.ms));
-        diesel::sql_query("UPDATE test_runs SET ended_at = clock_timestamp() WHERE task_id = $1 AND attempt = $2")
-            .bind::<diesel::sql_types::BigInt, _>(ctx.task_id())
-            .bind::<diesel::sql_types::Integer, _>(ctx.attempt())
-            .execute(&mut conn)?;
-        Ok(())
+        // The task's own duration, not a wait for something.
+        run_recorded(ctx, || {
+            std::thread::sleep(Duration::from_millis(self.ms));
+            Ok(())
+        })
     }
 }
 register_task!(Stint);

@@ -338,23 +338,29 @@ impl Task for Recorded {
     type Output = ();
 
     fn run(&self, ctx: &TaskContext) -> Result<(), TaskError> {
-        let mut conn = ctx.connection()?;
-        diesel::sql_query(
-            "INSERT INTO test_runs (task_id, attempt, instance, started_at) VALUES ($1, $2, $3, clock_timestamp())",
-        )
-        .bind::<diesel::sql_types::BigInt, _>(ctx.task_id())
-        .bind::<diesel::sql_types::Integer, _>(ctx.attempt())
-        .bind::<diesel::sql_types::Text, _>(ctx.instance())
-        .execute(&mut conn)?;
-        Gated { gate: self.gate.clone() }.run(ctx)?;
-        diesel::sql_query("UPDATE test_runs SET ended_at = clock_timestamp() WHERE task_id = $1 AND attempt = $2")
-            .bind::<diesel::sql_types::BigInt, _>(ctx.task_id())
-            .bind::<diesel::sql_types::Integer, _>(ctx.attempt())
-            .execute(&mut conn)?;
-        Ok(())
+        run_recorded(ctx, || Gated { gate: self.gate.clone() }.run(ctx))
     }
 }
 register_task!(Recorded);
+
+/// Runs `body` between the task's own record of its start and of its end, in
+/// `test_runs` (see [`record_runs_here`]).
+pub fn run_recorded(ctx: &TaskContext, body: impl FnOnce() -> Result<(), TaskError>) -> Result<(), TaskError> {
+    let mut conn = ctx.connection()?;
+    diesel::sql_query(
+        "INSERT INTO test_runs (task_id, attempt, instance, started_at) VALUES ($1, $2, $3, clock_timestamp())",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(ctx.task_id())
+    .bind::<diesel::sql_types::Integer, _>(ctx.attempt())
+    .bind::<diesel::sql_types::Text, _>(ctx.instance())
+    .execute(&mut conn)?;
+    body()?;
+    diesel::sql_query("UPDATE test_runs SET ended_at = clock_timestamp() WHERE task_id = $1 AND attempt = $2")
+        .bind::<diesel::sql_types::BigInt, _>(ctx.task_id())
+        .bind::<diesel::sql_types::Integer, _>(ctx.attempt())
+        .execute(&mut conn)?;
+    Ok(())
+}
 
 /// Ends with an outcome PostgreSQL refuses to store: a NUL byte, which neither `jsonb`
 /// (the result) nor `text` (the error) can hold. One attempt.
