@@ -1,6 +1,7 @@
-//! What an operator does: retry a task, cancel it, prune old ones. Each single-task
-//! action is one transaction that locks the task's row, checks that its state allows
-//! the action, and changes it.
+//! What an operator does: retry a task, cancel it, prune old ones; retry or cancel
+//! many by a filter. Each single-task action is one transaction that locks the task's
+//! row, checks that its state allows the action, and changes it; a bulk action goes in
+//! bounded batches, one short transaction each.
 
 use diesel::prelude::*;
 
@@ -51,6 +52,69 @@ pub fn cancel(conn: &mut PgConnection, task_id: i64) -> Result<Cancelled, Error>
             _ => Err(Error::InvalidTransition { task_id, status: current, action: "cancel" }),
         }
     })
+}
+
+/// Which tasks [`retry_many`] and [`cancel_many`] take: those of the given state that
+/// match every filter given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskFilter {
+    /// `failed` or `cancelled` for a retry; `waiting` (scheduled and retrying tasks
+    /// included) for a cancel.
+    pub status: String,
+    /// Only tasks of this type.
+    pub task_type: Option<String>,
+    /// Only tasks in this queue.
+    pub queue: Option<String>,
+    /// Only tasks whose last change (their failure, their cancel, their insert) is at
+    /// most this old.
+    pub since: Option<std::time::Duration>,
+}
+
+impl TaskFilter {
+    /// Tasks in `status`, whatever their type, queue and age.
+    pub fn status(status: &str) -> Self {
+        Self { status: status.to_owned(), task_type: None, queue: None, since: None }
+    }
+}
+
+/// Puts back to waiting, due now, every failed (or cancelled) task the filter matches,
+/// as [`retry`] does one: history kept, one more attempt for a task that used them
+/// all. Goes in batches of at most `batch` tasks in id order, one short transaction
+/// each, and wakes the instances after each; a task another session holds locked is
+/// left as it is. Returns how many tasks wait again.
+pub fn retry_many(conn: &mut PgConnection, filter: &TaskFilter, batch: i64) -> Result<u64, Error> {
+    if filter.status != status::FAILED && filter.status != status::CANCELLED {
+        return Err(Error::InvalidValue(format!("a retry takes failed or cancelled tasks, not {:?}", filter.status)));
+    }
+    bulk(conn, true, filter, batch)
+}
+
+/// Cancels every waiting task (scheduled and retrying ones included) the filter
+/// matches: they never run. Running tasks are not touched (cancel them one by one with
+/// [`cancel`]). In batches, as [`retry_many`]. Returns how many tasks were cancelled.
+pub fn cancel_many(conn: &mut PgConnection, filter: &TaskFilter, batch: i64) -> Result<u64, Error> {
+    if filter.status != status::WAITING {
+        return Err(Error::InvalidValue(format!("a bulk cancel takes waiting tasks, not {:?}", filter.status)));
+    }
+    bulk(conn, false, filter, batch)
+}
+
+fn bulk(conn: &mut PgConnection, requeue: bool, filter: &TaskFilter, batch: i64) -> Result<u64, Error> {
+    let matching = operator::Matching {
+        task_type: filter.task_type.as_deref(),
+        queue: filter.queue.as_deref(),
+        since: filter.since,
+    };
+    let (mut changed, mut after) = (0u64, 0i64);
+    // Each batch starts after the last id the one before looked at: a task that
+    // fails again meanwhile is not taken twice.
+    while let operator::Batch { changed: n, last: Some(last) } =
+        operator::bulk_batch(conn, requeue, &[filter.status.as_str()], &matching, after, batch.max(1))?
+    {
+        changed += n as u64;
+        after = last;
+    }
+    Ok(changed)
 }
 
 fn locked_status(conn: &mut PgConnection, task_id: i64) -> Result<String, Error> {

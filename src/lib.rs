@@ -17,7 +17,7 @@ mod registry;
 mod runner;
 mod task;
 
-pub use admin::{cancel, prune, retry, Cancelled};
+pub use admin::{cancel, cancel_many, prune, retry, retry_many, Cancelled, TaskFilter};
 pub use context::TaskContext;
 pub use db::connect::{connect, connection_pool, redact_url, PgPool, PooledConnection};
 pub use db::migrate::{pending_migrations, run_migrations};

@@ -34,6 +34,38 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The filters of a bulk retry or cancel.
+#[derive(Debug, clap::Args)]
+pub struct Filter {
+    /// Act on every task in this state that the other filters match: `failed` or
+    /// `cancelled` for a retry, `waiting` for a cancel.
+    #[arg(long)]
+    status: Option<String>,
+    /// Only tasks of this type.
+    #[arg(long = "type", requires = "status")]
+    task_type: Option<String>,
+    /// Only tasks in this queue.
+    #[arg(long, requires = "status")]
+    queue: Option<String>,
+    /// Only tasks last changed (failed, cancelled, inserted) at most this long ago: 1h, 2d.
+    #[arg(long, requires = "status", value_parser = duration::parse)]
+    since: Option<Duration>,
+    /// Tasks changed per transaction.
+    #[arg(long, default_value_t = 1000, requires = "status", value_parser = clap::value_parser!(i64).range(1..))]
+    batch: i64,
+}
+
+impl Filter {
+    fn task_filter(&self) -> Option<task_engine::TaskFilter> {
+        Some(task_engine::TaskFilter {
+            status: self.status.clone()?,
+            task_type: self.task_type.clone(),
+            queue: self.queue.clone(),
+            since: self.since,
+        })
+    }
+}
+
 /// A queue's setting: a value, or `none` (clap reads an `Option` as an optional
 /// argument).
 #[derive(Debug, Clone, Copy)]
@@ -117,15 +149,23 @@ pub enum Command {
     /// instance's next claim).
     #[command(subcommand)]
     Queue(QueueCommand),
-    /// Puts a failed or cancelled task back to waiting, keeping its history.
+    /// Puts a failed or cancelled task back to waiting, keeping its history; or, with
+    /// `--status`, every task the filters match (in batches).
     Retry {
-        /// The task's id.
-        id: i64,
+        /// The task's id (or use the filters).
+        #[arg(required_unless_present = "status", conflicts_with = "status")]
+        id: Option<i64>,
+        #[command(flatten)]
+        filter: Filter,
     },
-    /// Cancels a waiting task, or asks the instance running a task to stop it.
+    /// Cancels a waiting task, or asks the instance running a task to stop it; or, with
+    /// `--status waiting`, cancels every waiting task the filters match (in batches).
     Cancel {
-        /// The task's id.
-        id: i64,
+        /// The task's id (or use the filters).
+        #[arg(required_unless_present = "status", conflicts_with = "status")]
+        id: Option<i64>,
+        #[command(flatten)]
+        filter: Filter,
     },
     /// Deletes finished tasks (stopped, failed, cancelled) older than a duration, with
     /// their executions, in bounded batches.
@@ -409,10 +449,20 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Retry { id } => {
+        Command::Retry { id, filter } => {
             let db = Database::open(cli.database_url, &data_dir)?;
-            task_engine::retry(&mut db.connect_migrated()?, id)?;
-            outln!("task {id} is waiting again");
+            let mut conn = db.connect_migrated()?;
+            match (id, filter.task_filter()) {
+                (Some(id), _) => {
+                    task_engine::retry(&mut conn, id)?;
+                    outln!("task {id} is waiting again");
+                }
+                (None, Some(matching)) => {
+                    let n = task_engine::retry_many(&mut conn, &matching, filter.batch)?;
+                    outln!("{n} task(s) waiting again");
+                }
+                (None, None) => unreachable!("clap requires an id or --status"),
+            }
             Ok(())
         }
         Command::Prune { older_than, batch } => {
@@ -421,7 +471,14 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             outln!("{deleted} finished task(s) deleted, with their executions");
             Ok(())
         }
-        Command::Cancel { id } => {
+        Command::Cancel { id: None, filter } => {
+            let db = Database::open(cli.database_url, &data_dir)?;
+            let matching = filter.task_filter().expect("clap requires an id or --status");
+            let n = task_engine::cancel_many(&mut db.connect_migrated()?, &matching, filter.batch)?;
+            outln!("{n} waiting task(s) cancelled");
+            Ok(())
+        }
+        Command::Cancel { id: Some(id), .. } => {
             let db = Database::open(cli.database_url, &data_dir)?;
             match task_engine::cancel(&mut db.connect_migrated()?, id)? {
                 task_engine::Cancelled::Waiting => println!("task {id} cancelled: it will not run"),

@@ -68,3 +68,90 @@ pub(crate) fn prune_batch(conn: &mut PgConnection, older_than: Duration, batch: 
     .bind::<BigInt, _>(batch)
     .execute(conn)
 }
+
+/// Which tasks a bulk action takes, besides their status: `None` matches any.
+pub(crate) struct Matching<'a> {
+    pub task_type: Option<&'a str>,
+    pub queue: Option<&'a str>,
+    /// Last changed at most this long ago.
+    pub since: Option<Duration>,
+}
+
+/// What a batch of a bulk action did.
+pub(crate) struct Batch {
+    /// Tasks changed.
+    pub changed: i64,
+    /// The highest id the batch looked at: the next batch starts after it (`None`: no
+    /// task left).
+    pub last: Option<i64>,
+}
+
+/// The batch statement of a bulk action: the first `$6` tasks after id `$2` in one of
+/// the states `$1` that match the filter (`$3` type, `$4` queue, `$5` changed within
+/// microseconds), locked with `SKIP LOCKED` (a task another session holds is left as
+/// it is), then `$action` on them, and the instances notified of how many wait again.
+macro_rules! bulk_statement {
+    ($action:literal) => {
+        concat!(
+            "WITH picked AS (
+                 SELECT id FROM tasks
+                 WHERE status = ANY($1) AND id > $2
+                   AND ($3::text IS NULL OR task_class = $3) AND ($4::text IS NULL OR queue = $4)
+                   AND ($5::bigint IS NULL OR updated_at >= now() - $5 * interval '1 microsecond')
+                 ORDER BY id LIMIT $6
+                 FOR UPDATE SKIP LOCKED
+             ), moved AS (
+                 UPDATE tasks t SET ",
+            $action,
+            "
+                 FROM picked p WHERE t.id = p.id
+                 RETURNING t.id, t.status
+             ), notified AS (
+                 SELECT pg_notify(task_engine_channel(), json_build_object('ready', count(*))::text)
+                 FROM moved WHERE status = 'waiting' HAVING count(*) > 0
+             )
+             SELECT (SELECT count(*) FROM moved) AS changed, (SELECT max(id) FROM picked) AS last,
+                    (SELECT count(*) FROM notified) AS notifications"
+        )
+    };
+}
+
+/// Puts a batch of failed or cancelled tasks back to waiting, due now, as
+/// [`requeue`] does one (history kept; one more attempt for a task that used them
+/// all), and wakes the instances. Locks and changes the batch's rows.
+const REQUEUE_BATCH: &str = bulk_statement!(
+    "status = 'waiting', run_at = now(), cancel_requested_at = NULL,
+     max_attempts = GREATEST(t.max_attempts, t.attempts + 1), updated_at = now()"
+);
+
+/// Cancels a batch of waiting tasks (they never run). Locks and changes the batch's
+/// rows.
+const CANCEL_BATCH: &str = bulk_statement!("status = 'cancelled', updated_at = now()");
+
+/// Runs one batch of a bulk retry (`requeue`) or cancel over the tasks in `statuses`
+/// that match, after id `after`.
+pub(crate) fn bulk_batch(
+    conn: &mut PgConnection,
+    requeue: bool,
+    statuses: &[&str],
+    matching: &Matching<'_>,
+    after: i64,
+    batch: i64,
+) -> QueryResult<Batch> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = BigInt)]
+        changed: i64,
+        #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+        last: Option<i64>,
+    }
+    let row: Row = diesel::sql_query(if requeue { REQUEUE_BATCH } else { CANCEL_BATCH })
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(statuses)
+        .bind::<BigInt, _>(after)
+        .bind::<diesel::sql_types::Nullable<diesel::sql_types::Text>, _>(matching.task_type)
+        .bind::<diesel::sql_types::Nullable<diesel::sql_types::Text>, _>(matching.queue)
+        .bind::<diesel::sql_types::Nullable<BigInt>, _>(matching.since.map(micros))
+        .bind::<BigInt, _>(batch)
+        .get_result(conn)?;
+    Ok(Batch { changed: row.changed, last: row.last })
+}

@@ -410,3 +410,83 @@ fn a_cancel_sent_while_the_listener_is_away_still_reaches_the_running_task() {
     assert_eq!(executions_of(&mut conn, id)[0].error.as_deref(), Some("cancelled while sleeping"));
     engine.shutdown();
 }
+
+#[test]
+fn a_bulk_retry_puts_back_the_failed_tasks_its_filters_match_in_batches_and_wakes_an_instance() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    use diesel::connection::SimpleConnection;
+    // Failed tasks: 5 recent `echo` in `default`, 2 recent `echo` in `other`, 1 old
+    // `echo`, 2 recent `noop`; and a cancelled `echo`, which a retry of failed leaves.
+    conn.batch_execute(
+        "INSERT INTO tasks (task_class, task_parameters, status, attempts, max_attempts, queue, updated_at)
+         SELECT 'echo', '1', 'failed', 3, 3, 'default', now() FROM generate_series(1, 5);
+         INSERT INTO tasks (task_class, task_parameters, status, attempts, max_attempts, queue, updated_at)
+         SELECT 'echo', '1', 'failed', 3, 3, 'other', now() FROM generate_series(1, 2);
+         INSERT INTO tasks (task_class, task_parameters, status, attempts, max_attempts, updated_at)
+         VALUES ('echo', '1', 'failed', 3, 3, now() - interval '2 hours');
+         INSERT INTO tasks (task_class, task_parameters, status, attempts, max_attempts, updated_at)
+         SELECT 'noop', '{}', 'failed', 1, 1, now() FROM generate_series(1, 2);
+         INSERT INTO tasks (task_class, task_parameters, status, attempts, max_attempts)
+         VALUES ('echo', '1', 'cancelled', 1, 3)",
+    )
+    .unwrap();
+    let engine = start_engine(&db, "a", 2);
+    wait_until_idle(&engine, 2);
+    let filter = task_engine::TaskFilter {
+        task_type: Some("echo".into()),
+        queue: Some("default".into()),
+        since: Some(Duration::from_secs(3600)),
+        ..task_engine::TaskFilter::status(status::FAILED)
+    };
+    // Batches of 2: three transactions for five tasks.
+    assert_eq!(task_engine::retry_many(&mut conn, &filter, 2).unwrap(), 5);
+    // Woken, not polled: the five run, each with one more attempt than it had used.
+    wait_until("the five ran again", || {
+        tasks::table.filter(tasks::status.eq(status::STOPPED)).count().get_result::<i64>(&mut conn).unwrap() == 5
+    });
+    let left: Vec<(String, String)> = tasks::table
+        .filter(tasks::status.ne(status::STOPPED))
+        .select((tasks::task_class, tasks::status))
+        .order(tasks::id)
+        .load(&mut conn)
+        .unwrap();
+    let failed = |t: &str| (t.to_owned(), status::FAILED.to_owned());
+    assert_eq!(
+        left,
+        [
+            failed("echo"),
+            failed("echo"),
+            failed("echo"),
+            failed("noop"),
+            failed("noop"),
+            ("echo".to_owned(), status::CANCELLED.to_owned())
+        ]
+    );
+    // A retry of waiting tasks is refused.
+    let refused = task_engine::retry_many(&mut conn, &task_engine::TaskFilter::status(status::WAITING), 10);
+    assert!(matches!(refused, Err(Error::InvalidValue(_))), "{refused:?}");
+    engine.shutdown();
+}
+
+#[test]
+fn a_bulk_cancel_cancels_the_waiting_tasks_of_its_queue_and_no_other() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let in_queue: Vec<NewTask> =
+        (0..7).map(|i| echo(serde_json::json!(i)).queue("doomed").run_in(Duration::from_secs(3600))).collect();
+    let elsewhere: Vec<NewTask> =
+        (0..3).map(|i| echo(serde_json::json!(i)).run_in(Duration::from_secs(3600))).collect();
+    task_engine::enqueue_many(&mut conn, &in_queue).unwrap();
+    task_engine::enqueue_many(&mut conn, &elsewhere).unwrap();
+    let filter =
+        task_engine::TaskFilter { queue: Some("doomed".into()), ..task_engine::TaskFilter::status(status::WAITING) };
+    assert_eq!(task_engine::cancel_many(&mut conn, &filter, 3).unwrap(), 7);
+    let by_queue: Vec<(String, String)> =
+        tasks::table.select((tasks::queue, tasks::status)).order(tasks::id).load(&mut conn).unwrap();
+    let expected: Vec<(String, String)> = std::iter::repeat(("doomed".to_owned(), status::CANCELLED.to_owned()))
+        .take(7)
+        .chain(std::iter::repeat(("default".to_owned(), status::WAITING.to_owned())).take(3))
+        .collect();
+    assert_eq!(by_queue, expected);
+}
