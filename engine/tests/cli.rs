@@ -684,3 +684,37 @@ fn engine_queue_pauses_limits_and_lists_and_engine_run_runs_the_queues_it_is_giv
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn engine_retry_and_cancel_by_filter_act_on_what_matches_and_refuse_what_they_cannot() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut conn,
+        "INSERT INTO tasks (task_class, task_parameters, status, attempts, max_attempts, run_at)
+         SELECT 'fail', '{\"message\": \"x\"}', 'failed', 1, 1, now() + interval '1 day' FROM generate_series(1, 4);
+         INSERT INTO tasks (task_class, task_parameters, status, attempts, max_attempts)
+         VALUES ('echo', '1', 'failed', 1, 1)",
+    )
+    .unwrap();
+    let out = engine(&db, &["retry", "--status", "failed", "--type", "fail", "--batch", "3"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "4 task(s) waiting again");
+    assert_eq!(count_in_status(&mut conn, "waiting"), 4);
+    let out = engine(&db, &["cancel", "--status", "waiting", "--type", "fail"]);
+    assert_eq!(text(&out.stdout).trim(), "4 waiting task(s) cancelled", "{}", text(&out.stderr));
+    assert_eq!(count_in_status(&mut conn, "cancelled"), 4);
+
+    // Neither an id nor a filter, both, a state the action cannot take: exit 2, nothing changed.
+    for args in [
+        &["retry"][..],
+        &["retry", "5", "--status", "failed"],
+        &["retry", "--type", "fail"],
+        &["retry", "--status", "waiting"],
+        &["cancel", "--status", "failed"],
+    ] {
+        let out = engine(&db, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+    }
+    assert_eq!((count_in_status(&mut conn, "cancelled"), count_in_status(&mut conn, "failed")), (4, 1));
+}
