@@ -93,6 +93,14 @@ impl RunFailure {
         }
     }
 
+    /// How long the task asked to wait, if it snoozed.
+    pub(crate) fn snoozed_for(&self) -> Option<Duration> {
+        match self {
+            Self::Task(error) => error.snoozed_for(),
+            _ => None,
+        }
+    }
+
     /// Returns the message recorded as the attempt's error.
     pub(crate) fn into_message(self) -> String {
         match self {

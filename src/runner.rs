@@ -70,7 +70,7 @@ pub struct EngineStats {
     pub completion_failures: u64,
     /// Attempts recorded as succeeded.
     pub succeeded: u64,
-    /// Attempts recorded as failed, to be tried again.
+    /// Attempts recorded as failed, to be tried again, or snoozed.
     pub retried: u64,
     /// Attempts recorded as failed for good (a permanent error, the last attempt, a
     /// cancel).

@@ -72,17 +72,30 @@ fn unit_random() -> f64 {
 pub struct TaskError {
     message: String,
     permanent: bool,
+    snooze: Option<Duration>,
 }
 
 impl TaskError {
     /// Builds an error that a later attempt might not meet.
     pub fn new(message: impl fmt::Display) -> Self {
-        Self { message: message.to_string(), permanent: false }
+        Self { message: message.to_string(), permanent: false, snooze: None }
     }
 
     /// Builds an error that no later attempt can fix: the task is not retried.
     pub fn permanent(message: impl fmt::Display) -> Self {
-        Self { message: message.to_string(), permanent: true }
+        Self { message: message.to_string(), permanent: true, snooze: None }
+    }
+
+    /// "Not now: again in `delay`": the task waits that long and runs again, without
+    /// using one of its attempts. The attempt is recorded, with `snoozed_until`. A
+    /// cancel requested meanwhile wins: the task ends `cancelled`.
+    pub fn snooze(delay: Duration) -> Self {
+        Self { message: format!("snoozed for {delay:?}"), permanent: false, snooze: Some(delay) }
+    }
+
+    /// How long the task asked to wait, if it snoozed.
+    pub fn snoozed_for(&self) -> Option<Duration> {
+        self.snooze
     }
 
     /// Returns the message recorded on the execution.
@@ -118,7 +131,11 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for TaskError {
 
 impl fmt::Debug for TaskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TaskError").field("message", &self.message).field("permanent", &self.permanent).finish()
+        f.debug_struct("TaskError")
+            .field("message", &self.message)
+            .field("permanent", &self.permanent)
+            .field("snooze", &self.snooze)
+            .finish()
     }
 }
 

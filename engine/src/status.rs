@@ -163,6 +163,9 @@ fn print_execution(e: &TaskExecution, task_class: Option<&str>) -> anyhow::Resul
         .unwrap_or_else(|| "-".to_owned());
     let outcome = match (&e.stopped_at, &e.error, &e.result) {
         (None, _, _) => "running".to_owned(),
+        (Some(_), None, None) if e.snoozed_until.is_some() => {
+            format!("snoozed until {}", e.snoozed_until.expect("checked").format("%Y-%m-%d %H:%M:%S%.3f"))
+        }
         (Some(_), Some(error), _) => format!("error: {}", plain(error)),
         (Some(_), None, Some(result)) => format!("ok: {result}"),
         (Some(_), None, None) => "ok".to_owned(),

@@ -51,6 +51,9 @@ pub struct TaskExecution {
     pub worker: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Set when the attempt snoozed (`TaskError::snooze`): when the task was due again.
+    /// Such an attempt used none of the task's attempts.
+    pub snoozed_until: Option<DateTime<Utc>>,
 }
 
 /// The values a task row can have in `status` (the migration's CHECK constraint).

@@ -39,6 +39,7 @@ diesel::table! {
         worker -> Int4,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        snoozed_until -> Nullable<Timestamptz>,
     }
 }
 

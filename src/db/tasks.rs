@@ -593,6 +593,9 @@ pub(crate) enum Outcome {
     /// Failed, to be tried again after `delay` (from the server's clock): the task goes
     /// back to `waiting`.
     Retry { error: String, delay: Duration },
+    /// Asked to run again after `delay`, without using an attempt: the task goes back
+    /// to `waiting` with one more attempt allowed.
+    Snoozed { delay: Duration },
 }
 
 /// A finished attempt, waiting to be recorded.
@@ -619,8 +622,10 @@ pub(crate) struct Completion {
 /// The statement of [`complete`].
 const COMPLETE: &str = "WITH moved AS (
              UPDATE tasks t
-             SET status = CASE WHEN t.cancel_requested_at IS NOT NULL AND d.status <> 'stopped'
-                               THEN 'cancelled' ELSE d.status END,
+             SET status = CASE WHEN t.cancel_requested_at IS NOT NULL AND d.status <> 'stopped' THEN 'cancelled'
+                               WHEN d.status = 'snoozed' THEN 'waiting' ELSE d.status END,
+                 -- A snooze uses no attempt: one more is allowed.
+                 max_attempts = t.max_attempts + CASE WHEN d.status = 'snoozed' THEN 1 ELSE 0 END,
                  run_at = CASE WHEN d.delay_us IS NULL THEN t.run_at
                                ELSE now() + d.delay_us * interval '1 microsecond' END,
                  updated_at = now()
@@ -631,21 +636,23 @@ const COMPLETE: &str = "WITH moved AS (
              -- each checked against the whole batch, costs the square of the batch.
              WHERE t.id = ANY($2) AND t.id = d.task_id AND t.attempts = d.attempt
                AND t.status IS NOT DISTINCT FROM 'running'
-             RETURNING t.id, t.instance
+             RETURNING t.id, t.instance, t.run_at
          ), notified AS (
              -- Under a queue's limit (`$12`), each recorded attempt freed a place: wake the
              -- instances that found the queue full, in this statement's commit.
              SELECT pg_notify(task_engine_channel(), json_build_object('ready', count(*))::text)
              FROM moved WHERE $12 HAVING count(*) > 0
          )
-         INSERT INTO task_executions (id, task_id, attempt, started_at, stopped_at, result, error, instance, worker)
+         INSERT INTO task_executions (id, task_id, attempt, started_at, stopped_at, result, error, instance, worker,
+                                      snoozed_until)
          SELECT d.execution_id, d.task_id, d.attempt,
                 d.claimed_at + d.queued_us * interval '1 microsecond',
                 d.claimed_at + (d.queued_us + d.elapsed_us) * interval '1 microsecond',
-                d.result, d.error, m.instance, d.worker
+                d.result, d.error, m.instance, d.worker,
+                CASE WHEN d.status = 'snoozed' THEN m.run_at END
          FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[], $7::jsonb[], $8::text[],
-                     $10::bigint[], $11::timestamptz[])
-              AS d(execution_id, task_id, attempt, worker, elapsed_us, result, error, queued_us, claimed_at)
+                     $10::bigint[], $11::timestamptz[], $6::text[])
+              AS d(execution_id, task_id, attempt, worker, elapsed_us, result, error, queued_us, claimed_at, status)
          JOIN moved m ON m.id = d.task_id
          -- Reading `notified` is what runs its pg_notify (once, before the first row).
          WHERE (SELECT count(*) FROM notified) >= 0";
@@ -687,6 +694,7 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
             Outcome::Succeeded(result) => ("stopped", Some(result), None, None),
             Outcome::Failed(error) => ("failed", None, Some(error.as_str()), None),
             Outcome::Retry { error, delay } => ("waiting", None, Some(error.as_str()), Some(micros(*delay))),
+            Outcome::Snoozed { delay } => ("snoozed", None, None, Some(micros(*delay))),
         };
         statuses.push(status);
         results.push(result);

@@ -358,12 +358,12 @@ impl Recorder<'_> {
         for completion in batch {
             let kind = match completion.outcome {
                 Outcome::Succeeded(_) => &stats.succeeded,
-                Outcome::Retry { .. } => &stats.retried,
+                Outcome::Retry { .. } | Outcome::Snoozed { .. } => &stats.retried,
                 Outcome::Failed(_) => &stats.failed,
             };
             kind.fetch_add(1, Ordering::Relaxed);
             if let Some(at) = match &completion.outcome {
-                Outcome::Retry { delay, .. } => Instant::now().checked_add(*delay),
+                Outcome::Retry { delay, .. } | Outcome::Snoozed { delay } => Instant::now().checked_add(*delay),
                 _ => None,
             } {
                 self.input.timer.arm(at);
@@ -408,6 +408,8 @@ fn replacement(refused: &Completion, why: &str) -> Completion {
             error: format!("{} [escaped: the message could not be stored ({why})]", escaped(error)),
             delay: *delay,
         },
+        // No text of its own: refused for another reason, recorded as it is.
+        Outcome::Snoozed { delay } => Outcome::Snoozed { delay: *delay },
     };
     Completion { outcome, ..refused.clone() }
 }

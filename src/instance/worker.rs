@@ -102,7 +102,13 @@ fn outcome(
         Err(failure) => failure,
     };
     let permanent = failure.is_permanent();
+    let snoozed = failure.snoozed_for();
     let message = failure.into_message();
+    if let (Some(delay), false) = (snoozed, cancelled) {
+        let delay = delay.min(MAX_RETRY_DELAY);
+        log::debug!("task {id} ({task_type}) attempt {attempt} snoozed for {delay:?}");
+        return Outcome::Snoozed { delay };
+    }
     if cancelled {
         log::warn!("task {id} ({task_type}) attempt {attempt}/{max} failed after its cancellation: {message}");
         Outcome::Failed(message)

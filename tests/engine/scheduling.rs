@@ -12,7 +12,7 @@ use test_db::TestDatabase;
 
 use crate::support::{
     executions_of, load_task, runner, start_engine, wait_until, wait_until_all_ended, wait_until_idle, AlwaysFails,
-    Counted, Flaky, Gate, Gated, PanicsOnce, UntilCancelled,
+    Counted, Flaky, Gate, Gated, PanicsOnce, Snoozer, UntilCancelled,
 };
 
 fn wait_for_status(conn: &mut PgConnection, id: i64, wanted: &str) {
@@ -489,4 +489,29 @@ fn a_bulk_cancel_cancels_the_waiting_tasks_of_its_queue_and_no_other() {
         .chain(std::iter::repeat(("default".to_owned(), status::WAITING.to_owned())).take(3))
         .collect();
     assert_eq!(by_queue, expected);
+}
+
+#[test]
+fn a_snoozed_task_keeps_its_attempts_and_each_snooze_is_recorded() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let engine = start_engine(&db, "a", 1);
+    // One attempt allowed, two snoozes: without the snooze's rule it would end failed.
+    let id = task_engine::enqueue(&mut conn, &Snoozer { key: "snooze-twice".into(), snoozes: 2 }).unwrap();
+    wait_for_status(&mut conn, id, status::STOPPED);
+    let task = load_task(&mut conn, id);
+    assert_eq!((task.attempts, task.max_attempts), (3, 3), "each snooze allowed one more attempt");
+    let executions = executions_of(&mut conn, id);
+    let snoozed: Vec<bool> = executions.iter().map(|e| e.snoozed_until.is_some()).collect();
+    assert_eq!(snoozed, [true, true, false]);
+    for e in &executions[..2] {
+        assert_eq!((&e.error, &e.result), (&None, &None), "a snooze is not a failure");
+        // Due again 20 ms after the attempt's end, by the server's clock.
+        let waited = e.snoozed_until.unwrap() - e.stopped_at.unwrap();
+        assert!(waited >= chrono::TimeDelta::milliseconds(15), "{waited}");
+        // It ran again only once due.
+    }
+    assert!(executions[1].started_at >= executions[0].snoozed_until.unwrap());
+    assert_eq!(executions[2].result, Some(serde_json::json!(3)));
+    engine.shutdown();
 }

@@ -207,6 +207,28 @@ impl Task for Flaky {
 }
 register_task!(Flaky);
 
+/// Snoozes its first `snoozes` runs for 20 ms, then succeeds with the attempt number;
+/// one attempt.
+#[derive(Serialize, Deserialize)]
+pub struct Snoozer {
+    pub key: String,
+    pub snoozes: u32,
+}
+
+impl Task for Snoozer {
+    const NAME: &'static str = "test_snoozer";
+    const MAX_ATTEMPTS: i32 = 1;
+    type Output = i32;
+
+    fn run(&self, ctx: &TaskContext) -> Result<i32, TaskError> {
+        if runs_of(&self.key) <= self.snoozes {
+            return Err(TaskError::snooze(Duration::from_millis(20)));
+        }
+        Ok(ctx.attempt())
+    }
+}
+register_task!(Snoozer);
+
 /// Always fails, saying which attempt it was; 3 attempts unless enqueued otherwise;
 /// retries after 10 ms.
 #[derive(Serialize, Deserialize)]
