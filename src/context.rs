@@ -3,10 +3,20 @@
 //! task.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::db::connect::{PgPool, PooledConnection};
+use crate::db::tasks;
 use crate::error::Error;
+use crate::instance::lock;
+
+/// The least time between two writes of a task's progress or checkpoint: a task may
+/// report as often as it likes, the database sees one write a second at most.
+pub(crate) const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The context of one attempt: which task and attempt it is, whether the engine asks
 /// it to stop, and a connection for the task's own database work.
@@ -19,6 +29,16 @@ pub struct TaskContext {
     /// Set when an operator cancels this task.
     pub(crate) cancelled: Arc<AtomicBool>,
     pub(crate) instance: Arc<InstanceHandle>,
+    /// What the task said of itself and the database has not seen yet.
+    pub(crate) reported: Mutex<Reported>,
+}
+
+/// Progress and checkpoint waiting for their write.
+#[derive(Debug, Default)]
+pub(crate) struct Reported {
+    progress: Option<(i16, String)>,
+    checkpoint: Option<serde_json::Value>,
+    last_write: Option<Instant>,
 }
 
 /// What the tasks of one instance share.
@@ -83,5 +103,60 @@ impl TaskContext {
     /// Returns the engine's connection pool.
     pub fn pool(&self) -> &PgPool {
         &self.instance.pool
+    }
+
+    /// Says how far the attempt got (`percent`, 0 to 100, more is taken as 100) and
+    /// what it is doing: written to the task's row (`progress`, `progress_message`;
+    /// `engine status --task` shows them) at most once a second, and at the attempt's
+    /// end. Call it as often as you like.
+    pub fn progress(&self, percent: u8, message: impl Into<String>) -> Result<(), Error> {
+        let mut reported = lock(&self.reported);
+        reported.progress = Some((i16::from(percent.min(100)), message.into()));
+        self.write_if_due(&mut reported)
+    }
+
+    /// Saves where the task got to, as JSON: written like [`TaskContext::progress`] (at
+    /// most once a second, and at the attempt's end), and kept across attempts, so that
+    /// the next attempt resumes from it ([`TaskContext::last_checkpoint`]). What was
+    /// saved in the last second before a crash of the instance is lost.
+    pub fn checkpoint(&self, value: &impl Serialize) -> Result<(), Error> {
+        let value = serde_json::to_value(value).map_err(|e| {
+            Error::InvalidValue(format!("the checkpoint of task type `{}` is not JSON: {e}", self.task_type))
+        })?;
+        let mut reported = lock(&self.reported);
+        reported.checkpoint = Some(value);
+        self.write_if_due(&mut reported)
+    }
+
+    /// The checkpoint this task saved last, by this attempt or an earlier one: `None`
+    /// on a first start, or if none was saved. Reads the task's row.
+    pub fn last_checkpoint<T: DeserializeOwned>(&self) -> Result<Option<T>, Error> {
+        let mut reported = lock(&self.reported);
+        self.write(&mut reported)?;
+        drop(reported);
+        let Some(value) = tasks::checkpoint(&mut *self.connection()?, self.task_id)? else { return Ok(None) };
+        serde_json::from_value(value).map(Some).map_err(|e| {
+            Error::InvalidValue(format!("the checkpoint of task type `{}` does not fit: {e}", self.task_type))
+        })
+    }
+
+    fn write_if_due(&self, reported: &mut Reported) -> Result<(), Error> {
+        if reported.last_write.is_some_and(|at| at.elapsed() < PROGRESS_WRITE_INTERVAL) {
+            return Ok(());
+        }
+        self.write(reported)
+    }
+
+    /// Writes what waits, if anything (the worker calls it when the attempt ends).
+    pub(crate) fn write(&self, reported: &mut Reported) -> Result<(), Error> {
+        if reported.progress.is_none() && reported.checkpoint.is_none() {
+            return Ok(());
+        }
+        let progress = reported.progress.take();
+        let checkpoint = reported.checkpoint.take();
+        reported.last_write = Some(Instant::now());
+        let progress = progress.as_ref().map(|(p, m)| (*p, m.as_str()));
+        tasks::record_progress(&mut *self.connection()?, self.task_id, self.attempt, progress, checkpoint.as_ref())?;
+        Ok(())
     }
 }

@@ -131,6 +131,12 @@ pub fn print_task(conn: &mut PgConnection, id: i64) -> anyhow::Result<()> {
     if let Some(at) = task.cancel_requested_at {
         outln!("  cancel asked {at}");
     }
+    if let Some(percent) = task.progress {
+        outln!("  progress     {percent}% {}", plain(task.progress_message.as_deref().unwrap_or("")));
+    }
+    if let Some(checkpoint) = &task.checkpoint {
+        outln!("  checkpoint   {}", plain(checkpoint));
+    }
     outln!("  created      {}", task.created_at);
     outln!("  updated      {}", task.updated_at);
     if task.status == "running" {

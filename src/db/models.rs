@@ -32,6 +32,11 @@ pub struct Task {
     pub queue: String,
     /// Its key for fair dispatch within the queue (a tenant, a customer); `""` for none.
     pub fair_key: String,
+    /// How far its attempt got, in percent, as the task said (`ctx.progress`).
+    pub progress: Option<i16>,
+    pub progress_message: Option<String>,
+    /// What the task saved to resume from (`ctx.checkpoint`), kept across attempts.
+    pub checkpoint: Option<serde_json::Value>,
 }
 
 /// One attempt at running a task, written when it ends (`stopped_at`, and a result or

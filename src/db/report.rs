@@ -133,6 +133,13 @@ pub struct TaskShown {
     pub created_at: String,
     #[diesel(sql_type = Text)]
     pub updated_at: String,
+    /// `progress`, `progress_message`, `checkpoint` (as JSON text).
+    #[diesel(sql_type = Nullable<diesel::sql_types::SmallInt>)]
+    pub progress: Option<i16>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub progress_message: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub checkpoint: Option<String>,
 }
 
 /// Returns a task as text with every execution of it, oldest first; `None` if there is
@@ -141,7 +148,8 @@ pub fn task_shown(conn: &mut PgConnection, id: i64) -> Result<Option<(TaskShown,
     let task: Option<TaskShown> = diesel::sql_query(
         "SELECT id, task_class, task_parameters::text AS task_parameters, status, instance, priority,
                 run_at::text AS run_at, attempts, max_attempts, cancel_requested_at::text AS cancel_requested_at,
-                created_at::text AS created_at, updated_at::text AS updated_at
+                created_at::text AS created_at, updated_at::text AS updated_at,
+                progress, progress_message, checkpoint::text AS checkpoint
          FROM tasks WHERE id = $1",
     )
     .bind::<BigInt, _>(id)

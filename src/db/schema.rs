@@ -59,6 +59,9 @@ diesel::table! {
         cancel_requested_at -> Nullable<Timestamptz>,
         queue -> Text,
         fair_key -> Text,
+        progress -> Nullable<Int2>,
+        progress_message -> Nullable<Text>,
+        checkpoint -> Nullable<Jsonb>,
     }
 }
 

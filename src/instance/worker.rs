@@ -11,6 +11,7 @@ use crate::db::tasks::{ClaimedTask, Completion, Outcome};
 use crate::instance::completer::Outbox;
 use crate::instance::handoff::Handoff;
 use crate::instance::in_flight::InFlight;
+use crate::instance::lock;
 use crate::registry::{Registry, RunFailure, TaskEntry};
 use crate::task::TaskError;
 
@@ -45,7 +46,7 @@ pub(crate) fn run(input: Input) {
 fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
     log::debug!("task {} ({}) attempt {} starting", task.id, task.task_type, task.attempt);
     let mut started = Instant::now();
-    let (ran, cancelled, entry) = match input.registry.get(&task.task_type) {
+    let (ran, cancelled, entry, finished) = match input.registry.get(&task.task_type) {
         Ok(entry) => {
             let ctx = TaskContext {
                 task_id: task.id,
@@ -55,6 +56,7 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
                 worker: input.index,
                 cancelled: input.in_flight.cancel_flag(task.id),
                 instance: Arc::clone(&input.instance),
+                reported: Default::default(),
             };
             started = Instant::now();
             let ran = if ctx.cancel_requested() {
@@ -64,12 +66,21 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
                 catch_unwind(AssertUnwindSafe(|| entry.run(&task.task_parameters, &ctx)))
                     .unwrap_or_else(|panic| Err(RunFailure::Panic(panic_message(&*panic))))
             };
-            (ran, ctx.cancel_requested(), Some(entry))
+            let finished = Instant::now();
+            // What the task reported in its last second, before its outcome.
+            if let Err(error) = ctx.write(&mut lock(&ctx.reported)) {
+                log::warn!(
+                    "task {} ({}): its last progress or checkpoint was not saved: {error}",
+                    task.id,
+                    entry.name()
+                );
+            }
+            (ran, ctx.cancel_requested(), Some(entry), finished)
         }
         // Claims ask only for registered types; this is a registry changed under us.
-        Err(error) => (Err(RunFailure::Parameters(error.to_string())), false, None),
+        Err(error) => (Err(RunFailure::Parameters(error.to_string())), false, None, Instant::now()),
     };
-    let elapsed = started.elapsed();
+    let elapsed = finished.duration_since(started);
     Completion {
         execution_id: task.execution_id,
         task_id: task.id,

@@ -12,7 +12,7 @@ use test_db::TestDatabase;
 
 use crate::support::{
     executions_of, load_task, runner, start_engine, wait_until, wait_until_all_ended, wait_until_idle, AlwaysFails,
-    Counted, Flaky, Gate, Gated, PanicsOnce, Snoozer, UntilCancelled,
+    Counted, Flaky, Gate, Gated, PanicsOnce, Resumer, Snoozer, UntilCancelled,
 };
 
 fn wait_for_status(conn: &mut PgConnection, id: i64, wanted: &str) {
@@ -513,5 +513,44 @@ fn a_snoozed_task_keeps_its_attempts_and_each_snooze_is_recorded() {
     }
     assert!(executions[1].started_at >= executions[0].snoozed_until.unwrap());
     assert_eq!(executions[2].result, Some(serde_json::json!(3)));
+    engine.shutdown();
+}
+
+#[test]
+fn a_checkpoint_survives_a_failed_attempt_and_the_next_one_resumes_from_it() {
+    use diesel::connection::SimpleConnection;
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    // Counts the writes of progress or checkpoint to the task's row.
+    conn.batch_execute(
+        "CREATE TABLE progress_writes (at timestamptz);
+         CREATE FUNCTION count_progress_write() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO progress_writes VALUES (clock_timestamp()); RETURN NEW; END $$;
+         CREATE TRIGGER progress_written BEFORE UPDATE ON tasks FOR EACH ROW
+         WHEN (OLD.checkpoint IS DISTINCT FROM NEW.checkpoint OR OLD.progress IS DISTINCT FROM NEW.progress)
+         EXECUTE FUNCTION count_progress_write();",
+    )
+    .unwrap();
+    let engine = start_engine(&db, "a", 1);
+    // Ten steps; the first attempt fails after step 4, all within a second: only the
+    // write at the attempt's end can have saved step 4.
+    let id = task_engine::enqueue(&mut conn, &Resumer { steps: 10, fail_after: 4 }).unwrap();
+    wait_for_status(&mut conn, id, status::STOPPED);
+    let executions = executions_of(&mut conn, id);
+    assert_eq!(executions.len(), 2);
+    assert_eq!(executions[0].error.as_deref(), Some("crashed midway"));
+    assert_eq!(executions[1].result, Some(serde_json::json!(4)), "the second attempt started after step 4");
+    let task = load_task(&mut conn, id);
+    assert_eq!(task.checkpoint, Some(serde_json::json!(10)));
+    assert_eq!((task.progress, task.progress_message.as_deref()), (Some(100), Some("step 10 of 10")));
+    // 20 reports of each kind, 4 writes: each attempt's first, and each attempt's end.
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let writes =
+        diesel::sql_query("SELECT count(*) AS n FROM progress_writes").get_result::<Count>(&mut conn).unwrap().n;
+    assert_eq!(writes, 4, "progress written on every report, not once a second");
     engine.shutdown();
 }

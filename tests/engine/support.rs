@@ -229,6 +229,37 @@ impl Task for Snoozer {
 }
 register_task!(Snoozer);
 
+/// Works through `steps` steps from its last checkpoint, saving a checkpoint and its
+/// progress after each; its first attempt fails after step `fail_after`. Returns the
+/// step it started from. Retries after 10 ms.
+#[derive(Serialize, Deserialize)]
+pub struct Resumer {
+    pub steps: u32,
+    pub fail_after: u32,
+}
+
+impl Task for Resumer {
+    const NAME: &'static str = "test_resumer";
+    type Output = u32;
+
+    fn run(&self, ctx: &TaskContext) -> Result<u32, TaskError> {
+        let from = ctx.last_checkpoint::<u32>()?.unwrap_or(0);
+        for step in from + 1..=self.steps {
+            ctx.checkpoint(&step)?;
+            ctx.progress((step * 100 / self.steps) as u8, format!("step {step} of {}", self.steps))?;
+            if ctx.attempt() == 1 && step == self.fail_after {
+                return Err(TaskError::new("crashed midway"));
+            }
+        }
+        Ok(from)
+    }
+
+    fn retry_delay(_attempt: i32) -> Duration {
+        Duration::from_millis(10)
+    }
+}
+register_task!(Resumer);
+
 /// Always fails, saying which attempt it was; 3 attempts unless enqueued otherwise;
 /// retries after 10 ms.
 #[derive(Serialize, Deserialize)]
