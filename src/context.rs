@@ -3,7 +3,7 @@
 //! task.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -12,7 +12,6 @@ use serde::Serialize;
 use crate::db::connect::{PgPool, PooledConnection};
 use crate::db::tasks;
 use crate::error::Error;
-use crate::instance::lock;
 
 /// The least time between two writes of a task's progress or checkpoint: a task may
 /// report as often as it likes, the database sees one write a second at most.
@@ -110,7 +109,7 @@ impl TaskContext {
     /// `engine status --task` shows them) at most once a second, and at the attempt's
     /// end. Call it as often as you like.
     pub fn progress(&self, percent: u8, message: impl Into<String>) -> Result<(), Error> {
-        let mut reported = lock(&self.reported);
+        let mut reported = self.reported();
         reported.progress = Some((i16::from(percent.min(100)), message.into()));
         self.write_if_due(&mut reported)
     }
@@ -123,7 +122,7 @@ impl TaskContext {
         let value = serde_json::to_value(value).map_err(|e| {
             Error::InvalidValue(format!("the checkpoint of task type `{}` is not JSON: {e}", self.task_type))
         })?;
-        let mut reported = lock(&self.reported);
+        let mut reported = self.reported();
         reported.checkpoint = Some(value);
         self.write_if_due(&mut reported)
     }
@@ -131,13 +130,18 @@ impl TaskContext {
     /// The checkpoint this task saved last, by this attempt or an earlier one: `None`
     /// on a first start, or if none was saved. Reads the task's row.
     pub fn last_checkpoint<T: DeserializeOwned>(&self) -> Result<Option<T>, Error> {
-        let mut reported = lock(&self.reported);
+        let mut reported = self.reported();
         self.write(&mut reported)?;
         drop(reported);
         let Some(value) = tasks::checkpoint(&mut *self.connection()?, self.task_id)? else { return Ok(None) };
         serde_json::from_value(value).map(Some).map_err(|e| {
             Error::InvalidValue(format!("the checkpoint of task type `{}` does not fit: {e}", self.task_type))
         })
+    }
+
+    /// What waits for its write (a poisoned lock still holds consistent data).
+    pub(crate) fn reported(&self) -> MutexGuard<'_, Reported> {
+        self.reported.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn write_if_due(&self, reported: &mut Reported) -> Result<(), Error> {

@@ -11,7 +11,6 @@ use crate::db::tasks::{ClaimedTask, Completion, Outcome};
 use crate::instance::completer::Outbox;
 use crate::instance::handoff::Handoff;
 use crate::instance::in_flight::InFlight;
-use crate::instance::lock;
 use crate::registry::{Registry, RunFailure, TaskEntry};
 use crate::task::TaskError;
 
@@ -68,7 +67,7 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
             };
             let finished = Instant::now();
             // What the task reported in its last second, before its outcome.
-            if let Err(error) = ctx.write(&mut lock(&ctx.reported)) {
+            if let Err(error) = ctx.write(&mut ctx.reported()) {
                 log::warn!(
                     "task {} ({}): its last progress or checkpoint was not saved: {error}",
                     task.id,
