@@ -23,10 +23,9 @@ impl Task for Stint {
 
     fn run(&self, ctx: &TaskContext) -> Result<(), TaskError> {
         // The task's own duration, not a wait for something.
-        run_recorded(ctx, || {
-            std::thread::sleep(Duration::from_millis(self.ms));
-            Ok(())
-        })
+        // The work itself: the `tasks` crate's `sleep`, which takes `ms` (and stops on a
+        // cancel).
+        run_recorded(ctx, || tasks::Sleep { ms: self.ms }.run(ctx))
     }
 }
 register_task!(Stint);
