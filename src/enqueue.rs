@@ -1,12 +1,14 @@
 //! Enqueueing from Rust: typed, inside the caller's own transaction when it has one.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Utc};
-use diesel::PgConnection;
+use diesel::{Connection, PgConnection};
 
 use crate::db::micros;
 use crate::db::tasks::{self, TaskInsert};
+use crate::db::unique;
 use crate::error::Error;
 use crate::registry::Registry;
 use crate::task::Task;
@@ -59,7 +61,50 @@ pub struct NewTask {
     max_attempts: i32,
     queue: String,
     key: String,
+    unique_key: Option<String>,
+    unique_while_running: bool,
+    on_conflict: OnConflict,
 }
+
+/// What inserting a task with a unique key does when another task holds the key
+/// ([`NewTask::unique_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnConflict {
+    /// Keeps the task that holds the key, as it is; the insert returns its id.
+    #[default]
+    Keep,
+    /// Replaces the holder's parameters, priority and due time (a debounce: the task
+    /// runs once, with the last parameters, after the last delay), if it still waits.
+    Replace,
+    /// Replaces the holder's parameters and priority, and keeps its due time, if it
+    /// still waits.
+    ReplaceParameters,
+}
+
+/// What an insert did ([`NewTask::upsert`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upserted {
+    /// A new task, with this id.
+    Inserted(i64),
+    /// The task that holds the key, left as it was: it waits (under [`OnConflict::Keep`])
+    /// or runs (a running holder is never changed).
+    Kept(i64),
+    /// The waiting task that holds the key, with the new parameters.
+    Replaced(i64),
+}
+
+impl Upserted {
+    /// The id of the task inserted, kept or replaced.
+    pub fn id(self) -> i64 {
+        match self {
+            Upserted::Inserted(id) | Upserted::Kept(id) | Upserted::Replaced(id) => id,
+        }
+    }
+}
+
+/// How many times an insert with unique keys tries again when each try finds the
+/// holder of a key changed under it (it ended, or started, in between).
+const UNIQUE_ROUNDS: usize = 50;
 
 impl NewTask {
     /// Describes a typed task, with its type's defaults.
@@ -88,7 +133,33 @@ impl NewTask {
             max_attempts,
             queue: queue.to_owned(),
             key: String::new(),
+            unique_key: None,
+            unique_while_running: false,
+            on_conflict: OnConflict::Keep,
         }
+    }
+
+    /// Makes the task unique: no other task holds `key` (1 to 1,000 bytes) while it
+    /// waits. An insert that finds the key held does what [`Self::on_conflict`] says
+    /// (by default, keeps the holder and returns its id). Once the task starts, the key
+    /// is free for a new one, unless [`Self::unique_while_running`]. The key is the
+    /// task's `unique_key` column.
+    pub fn unique_key(mut self, key: impl Into<String>) -> Self {
+        self.unique_key = Some(key.into());
+        self
+    }
+
+    /// Holds the unique key while the task runs too, until it ends (succeeded, failed
+    /// or cancelled); a retry keeps it.
+    pub fn unique_while_running(mut self) -> Self {
+        self.unique_while_running = true;
+        self
+    }
+
+    /// What to do when another task holds the unique key (default: [`OnConflict::Keep`]).
+    pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
+        self.on_conflict = on_conflict;
+        self
     }
 
     /// Puts the task in `queue` instead of its type's ([`Task::QUEUE`], by default
@@ -148,6 +219,8 @@ impl NewTask {
             max_attempts: self.max_attempts,
             queue: &self.queue,
             key: &self.key,
+            unique_key: self.unique_key.as_deref(),
+            unique_scope: if self.unique_while_running { "running" } else { "waiting" },
         }
     }
 
@@ -162,6 +235,14 @@ impl NewTask {
                 "the queue of a task of type `{}` must be 1 to 200 bytes without NUL, not {:?}",
                 self.task_type, self.queue
             )));
+        }
+        if let Some(unique_key) = &self.unique_key {
+            if unique_key.is_empty() || unique_key.len() > 1000 || unique_key.contains('\0') {
+                return Err(Error::InvalidValue(format!(
+                    "the unique key of a task of type `{}` must be 1 to 1000 bytes without NUL, not {:?}",
+                    self.task_type, unique_key
+                )));
+            }
         }
         if self.key.contains('\0') {
             return Err(Error::InvalidValue(format!(
@@ -190,15 +271,36 @@ impl NewTask {
 
     /// Inserts the task and returns its id. Inside the caller's transaction, the task
     /// exists (and wakes workers) only if that transaction commits.
+    /// With a unique key, returns the id of the task inserted, kept or replaced
+    /// ([`Self::upsert`] says which).
     pub fn insert(&self, conn: &mut PgConnection) -> Result<i64, Error> {
-        self.validate()?;
-        let ids = tasks::insert_tasks(conn, &[self.as_insert()])?;
-        Ok(ids[0])
+        self.upsert(conn).map(Upserted::id)
     }
 
-    /// Inserts `count` copies of the task in one statement and returns their ids.
+    /// Inserts the task, or, when another task holds its unique key, keeps or replaces
+    /// that one ([`Self::on_conflict`]), and says which. Race-free: of concurrent
+    /// inserts of one key, from any number of clients, one inserts and the others
+    /// find its task; inside the caller's transaction, the key is taken only if that
+    /// transaction commits (a concurrent insert of the key waits for it).
+    pub fn upsert(&self, conn: &mut PgConnection) -> Result<Upserted, Error> {
+        self.validate()?;
+        if self.unique_key.is_some() {
+            return Ok(conn.transaction(|conn| insert_unique(conn, &[self]))?[0]);
+        }
+        let ids = tasks::insert_tasks(conn, &[self.as_insert()])?;
+        Ok(Upserted::Inserted(ids[0]))
+    }
+
+    /// Inserts `count` copies of the task in one statement and returns their ids. A
+    /// unique task has no copies: refused.
     pub fn insert_copies(&self, conn: &mut PgConnection, count: u32) -> Result<Vec<i64>, Error> {
         self.validate()?;
+        if self.unique_key.is_some() {
+            return Err(Error::InvalidValue(format!(
+                "a task of type `{}` with a unique key cannot be inserted in copies",
+                self.task_type
+            )));
+        }
         Ok(tasks::insert_copies(conn, &self.as_insert(), i64::from(count))?)
     }
 }
@@ -209,11 +311,138 @@ pub fn enqueue<T: Task>(conn: &mut PgConnection, task: &T) -> Result<i64, Error>
 }
 
 /// Inserts many tasks in one statement and returns their ids, in the order given.
+/// Tasks with a unique key take two statements more, at most (see [`NewTask::upsert`]);
+/// their ids are those of the tasks inserted, kept or replaced. Several tasks of the
+/// batch with one key behave as if inserted one after the other: one task results.
 pub fn enqueue_many(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<Vec<i64>, Error> {
     if tasks.is_empty() {
         return Ok(Vec::new());
     }
     tasks.iter().try_for_each(NewTask::validate)?;
-    let inserts: Vec<TaskInsert<'_>> = tasks.iter().map(NewTask::as_insert).collect();
-    Ok(tasks::insert_tasks(conn, &inserts)?)
+    type Numbered<'a> = Vec<(usize, &'a NewTask)>;
+    let (unique, plain): (Numbered<'_>, Numbered<'_>) =
+        tasks.iter().enumerate().partition(|(_, t)| t.unique_key.is_some());
+    if unique.is_empty() {
+        let inserts: Vec<TaskInsert<'_>> = tasks.iter().map(NewTask::as_insert).collect();
+        return Ok(tasks::insert_tasks(conn, &inserts)?);
+    }
+    // One transaction (a savepoint inside the caller's): all or nothing.
+    conn.transaction(|conn| {
+        let mut ids = vec![0; tasks.len()];
+        if !plain.is_empty() {
+            let inserts: Vec<TaskInsert<'_>> = plain.iter().map(|(_, t)| t.as_insert()).collect();
+            for ((i, _), id) in plain.iter().zip(tasks::insert_tasks(conn, &inserts)?) {
+                ids[*i] = id;
+            }
+        }
+        let unique_tasks: Vec<&NewTask> = unique.iter().map(|(_, t)| *t).collect();
+        for ((i, _), done) in unique.iter().zip(insert_unique(conn, &unique_tasks)?) {
+            ids[*i] = done.id();
+        }
+        Ok(ids)
+    })
+}
+
+/// The tasks of one unique key in a batch, merged as if inserted one after the other.
+struct KeyGroup<'a> {
+    /// The row to insert if no task holds the key: the first task, with the parameters
+    /// and priority of the last that replaces them, and the due time of the last that
+    /// replaces it.
+    row: TaskInsert<'a>,
+    /// Whether an existing holder's parameters, and its due time, are replaced.
+    replace: bool,
+    replace_due: bool,
+    /// Where in the batch its tasks are, and how each meets the one before it.
+    members: Vec<(usize, OnConflict)>,
+    done: Option<Upserted>,
+}
+
+/// Inserts tasks that all have a unique key: replaces the waiting holders of the keys
+/// whose tasks say so, inserts the tasks whose key is free, then finds the holders of
+/// the others; a key whose holder changed in between (it started, or ended) goes round
+/// again. No running task is locked or changed.
+fn insert_unique(conn: &mut PgConnection, batch: &[&NewTask]) -> Result<Vec<Upserted>, Error> {
+    let mut groups: Vec<KeyGroup<'_>> = Vec::new();
+    let mut by_key: HashMap<&str, usize> = HashMap::new();
+    for (i, task) in batch.iter().enumerate() {
+        let key = task.unique_key.as_deref().unwrap_or_default();
+        let replace = task.on_conflict != OnConflict::Keep;
+        let replace_due = task.on_conflict == OnConflict::Replace;
+        match by_key.get(key) {
+            None => {
+                by_key.insert(key, groups.len());
+                groups.push(KeyGroup {
+                    row: task.as_insert(),
+                    replace,
+                    replace_due,
+                    members: vec![(i, task.on_conflict)],
+                    done: None,
+                });
+            }
+            Some(&g) => {
+                let group = &mut groups[g];
+                if replace {
+                    group.row.parameters = &task.parameters;
+                    group.row.priority = task.priority;
+                    group.replace = true;
+                }
+                if replace_due {
+                    group.row.run_at = task.run_at;
+                    group.row.delay_us = micros(task.delay);
+                    group.replace_due = true;
+                }
+                group.members.push((i, task.on_conflict));
+            }
+        }
+    }
+    let mut pending: Vec<usize> = (0..groups.len()).collect();
+    for _ in 0..UNIQUE_ROUNDS {
+        let replacing: Vec<usize> = pending.iter().copied().filter(|&g| groups[g].replace).collect();
+        if !replacing.is_empty() {
+            let rows: Vec<&TaskInsert<'_>> = replacing.iter().map(|&g| &groups[g].row).collect();
+            let due: Vec<bool> = replacing.iter().map(|&g| groups[g].replace_due).collect();
+            for holder in unique::replace_waiting(conn, &rows, &due)? {
+                groups[by_key[holder.unique_key.as_str()]].done = Some(Upserted::Replaced(holder.id));
+            }
+            pending.retain(|&g| groups[g].done.is_none());
+        }
+        if pending.is_empty() {
+            break;
+        }
+        let rows: Vec<&TaskInsert<'_>> = pending.iter().map(|&g| &groups[g].row).collect();
+        for holder in unique::insert_free(conn, &rows)? {
+            groups[by_key[holder.unique_key.as_str()]].done = Some(Upserted::Inserted(holder.id));
+        }
+        pending.retain(|&g| groups[g].done.is_none());
+        if pending.is_empty() {
+            break;
+        }
+        let keys: Vec<&str> = pending.iter().map(|&g| groups[g].row.unique_key.unwrap_or_default()).collect();
+        for holder in unique::holders(conn, &keys)? {
+            let group = &mut groups[by_key[holder.unique_key.as_str()]];
+            // A waiting holder that was to be replaced appeared after the replace: again.
+            if !(group.replace && holder.waiting) {
+                group.done = Some(Upserted::Kept(holder.id));
+            }
+        }
+        pending.retain(|&g| groups[g].done.is_none());
+        if pending.is_empty() {
+            break;
+        }
+    }
+    if let Some(&g) = pending.first() {
+        return Err(Error::UniqueKeyContended(groups[g].row.unique_key.unwrap_or_default().to_owned()));
+    }
+    let mut done = vec![Upserted::Inserted(0); batch.len()];
+    for group in &groups {
+        let first = group.done.expect("every key was settled");
+        for (n, &(i, on_conflict)) in group.members.iter().enumerate() {
+            done[i] = match (n, on_conflict) {
+                (0, _) => first,
+                (_, OnConflict::Keep) => Upserted::Kept(first.id()),
+                _ => Upserted::Replaced(first.id()),
+            };
+        }
+    }
+    Ok(done)
 }

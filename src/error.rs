@@ -107,6 +107,11 @@ pub enum Error {
         reason: String,
     },
 
+    /// Every try of an insert found the holder of a unique key changed (it started or
+    /// ended) before it could settle: nothing of the insert's batch was inserted. Try again.
+    #[error("the holder of the unique key {0:?} kept changing during the insert; nothing was inserted")]
+    UniqueKeyContended(String),
+
     /// No task has this id.
     #[error("there is no task {0}")]
     TaskNotFound(i64),

@@ -22,7 +22,7 @@ pub use context::TaskContext;
 pub use db::connect::{connect, connection_pool, redact_url, PgPool, PooledConnection};
 pub use db::migrate::{pending_migrations, run_migrations};
 pub use db::{models, report, schema};
-pub use enqueue::{enqueue, enqueue_many, NewTask};
+pub use enqueue::{enqueue, enqueue_many, NewTask, OnConflict, Upserted};
 pub use error::Error;
 pub use queue::{pause_queue, resume_queue, set_queue_concurrency, set_queue_key_limit, set_queue_rate_limit};
 pub use registry::{Registry, TaskEntry};

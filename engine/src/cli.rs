@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use log::LevelFilter;
-use task_engine::{NewTask, Registry, Runner};
+use task_engine::{NewTask, OnConflict, Registry, Runner, Upserted};
 
 use crate::database::Database;
 use crate::{bench, demo, duration, outln, status, UsageError};
@@ -63,6 +63,24 @@ impl Filter {
             queue: self.queue.clone(),
             since: self.since,
         })
+    }
+}
+
+/// `--on-conflict`: [`OnConflict`], spelled for the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Conflict {
+    Keep,
+    Replace,
+    ReplaceParams,
+}
+
+impl From<Conflict> for OnConflict {
+    fn from(conflict: Conflict) -> Self {
+        match conflict {
+            Conflict::Keep => OnConflict::Keep,
+            Conflict::Replace => OnConflict::Replace,
+            Conflict::ReplaceParams => OnConflict::ReplaceParameters,
+        }
     }
 }
 
@@ -144,6 +162,17 @@ pub enum Command {
         /// A key for fair dispatch within the queue (a tenant, a customer).
         #[arg(long)]
         key: Option<String>,
+        /// At most one waiting task with this key: if one holds it, keep it (or see
+        /// `--on-conflict`) and print its id.
+        #[arg(long, conflicts_with = "count")]
+        unique_key: Option<String>,
+        /// With `--unique-key`: hold the key while the task runs too.
+        #[arg(long, requires = "unique_key")]
+        unique_while_running: bool,
+        /// With `--unique-key`, what to do with a waiting task that holds the key: keep it,
+        /// replace its parameters and due time (a debounce), or its parameters only.
+        #[arg(long, requires = "unique_key", value_enum, default_value_t = Conflict::Keep)]
+        on_conflict: Conflict,
     },
     /// Lists queues, pauses and resumes one, sets its limits (taking effect at every
     /// instance's next claim).
@@ -322,6 +351,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             max_attempts,
             queue,
             key,
+            unique_key,
+            unique_while_running,
+            on_conflict,
         } => {
             // Check everything before touching the database: bad input inserts nothing.
             let parameters: serde_json::Value =
@@ -342,10 +374,26 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             if let Some(key) = key {
                 task = task.key(key);
             }
+            if let Some(unique_key) = unique_key {
+                task = task.unique_key(unique_key).on_conflict(on_conflict.into());
+                if unique_while_running {
+                    task = task.unique_while_running();
+                }
+            }
             task.validate()?;
             let db = Database::open(cli.database_url, &data_dir)?;
             let mut conn = db.connect_migrated()?;
-            let ids = if count == 1 { vec![task.insert(&mut conn)?] } else { task.insert_copies(&mut conn, count)? };
+            let ids = if count == 1 {
+                let done = task.upsert(&mut conn)?;
+                match done {
+                    Upserted::Inserted(_) => {}
+                    Upserted::Kept(id) => eprintln!("task {id} holds the unique key: kept as it is"),
+                    Upserted::Replaced(id) => eprintln!("task {id} holds the unique key: its parameters replaced"),
+                }
+                vec![done.id()]
+            } else {
+                task.insert_copies(&mut conn, count)?
+            };
             match (&ids[..], print_ids) {
                 ([id], _) => outln!("{id}"),
                 (_, true) => {

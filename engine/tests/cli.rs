@@ -106,6 +106,30 @@ fn engine_enqueue_prints_the_new_id_and_a_count_for_a_bulk_insert() {
 }
 
 #[test]
+fn engine_enqueue_with_a_unique_key_prints_the_holders_id_and_replaces_its_parameters_on_request() {
+    let db = TestDatabase::new();
+    let enqueue = |params: &str, extra: &[&str]| {
+        let mut args = vec!["enqueue", "echo", "--params", params, "--in", "1h", "--unique-key", "nightly"];
+        args.extend_from_slice(extra);
+        let out = engine(&db, &args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        (text(&out.stdout).trim().parse::<i64>().expect("one id"), text(&out.stderr))
+    };
+    let (first, said) = enqueue(r#"{"v": 1}"#, &[]);
+    assert_eq!(said, "");
+    let (kept, said) = enqueue(r#"{"v": 2}"#, &[]);
+    assert_eq!(kept, first);
+    assert!(said.contains(&format!("task {first} holds the unique key: kept")), "{said}");
+    let (replaced, said) = enqueue(r#"{"v": 3}"#, &["--on-conflict", "replace-params"]);
+    assert_eq!(replaced, first);
+    assert!(said.contains("parameters replaced"), "{said}");
+    let params: serde_json::Value =
+        tasks::table.find(first).select(tasks::task_parameters).first(&mut db.connect()).unwrap();
+    assert_eq!(params, serde_json::json!({"v": 3}));
+    assert_eq!(task_count(&db), 1);
+}
+
+#[test]
 fn engine_enqueue_refuses_bad_input_with_exit_code_2_and_inserts_nothing() {
     let db = TestDatabase::new();
     for (args, says) in [
@@ -116,6 +140,10 @@ fn engine_enqueue_refuses_bad_input_with_exit_code_2_and_inserts_nothing() {
         // Values PostgreSQL would refuse: refused here, with exit 2, not sent to fail there.
         (vec!["enqueue", "echo", "--params", r#"{"to": "a\u0000b"}"#], "NUL character (at $.to)"),
         (vec!["enqueue", "noop", "--in", "200000000d"], "outside PostgreSQL's range"),
+        (vec!["enqueue", "noop", "--unique-key", ""], "unique key"),
+        (vec!["enqueue", "noop", "--unique-key", "k", "--count", "2"], "--count"),
+        (vec!["enqueue", "noop", "--on-conflict", "replace"], "--unique-key"),
+        (vec!["enqueue", "noop", "--unique-key", "k", "--on-conflict", "merge"], "--on-conflict"),
     ] {
         let out = engine(&db, &args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));

@@ -5,6 +5,7 @@
 //!
 //! - [`tasks`]: the life of a task: insert, claim, complete, release, rescue; the
 //!   scheduler's look-ahead and the vacuum;
+//! - [`unique`]: the insert of tasks with a unique key;
 //! - [`operator`]: what an operator does to one task: retry, cancel, prune;
 //! - [`queues`]: a queue's settings: pause, limits;
 //! - [`instances`]: the instances' rows and name locks;
@@ -24,6 +25,7 @@ pub(crate) mod queues;
 pub mod report;
 pub mod schema;
 pub(crate) mod tasks;
+pub(crate) mod unique;
 
 /// A duration in whole microseconds, as the statements take them.
 pub(crate) fn micros(duration: std::time::Duration) -> i64 {

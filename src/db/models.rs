@@ -37,6 +37,11 @@ pub struct Task {
     pub progress_message: Option<String>,
     /// What the task saved to resume from (`ctx.checkpoint`), kept across attempts.
     pub checkpoint: Option<serde_json::Value>,
+    /// Its unique key (`NewTask::unique_key`), if any.
+    pub unique_key: Option<String>,
+    /// While when it holds its key: `waiting`, `running` (waiting or running), or
+    /// `released` (it went back to waiting after a run, or was retried by hand).
+    pub unique_scope: String,
 }
 
 /// One attempt at running a task, written when it ends (`stopped_at`, and a result or

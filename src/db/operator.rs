@@ -18,11 +18,13 @@ pub(crate) fn lock_status(conn: &mut PgConnection, task_id: i64) -> QueryResult<
 }
 
 /// Puts a task back to waiting, due now, forgetting any cancel request; a task that
-/// used all its attempts gets one more. Its executions stay.
+/// used all its attempts gets one more. Its executions stay. A unique task no longer
+/// holds its key (a newer task may hold it).
 pub(crate) fn requeue(conn: &mut PgConnection, task_id: i64) -> QueryResult<()> {
     diesel::sql_query(
         "UPDATE tasks SET status = 'waiting', run_at = now(), cancel_requested_at = NULL,
-                          max_attempts = GREATEST(max_attempts, attempts + 1), updated_at = now()
+                          max_attempts = GREATEST(max_attempts, attempts + 1), updated_at = now(),
+                          unique_scope = CASE WHEN unique_key IS NULL THEN unique_scope ELSE 'released' END
          WHERE id = $1",
     )
     .bind::<BigInt, _>(task_id)
@@ -121,7 +123,8 @@ macro_rules! bulk_statement {
 /// all), and wakes the instances. Locks and changes the batch's rows.
 const REQUEUE_BATCH: &str = bulk_statement!(
     "status = 'waiting', run_at = now(), cancel_requested_at = NULL,
-     max_attempts = GREATEST(t.max_attempts, t.attempts + 1), updated_at = now()"
+     max_attempts = GREATEST(t.max_attempts, t.attempts + 1), updated_at = now(),
+     unique_scope = CASE WHEN t.unique_key IS NULL THEN t.unique_scope ELSE 'released' END"
 );
 
 /// Cancels a batch of waiting tasks (they never run). Locks and changes the batch's

@@ -62,6 +62,8 @@ diesel::table! {
         progress -> Nullable<Int2>,
         progress_message -> Nullable<Text>,
         checkpoint -> Nullable<Jsonb>,
+        unique_key -> Nullable<Text>,
+        unique_scope -> Text,
     }
 }
 

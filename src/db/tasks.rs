@@ -626,6 +626,10 @@ const COMPLETE: &str = "WITH moved AS (
                                WHEN d.status = 'snoozed' THEN 'waiting' ELSE d.status END,
                  -- A snooze uses no attempt: one more is allowed.
                  max_attempts = t.max_attempts + CASE WHEN d.status = 'snoozed' THEN 1 ELSE 0 END,
+                 -- Back to waiting, a task that held its key only while waiting lets it go:
+                 -- a newer task may hold it now (migration 16).
+                 unique_scope = CASE WHEN d.status IN ('waiting', 'snoozed') AND t.unique_key IS NOT NULL
+                                      AND t.unique_scope = 'waiting' THEN 'released' ELSE t.unique_scope END,
                  run_at = CASE WHEN d.delay_us IS NULL THEN t.run_at
                                ELSE now() + d.delay_us * interval '1 microsecond' END,
                  updated_at = now()
@@ -778,7 +782,10 @@ pub(crate) fn release(conn: &mut PgConnection, instance: &str, claimed: &[Claime
         "WITH moved AS (
              UPDATE tasks t
              SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'waiting' END,
-                 attempts = t.attempts - 1, updated_at = now()
+                 attempts = t.attempts - 1, updated_at = now(),
+                 -- A newer task may hold the key it held only while waiting.
+                 unique_scope = CASE WHEN t.unique_key IS NOT NULL AND t.unique_scope = 'waiting' THEN 'released'
+                                     ELSE t.unique_scope END
              FROM unnest($1::bigint[], $2::int[]) AS g(id, attempt)
              WHERE t.id = ANY($1) AND t.id = g.id
                AND t.status = 'running' AND t.attempts = g.attempt AND t.instance = $3
@@ -811,6 +818,11 @@ pub(crate) struct TaskInsert<'a> {
     pub queue: &'a str,
     /// For fair dispatch; `""` for none.
     pub key: &'a str,
+    /// The unique key ([`crate::db::unique`]): a task with one is inserted by those
+    /// statements, not [`insert_tasks`].
+    pub unique_key: Option<&'a str>,
+    /// While when it holds its key: `waiting` or `running`.
+    pub unique_scope: &'a str,
 }
 
 #[derive(QueryableByName)]
@@ -969,6 +981,9 @@ macro_rules! rescue_statement {
                      -- task that takes its instance down does not crash-loop the fleet.
                      run_at = now() + (power(least(t.attempts, 100), 4) + 3) * (0.9 + 0.2 * random())
                                       * interval '1 second',
+                     -- A newer task may hold the key it held only while waiting.
+                     unique_scope = CASE WHEN t.unique_key IS NOT NULL AND t.unique_scope = 'waiting'
+                                         THEN 'released' ELSE t.unique_scope END,
                      updated_at = now()
                  WHERE t.id = ANY(ARRAY(SELECT id FROM lost))
                  RETURNING t.status, t.run_at

@@ -13,4 +13,5 @@ mod schema;
 mod settings;
 mod stopping;
 mod support;
+mod unique;
 mod wakeups;

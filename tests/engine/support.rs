@@ -492,3 +492,28 @@ pub fn logged_runs(key: &str) -> (usize, usize, usize) {
     }
     (runs.len(), by_task.len(), overlaps)
 }
+
+/// Its first run waits for its gate and then fails (retried after 10 ms); later runs
+/// succeed at once.
+#[derive(Serialize, Deserialize)]
+pub struct FailsOnceAtGate {
+    pub gate: String,
+}
+
+impl Task for FailsOnceAtGate {
+    const NAME: &'static str = "test_fails_once_at_gate";
+    type Output = ();
+
+    fn run(&self, ctx: &TaskContext) -> Result<(), TaskError> {
+        if runs_of(&self.gate) > 1 {
+            return Ok(());
+        }
+        Gated { gate: self.gate.clone() }.run(ctx)?;
+        Err(TaskError::new("failed once, at its gate"))
+    }
+
+    fn retry_delay(_attempt: i32) -> Duration {
+        Duration::from_millis(10)
+    }
+}
+register_task!(FailsOnceAtGate);

@@ -1,0 +1,3 @@
+DROP INDEX tasks_unique_key_idx;
+ALTER TABLE tasks DROP COLUMN unique_scope;
+ALTER TABLE tasks DROP COLUMN unique_key;

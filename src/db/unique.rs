@@ -1,0 +1,156 @@
+//! Unique tasks in SQL: the three statements of an insert with a unique key. The
+//! partial unique index `tasks_unique_key_idx` holds the keys of the tasks that hold
+//! them (migration 16); these statements never lock a running task, so an insert that
+//! meets a running holder, inside a caller's long transaction, holds up no completion.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
+
+use crate::db::tasks::TaskInsert;
+
+/// The predicate of `tasks_unique_key_idx`, spelled as the migration spells it (an
+/// `ON CONFLICT` target must repeat it to use the index).
+macro_rules! holds_key {
+    ($t:literal) => {
+        concat!(
+            $t,
+            ".unique_key IS NOT NULL AND (",
+            $t,
+            ".status = 'waiting' AND ",
+            $t,
+            ".unique_scope <> 'released' OR ",
+            $t,
+            ".status = 'running' AND ",
+            $t,
+            ".unique_scope = 'running')"
+        )
+    };
+}
+
+/// A task, and its key, that a statement of this module wrote or found.
+#[derive(QueryableByName, Debug)]
+pub(crate) struct Holder {
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+    #[diesel(sql_type = Text)]
+    pub unique_key: String,
+    #[diesel(sql_type = Bool)]
+    pub waiting: bool,
+}
+
+/// The columns of a batch of unique inserts, as arrays.
+struct Columns<'a> {
+    types: Vec<&'a str>,
+    parameters: Vec<&'a serde_json::Value>,
+    priorities: Vec<i32>,
+    run_ats: Vec<Option<DateTime<Utc>>>,
+    max_attempts: Vec<i32>,
+    delays_us: Vec<i64>,
+    queues: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    unique_keys: Vec<&'a str>,
+    scopes: Vec<&'a str>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(tasks: &[&'a TaskInsert<'a>]) -> Self {
+        Self {
+            types: tasks.iter().map(|t| t.task_type).collect(),
+            parameters: tasks.iter().map(|t| t.parameters).collect(),
+            priorities: tasks.iter().map(|t| t.priority).collect(),
+            run_ats: tasks.iter().map(|t| t.run_at).collect(),
+            max_attempts: tasks.iter().map(|t| t.max_attempts).collect(),
+            delays_us: tasks.iter().map(|t| t.delay_us).collect(),
+            queues: tasks.iter().map(|t| t.queue).collect(),
+            keys: tasks.iter().map(|t| t.key).collect(),
+            unique_keys: tasks.iter().map(|t| t.unique_key.unwrap_or_default()).collect(),
+            scopes: tasks.iter().map(|t| t.unique_scope).collect(),
+        }
+    }
+}
+
+/// Replaces, in the waiting tasks that hold the keys, the parameters and priority, and
+/// the due time where `replace_due` says so (a debounce); wakes the instances when one
+/// became due, or arms their timers. Locks the waiting holders' rows only (a claim
+/// holding one makes it wait, then finds it running and leaves it). Returns the
+/// replaced tasks.
+pub(crate) fn replace_waiting(
+    conn: &mut PgConnection,
+    tasks: &[&TaskInsert<'_>],
+    replace_due: &[bool],
+) -> QueryResult<Vec<Holder>> {
+    let c = Columns::of(tasks);
+    diesel::sql_query(
+        "WITH replaced AS (
+             UPDATE tasks t
+             SET task_parameters = d.p, priority = d.pr,
+                 run_at = CASE WHEN d.due THEN COALESCE(d.r, now() + d.d * interval '1 microsecond')
+                               ELSE t.run_at END,
+                 updated_at = now()
+             FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::bigint[], $6::bool[])
+                  AS d(k, p, pr, r, d, due)
+             WHERE t.unique_key = ANY($1) AND t.unique_key = d.k AND t.status = 'waiting'
+               AND t.unique_scope <> 'released'
+             RETURNING t.id, t.unique_key, t.run_at
+         ), notified AS (
+             SELECT pg_notify(task_engine_channel(), json_build_object(
+                        'ready', count(*) FILTER (WHERE run_at <= now()),
+                        'next_in', extract(epoch FROM min(run_at) FILTER (WHERE run_at > now()) - now())
+                    )::text)
+             FROM replaced HAVING count(*) > 0
+         )
+         SELECT id, unique_key, true AS waiting FROM replaced
+         WHERE (SELECT count(*) FROM notified) >= 0",
+    )
+    .bind::<Array<Text>, _>(c.unique_keys)
+    .bind::<Array<Jsonb>, _>(c.parameters)
+    .bind::<Array<Integer>, _>(c.priorities)
+    .bind::<Array<Nullable<Timestamptz>>, _>(c.run_ats)
+    .bind::<Array<BigInt>, _>(c.delays_us)
+    .bind::<Array<Bool>, _>(replace_due)
+    .load(conn)
+}
+
+/// Inserts the tasks whose key no task holds, and skips the others (`ON CONFLICT DO
+/// NOTHING`: no lock on the holder). Waits for a transaction that inserted one of the
+/// keys and has not ended. Takes no lock beyond the new rows; the insert trigger may
+/// notify. Returns the inserted tasks.
+pub(crate) fn insert_free(conn: &mut PgConnection, tasks: &[&TaskInsert<'_>]) -> QueryResult<Vec<Holder>> {
+    let c = Columns::of(tasks);
+    diesel::sql_query(concat!(
+        "INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts, queue, fair_key,
+                            unique_key, unique_scope)
+         SELECT c, p, pr, COALESCE(r, now() + d * interval '1 microsecond'), m, q, k, u, s
+         FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::int[], $6::bigint[],
+                     $7::text[], $8::text[], $9::text[], $10::text[])
+              WITH ORDINALITY AS n(c, p, pr, r, m, d, q, k, u, s, ord)
+         ORDER BY ord
+         ON CONFLICT (unique_key) WHERE ",
+        holds_key!("tasks"),
+        " DO NOTHING
+         RETURNING id, unique_key, true AS waiting"
+    ))
+    .bind::<Array<Text>, _>(c.types)
+    .bind::<Array<Jsonb>, _>(c.parameters)
+    .bind::<Array<Integer>, _>(c.priorities)
+    .bind::<Array<Nullable<Timestamptz>>, _>(c.run_ats)
+    .bind::<Array<Integer>, _>(c.max_attempts)
+    .bind::<Array<BigInt>, _>(c.delays_us)
+    .bind::<Array<Text>, _>(c.queues)
+    .bind::<Array<Text>, _>(c.keys)
+    .bind::<Array<Text>, _>(c.unique_keys)
+    .bind::<Array<Text>, _>(c.scopes)
+    .load(conn)
+}
+
+/// The tasks that hold `keys` now, waiting or running. Reads, locks nothing.
+pub(crate) fn holders(conn: &mut PgConnection, keys: &[&str]) -> QueryResult<Vec<Holder>> {
+    diesel::sql_query(concat!(
+        "SELECT id, unique_key, status = 'waiting' AS waiting FROM tasks t
+         WHERE t.unique_key = ANY($1) AND ",
+        holds_key!("t")
+    ))
+    .bind::<Array<Text>, _>(keys)
+    .load(conn)
+}
