@@ -134,6 +134,14 @@ pub fn print_task(conn: &mut PgConnection, id: i64) -> anyhow::Result<()> {
     if let Some(percent) = task.progress {
         outln!("  progress     {percent}% {}", plain(task.progress_message.as_deref().unwrap_or("")));
     }
+    if let Some(key) = &task.unique_key {
+        let scope = match task.unique_scope.as_str() {
+            "running" => "held while waiting or running",
+            "released" => "let go (it went back to waiting after a run, or was retried)",
+            _ => "held while waiting",
+        };
+        outln!("  unique key   {} ({scope})", plain(key));
+    }
     if let Some(checkpoint) = &task.checkpoint {
         outln!("  checkpoint   {}", plain(checkpoint));
     }

@@ -127,6 +127,8 @@ fn engine_enqueue_with_a_unique_key_prints_the_holders_id_and_replaces_its_param
         tasks::table.find(first).select(tasks::task_parameters).first(&mut db.connect()).unwrap();
     assert_eq!(params, serde_json::json!({"v": 3}));
     assert_eq!(task_count(&db), 1);
+    let shown = text(&engine(&db, &["status", "--task", &first.to_string()]).stdout);
+    assert!(shown.contains("unique key   nightly (held while waiting)"), "{shown}");
 }
 
 #[test]

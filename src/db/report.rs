@@ -140,6 +140,11 @@ pub struct TaskShown {
     pub progress_message: Option<String>,
     #[diesel(sql_type = Nullable<Text>)]
     pub checkpoint: Option<String>,
+    /// `unique_key` and `unique_scope`.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub unique_key: Option<String>,
+    #[diesel(sql_type = Text)]
+    pub unique_scope: String,
 }
 
 /// Returns a task as text with every execution of it, oldest first; `None` if there is
@@ -149,7 +154,7 @@ pub fn task_shown(conn: &mut PgConnection, id: i64) -> Result<Option<(TaskShown,
         "SELECT id, task_class, task_parameters::text AS task_parameters, status, instance, priority,
                 run_at::text AS run_at, attempts, max_attempts, cancel_requested_at::text AS cancel_requested_at,
                 created_at::text AS created_at, updated_at::text AS updated_at,
-                progress, progress_message, checkpoint::text AS checkpoint
+                progress, progress_message, checkpoint::text AS checkpoint, unique_key, unique_scope
          FROM tasks WHERE id = $1",
     )
     .bind::<BigInt, _>(id)

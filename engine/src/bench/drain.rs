@@ -63,6 +63,8 @@ pub(super) struct Options {
     pub limit: Option<u32>,
     /// How long each task sleeps (0: a no-op).
     pub task_ms: u64,
+    /// Every task has a unique key of its own.
+    pub unique: bool,
 }
 
 pub(super) fn run(db: &Database, registry: &Registry, options: &Options) -> anyhow::Result<()> {
@@ -101,7 +103,7 @@ pub(super) fn drain_once(
     mode: Mode,
     run: usize,
 ) -> anyhow::Result<Drained> {
-    let Options { tasks, instances, workers, scenario, buffer, keys, limit, task_ms, .. } = *options;
+    let Options { tasks, instances, workers, scenario, buffer, keys, limit, task_ms, unique, .. } = *options;
     let url = fresh_schema(db)?;
     let mut conn = PgConnection::establish(&url)?;
     if limit.is_some() {
@@ -136,11 +138,14 @@ pub(super) fn drain_once(
     let before = meter.read(&mut conn)?;
     let task = || if task_ms == 0 { NewTask::new(&Noop {}) } else { NewTask::new(&Nap { ms: task_ms }) };
     let insert = |conn: &mut PgConnection| -> anyhow::Result<()> {
-        if keys == 0 {
+        if keys == 0 && !unique {
             task()?.insert_copies(conn, tasks)?;
         } else {
             let batch: Vec<NewTask> = (0..tasks)
-                .map(|i| Ok(task()?.key(format!("key{}", i % keys))))
+                .map(|i| {
+                    let task = if keys == 0 { task()? } else { task()?.key(format!("key{}", i % keys)) };
+                    Ok(if unique { task.unique_key(format!("u{i}")) } else { task })
+                })
                 .collect::<Result<_, task_engine::Error>>()?;
             task_engine::enqueue_many(conn, &batch)?;
         }
@@ -191,7 +196,7 @@ pub(super) fn drain_once(
     let shape = match (keys, limit, task_ms) {
         (0, None, 0) => String::new(),
         (keys, limit, ms) => format!(", {keys} keys, limit {limit:?}, tasks of {ms} ms"),
-    };
+    } + if unique { ", a unique key each" } else { "" };
     println!(
         "drain ({scenario:?}, {}{shape}), run {run}: {tasks} tasks, {instances} x {workers} workers: {rate:.0} tasks/s \
          ({secs:.3} s; {:.0} tasks/s from the insert's start); last tenth / first {last_over_first:.2}; {} claims, {} \
@@ -224,6 +229,7 @@ pub(super) fn drain_once(
         "keys": keys,
         "limit": limit,
         "task_ms": task_ms,
+        "unique": unique,
     });
     json.as_object_mut().expect("an object").extend(cost.json("engine").as_object().expect("an object").clone());
     println!("{json}");

@@ -36,13 +36,27 @@ pub(super) fn run(
     let started = Instant::now();
     task_engine::enqueue_many(&mut conn, &batch)?;
     let many = f64::from(bulk) / started.elapsed().as_secs_f64();
+    // The same with a unique key each: new keys, then the same keys again (each held).
+    let unique: Vec<NewTask> =
+        (0..bulk).map(|i| Ok(NewTask::new(&Noop {})?.unique_key(format!("u{i}")))).collect::<anyhow::Result<_>>()?;
+    let started = Instant::now();
+    task_engine::enqueue_many(&mut conn, &unique)?;
+    let unique_new = f64::from(bulk) / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    task_engine::enqueue_many(&mut conn, &unique)?;
+    let unique_held = f64::from(bulk) / started.elapsed().as_secs_f64();
     drop_schema(db)?;
     println!(
         "enqueue, bulk of {bulk}: insert_copies (--count) {copies:.0} tasks/s ({copies_cost}), enqueue_many (arrays) \
-         {many:.0} tasks/s"
+         {many:.0} tasks/s; with a unique key each {unique_new:.0} tasks/s ({:.2}x), the same keys again (kept) \
+         {unique_held:.0} tasks/s ({:.2}x)",
+        unique_new / many,
+        unique_held / many
     );
     let mut json = serde_json::json!({"bench": "enqueue_bulk", "tasks": bulk, "copies_tasks_per_s": copies.round(),
-                                      "enqueue_many_tasks_per_s": many.round()});
+                                      "enqueue_many_tasks_per_s": many.round(),
+                                      "unique_new_tasks_per_s": unique_new.round(),
+                                      "unique_held_tasks_per_s": unique_held.round()});
     json.as_object_mut().expect("an object").extend(copies_cost.json("client").as_object().expect("an object").clone());
     println!("{json}");
 

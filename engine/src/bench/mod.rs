@@ -140,6 +140,9 @@ pub struct DrainArgs {
     /// many run, every 5 ms).
     #[arg(long)]
     limit: Option<u32>,
+    /// Give every task a unique key of its own.
+    #[arg(long)]
+    unique: bool,
 }
 
 impl DrainArgs {
@@ -154,6 +157,7 @@ impl DrainArgs {
             keys: self.keys,
             limit: self.limit,
             task_ms: self.task_ms,
+            unique: self.unique,
             batched_only: true,
         }
     }
