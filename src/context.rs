@@ -27,6 +27,8 @@ pub struct TaskContext {
     pub(crate) worker: usize,
     /// Set when an operator cancels this task.
     pub(crate) cancelled: Arc<AtomicBool>,
+    /// Set by the watchdog when the attempt passes its time limit.
+    pub(crate) timed_out: Arc<AtomicBool>,
     pub(crate) instance: Arc<InstanceHandle>,
     /// What the task said of itself and the database has not seen yet.
     pub(crate) reported: Mutex<Reported>,
@@ -79,13 +81,19 @@ impl TaskContext {
         self.worker
     }
 
-    /// Tells whether the task should stop early: its instance is shutting down, or an
-    /// operator cancelled it (`engine cancel`). A long task checks it between steps and
-    /// returns; tasks that ignore it are waited for. A task that returns an error
-    /// because of a shutdown is retried later; a cancelled task ends `cancelled`
-    /// whatever it returns.
+    /// Tells whether the task should stop early: its instance is shutting down, an
+    /// operator cancelled it (`engine cancel`), or it passed its time limit
+    /// ([`crate::Task::TIMEOUT`]). A long task checks it between steps and returns;
+    /// tasks that ignore it are waited for (under a time limit, for a grace only). A
+    /// task that returns an error because of a shutdown or its time limit is retried
+    /// later; a cancelled task ends `cancelled` whatever it returns.
     pub fn stop_requested(&self) -> bool {
-        self.instance.stopping.load(Ordering::Relaxed) || self.cancel_requested()
+        self.instance.stopping.load(Ordering::Relaxed) || self.cancel_requested() || self.timed_out()
+    }
+
+    /// Tells whether the attempt has passed its time limit.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::Relaxed)
     }
 
     /// Tells whether an operator cancelled this task while it runs.

@@ -64,6 +64,7 @@ pub struct NewTask {
     unique_key: Option<String>,
     unique_while_running: bool,
     on_conflict: OnConflict,
+    timeout: Option<Duration>,
 }
 
 /// What inserting a task with a unique key does when another task holds the key
@@ -136,6 +137,7 @@ impl NewTask {
             unique_key: None,
             unique_while_running: false,
             on_conflict: OnConflict::Keep,
+            timeout: None,
         }
     }
 
@@ -174,6 +176,13 @@ impl NewTask {
     /// one key run at once. Default: none (`""`).
     pub fn key(mut self, key: impl Into<String>) -> Self {
         self.key = key.into();
+        self
+    }
+
+    /// Limits how long each attempt may run, overriding the type's
+    /// [`Task::TIMEOUT`]: 1 ms to 24 days (see the README's "Timeouts").
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
         self
     }
 
@@ -221,6 +230,7 @@ impl NewTask {
             key: &self.key,
             unique_key: self.unique_key.as_deref(),
             unique_scope: if self.unique_while_running { "running" } else { "waiting" },
+            timeout_ms: self.timeout.map(|t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX)),
         }
     }
 
@@ -235,6 +245,14 @@ impl NewTask {
                 "the queue of a task of type `{}` must be 1 to 200 bytes without NUL, not {:?}",
                 self.task_type, self.queue
             )));
+        }
+        if let Some(timeout) = self.timeout {
+            if timeout < Duration::from_millis(1) || timeout.as_millis() > i32::MAX as u128 {
+                return Err(Error::InvalidValue(format!(
+                    "the timeout of a task of type `{}` must be 1 ms to 24 days, not {timeout:?}",
+                    self.task_type
+                )));
+            }
         }
         if let Some(unique_key) = &self.unique_key {
             if unique_key.is_empty() || unique_key.len() > 1000 || unique_key.contains('\0') {

@@ -17,6 +17,7 @@ pub struct TaskEntry {
     rust_type: &'static str,
     max_attempts: i32,
     queue: &'static str,
+    timeout: Option<Duration>,
     retry_delay: fn(i32) -> Duration,
     check: fn(&serde_json::Value) -> Result<(), serde_json::Error>,
     run: fn(&str, &TaskContext) -> Result<serde_json::Value, RunFailure>,
@@ -33,6 +34,7 @@ impl TaskEntry {
             rust_type,
             max_attempts: T::MAX_ATTEMPTS,
             queue: T::QUEUE,
+            timeout: T::TIMEOUT,
             retry_delay: T::retry_delay,
             check: check_parameters::<T>,
             run: run_erased::<T>,
@@ -57,6 +59,11 @@ impl TaskEntry {
     /// Returns the queue its tasks go to unless their enqueue says otherwise.
     pub fn queue(&self) -> &'static str {
         self.queue
+    }
+
+    /// Returns the type's time limit for an attempt, if any.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
     }
 
     /// Returns the wait before the attempt after failed attempt `attempt`.

@@ -11,6 +11,7 @@ use crate::context::InstanceHandle;
 use crate::db::connect::{connection_pool, redact_url, PgPool};
 use crate::db::migrate;
 use crate::error::Error;
+use crate::instance::crew::{Crew, Recipe};
 use crate::instance::handoff::Handoff;
 use crate::instance::heartbeat::{self, Alive, Heartbeat};
 use crate::instance::in_flight::InFlight;
@@ -18,7 +19,8 @@ use crate::instance::lanes::{Lane, Lanes};
 use crate::instance::listener::{self, Listener};
 use crate::instance::scheduler::{self, Timer};
 use crate::instance::shutdown::Shutdown;
-use crate::instance::{completer, producer, vacuum, worker};
+use crate::instance::watchdog::Watchdog;
+use crate::instance::{completer, producer, vacuum};
 use crate::registry::Registry;
 use crate::task::DEFAULT_QUEUE;
 
@@ -90,6 +92,9 @@ pub struct EngineStats {
     /// Whether the instance's last sound heartbeat is recent enough (less than half a
     /// lease old) for it to claim.
     pub heartbeat_current: bool,
+    /// Workers abandoned, each replaced by a new one: their task passed its time limit
+    /// and its grace without returning.
+    pub abandoned_workers: u64,
 }
 
 /// Configures and starts an engine instance.
@@ -117,6 +122,7 @@ pub struct Runner {
     flush_delay: Duration,
     max_claim: usize,
     max_completion_batch: usize,
+    timeout_grace: Duration,
 }
 
 impl Runner {
@@ -149,6 +155,9 @@ impl Runner {
     /// The range of leases: heartbeats go six times per lease, and a day is the most a
     /// dead instance's tasks should wait for their rescue.
     pub const LEASES: std::ops::RangeInclusive<Duration> = Duration::from_secs(1)..=Duration::from_secs(86_400);
+    /// How long a task past its time limit has to return, unless
+    /// [`Runner::timeout_grace`] says otherwise.
+    pub const DEFAULT_TIMEOUT_GRACE: Duration = Duration::from_secs(10);
 
     /// Starts configuring an instance that runs the registry's task types on the
     /// database at `database_url`.
@@ -167,7 +176,16 @@ impl Runner {
             flush_delay: Self::DEFAULT_FLUSH_DELAY,
             max_claim: usize::MAX,
             max_completion_batch: completer::DEFAULT_MAX_BATCH,
+            timeout_grace: Self::DEFAULT_TIMEOUT_GRACE,
         }
+    }
+
+    /// How long a task past its time limit ([`crate::Task::TIMEOUT`]) has to return,
+    /// once asked to stop, before its worker is abandoned and replaced (default
+    /// [`Runner::DEFAULT_TIMEOUT_GRACE`]; at most a day).
+    pub fn timeout_grace(mut self, grace: Duration) -> Self {
+        self.timeout_grace = grace;
+        self
     }
 
     /// Caps the tasks one claim statement asks for (default: no cap beyond the room
@@ -309,6 +327,9 @@ impl Runner {
         if self.max_claim == 0 {
             return refuse("max_claim", "0: at least 1".into());
         }
+        if self.timeout_grace > Duration::from_secs(86_400) {
+            return refuse("timeout_grace", format!("{:?}: at most 1 day", self.timeout_grace));
+        }
         if self.max_completion_batch == 0 {
             return refuse("max_completion_batch", "0: at least 1".into());
         }
@@ -442,19 +463,25 @@ impl Runner {
         };
         threads.push(("completer".into(), Group::Completer, Box::new(move || completer::run(input))));
         let context = Arc::new(InstanceHandle { name: instance.clone(), stopping: shutdown.flag(), pool });
+        let watchdog = Arc::new(Watchdog::default());
+        threads.push(("watchdog".into(), Group::Others, {
+            let watchdog = Arc::clone(&watchdog);
+            Box::new(move || watchdog.run())
+        }));
         let mut outboxes = outboxes.into_iter().enumerate();
         let named = lanes.iter().count() > 1;
+        let mut hires = Vec::new();
         for lane in lanes.iter() {
+            let recipe = Arc::new(Recipe {
+                handoff: Arc::clone(&lane.handoff),
+                registry: self.registry.clone(),
+                instance: Arc::clone(&context),
+                in_flight: Arc::clone(&in_flight),
+                watchdog: Arc::clone(&watchdog),
+                grace: self.timeout_grace,
+            });
             for (index, outbox) in outboxes.by_ref().take(lane.handoff.capacity()) {
-                let input = worker::Input {
-                    index,
-                    handoff: Arc::clone(&lane.handoff),
-                    registry: self.registry.clone(),
-                    outbox,
-                    instance: Arc::clone(&context),
-                    in_flight: Arc::clone(&in_flight),
-                };
-                threads.push((format!("worker-{index}"), Group::Workers, Box::new(move || worker::run(input))));
+                hires.push((Arc::clone(&recipe), index, outbox));
             }
         }
         // The producers last, once there are workers to hand tasks to.
@@ -477,11 +504,33 @@ impl Runner {
             threads.push((name, Group::Producer, Box::new(move || producer::run(input))));
         }
 
-        let mut engine =
-            RunningEngine { instance, shutdown, retired, alive, lanes, in_flight, stats, threads: Threads::default() };
-        let mut pending = threads.into_iter();
-        while let Some((name, group, body)) = pending.next() {
-            if let Err(source) = engine.threads.spawn(&name, group, body) {
+        let mut engine = RunningEngine {
+            instance,
+            shutdown,
+            retired,
+            alive,
+            lanes,
+            in_flight,
+            stats,
+            crew: Arc::new(Crew::default()),
+            watchdog,
+            threads: Threads::default(),
+        };
+        // The workers start after the others, before the producers.
+        let producers_from = threads.iter().position(|(_, group, _)| matches!(group, Group::Producer));
+        let producers = threads.split_off(producers_from.unwrap_or(threads.len()));
+        let thread = |(name, group, body)| Start::Thread(name, group, body);
+        let mut pending =
+            threads.into_iter().map(thread).chain([Start::Workers(hires)]).chain(producers.into_iter().map(thread));
+        while let Some(start) = pending.next() {
+            let started = match start {
+                Start::Thread(name, group, body) => engine.threads.spawn(&name, group, body).map_err(|e| (name, e)),
+                Start::Workers(hires) => hires
+                    .into_iter()
+                    .try_for_each(|(recipe, index, outbox)| engine.crew.hire(&recipe, index, outbox))
+                    .map_err(|e| ("a worker".to_owned(), e)),
+            };
+            if let Err((name, source)) = started {
                 // What has not started goes first (a worker's outbox keeps the
                 // completer waiting), then the rest stops as usual.
                 drop(pending);
@@ -496,6 +545,12 @@ impl Runner {
 /// What a thread of the instance runs.
 type Body = Box<dyn FnOnce() + Send>;
 
+/// What [`Runner::start`] starts, in order: a thread, or the workers.
+enum Start {
+    Thread(String, Group, Body),
+    Workers(Vec<(Arc<Recipe>, usize, completer::Outbox)>),
+}
+
 /// A running engine instance. Dropping it does not stop it: call
 /// [`RunningEngine::shutdown`] (or [`StopHandle::stop`] then [`RunningEngine::join`]).
 pub struct RunningEngine {
@@ -508,6 +563,10 @@ pub struct RunningEngine {
     /// The tasks claimed here and not yet recorded, for the stop's message.
     in_flight: Arc<InFlight>,
     stats: Stats,
+    /// The workers, waited for at the stop (all but the abandoned).
+    crew: Arc<Crew>,
+    /// Stopped once the workers have ended.
+    watchdog: Arc<Watchdog>,
     threads: Threads,
 }
 
@@ -521,11 +580,10 @@ struct Stats {
     vacuum: Arc<vacuum::Stats>,
 }
 
-/// An instance's threads, by the order they end in.
+/// An instance's threads but the workers ([`Crew`]), by the order they end in.
 #[derive(Default)]
 struct Threads {
     producer: Vec<JoinHandle<()>>,
-    workers: Vec<JoinHandle<()>>,
     completer: Vec<JoinHandle<()>>,
     others: Vec<JoinHandle<()>>,
     heartbeat: Vec<JoinHandle<()>>,
@@ -534,7 +592,6 @@ struct Threads {
 #[derive(Clone, Copy)]
 enum Group {
     Producer,
-    Workers,
     Completer,
     Others,
     Heartbeat,
@@ -545,7 +602,6 @@ impl Threads {
         let handle = std::thread::Builder::new().name(name.to_owned()).spawn(body)?;
         match group {
             Group::Producer => self.producer.push(handle),
-            Group::Workers => self.workers.push(handle),
             Group::Completer => self.completer.push(handle),
             Group::Others => self.others.push(handle),
             Group::Heartbeat => self.heartbeat.push(handle),
@@ -587,6 +643,7 @@ impl RunningEngine {
             given_back: read(&producer.given_back),
             paused_claims: read(&producer.paused_claims),
             heartbeat_current: self.alive.may_claim(std::time::Instant::now()),
+            abandoned_workers: self.crew.abandoned.load(Ordering::SeqCst),
         }
     }
 
@@ -623,10 +680,12 @@ impl RunningEngine {
 
     /// Joins the threads and reads the counters once they have all ended.
     fn stats_when_ended(&mut self) -> EngineStats {
-        let Threads { producer, workers, completer, others, heartbeat } = std::mem::take(&mut self.threads);
+        let Threads { producer, completer, others, heartbeat } = std::mem::take(&mut self.threads);
         join_all(producer);
-        join_all(workers);
+        // An abandoned worker is not waited for: its task may never return.
+        self.crew.join();
         join_all(completer);
+        self.watchdog.stop();
         join_all(others);
         // Every attempt is recorded: the instance can go.
         self.retired.stop();

@@ -29,6 +29,13 @@ pub trait Task: Serialize + DeserializeOwned + Send + 'static {
     /// told to ([`Runner::queue`](crate::Runner::queue)), each with its own workers.
     const QUEUE: &'static str = DEFAULT_QUEUE;
 
+    /// How long an attempt may run unless its enqueue says otherwise
+    /// ([`NewTask::timeout`](crate::NewTask::timeout)); `None` (the default): no limit.
+    /// At the limit, [`TaskContext::stop_requested`] turns true; an attempt that has not
+    /// returned a grace later ([`Runner::timeout_grace`](crate::Runner::timeout_grace))
+    /// is recorded as timed out and its worker replaced (see the README's "Timeouts").
+    const TIMEOUT: Option<Duration> = None;
+
     /// What a successful run returns.
     type Output: Serialize;
 

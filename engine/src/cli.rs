@@ -173,6 +173,9 @@ pub enum Command {
         /// replace its parameters and due time (a debounce), or its parameters only.
         #[arg(long, requires = "unique_key", value_enum, default_value_t = Conflict::Keep)]
         on_conflict: Conflict,
+        /// Each attempt's time limit (30s, 5m), overriding the type's.
+        #[arg(long, value_parser = duration::parse)]
+        timeout: Option<Duration>,
     },
     /// Lists queues, pauses and resumes one, sets its limits (taking effect at every
     /// instance's next claim).
@@ -240,6 +243,10 @@ pub enum Command {
         /// rate); one more comes at the stop.
         #[arg(long, env = "TASK_ENGINE_SUMMARY_EVERY", value_parser = summary_every, default_value = "1m")]
         summary_every: Duration,
+        /// How long a task past its time limit has, once asked to stop, before its
+        /// worker is abandoned (recorded as timed out) and replaced.
+        #[arg(long, env = "TASK_ENGINE_TIMEOUT_GRACE", value_parser = timeout_grace, default_value = "10s")]
+        timeout_grace: Duration,
     },
     /// Shows tasks by type and status and the latest executions, or one task's history.
     Status {
@@ -354,6 +361,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             unique_key,
             unique_while_running,
             on_conflict,
+            timeout,
         } => {
             // Check everything before touching the database: bad input inserts nothing.
             let parameters: serde_json::Value =
@@ -373,6 +381,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(key) = key {
                 task = task.key(key);
+            }
+            if let Some(timeout) = timeout {
+                task = task.timeout(timeout);
             }
             if let Some(unique_key) = unique_key {
                 task = task.unique_key(unique_key).on_conflict(on_conflict.into());
@@ -422,6 +433,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             claim_buffer,
             max_queue_wait,
             summary_every,
+            timeout_grace,
         } => {
             let workers = usize::from(workers);
             let all_workers = if queues.is_empty() { workers } else { queues.iter().map(|(_, w)| *w).sum() };
@@ -436,6 +448,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 .lease(lease)
                 .claim_buffer(claim_buffer.saturating_mul(all_workers))
                 .max_queue_wait(max_queue_wait)
+                .timeout_grace(timeout_grace)
                 .start()?;
             let (stopped, stop_heard) = std::sync::mpsc::channel();
             stop_on_signals(engine.stop_handle(), stopped)?;
@@ -619,6 +632,15 @@ fn max_queue_wait(text: &str) -> Result<Duration, String> {
         return Err(format!("the wait for a worker must be at least {:?}", Runner::MIN_MAX_QUEUE_WAIT));
     }
     Ok(wait)
+}
+
+/// `--timeout-grace`: at most a day.
+fn timeout_grace(text: &str) -> Result<Duration, String> {
+    let grace = duration::parse(text)?;
+    if grace > Duration::from_secs(86_400) {
+        return Err("the grace must be at most 1d".into());
+    }
+    Ok(grace)
 }
 
 /// `--lease`: from a second (heartbeats go six times per lease) to a day.

@@ -42,6 +42,8 @@ pub struct Task {
     /// While when it holds its key: `waiting`, `running` (waiting or running), or
     /// `released` (it went back to waiting after a run, or was retried by hand).
     pub unique_scope: String,
+    /// Its own time limit in milliseconds (`NewTask::timeout`); `None`: its type's.
+    pub timeout_ms: Option<i32>,
 }
 
 /// One attempt at running a task, written when it ends (`stopped_at`, and a result or

@@ -64,6 +64,7 @@ diesel::table! {
         checkpoint -> Nullable<Jsonb>,
         unique_key -> Nullable<Text>,
         unique_scope -> Text,
+        timeout_ms -> Nullable<Int4>,
     }
 }
 

@@ -39,6 +39,8 @@ pub(crate) struct ClaimedTask {
     /// Claimed under its queue's limit: its end frees a place, which the instances
     /// waiting for one must hear of.
     pub limited: bool,
+    /// Its own time limit (`tasks.timeout_ms`); `None`: its type's, if any.
+    pub timeout: Option<Duration>,
 }
 
 /// The levels of waiting tasks of the types `$types` in the queues `$queues`: one row per
@@ -150,7 +152,7 @@ macro_rules! claim_in_order {
          UPDATE tasks t
          SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
          WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked))
-         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key
+         RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key, t.timeout_ms
      ), numbered AS (
          SELECT c.*, nextval('task_executions_id_seq') AS execution_id
          FROM (SELECT claimed.*, k.ord FROM claimed JOIN candidates k ON k.id = claimed.id ORDER BY k.ord) c
@@ -170,7 +172,7 @@ macro_rules! claim_result {
          FROM task_engine_queues s WHERE s.name = ANY($5)
      )
      SELECT c.id, c.task_class, c.task_parameters::text AS task_parameters, c.attempts AS attempt,
-            c.max_attempts, c.fair_key, c.execution_id, now() AS claimed_at, w.seen AS candidates,
+            c.max_attempts, c.fair_key, c.timeout_ms, c.execution_id, now() AS claimed_at, w.seen AS candidates,
             coalesce(s.limited, false) AS limited, (SELECT n FROM room) AS room,
             ",
             $levels_cut,
@@ -224,7 +226,7 @@ const CLAIM: &str = concat!(
          SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
          WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked))
          RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key, t.priority,
-                   t.run_at
+                   t.run_at, t.timeout_ms
      ), numbered AS (
          -- Execution ids in claim order.
          SELECT c.*, nextval('task_executions_id_seq') AS execution_id
@@ -505,6 +507,8 @@ fn run_claim(
         max_attempts: Option<i32>,
         #[diesel(sql_type = Nullable<Text>)]
         fair_key: Option<String>,
+        #[diesel(sql_type = Nullable<Integer>)]
+        timeout_ms: Option<i32>,
         #[diesel(sql_type = Nullable<BigInt>)]
         execution_id: Option<i64>,
         #[diesel(sql_type = Timestamptz)]
@@ -559,6 +563,7 @@ fn run_claim(
                 execution_id: r.execution_id?,
                 claimed_at: r.claimed_at,
                 limited: locked && limited,
+                timeout: r.timeout_ms.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(1))),
             })
         })
         .collect();
@@ -806,6 +811,77 @@ pub(crate) fn release(conn: &mut PgConnection, instance: &str, claimed: &[Claime
     Ok(usize::try_from(released.n).unwrap_or(0))
 }
 
+/// Records an attempt that passed its time limit and grace without returning (its
+/// worker abandoned): writes its execution, with `completion`'s error, if `instance`
+/// still runs that attempt and it has none yet. The task stays `running` here: it must
+/// not run again while the abandoned thread may still run it. Locks nothing (it reads
+/// the task's row; the execution's id, taken at the claim, makes a second write a
+/// no-op).
+pub(crate) fn record_timed_out(conn: &mut PgConnection, instance: &str, completion: &Completion) -> QueryResult<bool> {
+    let error = match &completion.outcome {
+        Outcome::Failed(error) | Outcome::Retry { error, .. } => error.as_str(),
+        _ => "timed out",
+    };
+    let written = diesel::sql_query(
+        "INSERT INTO task_executions (id, task_id, attempt, started_at, stopped_at, error, instance, worker)
+         SELECT $1, t.id, t.attempts, $4 + $5 * interval '1 microsecond', now(), $6, t.instance, $7
+         FROM tasks t
+         WHERE t.id = $2 AND t.attempts = $3 AND t.status = 'running' AND t.instance = $8
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind::<BigInt, _>(completion.execution_id)
+    .bind::<BigInt, _>(completion.task_id)
+    .bind::<Integer, _>(completion.attempt)
+    .bind::<Timestamptz, _>(completion.claimed_at)
+    .bind::<BigInt, _>(micros(completion.queued))
+    .bind::<Text, _>(error)
+    .bind::<Integer, _>(completion.worker)
+    .bind::<Text, _>(instance)
+    .execute(conn)?;
+    Ok(written == 1)
+}
+
+/// Moves on a task whose abandoned attempt ([`record_timed_out`]) has returned at
+/// last: back to waiting after `retry` (a newer task may hold a key it held while
+/// waiting), `failed` without one, `cancelled` if an operator asked; writes the
+/// attempt's execution first if the watchdog could not. Notifies the engine's channel.
+/// In one transaction; locks the task's row.
+pub(crate) fn release_abandoned(
+    conn: &mut PgConnection,
+    instance: &str,
+    completion: &Completion,
+    retry: Option<Duration>,
+) -> QueryResult<()> {
+    conn.transaction(|conn| {
+        record_timed_out(conn, instance, completion)?;
+        diesel::sql_query(
+            "WITH moved AS (
+                 UPDATE tasks t
+                 SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                                   WHEN $4::bigint IS NULL THEN 'failed' ELSE 'waiting' END,
+                     run_at = CASE WHEN $4::bigint IS NULL THEN t.run_at
+                                   ELSE now() + $4 * interval '1 microsecond' END,
+                     unique_scope = CASE WHEN t.unique_key IS NOT NULL AND t.unique_scope = 'waiting'
+                                         THEN 'released' ELSE t.unique_scope END,
+                     updated_at = now()
+                 WHERE t.id = $1 AND t.attempts = $2 AND t.status = 'running' AND t.instance = $3
+                 RETURNING t.status, t.run_at
+             )
+             SELECT pg_notify(task_engine_channel(), json_build_object(
+                        'ready', count(*),
+                        'next_in', extract(epoch FROM min(run_at) FILTER (WHERE status = 'waiting') - now())
+                    )::text)::text AS sent
+             FROM moved HAVING count(*) > 0",
+        )
+        .bind::<BigInt, _>(completion.task_id)
+        .bind::<Integer, _>(completion.attempt)
+        .bind::<Text, _>(instance)
+        .bind::<Nullable<BigInt>, _>(retry.map(micros))
+        .execute(conn)
+        .map(drop)
+    })
+}
+
 /// A task to insert: see [`crate::NewTask`].
 pub(crate) struct TaskInsert<'a> {
     pub task_type: &'a str,
@@ -823,6 +899,8 @@ pub(crate) struct TaskInsert<'a> {
     pub unique_key: Option<&'a str>,
     /// While when it holds its key: `waiting` or `running`.
     pub unique_scope: &'a str,
+    /// Its own time limit, in milliseconds (`None`: its type's).
+    pub timeout_ms: Option<i32>,
 }
 
 #[derive(QueryableByName)]
@@ -844,15 +922,17 @@ pub(crate) fn insert_tasks(conn: &mut PgConnection, tasks: &[TaskInsert<'_>]) ->
     let delays_us: Vec<i64> = tasks.iter().map(|t| t.delay_us).collect();
     let queues: Vec<&str> = tasks.iter().map(|t| t.queue).collect();
     let keys: Vec<&str> = tasks.iter().map(|t| t.key).collect();
+    let timeouts: Vec<Option<i32>> = tasks.iter().map(|t| t.timeout_ms).collect();
     // WITH ORDINALITY and the ORDER BY make the ids come back in input order.
     let rows: Vec<InsertedId> = Prepared(
         diesel::sql_query(
             "WITH inserted AS (
-             INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts, queue, fair_key)
-             SELECT c, p, pr, COALESCE(r, now() + d * interval '1 microsecond'), m, q, k
+             INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts, queue, fair_key,
+                                timeout_ms)
+             SELECT c, p, pr, COALESCE(r, now() + d * interval '1 microsecond'), m, q, k, tm
              FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::int[], $6::bigint[],
-                         $7::text[], $8::text[])
-                  WITH ORDINALITY AS n(c, p, pr, r, m, d, q, k, ord)
+                         $7::text[], $8::text[], $9::int[])
+                  WITH ORDINALITY AS n(c, p, pr, r, m, d, q, k, tm, ord)
              ORDER BY ord
              RETURNING id
          )
@@ -865,7 +945,8 @@ pub(crate) fn insert_tasks(conn: &mut PgConnection, tasks: &[TaskInsert<'_>]) ->
         .bind::<Array<Integer>, _>(max_attempts)
         .bind::<Array<BigInt>, _>(delays_us)
         .bind::<Array<Text>, _>(queues)
-        .bind::<Array<Text>, _>(keys),
+        .bind::<Array<Text>, _>(keys)
+        .bind::<Array<Nullable<Integer>>, _>(timeouts),
     )
     .load(conn)?;
     Ok(rows.into_iter().map(|r| r.id).collect())
@@ -876,8 +957,9 @@ pub(crate) fn insert_tasks(conn: &mut PgConnection, tasks: &[TaskInsert<'_>]) ->
 pub(crate) fn insert_copies(conn: &mut PgConnection, task: &TaskInsert<'_>, count: i64) -> QueryResult<Vec<i64>> {
     let rows: Vec<InsertedId> = diesel::sql_query(
         "WITH inserted AS (
-             INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts, queue, fair_key)
-             SELECT $1, $2, $3, COALESCE($4, now() + $7 * interval '1 microsecond'), $5, $8, $9
+             INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts, queue, fair_key,
+                                timeout_ms)
+             SELECT $1, $2, $3, COALESCE($4, now() + $7 * interval '1 microsecond'), $5, $8, $9, $10
              FROM generate_series(1, $6)
              RETURNING id
          )
@@ -892,6 +974,7 @@ pub(crate) fn insert_copies(conn: &mut PgConnection, task: &TaskInsert<'_>, coun
     .bind::<BigInt, _>(task.delay_us)
     .bind::<Text, _>(task.queue)
     .bind::<Text, _>(task.key)
+    .bind::<Nullable<Integer>, _>(task.timeout_ms)
     .load(conn)?;
     Ok(rows.into_iter().map(|r| r.id).collect())
 }
@@ -972,6 +1055,8 @@ macro_rules! rescue_statement {
                         l.instance, $6
                  FROM lost l
                  WHERE l.id NOT IN (SELECT task_id FROM closed)
+                   -- An attempt whose worker was abandoned past its time limit is recorded.
+                   AND NOT EXISTS (SELECT 1 FROM task_executions e WHERE e.task_id = l.id AND e.attempt = l.attempts)
              ), moved AS (
                  UPDATE tasks t
                  SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'

@@ -51,6 +51,7 @@ struct Columns<'a> {
     keys: Vec<&'a str>,
     unique_keys: Vec<&'a str>,
     scopes: Vec<&'a str>,
+    timeouts: Vec<Option<i32>>,
 }
 
 impl<'a> Columns<'a> {
@@ -66,6 +67,7 @@ impl<'a> Columns<'a> {
             keys: tasks.iter().map(|t| t.key).collect(),
             unique_keys: tasks.iter().map(|t| t.unique_key.unwrap_or_default()).collect(),
             scopes: tasks.iter().map(|t| t.unique_scope).collect(),
+            timeouts: tasks.iter().map(|t| t.timeout_ms).collect(),
         }
     }
 }
@@ -120,11 +122,11 @@ pub(crate) fn insert_free(conn: &mut PgConnection, tasks: &[&TaskInsert<'_>]) ->
     let c = Columns::of(tasks);
     diesel::sql_query(concat!(
         "INSERT INTO tasks (task_class, task_parameters, priority, run_at, max_attempts, queue, fair_key,
-                            unique_key, unique_scope)
-         SELECT c, p, pr, COALESCE(r, now() + d * interval '1 microsecond'), m, q, k, u, s
+                            unique_key, unique_scope, timeout_ms)
+         SELECT c, p, pr, COALESCE(r, now() + d * interval '1 microsecond'), m, q, k, u, s, tm
          FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::int[], $6::bigint[],
-                     $7::text[], $8::text[], $9::text[], $10::text[])
-              WITH ORDINALITY AS n(c, p, pr, r, m, d, q, k, u, s, ord)
+                     $7::text[], $8::text[], $9::text[], $10::text[], $11::int[])
+              WITH ORDINALITY AS n(c, p, pr, r, m, d, q, k, u, s, tm, ord)
          ORDER BY ord
          ON CONFLICT (unique_key) WHERE ",
         holds_key!("tasks"),
@@ -141,6 +143,7 @@ pub(crate) fn insert_free(conn: &mut PgConnection, tasks: &[&TaskInsert<'_>]) ->
     .bind::<Array<Text>, _>(c.keys)
     .bind::<Array<Text>, _>(c.unique_keys)
     .bind::<Array<Text>, _>(c.scopes)
+    .bind::<Array<Nullable<Integer>>, _>(c.timeouts)
     .load(conn)
 }
 

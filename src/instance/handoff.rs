@@ -322,6 +322,7 @@ mod tests {
             execution_id: id,
             claimed_at: chrono::Utc::now(),
             limited: false,
+            timeout: None,
         }
     }
 

@@ -4,7 +4,9 @@
 //! A task's way through the parts: its queue's [`producer`] claims it (for the idle
 //! workers of that queue and a buffer) and puts it in the queue's [`handoff`] (a lane
 //! each, [`lanes`]); a [`worker`] of that queue takes it, runs it and leaves its
-//! outcome with the [`completer`], which records outcomes in batches. The
+//! outcome with the [`completer`], which records outcomes in batches; the [`crew`]
+//! starts the workers, and the [`watchdog`] abandons one whose task ignores its time
+//! limit, for a new one in its place. The
 //! [`listener`] (notifications) and the [`scheduler`] (due times) tell the lanes when
 //! there is work; the [`heartbeat`] keeps the instance alive in the database and
 //! runs the [`rescue`] of lost attempts; the [`vacuum`] keeps claims fast. Shared
@@ -15,6 +17,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub(crate) mod backoff;
 pub(crate) mod completer;
+pub(crate) mod crew;
 pub(crate) mod handoff;
 pub(crate) mod heartbeat;
 pub(crate) mod in_flight;
@@ -25,6 +28,7 @@ pub(crate) mod rescue;
 pub(crate) mod scheduler;
 pub(crate) mod shutdown;
 pub(crate) mod vacuum;
+pub(crate) mod watchdog;
 pub(crate) mod worker;
 
 /// Locks a mutex of the instance. None of them is held across a task or a query, and

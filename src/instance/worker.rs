@@ -1,16 +1,22 @@
 //! A worker thread: takes a claimed task from the hand-off, runs it with panics
-//! contained, leaves its outcome with the completer, takes the next.
+//! contained, leaves its outcome with the completer, takes the next. Under a time
+//! limit, the watchdog may abandon it: its slot (and outbox) goes to a new worker, and
+//! when its task returns at last, it moves the task on itself and ends.
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::context::{InstanceHandle, TaskContext};
-use crate::db::tasks::{ClaimedTask, Completion, Outcome};
+use crate::db::tasks::{self, ClaimedTask, Completion, Outcome};
+use crate::error::Error;
 use crate::instance::completer::Outbox;
 use crate::instance::handoff::Handoff;
 use crate::instance::in_flight::InFlight;
+use crate::instance::lock;
+use crate::instance::watchdog::{Watch, Watchdog};
 use crate::registry::{Registry, RunFailure, TaskEntry};
 use crate::task::TaskError;
 
@@ -20,33 +26,123 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// What a worker needs.
 pub(crate) struct Input {
-    /// Its number in the instance (recorded on executions).
+    /// Its number in the instance (recorded on executions; a worker put in the place
+    /// of an abandoned one takes its number).
     pub index: usize,
     pub handoff: Arc<Handoff>,
     pub registry: Registry,
-    pub outbox: Outbox,
+    /// Its place in the instance, with its way to the completer.
+    pub slot: Arc<Slot>,
     /// What its tasks may see of the instance.
     pub instance: Arc<InstanceHandle>,
     /// Where its tasks' cancel flags are.
     pub in_flight: Arc<InFlight>,
+    pub watchdog: Arc<Watchdog>,
+    /// How long a task past its time limit has to return before it is abandoned.
+    pub grace: Duration,
+    /// Starts a worker in this one's place, with its outbox (called by the watchdog).
+    pub replace: Arc<dyn Fn(Outbox) + Send + Sync>,
 }
 
-/// Runs tasks until the instance stops.
+/// A worker's place: its outbox while it holds the place, and the attempt it runs.
+pub(crate) struct Slot(Mutex<SlotState>);
+
+struct SlotState {
+    /// Taken when the worker is abandoned, for the worker put in its place.
+    outbox: Option<Outbox>,
+    /// The execution id of the attempt running.
+    running: Option<i64>,
+}
+
+impl Slot {
+    pub(crate) fn new(outbox: Outbox) -> Self {
+        Self(Mutex::new(SlotState { outbox: Some(outbox), running: None }))
+    }
+
+    /// Whether the worker was abandoned (its place given to another).
+    pub(crate) fn abandoned(&self) -> bool {
+        lock(&self.0).outbox.is_none()
+    }
+
+    fn start(&self, execution_id: i64) {
+        lock(&self.0).running = Some(execution_id);
+    }
+
+    /// The attempt returned: hands its outcome to the completer, unless the worker was
+    /// abandoned meanwhile (then gives it back).
+    fn finish(&self, execution_id: i64, completion: Completion) -> Result<(), Completion> {
+        let mut state = lock(&self.0);
+        if state.running != Some(execution_id) {
+            return Err(completion);
+        }
+        state.running = None;
+        match &state.outbox {
+            Some(outbox) => {
+                outbox.submit(completion);
+                Ok(())
+            }
+            None => Err(completion),
+        }
+    }
+
+    /// Gives up on the attempt, if it still runs: returns the outbox for a new worker.
+    fn abandon(&self, execution_id: i64) -> Option<Outbox> {
+        let mut state = lock(&self.0);
+        if state.running != Some(execution_id) {
+            return None;
+        }
+        state.running = None;
+        state.outbox.take()
+    }
+}
+
+/// Runs tasks until the instance stops, or until it is abandoned and its task returns.
 pub(crate) fn run(input: Input) {
     while let Some((task, queued)) = input.handoff.next_task() {
-        let completion = execute(&input, task, queued);
+        let (id, execution_id, attempt, max) = (task.id, task.execution_id, task.attempt, task.max_attempts);
+        input.slot.start(execution_id);
+        let (completion, entry) = execute(&input, task, queued);
         let ran = completion.elapsed;
-        input.outbox.submit(completion);
+        if let Err(completion) = input.slot.finish(execution_id, completion) {
+            // Timed out: retried per its policy, whatever it returned.
+            let retry = (attempt < max).then(|| retry_delay(entry.as_ref(), attempt));
+            release_abandoned(&input, &completion, retry);
+            input.in_flight.forget([(id, execution_id)]);
+            log::warn!("worker {} (abandoned) ended: task {id} returned at last", input.index);
+            return;
+        }
         input.handoff.task_done(ran);
     }
     log::debug!("worker {} stopped", input.index);
 }
 
-fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
+/// The task of an abandoned worker returned: its attempt was recorded as timed out;
+/// the task is moved on as a timed-out attempt is, whatever it returned.
+fn release_abandoned(input: &Input, completion: &Completion, retry: Option<Duration>) {
+    let released = input.instance.pool.get().map_err(Error::from).and_then(|mut conn| {
+        tasks::release_abandoned(&mut conn, &input.instance.name, completion, retry).map_err(Error::from)
+    });
+    if let Err(error) = released {
+        log::error!(
+            "task {}: its abandoned attempt returned, but the task could not be moved on ({error}); the rescue will \
+             take it back once this instance has stopped",
+            completion.task_id
+        );
+    }
+}
+
+/// The outcome of an attempt that passed its time limit and its grace: a failure,
+/// retried per its policy.
+fn timed_out_message(timeout: Duration, grace: Duration) -> String {
+    format!("timed out after {timeout:?} (and a grace of {grace:?}): its worker was abandoned, its thread still ran")
+}
+
+fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> (Completion, Option<TaskEntry>) {
     log::debug!("task {} ({}) attempt {} starting", task.id, task.task_type, task.attempt);
     let mut started = Instant::now();
     let (ran, cancelled, entry, finished) = match input.registry.get(&task.task_type) {
         Ok(entry) => {
+            let timed_out = Arc::new(AtomicBool::new(false));
             let ctx = TaskContext {
                 task_id: task.id,
                 task_type: entry.name(),
@@ -54,10 +150,13 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
                 max_attempts: task.max_attempts,
                 worker: input.index,
                 cancelled: input.in_flight.cancel_flag(task.id),
+                timed_out: Arc::clone(&timed_out),
                 instance: Arc::clone(&input.instance),
                 reported: Default::default(),
             };
             started = Instant::now();
+            let timeout = task.timeout.or(entry.timeout());
+            let watch = timeout.map(|timeout| watch(input, &task, queued, timeout, started, &timed_out));
             let ran = if ctx.cancel_requested() {
                 // Cancelled while it waited for a worker: it never starts.
                 Err(RunFailure::Task(TaskError::permanent("cancelled before it started")))
@@ -66,6 +165,16 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
                     .unwrap_or_else(|panic| Err(RunFailure::Panic(panic_message(&*panic))))
             };
             let finished = Instant::now();
+            if let Some(token) = watch {
+                input.watchdog.unwatch(token);
+            }
+            let ran = match (ran, timeout) {
+                (Err(failure), Some(timeout)) if ctx.timed_out() => Err(RunFailure::Task(TaskError::new(format!(
+                    "timed out after {timeout:?}: {}",
+                    failure.into_message()
+                )))),
+                (ran, _) => ran,
+            };
             // What the task reported in its last second, before its outcome.
             if let Err(error) = ctx.write(&mut ctx.reported()) {
                 log::warn!(
@@ -74,13 +183,13 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
                     entry.name()
                 );
             }
-            (ran, ctx.cancel_requested(), Some(entry), finished)
+            (ran, ctx.cancel_requested(), Some(*entry), finished)
         }
         // Claims ask only for registered types; this is a registry changed under us.
         Err(error) => (Err(RunFailure::Parameters(error.to_string())), false, None, Instant::now()),
     };
     let elapsed = finished.duration_since(started);
-    Completion {
+    let completion = Completion {
         execution_id: task.execution_id,
         task_id: task.id,
         attempt: task.attempt,
@@ -88,9 +197,63 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> Completion {
         claimed_at: task.claimed_at,
         queued,
         elapsed,
-        outcome: outcome(&task, entry, ran, cancelled, elapsed),
+        outcome: outcome(&task, entry.as_ref(), ran, cancelled, elapsed),
         frees_a_place: task.limited,
-    }
+    };
+    (completion, entry)
+}
+
+/// Puts an attempt under the watchdog: asked to stop at `timeout`, abandoned a grace
+/// later. Abandoning records the attempt as timed out, frees the worker's place in
+/// the hand-off, and starts a worker in its place with its outbox.
+fn watch(
+    input: &Input,
+    task: &ClaimedTask,
+    queued: Duration,
+    timeout: Duration,
+    started: Instant,
+    timed_out: &Arc<AtomicBool>,
+) -> u64 {
+    let (slot, handoff, replace, instance) =
+        (Arc::clone(&input.slot), Arc::clone(&input.handoff), Arc::clone(&input.replace), Arc::clone(&input.instance));
+    let grace = input.grace;
+    let record = Completion {
+        execution_id: task.execution_id,
+        task_id: task.id,
+        attempt: task.attempt,
+        worker: i32::try_from(input.index).unwrap_or(i32::MAX),
+        claimed_at: task.claimed_at,
+        queued,
+        elapsed: timeout + grace,
+        outcome: Outcome::Failed(timed_out_message(timeout, grace)),
+        frees_a_place: task.limited,
+    };
+    let (id, index) = (task.id, input.index);
+    input.watchdog.watch(Watch {
+        task_id: task.id,
+        deadline: started + timeout,
+        grace,
+        stop: Arc::clone(timed_out),
+        abandon: Box::new(move || {
+            let Some(outbox) = slot.abandon(record.execution_id) else { return };
+            log::error!(
+                "task {id}: did not return within its time limit of {timeout:?} and a grace of {grace:?}; worker \
+                 {index} is abandoned (a thread cannot be killed) and another takes its place; the task runs again \
+                 only once this attempt returns, or its instance is gone"
+            );
+            let recorded =
+                instance.pool.get().map_err(Error::from).and_then(|mut conn| {
+                    tasks::record_timed_out(&mut conn, &instance.name, &record).map_err(Error::from)
+                });
+            if let Err(error) = recorded {
+                log::error!(
+                    "task {id}: its timed-out attempt could not be recorded yet ({error}): it will be when it returns"
+                );
+            }
+            handoff.task_done(timeout + grace);
+            replace(outbox);
+        }),
+    })
 }
 
 /// What an attempt's result means for its task: a success, a failure for good (a
@@ -127,13 +290,18 @@ fn outcome(
         log::error!("task {id} ({task_type}) attempt {attempt}/{max} failed {why}: {message}");
         Outcome::Failed(message)
     } else {
-        // A type's retry_delay is its own code: contained like its run.
-        let delay = catch_unwind(AssertUnwindSafe(|| entry.map(|e| e.retry_delay(attempt)).unwrap_or_default()))
-            .unwrap_or_else(|_| crate::task::default_retry_delay(attempt))
-            .min(MAX_RETRY_DELAY);
+        let delay = retry_delay(entry, attempt);
         log::warn!("task {id} ({task_type}) attempt {attempt}/{max} failed: {message}; retry in {delay:.1?}");
         Outcome::Retry { error: message, delay }
     }
+}
+
+/// The wait before the attempt after failed attempt `attempt`: the type's
+/// `retry_delay`, which is its own code, contained like its run.
+fn retry_delay(entry: Option<&TaskEntry>, attempt: i32) -> Duration {
+    catch_unwind(AssertUnwindSafe(|| entry.map(|e| e.retry_delay(attempt)).unwrap_or_default()))
+        .unwrap_or_else(|_| crate::task::default_retry_delay(attempt))
+        .min(MAX_RETRY_DELAY)
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {
@@ -169,6 +337,7 @@ mod tests {
             execution_id: 1,
             claimed_at: chrono::Utc::now(),
             limited: false,
+            timeout: None,
         }
     }
 

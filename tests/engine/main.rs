@@ -13,5 +13,6 @@ mod schema;
 mod settings;
 mod stopping;
 mod support;
+mod timeouts;
 mod unique;
 mod wakeups;

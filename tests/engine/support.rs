@@ -517,3 +517,24 @@ impl Task for FailsOnceAtGate {
     }
 }
 register_task!(FailsOnceAtGate);
+
+/// Runs until asked to stop, then fails; its type allows 100 ms and one attempt.
+#[derive(Serialize, Deserialize)]
+pub struct UntilStopped {}
+
+impl Task for UntilStopped {
+    const NAME: &'static str = "test_until_stopped";
+    const MAX_ATTEMPTS: i32 = 1;
+    const TIMEOUT: Option<Duration> = Some(Duration::from_millis(100));
+    type Output = ();
+
+    fn run(&self, ctx: &TaskContext) -> Result<(), TaskError> {
+        let gate = Gate::named("until-stopped");
+        let mut state = gate.state.lock().unwrap();
+        while !ctx.stop_requested() {
+            state = gate.changed.wait_timeout(state, Duration::from_millis(5)).unwrap().0;
+        }
+        Err(TaskError::new("stopped as asked"))
+    }
+}
+register_task!(UntilStopped);
