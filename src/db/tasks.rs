@@ -1568,4 +1568,44 @@ mod tests {
         // attempt 1: 4 s, attempt 3: 84 s, give or take 10%.
         assert!((3.6..=4.4).contains(&seconds[0].1) && (75.6..=92.4).contains(&seconds[1].1), "{seconds:?}");
     }
+
+    #[test]
+    fn a_rescue_keeps_the_record_of_an_attempt_timed_out_and_writes_one_for_an_attempt_lost() {
+        let db = test_db::TestDatabase::new();
+        let mut conn = db.connect();
+        conn.batch_execute(
+            "INSERT INTO tasks (id, task_class, status, instance, attempts)
+             VALUES (1, 'noop', 'running', 'crashed', 1), (2, 'noop', 'running', 'crashed', 1)",
+        )
+        .unwrap();
+        let timed_out = Completion {
+            execution_id: 100,
+            task_id: 1,
+            attempt: 1,
+            worker: 0,
+            claimed_at: Utc::now(),
+            queued: Duration::ZERO,
+            elapsed: Duration::from_secs(2),
+            outcome: Outcome::Failed("timed out".into()),
+            frees_a_place: false,
+        };
+        assert!(record_timed_out(&mut conn, "crashed", &timed_out).unwrap());
+        assert!(!record_timed_out(&mut conn, "crashed", &timed_out).unwrap(), "recorded twice");
+        // The instance died while the abandoned thread still ran task 1.
+        assert_eq!(rescue(&mut conn, Lost::PreviousSelf, "crashed", Duration::from_secs(1), &[]).unwrap(), 2);
+        #[derive(QueryableByName, Debug, PartialEq)]
+        struct Execution {
+            #[diesel(sql_type = BigInt)]
+            task_id: i64,
+            #[diesel(sql_type = Text)]
+            error: String,
+        }
+        let executions: Vec<Execution> =
+            diesel::sql_query("SELECT task_id, left(error, 9) AS error FROM task_executions ORDER BY task_id, id")
+                .load(&mut conn)
+                .unwrap();
+        let expected =
+            [(1, "timed out"), (2, "lost: its")].map(|(task_id, error)| Execution { task_id, error: error.into() });
+        assert_eq!(executions, expected);
+    }
 }
