@@ -143,6 +143,7 @@ fn engine_enqueue_refuses_bad_input_with_exit_code_2_and_inserts_nothing() {
         (vec!["enqueue", "echo", "--params", r#"{"to": "a\u0000b"}"#], "NUL character (at $.to)"),
         (vec!["enqueue", "noop", "--in", "200000000d"], "outside PostgreSQL's range"),
         (vec!["enqueue", "noop", "--unique-key", ""], "unique key"),
+        (vec!["enqueue", "noop", "--timeout", "0s"], "1 ms to 24 days"),
         (vec!["enqueue", "noop", "--unique-key", "k", "--count", "2"], "--count"),
         (vec!["enqueue", "noop", "--on-conflict", "replace"], "--unique-key"),
         (vec!["enqueue", "noop", "--unique-key", "k", "--on-conflict", "merge"], "--on-conflict"),
@@ -467,6 +468,7 @@ fn engine_run_refuses_settings_it_cannot_work_with_with_exit_code_2() {
         (vec!["--queue", "emails=0"], "1 to 10000 workers"),
         (vec!["--queue", "emails"], "NAME=WORKERS"),
         (vec!["--queue", "emails=1", "--queue", "emails=2"], "named twice"),
+        (vec!["--timeout-grace", "2d"], "at most 1d"),
     ] {
         // Accepted, `engine run` would run until stopped: give it 20 s to refuse.
         let mut child = spawn_engine_run(&db, &args, Stdio::piped());

@@ -22,6 +22,7 @@ fn settings_out_of_range_are_refused_by_name_before_connecting() {
         ("lease", runner().lease(Duration::from_secs(2 * 86_400))),
         ("max_claim", runner().max_claim(0)),
         ("max_completion_batch", runner().max_completion_batch(0)),
+        ("timeout_grace", runner().timeout_grace(Duration::from_secs(2 * 86_400))),
         ("instance", runner().instance("")),
         ("instance", runner().instance("tab\there")),
     ];
