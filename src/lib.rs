@@ -2,7 +2,8 @@
 
 // The map. What a task crate writes: `task` (the trait, its errors, the macro),
 // `context` (what a running task sees). What a program calls: `registry` (the types it
-// runs), `enqueue`, `admin` (retry, cancel, prune), `queue` (pause, limits), `runner`
+// runs), `enqueue`, `admin` (retry, cancel, prune), `queue` (pause, limits), `schedule`
+// (recurring tasks), `runner`
 // (start and stop an instance). Inside: `instance` (the threads of a running instance, one part a file)
 // and `db` (every SQL statement, and diesel's schema and models); `error` for all.
 
@@ -15,6 +16,7 @@ mod instance;
 mod queue;
 mod registry;
 mod runner;
+mod schedule;
 mod task;
 
 pub use admin::{cancel, cancel_many, prune, retry, retry_many, Cancelled, TaskFilter};
@@ -27,6 +29,7 @@ pub use error::Error;
 pub use queue::{pause_queue, resume_queue, set_queue_concurrency, set_queue_key_limit, set_queue_rate_limit};
 pub use registry::{Registry, TaskEntry};
 pub use runner::{default_instance_name, EngineStats, Runner, RunningEngine, StopHandle};
+pub use schedule::{add_schedule, fire_due, list_schedules, remove_schedule, Schedule, ScheduleState};
 pub use task::{default_retry_delay, Task, TaskError, DEFAULT_QUEUE};
 
 #[doc(hidden)]

@@ -20,8 +20,9 @@ use crate::instance::listener::{self, Listener};
 use crate::instance::scheduler::{self, Timer};
 use crate::instance::shutdown::Shutdown;
 use crate::instance::watchdog::Watchdog;
-use crate::instance::{completer, producer, vacuum};
+use crate::instance::{clock, completer, producer, vacuum};
 use crate::registry::Registry;
+use crate::schedule::{add_schedule, Schedule};
 use crate::task::DEFAULT_QUEUE;
 
 /// Returns the instance name used when none is given: host name and process id.
@@ -123,6 +124,7 @@ pub struct Runner {
     max_claim: usize,
     max_completion_batch: usize,
     timeout_grace: Duration,
+    schedules: Vec<Schedule>,
 }
 
 impl Runner {
@@ -177,7 +179,16 @@ impl Runner {
             max_claim: usize::MAX,
             max_completion_batch: completer::DEFAULT_MAX_BATCH,
             timeout_grace: Self::DEFAULT_TIMEOUT_GRACE,
+            schedules: Vec::new(),
         }
+    }
+
+    /// Registers a recurring task: written to the database at [`Runner::start`] (added,
+    /// or changed if a schedule of that name exists), and fired from then on by every
+    /// instance, each tick once (see [`Schedule`]).
+    pub fn schedule(mut self, schedule: Schedule) -> Self {
+        self.schedules.push(schedule);
+        self
     }
 
     /// How long a task past its time limit ([`crate::Task::TIMEOUT`]) has to return,
@@ -369,6 +380,9 @@ impl Runner {
                     missing.join(", ")
                 )));
             }
+            for schedule in &self.schedules {
+                add_schedule(&mut conn, schedule)?;
+            }
         }
         let buffer = self.buffer.unwrap_or(Self::DEFAULT_BUFFER_PER_WORKER.saturating_mul(workers));
         let shutdown = Shutdown::default();
@@ -452,6 +466,8 @@ impl Runner {
             stats: Arc::clone(&stats.vacuum),
         };
         threads.push(("vacuum".into(), Group::Others, Box::new(move || vacuum::run(input))));
+        let input = clock::Input { database_url: self.database_url.clone(), shutdown: shutdown.clone() };
+        threads.push(("clock".into(), Group::Others, Box::new(move || clock::run(input))));
         // The completer ends once every worker's outbox is gone.
         let (inbox, outboxes) = completer::inbox(self.flush_delay, self.max_completion_batch, workers);
         let input = completer::Input {

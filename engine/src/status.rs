@@ -46,6 +46,10 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
 
     outln!();
     print_queues(conn)?;
+    if !task_engine::list_schedules(conn)?.is_empty() {
+        outln!();
+        print_schedules(conn)?;
+    }
 
     let failed = report::failed_tasks(conn, FAILED_SHOWN)?;
     if !failed.is_empty() {
@@ -203,6 +207,35 @@ fn print_execution(e: &TaskExecution, task_class: Option<&str>) -> anyhow::Resul
 /// escaped, so that nothing read from a row can drive the terminal or break a table.
 fn plain(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
+/// The schedules of recurring tasks, with their last and next tick.
+pub fn print_schedules(conn: &mut PgConnection) -> anyhow::Result<()> {
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map_or_else(|| "-".to_owned(), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+    };
+    outln!(
+        "{:<20} {:<16} {:<16} {:<16} {:>8} {:<23} NEXT TICK",
+        "SCHEDULE",
+        "CRON",
+        "TIME ZONE",
+        "TYPE",
+        "CATCH-UP",
+        "LAST TICK"
+    );
+    for s in task_engine::list_schedules(conn)? {
+        outln!(
+            "{:<20} {:<16} {:<16} {:<16} {:>8} {:<23} {}",
+            plain(&s.schedule.name),
+            plain(&s.schedule.cron),
+            plain(&s.schedule.time_zone),
+            plain(&s.schedule.task_type),
+            s.schedule.catch_up,
+            time(s.last_tick),
+            time(s.next_tick)
+        );
+    }
+    Ok(())
 }
 
 /// The queues: what waits and runs in each, paused or not, its limits.

@@ -750,3 +750,50 @@ fn engine_retry_and_cancel_by_filter_act_on_what_matches_and_refuse_what_they_ca
     }
     assert_eq!((count_in_status(&mut conn, "cancelled"), count_in_status(&mut conn, "failed")), (4, 1));
 }
+
+#[test]
+fn engine_cron_adds_lists_and_removes_schedules_and_refuses_bad_ones_with_exit_code_2() {
+    let db = TestDatabase::new();
+    let out = engine(
+        &db,
+        &[
+            "cron",
+            "add",
+            "nightly",
+            "0 2 * * *",
+            "echo",
+            "--params",
+            r#"{"v": 1}"#,
+            "--tz",
+            "Europe/Paris",
+            "--catch-up",
+            "3",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "schedule nightly added");
+    let out = engine(&db, &["cron", "add", "nightly", "30 2 * * *", "echo", "--tz", "Europe/Paris"]);
+    assert_eq!(text(&out.stdout).trim(), "schedule nightly changed");
+
+    let listed = text(&engine(&db, &["cron", "list"]).stdout);
+    let line = listed.lines().find(|l| l.starts_with("nightly")).unwrap_or_else(|| panic!("{listed}"));
+    for shown in ["30 2 * * *", "Europe/Paris", "echo", " 0 ", " -  ", " UTC"] {
+        assert!(line.contains(shown), "the line lacks `{shown}`: {line}");
+    }
+    assert!(text(&engine(&db, &["status"]).stdout).contains("nightly"), "engine status does not show the schedule");
+
+    for (args, says) in [
+        (vec!["cron", "add", "bad", "every day", "echo"], "is not valid"),
+        (vec!["cron", "add", "bad", "* * * * *", "echo", "--tz", "Mars/Olympus"], "unknown time zone"),
+        (vec!["cron", "add", "bad", "* * * * *", "no_such_type"], "unknown task type"),
+        (vec!["cron", "add", "", "* * * * *", "echo"], "name"),
+        (vec!["cron", "remove", "bad"], "there is no schedule"),
+    ] {
+        let out = engine(&db, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(says), "{args:?}: stderr lacks `{says}`: {}", text(&out.stderr));
+    }
+    let out = engine(&db, &["cron", "remove", "nightly"]);
+    assert_eq!(text(&out.stdout).trim(), "schedule nightly removed");
+    assert!(!text(&engine(&db, &["cron", "list"]).stdout).contains("nightly"));
+}

@@ -8,6 +8,7 @@
 //! - [`unique`]: the insert of tasks with a unique key;
 //! - [`operator`]: what an operator does to one task: retry, cancel, prune;
 //! - [`queues`]: a queue's settings: pause, limits;
+//! - [`schedules`]: recurring tasks' schedules and their last tick;
 //! - [`instances`]: the instances' rows and name locks;
 //! - [`channel`]: the LISTEN connection, the stripes, the engine's own notifications;
 //! - [`report`]: read-only monitoring queries;
@@ -23,6 +24,7 @@ pub(crate) mod operator;
 mod prepared;
 pub(crate) mod queues;
 pub mod report;
+pub(crate) mod schedules;
 pub mod schema;
 pub(crate) mod tasks;
 pub(crate) mod unique;

@@ -27,6 +27,22 @@ diesel::table! {
 }
 
 diesel::table! {
+    task_engine_schedules (name) {
+        name -> Text,
+        cron -> Text,
+        time_zone -> Text,
+        task_class -> Text,
+        task_parameters -> Jsonb,
+        queue -> Text,
+        priority -> Int4,
+        max_attempts -> Int4,
+        catch_up -> Int4,
+        last_tick -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+diesel::table! {
     task_executions (id) {
         id -> Int8,
         task_id -> Int8,
@@ -68,4 +84,10 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(task_engine_instances, task_engine_queues, task_executions, tasks,);
+diesel::allow_tables_to_appear_in_same_query!(
+    task_engine_instances,
+    task_engine_queues,
+    task_engine_schedules,
+    task_executions,
+    tasks,
+);

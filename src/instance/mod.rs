@@ -9,13 +9,15 @@
 //! limit, for a new one in its place. The
 //! [`listener`] (notifications) and the [`scheduler`] (due times) tell the lanes when
 //! there is work; the [`heartbeat`] keeps the instance alive in the database and
-//! runs the [`rescue`] of lost attempts; the [`vacuum`] keeps claims fast. Shared
+//! runs the [`rescue`] of lost attempts; the [`vacuum`] keeps claims fast; the
+//! [`clock`] fires the schedules of recurring tasks. Shared
 //! between them: the [`in_flight`] tasks and their cancellations, the one
 //! [`shutdown`], the one [`backoff`].
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub(crate) mod backoff;
+pub(crate) mod clock;
 pub(crate) mod completer;
 pub(crate) mod crew;
 pub(crate) mod handoff;

@@ -8,6 +8,7 @@ mod enqueueing;
 mod faults;
 mod queues;
 mod running;
+mod schedules;
 mod scheduling;
 mod schema;
 mod settings;

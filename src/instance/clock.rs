@@ -1,0 +1,67 @@
+//! The clock: fires the schedules of recurring tasks ([`crate::schedule::fire_due`]) at
+//! their ticks, on a connection of its own. Every instance runs one; the schedule's row
+//! lock makes each tick enqueued once. It reads the schedules again at least every few
+//! seconds, so that a schedule added or changed elsewhere is seen.
+
+use std::time::Duration;
+
+use diesel::PgConnection;
+
+use crate::db::connect::connect;
+use crate::db::schedules;
+use crate::error::Error;
+use crate::instance::backoff;
+use crate::instance::shutdown::Shutdown;
+use crate::schedule::{fire_due, Ticks};
+
+/// The longest sleep between two readings of the schedules.
+const LOOK_EVERY: Duration = Duration::from_secs(5);
+
+/// What the clock needs.
+pub(crate) struct Input {
+    /// For its own connection.
+    pub database_url: String,
+    pub shutdown: Shutdown,
+}
+
+/// Fires schedules until the instance stops.
+pub(crate) fn run(input: Input) {
+    let mut conn: Option<PgConnection> = None;
+    let mut failures = 0;
+    let mut sleep = Duration::ZERO;
+    while !input.shutdown.sleep(sleep) {
+        let result = match conn.as_mut() {
+            Some(conn) => tick(conn),
+            None => connect(&input.database_url).and_then(|mut new| {
+                let result = tick(&mut new);
+                conn = Some(new);
+                result
+            }),
+        };
+        sleep = match result {
+            Ok(sleep) => {
+                failures = 0;
+                sleep
+            }
+            Err(error) => {
+                failures += 1;
+                conn = None;
+                log::warn!("the clock could not fire the schedules: {error}");
+                backoff::pause(failures)
+            }
+        };
+    }
+}
+
+/// Fires what is due; returns how long to sleep until the next tick (at most
+/// [`LOOK_EVERY`]).
+fn tick(conn: &mut PgConnection) -> Result<Duration, Error> {
+    let now = schedules::now(conn)?;
+    fire_due(conn, now)?;
+    let next = schedules::list(conn)?
+        .iter()
+        .filter_map(|row| Ticks::of(row).ok()?.after(now.max(row.last_tick.unwrap_or(row.created_at))))
+        .min();
+    let until_next = next.and_then(|next| (next - now).to_std().ok()).unwrap_or(LOOK_EVERY);
+    Ok(until_next.min(LOOK_EVERY))
+}

@@ -1,0 +1,123 @@
+//! Recurring tasks: each tick enqueued once, whichever instances run, start, stop or
+//! die around it; missed ticks follow the schedule's catch-up.
+
+use std::sync::mpsc;
+use std::thread;
+
+use chrono::{DateTime, Utc};
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Timestamptz};
+use task_engine::{add_schedule, fire_due, Schedule};
+use test_db::TestDatabase;
+
+use crate::support::{runner, wait_until};
+
+#[derive(QueryableByName, Debug, PartialEq)]
+struct Tick {
+    #[diesel(sql_type = Timestamptz)]
+    run_at: DateTime<Utc>,
+    #[diesel(sql_type = BigInt)]
+    tasks: i64,
+}
+
+/// The ticks enqueued (a task is due at its tick), with how many tasks each got.
+fn ticks(conn: &mut PgConnection) -> Vec<Tick> {
+    diesel::sql_query("SELECT run_at, count(*) AS tasks FROM tasks GROUP BY run_at ORDER BY run_at").load(conn).unwrap()
+}
+
+fn at(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
+}
+
+#[test]
+fn a_schedule_fires_once_per_tick_while_three_instances_start_and_stop_around_the_ticks() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    // Every second; a tick missed while the machine stalls is caught up, so that a gap
+    // can only mean a tick lost.
+    let every_second = Schedule::new("every-second", "* * * * * *", &::tasks::Noop {}).unwrap().catch_up(1000);
+    let start = |name: &str| runner(&db, name, 1).schedule(every_second.clone()).start().unwrap();
+    let mut seen = 0;
+    let mut two_more_ticks = |conn: &mut PgConnection| {
+        wait_until("two more ticks are enqueued", || ticks(conn).len() >= seen + 2);
+        seen = ticks(conn).len();
+    };
+
+    let (a, b, c) = (start("clock-a"), start("clock-b"), start("clock-c"));
+    two_more_ticks(&mut conn);
+    a.shutdown();
+    two_more_ticks(&mut conn);
+    let a = start("clock-a2");
+    b.shutdown();
+    two_more_ticks(&mut conn);
+    let b = start("clock-b2");
+    c.shutdown();
+    two_more_ticks(&mut conn);
+    a.shutdown();
+    b.shutdown();
+
+    let ticks = ticks(&mut conn);
+    assert!(ticks.iter().all(|t| t.tasks == 1), "a tick enqueued twice: {ticks:?}");
+    let (first, last) = (ticks[0].run_at, ticks[ticks.len() - 1].run_at);
+    assert_eq!((last - first).num_seconds() + 1, ticks.len() as i64, "a tick was lost: {ticks:?}");
+}
+
+#[test]
+fn ticks_missed_while_no_instance_ran_follow_each_schedules_catch_up() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    for (name, catch_up) in [("skips", 0), ("catches-up-2", 2)] {
+        let schedule = Schedule::new(name, "0 * * * * *", &::tasks::Echo(serde_json::json!(name))).unwrap();
+        add_schedule(&mut conn, &schedule.catch_up(catch_up)).unwrap();
+    }
+    conn.batch_execute("UPDATE task_engine_schedules SET last_tick = '2026-11-30T10:00:00Z'").unwrap();
+
+    // Back at 10:05:20: 10:05 is on time, 10:01 to 10:04 were missed.
+    assert_eq!(fire_due(&mut conn, at("2026-11-30T10:05:20Z")).unwrap(), 4);
+    assert_eq!(fire_due(&mut conn, at("2026-11-30T10:05:20Z")).unwrap(), 0, "fired twice");
+    let of = |conn: &mut PgConnection, name: &str| -> Vec<DateTime<Utc>> {
+        diesel::sql_query(
+            "SELECT run_at, 1::bigint AS tasks FROM tasks WHERE task_parameters = to_jsonb($1::text) ORDER BY run_at",
+        )
+        .bind::<diesel::sql_types::Text, _>(name)
+        .load::<Tick>(conn)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.run_at)
+        .collect()
+    };
+    assert_eq!(of(&mut conn, "skips"), [at("2026-11-30T10:05:00Z")]);
+    let caught_up = ["10:03", "10:04", "10:05"].map(|m| at(&format!("2026-11-30T{m}:00Z")));
+    assert_eq!(of(&mut conn, "catches-up-2"), caught_up);
+}
+
+#[test]
+fn a_tick_whose_firing_instance_dies_mid_transaction_is_fired_by_another_once() {
+    let db = TestDatabase::new();
+    let (mut dying, mut other, mut watcher) = (db.connect(), db.connect(), db.connect());
+    let schedule = Schedule::new("minutely", "0 * * * * *", &::tasks::Noop {}).unwrap();
+    add_schedule(&mut watcher, &schedule).unwrap();
+    watcher.batch_execute("UPDATE task_engine_schedules SET last_tick = '2026-11-30T10:00:00Z'").unwrap();
+    let now = at("2026-11-30T10:01:05Z");
+
+    // The first instance enqueues the tick and dies before its commit.
+    AnsiTransactionManager::begin_transaction(&mut dying).unwrap();
+    assert_eq!(fire_due(&mut dying, now).unwrap(), 1);
+    let other_pid: i32 = diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>("pg_backend_pid()"))
+        .get_result(&mut other)
+        .unwrap();
+    let (sent, fired) = mpsc::channel();
+    let firing = thread::spawn(move || sent.send(fire_due(&mut other, now).unwrap()).unwrap());
+    wait_until("the other instance waits for the schedule's lock", || {
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(&format!(
+            "EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = {other_pid} AND wait_event_type = 'Lock')"
+        )))
+        .get_result(&mut watcher)
+        .unwrap()
+    });
+    AnsiTransactionManager::rollback_transaction(&mut dying).unwrap();
+    assert_eq!(fired.recv().unwrap(), 1, "the other instance did not fire the tick");
+    firing.join().unwrap();
+    assert_eq!(ticks(&mut watcher), [Tick { run_at: at("2026-11-30T10:01:00Z"), tasks: 1 }]);
+}
