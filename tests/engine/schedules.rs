@@ -93,31 +93,42 @@ fn ticks_missed_while_no_instance_ran_follow_each_schedules_catch_up() {
 }
 
 #[test]
-fn a_tick_whose_firing_instance_dies_mid_transaction_is_fired_by_another_once() {
+fn a_tick_being_fired_elsewhere_is_waited_for_then_fired_once_whether_that_instance_commits_or_dies() {
     let db = TestDatabase::new();
-    let (mut dying, mut other, mut watcher) = (db.connect(), db.connect(), db.connect());
+    let mut watcher = db.connect();
     let schedule = Schedule::new("minutely", "0 * * * * *", &::tasks::Noop {}).unwrap();
     add_schedule(&mut watcher, &schedule).unwrap();
-    watcher.batch_execute("UPDATE task_engine_schedules SET last_tick = '2026-11-30T10:00:00Z'").unwrap();
-    let now = at("2026-11-30T10:01:05Z");
+    for (minute, dies) in [(1, true), (2, false)] {
+        let (mut first, mut other) = (db.connect(), db.connect());
+        let now = at(&format!("2026-11-30T10:0{minute}:05Z"));
+        watcher
+            .batch_execute(&format!("UPDATE task_engine_schedules SET last_tick = '2026-11-30T10:0{}:00Z'", minute - 1))
+            .unwrap();
 
-    // The first instance enqueues the tick and dies before its commit.
-    AnsiTransactionManager::begin_transaction(&mut dying).unwrap();
-    assert_eq!(fire_due(&mut dying, now).unwrap(), 1);
-    let other_pid: i32 = diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>("pg_backend_pid()"))
-        .get_result(&mut other)
-        .unwrap();
-    let (sent, fired) = mpsc::channel();
-    let firing = thread::spawn(move || sent.send(fire_due(&mut other, now).unwrap()).unwrap());
-    wait_until("the other instance waits for the schedule's lock", || {
-        diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(&format!(
-            "EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = {other_pid} AND wait_event_type = 'Lock')"
-        )))
-        .get_result(&mut watcher)
-        .unwrap()
-    });
-    AnsiTransactionManager::rollback_transaction(&mut dying).unwrap();
-    assert_eq!(fired.recv().unwrap(), 1, "the other instance did not fire the tick");
-    firing.join().unwrap();
-    assert_eq!(ticks(&mut watcher), [Tick { run_at: at("2026-11-30T10:01:00Z"), tasks: 1 }]);
+        // The first instance enqueues the tick, and commits or dies before its commit.
+        AnsiTransactionManager::begin_transaction(&mut first).unwrap();
+        assert_eq!(fire_due(&mut first, now).unwrap(), 1);
+        let other_pid: i32 = diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>("pg_backend_pid()"))
+            .get_result(&mut other)
+            .unwrap();
+        let (sent, fired) = mpsc::channel();
+        let firing = thread::spawn(move || sent.send(fire_due(&mut other, now).unwrap()).unwrap());
+        wait_until("the other instance waits for the schedule's lock", || {
+            diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(&format!(
+                "EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = {other_pid} AND wait_event_type = 'Lock')"
+            )))
+            .get_result(&mut watcher)
+            .unwrap()
+        });
+        if dies {
+            AnsiTransactionManager::rollback_transaction(&mut first).unwrap();
+        } else {
+            AnsiTransactionManager::commit_transaction(&mut first).unwrap();
+        }
+        assert_eq!(fired.recv().unwrap(), usize::from(dies), "dies: {dies}");
+        firing.join().unwrap();
+        let tick = at(&format!("2026-11-30T10:0{minute}:00Z"));
+        let fired: Vec<Tick> = ticks(&mut watcher).into_iter().filter(|t| t.run_at == tick).collect();
+        assert_eq!(fired, [Tick { run_at: tick, tasks: 1 }], "dies: {dies}");
+    }
 }
