@@ -189,7 +189,19 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> (Completion, O
         Err(error) => (Err(RunFailure::Parameters(error.to_string())), false, None, Instant::now()),
     };
     let elapsed = finished.duration_since(started);
-    let completion = Completion {
+    let outcome = outcome(&task, entry.as_ref(), ran, cancelled, elapsed);
+    (attempt_ended(input, &task, queued, elapsed, outcome), entry)
+}
+
+/// The record of an attempt of `task` by this worker.
+fn attempt_ended(
+    input: &Input,
+    task: &ClaimedTask,
+    queued: Duration,
+    elapsed: Duration,
+    outcome: Outcome,
+) -> Completion {
+    Completion {
         execution_id: task.execution_id,
         task_id: task.id,
         attempt: task.attempt,
@@ -197,10 +209,9 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> (Completion, O
         claimed_at: task.claimed_at,
         queued,
         elapsed,
-        outcome: outcome(&task, entry.as_ref(), ran, cancelled, elapsed),
+        outcome,
         frees_a_place: task.limited,
-    };
-    (completion, entry)
+    }
 }
 
 /// Puts an attempt under the watchdog: asked to stop at `timeout`, abandoned a grace
@@ -217,17 +228,8 @@ fn watch(
     let (slot, handoff, replace, instance) =
         (Arc::clone(&input.slot), Arc::clone(&input.handoff), Arc::clone(&input.replace), Arc::clone(&input.instance));
     let grace = input.grace;
-    let record = Completion {
-        execution_id: task.execution_id,
-        task_id: task.id,
-        attempt: task.attempt,
-        worker: i32::try_from(input.index).unwrap_or(i32::MAX),
-        claimed_at: task.claimed_at,
-        queued,
-        elapsed: timeout + grace,
-        outcome: Outcome::Failed(timed_out_message(timeout, grace)),
-        frees_a_place: task.limited,
-    };
+    let record =
+        attempt_ended(input, task, queued, timeout + grace, Outcome::Failed(timed_out_message(timeout, grace)));
     let (id, index) = (task.id, input.index);
     input.watchdog.watch(Watch {
         task_id: task.id,
