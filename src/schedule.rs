@@ -68,6 +68,9 @@ pub struct ScheduleState {
     pub last_tick: Option<DateTime<Utc>>,
     /// The next tick after now.
     pub next_tick: Option<DateTime<Utc>>,
+    /// Why it does not fire: its expression or time zone (written by SQL) does not
+    /// parse.
+    pub error: Option<String>,
 }
 
 impl Schedule {
@@ -206,8 +209,11 @@ pub fn list_schedules(conn: &mut PgConnection) -> Result<Vec<ScheduleState>, Err
     schedules::list(conn)?
         .into_iter()
         .map(|row| {
-            let next_tick = Ticks::of(&row).ok().and_then(|t| t.after(now));
-            Ok(ScheduleState { last_tick: row.last_tick, next_tick, schedule: Schedule::of(row) })
+            let (next_tick, error) = match Ticks::of(&row) {
+                Ok(ticks) => (ticks.after(now), None),
+                Err(error) => (None, Some(error.to_string())),
+            };
+            Ok(ScheduleState { last_tick: row.last_tick, next_tick, error, schedule: Schedule::of(row) })
         })
         .collect()
 }
@@ -279,7 +285,9 @@ pub(crate) fn plan(ticks: &Ticks, mut after: DateTime<Utc>, now: DateTime<Utc>, 
 /// Fires every schedule due at `now` (the server's clock): for each, in its own
 /// transaction, locks its row, enqueues its ticks due since its last (each task due at
 /// its tick), and moves its `last_tick`. A schedule another instance fires at the same
-/// time waits for the lock and then finds nothing due. Returns the tasks enqueued.
+/// time waits for the lock and then finds nothing due. A schedule whose tasks cannot be
+/// inserted (a row written by SQL with a queue the table refuses, say) is logged and
+/// left, and the others fire. Returns the tasks enqueued.
 pub fn fire_due(conn: &mut PgConnection, now: DateTime<Utc>) -> Result<usize, Error> {
     let mut enqueued = 0;
     for row in schedules::list(conn)? {
@@ -287,7 +295,12 @@ pub fn fire_due(conn: &mut PgConnection, now: DateTime<Utc>) -> Result<usize, Er
         if !matches!(due, Some(due) if due <= now) {
             continue;
         }
-        enqueued += conn.transaction(|conn| fire(conn, &row.name, now))?;
+        match conn.transaction(|conn| fire(conn, &row.name, now)) {
+            Ok(n) => enqueued += n,
+            Err(error) => {
+                log::error!("schedule {}: its tick could not be enqueued ({error}); the others fire", row.name)
+            }
+        }
     }
     Ok(enqueued)
 }

@@ -232,7 +232,7 @@ pub fn print_schedules(conn: &mut PgConnection) -> anyhow::Result<()> {
             plain(&s.schedule.task_type),
             s.schedule.catch_up,
             time(s.last_tick),
-            time(s.next_tick)
+            s.error.map_or_else(|| time(s.next_tick), |e| format!("never: {}", plain(&e)))
         );
     }
     Ok(())

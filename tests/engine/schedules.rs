@@ -132,3 +132,23 @@ fn a_tick_being_fired_elsewhere_is_waited_for_then_fired_once_whether_that_insta
         assert_eq!(fired, [Tick { run_at: tick, tasks: 1 }], "dies: {dies}");
     }
 }
+
+#[test]
+fn a_schedule_that_cannot_fire_holds_up_no_other_and_says_why() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    // Written by SQL: an expression that does not parse, a queue the table refuses.
+    conn.batch_execute(
+        "INSERT INTO task_engine_schedules (name, cron, task_class, queue, last_tick) VALUES
+             ('a-bad-cron', 'every minute', 'noop', 'default', '2026-11-30T10:00:00Z'),
+             ('b-bad-queue', '0 * * * * *', 'noop', '', '2026-11-30T10:00:00Z'),
+             ('c-good', '0 * * * * *', 'noop', 'default', '2026-11-30T10:00:00Z')",
+    )
+    .unwrap();
+    assert_eq!(fire_due(&mut conn, at("2026-11-30T10:01:05Z")).unwrap(), 1);
+    assert_eq!(ticks(&mut conn), [Tick { run_at: at("2026-11-30T10:01:00Z"), tasks: 1 }]);
+    let listed = task_engine::list_schedules(&mut conn).unwrap();
+    let bad = listed.iter().find(|s| s.schedule.name == "a-bad-cron").unwrap();
+    assert!(bad.error.as_deref().is_some_and(|e| e.contains("\"every minute\" is not valid")), "{bad:?}");
+    assert!(listed.iter().find(|s| s.schedule.name == "c-good").unwrap().error.is_none());
+}
