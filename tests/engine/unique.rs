@@ -199,3 +199,49 @@ fn a_key_held_while_waiting_frees_at_the_start_and_one_held_while_running_at_the
     assert!(matches!(free, Upserted::Inserted(id) if id != running), "{free:?}");
     engine.shutdown();
 }
+
+#[test]
+fn a_unique_key_holds_under_eight_clients_inserting_in_transactions_of_which_a_third_roll_back() {
+    let db = TestDatabase::new();
+    let barrier = Arc::new(Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let (barrier, mut conn) = (Arc::clone(&barrier), db.connect());
+            thread::spawn(move || {
+                barrier.wait();
+                (0..INSERTS_PER_CLIENT)
+                    .map(|n| {
+                        let key = format!("tx-{}", (client + n) % KEYS);
+                        let commits = (client + n) % 3 != 0;
+                        let task =
+                            NewTask::new(&::tasks::Echo(serde_json::json!([client, n]))).unwrap().unique_key(&key);
+                        let mut done = None;
+                        let _ = conn.transaction(|conn| {
+                            done = Some(task.upsert(conn).unwrap());
+                            if commits {
+                                Ok(())
+                            } else {
+                                Err(diesel::result::Error::RollbackTransaction)
+                            }
+                        });
+                        (key, commits, done.unwrap())
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let done: Vec<_> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    let mut conn = db.connect();
+    for k in 0..KEYS {
+        let key = format!("tx-{k}");
+        let holders = holders_of(&mut conn, &key);
+        assert_eq!(holders.len(), 1, "key {key} has {} tasks", holders.len());
+        let committed: Vec<_> = done.iter().filter(|(k, commits, _)| *k == key && *commits).collect();
+        assert!(
+            committed.iter().all(|(.., d)| d.id() == holders[0].0),
+            "a committed insert of {key} returned a task that is not its holder"
+        );
+        let inserted = committed.iter().filter(|(.., d)| matches!(d, Upserted::Inserted(_))).count();
+        assert_eq!(inserted, 1, "{key}: {inserted} committed inserts inserted");
+    }
+}
