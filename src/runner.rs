@@ -699,13 +699,34 @@ impl RunningEngine {
         let Threads { producer, completer, others, heartbeat } = std::mem::take(&mut self.threads);
         join_all(producer);
         // An abandoned worker is not waited for: its task may never return.
-        self.crew.join();
+        let abandoned = self.crew.join();
         join_all(completer);
         self.watchdog.stop();
         join_all(others);
-        // Every attempt is recorded: the instance can go.
-        self.retired.stop();
-        join_all(heartbeat);
+        if abandoned == 0 {
+            // Every attempt is recorded: the instance can go.
+            self.retired.stop();
+            join_all(heartbeat);
+            return self.stats();
+        }
+        // Their tasks stay held here while their threads may still run them: the
+        // heartbeat goes on, so that no rescue hands them to another instance, until they
+        // return (or the process ends, and the heartbeat with it).
+        log::warn!(
+            "instance {}: {abandoned} abandoned worker(s) still run their task; the instance stays registered until \
+             they return",
+            self.instance
+        );
+        let (crew, retired) = (Arc::clone(&self.crew), self.retired.clone());
+        let retire = move || {
+            crew.join_abandoned();
+            retired.stop();
+            join_all(heartbeat);
+        };
+        if let Err(error) = std::thread::Builder::new().name("retire".into()).spawn(retire) {
+            log::error!("could not start the thread that waits for the abandoned workers ({error}): retiring now");
+            self.retired.stop();
+        }
         self.stats()
     }
 }

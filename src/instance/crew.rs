@@ -90,16 +90,27 @@ impl Crew {
 
     /// Waits until every worker has ended or been abandoned (after a stop), and joins
     /// those that ended; the abandoned ones are left to run their task to its end.
-    pub(crate) fn join(&self) {
+    /// Returns how many abandoned workers still run.
+    pub(crate) fn join(&self) -> usize {
+        self.join_while(|m| !m.slot.abandoned())
+    }
+
+    /// Waits until the abandoned workers have ended too (their tasks returned).
+    pub(crate) fn join_abandoned(&self) {
+        self.join_while(|_| true);
+    }
+
+    /// Joins the workers as they end, until none that `awaited` is left; returns how
+    /// many others still run.
+    fn join_while(&self, awaited: impl Fn(&Member) -> bool) -> usize {
         let mut members = lock(&self.members);
         loop {
-            let ended = |m: &Member| m.ended.load(Ordering::SeqCst);
-            let (gone, live): (Vec<Member>, Vec<Member>) =
-                members.drain(..).partition(|m| ended(m) || m.slot.abandoned());
-            *members = live;
-            if gone.is_empty() {
-                if members.is_empty() {
-                    return;
+            let (ended, running): (Vec<Member>, Vec<Member>) =
+                members.drain(..).partition(|m| m.ended.load(Ordering::SeqCst));
+            *members = running;
+            if ended.is_empty() {
+                if !members.iter().any(&awaited) {
+                    return members.len();
                 }
                 // Every end and abandonment notifies under this lock; the timeout is a
                 // safety net.
@@ -111,14 +122,10 @@ impl Crew {
                 continue;
             }
             drop(members);
-            for member in gone {
+            for member in ended {
                 let name = member.handle.thread().name().unwrap_or("worker").to_owned();
-                if ended(&member) {
-                    if member.handle.join().is_err() {
-                        log::error!("{name} ended by a panic outside any task");
-                    }
-                } else {
-                    log::warn!("{name} was abandoned: its task still runs, not waited for");
+                if member.handle.join().is_err() {
+                    log::error!("{name} ended by a panic outside any task");
                 }
             }
             members = lock(&self.members);

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
 use task_engine::NewTask;
 use test_db::TestDatabase;
 
@@ -12,6 +13,16 @@ use crate::support::{
     attempts_not_recorded_once, executions_of, load_task, overlapping_runs, record_runs_here, runner, start_engine,
     wait_until, Gate, Gated, Recorded,
 };
+
+/// Whether the instance has its row (a live heartbeat keeps it).
+fn registered(conn: &mut PgConnection, instance: &str) -> bool {
+    diesel::select(diesel::dsl::exists(
+        task_engine::schema::task_engine_instances::table
+            .filter(task_engine::schema::task_engine_instances::name.eq(instance)),
+    ))
+    .get_result(conn)
+    .unwrap()
+}
 
 #[test]
 fn a_task_that_ignores_its_stop_past_its_timeout_is_recorded_timed_out_and_its_worker_is_replaced() {
@@ -42,12 +53,15 @@ fn a_task_that_ignores_its_stop_past_its_timeout_is_recorded_timed_out_and_its_w
     others.wait_for_started(2);
     others.open();
 
-    // The stop does not wait for the abandoned worker.
+    // The stop does not wait for the abandoned worker; the instance stays registered,
+    // so that no rescue runs its task elsewhere while its thread may still run it.
     engine.shutdown();
+    assert!(registered(&mut conn, "timeouts"), "the instance left while its abandoned worker ran");
 
     // Its task returns at last: moved on as a timed-out attempt, retried per its policy.
     Gate::named("timeout-stuck").open();
     wait_until("the stuck task waits for its retry", || load_task(&mut conn, stuck).status == "waiting");
+    wait_until("the instance has left", || !registered(&mut conn, "timeouts"));
     // Its retry delay (the type's default, seconds) is not what is tested here.
     conn.batch_execute(&format!("UPDATE tasks SET run_at = now() WHERE id = {stuck}")).unwrap();
     let engine = start_engine(&db, "timeouts-again", 1);
