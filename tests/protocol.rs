@@ -2,7 +2,8 @@
 //! instances and one or two tasks: claims, the hand-off to workers, runs, completions,
 //! heartbeats that stall and recover, leases that expire, rescues (of dead instances,
 //! of ghosts, of a previous self), crashes, restarts under the same name, graceful
-//! stops, rows deleted by hand, claims whose answer is lost.
+//! stops, rows deleted by hand, claims whose answer is lost, workers abandoned past a
+//! task's time limit (their thread runs on until the task returns).
 //!
 //! The model is of the protocol, not of the code: each action is one statement or one
 //! decision of the engine (`db/tasks.rs`, `instance/`), named after it. It checks:
@@ -21,7 +22,9 @@
 //!
 //! The same model with one of the engine's rules undone must fail, and does (the
 //! last tests): the heartbeat stopping at a graceful stop instead of outliving the
-//! drain, and an instance without a row taken for dead while it holds its name.
+//! drain, an instance without a row taken for dead while it holds its name, a
+//! timed-out task retried while its abandoned thread still runs it, and an instance
+//! retiring before its abandoned workers return.
 
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -81,11 +84,15 @@ struct Instance {
     running: Vec<(usize, u8)>,
     /// Ended, the outcome with the completer.
     ended: Vec<(usize, u8)>,
+    /// Running on a worker the watchdog abandoned (recorded as timed out): the thread
+    /// runs on until the task returns.
+    abandoned: Vec<(usize, u8)>,
     /// What is left of the environment's budget for this instance.
     crashes: u8,
     stalls: u8,
     row_deletions: u8,
     lost_answers: u8,
+    timeouts: u8,
 }
 
 impl Instance {
@@ -99,16 +106,21 @@ impl Instance {
             queued: Vec::new(),
             running: Vec::new(),
             ended: Vec::new(),
+            abandoned: Vec::new(),
             crashes: u8::from(fragile),
             stalls: 1,
             row_deletions: u8::from(fragile),
             lost_answers: u8::from(fragile),
+            timeouts: 1,
         }
     }
 
     /// Whether the attempt is in flight here (the rescue of ghosts spares these).
     fn in_flight(&self, attempt: (usize, u8)) -> bool {
-        self.queued.contains(&attempt) || self.running.contains(&attempt) || self.ended.contains(&attempt)
+        self.queued.contains(&attempt)
+            || self.running.contains(&attempt)
+            || self.ended.contains(&attempt)
+            || self.abandoned.contains(&attempt)
     }
 }
 
@@ -153,6 +165,12 @@ enum Action {
     Stop(usize),
     /// The instance has recorded its last attempt: it removes its row and name.
     Retire(usize),
+    /// The watchdog gives up on a running attempt past its time limit and grace: it
+    /// records the attempt as timed out; its thread runs on.
+    Abandon(usize, usize, u8),
+    /// An abandoned attempt's task returns at last: its task moves on (retried, or
+    /// ended), no second execution written.
+    Return(usize, usize, u8),
 }
 
 /// The protocol, with switches to undo four of its rules, and one to step outside it.
@@ -171,6 +189,10 @@ struct Protocol {
     /// Outside the protocol: a live instance's heartbeat stalls for a whole lease (a
     /// partition), and others take it for dead while its attempts run.
     partitions: bool,
+    /// A timed-out task stays held by its instance until its abandoned thread returns.
+    abandoned_tasks_stay_held: bool,
+    /// A stopped instance stays registered until its abandoned workers return.
+    retire_waits_for_the_abandoned: bool,
 }
 
 impl Protocol {
@@ -183,6 +205,8 @@ impl Protocol {
             outcomes_name_their_attempt: true,
             rescues_own_ghosts: true,
             partitions: false,
+            abandoned_tasks_stay_held: true,
+            retire_waits_for_the_abandoned: true,
         }
     }
 
@@ -217,7 +241,10 @@ impl Protocol {
 /// Closes a task's attempt as lost and puts it back to waiting (or ends it after its
 /// last attempt).
 fn lose(task: &mut Task, max_attempts: u8) {
-    task.recorded.push(task.attempts);
+    // An attempt recorded as timed out is not recorded again.
+    if !task.recorded.contains(&task.attempts) {
+        task.recorded.push(task.attempts);
+    }
     task.open = None;
     task.status = if task.attempts >= max_attempts { Status::Done } else { Status::Waiting };
 }
@@ -261,6 +288,9 @@ impl Model for Protocol {
                     actions.push(if inst.stopping { Action::GiveBack(i, t, a) } else { Action::Start(i, t, a) });
                 }
                 actions.extend(inst.running.iter().map(|&(t, a)| Action::End(i, t, a)));
+                if inst.timeouts > 0 {
+                    actions.extend(inst.running.iter().map(|&(t, a)| Action::Abandon(i, t, a)));
+                }
                 actions.extend(inst.ended.iter().map(|&(t, a)| Action::Record(i, t, a)));
                 if inst.lease == Lease::Live && inst.stalls > 0 {
                     actions.push(Action::HeartbeatFails(i));
@@ -292,10 +322,14 @@ impl Model for Protocol {
                 if !inst.stopping && i == FRAGILE && s.stops > 0 {
                     actions.push(Action::Stop(i));
                 }
-                if inst.stopping && inst.queued.is_empty() && inst.running.is_empty() && inst.ended.is_empty() {
+                let drained = inst.queued.is_empty() && inst.running.is_empty() && inst.ended.is_empty();
+                if inst.stopping && drained && (inst.abandoned.is_empty() || !self.retire_waits_for_the_abandoned) {
                     actions.push(Action::Retire(i));
                 }
             }
+            // An abandoned thread returns whenever its task does, even after its instance
+            // retired (in a program that goes on after the stop).
+            actions.extend(inst.abandoned.iter().map(|&(t, a)| Action::Return(i, t, a)));
             // A dead instance's lease runs out; a stopping one's too, if its heartbeat
             // ended with the stop; a stalled one's, in a partition.
             let silent = !inst.alive
@@ -379,9 +413,13 @@ impl Model for Protocol {
                 inst.alive = false;
                 inst.holds_name = false;
                 inst.crashes -= 1;
+                for &(t, a) in &inst.abandoned {
+                    s.tasks[t].runs.retain(|&x| x != (i, a));
+                }
                 inst.queued.clear();
                 inst.running.clear();
                 inst.ended.clear();
+                inst.abandoned.clear();
             }
             Action::LeaseExpires(i) => s.instances[i].lease = Lease::Expired,
             Action::DeleteRow(i) => {
@@ -423,6 +461,31 @@ impl Model for Protocol {
             Action::Stop(i) => {
                 s.instances[i].stopping = true;
                 s.stops -= 1;
+            }
+            Action::Abandon(i, t, a) => {
+                let inst = &mut s.instances[i];
+                inst.running.retain(|&x| x != (t, a));
+                inst.abandoned.push((t, a));
+                inst.timeouts -= 1;
+                let task = &mut s.tasks[t];
+                if matches!(task.status, Status::Running { instance, attempt } if instance == i && attempt == a)
+                    && task.open == Some(a)
+                {
+                    task.recorded.push(a);
+                    task.open = None;
+                    if !self.abandoned_tasks_stay_held {
+                        task.status = if a >= self.max_attempts { Status::Done } else { Status::Waiting };
+                    }
+                }
+            }
+            Action::Return(i, t, a) => {
+                s.instances[i].abandoned.retain(|&x| x != (t, a));
+                let task = &mut s.tasks[t];
+                task.runs.retain(|&x| x != (i, a));
+                // Only if the task is still held for that attempt (no rescue took it).
+                if matches!(task.status, Status::Running { instance, attempt } if instance == i && attempt == a) {
+                    task.status = if a >= self.max_attempts { Status::Done } else { Status::Waiting };
+                }
             }
             Action::Retire(i) => {
                 let inst = &mut s.instances[i];
@@ -533,6 +596,18 @@ fn in_a_partition_an_attempt_may_run_twice_but_a_superseded_outcome_changes_noth
 fn without_the_rescue_of_its_own_ghosts_a_lost_claim_answer_would_leave_a_task_claimed_forever() {
     let failed = failed_properties(Protocol { rescues_own_ghosts: false, ..Protocol::new(1) });
     assert!(failed.contains(&"every claimed task ends recorded"), "{failed:?}");
+}
+
+#[test]
+fn retrying_a_timed_out_task_while_its_abandoned_thread_still_runs_it_would_run_it_twice() {
+    let failed = failed_properties(Protocol { abandoned_tasks_stay_held: false, ..Protocol::new(1) });
+    assert!(failed.contains(&"never two attempts of a task at once"), "{failed:?}");
+}
+
+#[test]
+fn retiring_before_the_abandoned_workers_return_would_let_a_rescue_run_their_task_twice() {
+    let failed = failed_properties(Protocol { retire_waits_for_the_abandoned: false, ..Protocol::new(1) });
+    assert!(failed.contains(&"never two attempts of a task at once"), "{failed:?}");
 }
 
 #[test]
