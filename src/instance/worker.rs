@@ -24,6 +24,9 @@ use crate::task::TaskError;
 /// `Duration::MAX`) would put the task past what the database and the clock can hold.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(100 * 365 * 86_400);
 
+/// How long the watchdog waits for a connection to record a timed-out attempt.
+const RECORD_WAIT: Duration = Duration::from_secs(1);
+
 /// What a worker needs.
 pub(crate) struct Input {
     /// Its number in the instance (recorded on executions; a worker put in the place
@@ -243,17 +246,21 @@ fn watch(
                  {index} is abandoned (a thread cannot be killed) and another takes its place; the task runs again \
                  only once this attempt returns, or its instance is gone"
             );
+            // The place first: a record that waits for the database must not cost it.
+            handoff.task_done(timeout + grace);
+            replace(outbox);
+            // A pool the tasks hold to the last connection is not waited for long: the
+            // watchdog has other deadlines.
             let recorded =
-                instance.pool.get().map_err(Error::from).and_then(|mut conn| {
+                instance.pool.get_timeout(RECORD_WAIT).map_err(Error::from).and_then(|mut conn| {
                     tasks::record_timed_out(&mut conn, &instance.name, &record).map_err(Error::from)
                 });
             if let Err(error) = recorded {
                 log::error!(
-                    "task {id}: its timed-out attempt could not be recorded yet ({error}): it will be when it returns"
+                    "task {id}: its timed-out attempt could not be recorded yet ({error}): it will be when it returns, \
+                     or by the rescue if its instance dies first"
                 );
             }
-            handoff.task_done(timeout + grace);
-            replace(outbox);
         }),
     })
 }
