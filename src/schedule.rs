@@ -258,7 +258,9 @@ pub(crate) fn plan(ticks: &Ticks, mut after: DateTime<Utc>, now: DateTime<Utc>, 
             // Far behind: what is more than an hour old is missed in any case.
             log::warn!("a schedule is more than {MAX_WALK} ticks behind: ticks older than an hour are skipped");
             after = now - TimeDelta::hours(1);
-            skipped += walked;
+            // Everything walked so far is older than that: skipped, whatever the catch-up.
+            skipped += missed.len();
+            missed.clear();
             walked = 0;
             tick = ticks.after(after);
             continue;
@@ -378,6 +380,16 @@ mod tests {
         assert_eq!((late.enqueue.len(), late.last_tick, late.skipped), (0, Some(at("2026-11-30T11:00:00Z")), 1));
         let in_time = plan(&hourly, at("2026-11-30T10:00:00Z"), at("2026-11-30T11:00:50Z"), 0);
         assert_eq!(in_time.enqueue, [at("2026-11-30T11:00:00Z")]);
+    }
+
+    #[test]
+    fn a_schedule_of_every_second_down_for_two_days_catches_up_its_latest_ticks_without_walking_them_all() {
+        let every_second = ticks("* * * * * *", "UTC");
+        let now = at("2026-11-30T10:00:00.500Z");
+        let plan = plan(&every_second, at("2026-11-28T10:00:00Z"), now, 3);
+        let expected = ["09:59:57", "09:59:58", "09:59:59", "10:00:00"].map(|t| at(&format!("2026-11-30T{t}Z")));
+        assert_eq!((plan.enqueue, plan.last_tick), (expected.to_vec(), Some(at("2026-11-30T10:00:00Z"))));
+        assert!(plan.skipped > MAX_WALK, "{}", plan.skipped);
     }
 
     #[test]
