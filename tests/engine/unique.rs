@@ -31,33 +31,40 @@ fn holders_of(conn: &mut PgConnection, key: &str) -> Vec<(i64, serde_json::Value
         .unwrap()
 }
 
+/// Runs `insert` for each of [`CLIENTS`] clients at once (they start together, each
+/// on its own connection), [`INSERTS_PER_CLIENT`] times (`n`), and returns every result.
+fn from_every_client<T: Send + 'static>(
+    db: &TestDatabase,
+    insert: impl Fn(usize, usize, &mut PgConnection) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let (barrier, insert) = (Arc::new(Barrier::new(CLIENTS)), Arc::new(insert));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let (barrier, insert, mut conn) = (Arc::clone(&barrier), Arc::clone(&insert), db.connect());
+            thread::spawn(move || {
+                barrier.wait();
+                (0..INSERTS_PER_CLIENT).map(|n| insert(client, n, &mut conn)).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    clients.into_iter().flat_map(|c| c.join().unwrap()).collect()
+}
+
 #[test]
 fn a_unique_key_holds_under_eight_concurrent_inserting_clients_in_each_conflict_mode() {
     let db = TestDatabase::new();
     let base = Utc::now().trunc_subsecs(0) + TimeDelta::hours(1);
     for mode in [OnConflict::Keep, OnConflict::Replace, OnConflict::ReplaceParameters] {
-        let barrier = Arc::new(Barrier::new(CLIENTS));
-        let clients: Vec<_> = (0..CLIENTS)
-            .map(|client| {
-                let (barrier, mut conn) = (Arc::clone(&barrier), db.connect());
-                thread::spawn(move || {
-                    barrier.wait();
-                    (0..INSERTS_PER_CLIENT)
-                        .map(|n| {
-                            let key = format!("{mode:?}-{}", (client + n) % KEYS);
-                            let (parameters, run_at) = attempt_of(client, n, base);
-                            let task = NewTask::new(&::tasks::Echo(parameters.clone()))
-                                .unwrap()
-                                .unique_key(key.clone())
-                                .on_conflict(mode)
-                                .run_at(run_at);
-                            (key, parameters, run_at, task.upsert(&mut conn).unwrap())
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        let done: Vec<_> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+        let done = from_every_client(&db, move |client, n, conn| {
+            let key = format!("{mode:?}-{}", (client + n) % KEYS);
+            let (parameters, run_at) = attempt_of(client, n, base);
+            let task = NewTask::new(&::tasks::Echo(parameters.clone()))
+                .unwrap()
+                .unique_key(key.clone())
+                .on_conflict(mode)
+                .run_at(run_at);
+            (key, parameters, run_at, task.upsert(conn).unwrap())
+        });
 
         let mut conn = db.connect();
         for k in 0..KEYS {
@@ -203,34 +210,21 @@ fn a_key_held_while_waiting_frees_at_the_start_and_one_held_while_running_at_the
 #[test]
 fn a_unique_key_holds_under_eight_clients_inserting_in_transactions_of_which_a_third_roll_back() {
     let db = TestDatabase::new();
-    let barrier = Arc::new(Barrier::new(CLIENTS));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|client| {
-            let (barrier, mut conn) = (Arc::clone(&barrier), db.connect());
-            thread::spawn(move || {
-                barrier.wait();
-                (0..INSERTS_PER_CLIENT)
-                    .map(|n| {
-                        let key = format!("tx-{}", (client + n) % KEYS);
-                        let commits = (client + n) % 3 != 0;
-                        let task =
-                            NewTask::new(&::tasks::Echo(serde_json::json!([client, n]))).unwrap().unique_key(&key);
-                        let mut done = None;
-                        let _ = conn.transaction(|conn| {
-                            done = Some(task.upsert(conn).unwrap());
-                            if commits {
-                                Ok(())
-                            } else {
-                                Err(diesel::result::Error::RollbackTransaction)
-                            }
-                        });
-                        (key, commits, done.unwrap())
-                    })
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    let done: Vec<_> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    let done = from_every_client(&db, |client, n, conn| {
+        let key = format!("tx-{}", (client + n) % KEYS);
+        let commits = (client + n) % 3 != 0;
+        let task = NewTask::new(&::tasks::Echo(serde_json::json!([client, n]))).unwrap().unique_key(&key);
+        let mut done = None;
+        let _ = conn.transaction(|conn| {
+            done = Some(task.upsert(conn).unwrap());
+            if commits {
+                Ok(())
+            } else {
+                Err(diesel::result::Error::RollbackTransaction)
+            }
+        });
+        (key, commits, done.unwrap())
+    });
     let mut conn = db.connect();
     for k in 0..KEYS {
         let key = format!("tx-{k}");
