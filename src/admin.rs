@@ -6,7 +6,7 @@
 use diesel::prelude::*;
 
 use crate::db::models::status;
-use crate::db::{channel, operator};
+use crate::db::{channel, maintenance, operator};
 use crate::error::Error;
 
 /// What [`cancel`] did.
@@ -129,7 +129,7 @@ pub fn prune(conn: &mut PgConnection, older_than: std::time::Duration, batch: i6
     let batch = batch.max(1);
     let mut deleted = 0u64;
     loop {
-        let n = operator::prune_batch(conn, older_than, batch)?;
+        let n = maintenance::prune_batch(conn, older_than, batch)?;
         deleted += n as u64;
         if (n as i64) < batch {
             return Ok(deleted);

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::db::connect::{PgPool, PooledConnection};
-use crate::db::tasks;
+use crate::db::progress;
 use crate::error::Error;
 
 /// The least time between two writes of a task's progress or checkpoint: a task may
@@ -141,7 +141,7 @@ impl TaskContext {
         let mut reported = self.reported();
         self.write(&mut reported)?;
         drop(reported);
-        let Some(value) = tasks::checkpoint(&mut *self.connection()?, self.task_id)? else { return Ok(None) };
+        let Some(value) = progress::checkpoint(&mut *self.connection()?, self.task_id)? else { return Ok(None) };
         serde_json::from_value(value).map(Some).map_err(|e| {
             Error::InvalidValue(format!("the checkpoint of task type `{}` does not fit: {e}", self.task_type))
         })
@@ -168,7 +168,7 @@ impl TaskContext {
         let checkpoint = reported.checkpoint.take();
         reported.last_write = Some(Instant::now());
         let progress = progress.as_ref().map(|(p, m)| (*p, m.as_str()));
-        tasks::record_progress(&mut *self.connection()?, self.task_id, self.attempt, progress, checkpoint.as_ref())?;
+        progress::record_progress(&mut *self.connection()?, self.task_id, self.attempt, progress, checkpoint.as_ref())?;
         Ok(())
     }
 }

@@ -7,7 +7,7 @@ use chrono::{DateTime, Datelike, Utc};
 use diesel::{Connection, PgConnection};
 
 use crate::db::micros;
-use crate::db::tasks::{self, TaskInsert};
+use crate::db::insert::{self, TaskInsert};
 use crate::db::unique;
 use crate::error::Error;
 use crate::registry::Registry;
@@ -305,7 +305,7 @@ impl NewTask {
         if self.unique_key.is_some() {
             return Ok(conn.transaction(|conn| insert_unique(conn, &[self]))?[0]);
         }
-        let ids = tasks::insert_tasks(conn, &[self.as_insert()])?;
+        let ids = insert::insert_tasks(conn, &[self.as_insert()])?;
         Ok(Upserted::Inserted(ids[0]))
     }
 
@@ -319,7 +319,7 @@ impl NewTask {
                 self.task_type
             )));
         }
-        Ok(tasks::insert_copies(conn, &self.as_insert(), i64::from(count))?)
+        Ok(insert::insert_copies(conn, &self.as_insert(), i64::from(count))?)
     }
 }
 
@@ -342,14 +342,14 @@ pub fn enqueue_many(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<Vec<i6
         tasks.iter().enumerate().partition(|(_, t)| t.unique_key.is_some());
     if unique.is_empty() {
         let inserts: Vec<TaskInsert<'_>> = tasks.iter().map(NewTask::as_insert).collect();
-        return Ok(tasks::insert_tasks(conn, &inserts)?);
+        return Ok(insert::insert_tasks(conn, &inserts)?);
     }
     // One transaction (a savepoint inside the caller's): all or nothing.
     conn.transaction(|conn| {
         let mut ids = vec![0; tasks.len()];
         if !plain.is_empty() {
             let inserts: Vec<TaskInsert<'_>> = plain.iter().map(|(_, t)| t.as_insert()).collect();
-            for ((i, _), id) in plain.iter().zip(tasks::insert_tasks(conn, &inserts)?) {
+            for ((i, _), id) in plain.iter().zip(insert::insert_tasks(conn, &inserts)?) {
                 ids[*i] = id;
             }
         }

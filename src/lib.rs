@@ -8,6 +8,7 @@
 // and `db` (every SQL statement, and diesel's schema and models); `error` for all.
 
 mod admin;
+mod attempt;
 mod context;
 mod db;
 mod enqueue;

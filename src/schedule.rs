@@ -15,7 +15,7 @@ use croner::Cron;
 use diesel::{Connection, PgConnection};
 
 use crate::db::schedules::{self, ScheduleRow};
-use crate::db::tasks::{self, TaskInsert};
+use crate::db::insert::{self, TaskInsert};
 use crate::error::Error;
 use crate::registry::Registry;
 use crate::task::Task;
@@ -340,7 +340,7 @@ fn fire(conn: &mut PgConnection, name: &str, now: DateTime<Utc>) -> Result<usize
         })
         .collect();
     if !inserts.is_empty() {
-        tasks::insert_tasks(conn, &inserts)?;
+        insert::insert_tasks(conn, &inserts)?;
     }
     schedules::record_tick(conn, name, last_tick)?;
     Ok(inserts.len())

@@ -9,7 +9,7 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The library's modules by path (`db::tasks`; `crate` for lib.rs), with their text.
+/// The library's modules by path (`db::claim`; `crate` for lib.rs), with their text.
 fn library_modules() -> BTreeMap<String, String> {
     fn walk(dir: &Path, prefix: &[String], out: &mut BTreeMap<String, String>) {
         for entry in std::fs::read_dir(dir).unwrap() {

@@ -6,7 +6,7 @@
 //! task's time limit (their thread runs on until the task returns).
 //!
 //! The model is of the protocol, not of the code: each action is one statement or one
-//! decision of the engine (`db/tasks.rs`, `instance/`), named after it. It checks:
+//! decision of the engine (`db/`, `instance/`), named after it. It checks:
 //!
 //! - never two attempts of a task running at once, by the runs themselves (not by the
 //!   executions table);

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use diesel::connection::SimpleConnection;
 use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::{Connection, PgConnection};
+use diesel::{Connection, PgConnection, QueryResult};
 
 use crate::error::Error;
 
@@ -129,6 +130,18 @@ pub fn redact_url(url: &str) -> String {
         rest = remaining.trim_start();
     }
     out
+}
+
+/// How long the producer's and the completer's statements may wait for a row another
+/// session holds locked: then the statement fails. The completer then sets aside the
+/// attempts whose rows are locked ([`locked_by_others`](crate::db::completion::locked_by_others)) and records the others; a
+/// give-back that fails leaves its tasks to the rescue.
+pub(crate) const ROW_LOCK_WAIT: Duration = Duration::from_secs(1);
+
+/// Bounds this session's lock waits by [`ROW_LOCK_WAIT`] (the producer's connection;
+/// the completer's gets it from [`prepare_completer_session`](crate::db::completion::prepare_completer_session)).
+pub(crate) fn bound_lock_waits(conn: &mut PgConnection) -> QueryResult<()> {
+    conn.batch_execute(&format!("SET lock_timeout = {}", ROW_LOCK_WAIT.as_millis()))
 }
 
 #[cfg(test)]

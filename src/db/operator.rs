@@ -50,27 +50,6 @@ pub(crate) fn request_cancel(conn: &mut PgConnection, task_id: i64) -> QueryResu
         .map(drop)
 }
 
-/// Deletes at most `batch` finished tasks (`stopped`, `failed`, `cancelled`) last
-/// updated more than `older_than` ago, locking those rows; the cascade trigger deletes
-/// their executions. The outer condition repeats the inner one: a task retried while
-/// the delete waited for its row is checked again as it now is, and kept. Returns how
-/// many tasks it deleted.
-pub(crate) fn prune_batch(conn: &mut PgConnection, older_than: Duration, batch: i64) -> QueryResult<usize> {
-    diesel::sql_query(
-        "DELETE FROM tasks
-         WHERE id = ANY(ARRAY(
-                 SELECT id FROM tasks
-                 WHERE status IN ('stopped', 'failed', 'cancelled')
-                   AND updated_at < now() - $1 * interval '1 microsecond'
-                 LIMIT $2))
-           AND status IN ('stopped', 'failed', 'cancelled')
-           AND updated_at < now() - $1 * interval '1 microsecond'",
-    )
-    .bind::<BigInt, _>(micros(older_than))
-    .bind::<BigInt, _>(batch)
-    .execute(conn)
-}
-
 /// Which tasks a bulk action takes, besides their status: `None` matches any.
 pub(crate) struct Matching<'a> {
     pub task_type: Option<&'a str>,

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
 
-use crate::db::tasks::TaskInsert;
+use crate::db::insert::TaskInsert;
 
 /// The predicate of `tasks_unique_key_idx`, spelled as the migration spells it (an
 /// `ON CONFLICT` target must repeat it to use the index).

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use diesel::PgConnection;
 
 use crate::db::connect::{connect, ping};
-use crate::db::tasks::{self, Completion, Outcome};
+use crate::attempt::{Completion, Outcome};
+use crate::db::completion;
 use crate::error::Error;
 use crate::instance::in_flight::InFlight;
 use crate::instance::scheduler::Timer;
@@ -226,7 +227,7 @@ pub(crate) fn run(input: Input) {
 
 fn open(url: &str) -> Result<PgConnection, Error> {
     let mut conn = connect(url)?;
-    tasks::prepare_completer_session(&mut conn)?;
+    completion::prepare_completer_session(&mut conn)?;
     Ok(conn)
 }
 
@@ -260,7 +261,7 @@ impl Recorder<'_> {
                 // A sound connection means the statement failed on its rows.
                 let locked = self.conn.as_mut().and_then(|conn| {
                     ping(conn).ok()?;
-                    tasks::locked_by_others(conn, &batch).ok()
+                    completion::locked_by_others(conn, &batch).ok()
                 });
                 let Some(locked) = locked else {
                     // The database is away: the same batch again, after a pause.
@@ -299,7 +300,7 @@ impl Recorder<'_> {
             Some(conn) => conn,
             None => self.conn.insert(open(&self.input.database_url)?),
         };
-        tasks::complete(conn, batch)?;
+        completion::complete(conn, batch)?;
         Ok(())
     }
 

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::db::tasks::ClaimedTask;
+use crate::attempt::ClaimedTask;
 use crate::instance::lock;
 
 #[derive(Debug, Default)]

@@ -1,7 +1,7 @@
 //! The producer: claims runnable tasks of its queue for the idle workers of its lane
 //! (and a buffer), as many as there is room for in one statement, and puts them in the
 //! lane's hand-off. Workers never ask the database for work. A queue with limits is
-//! claimed under its row lock ([`tasks::claim_limited`]); the producer learns that it
+//! claimed under its row lock ([`claim::claim_limited`]); the producer learns that it
 //! has limits from a plain claim, which then claims nothing.
 //!
 //! It also tells inserters whether to notify: while the instance is idle, its
@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use diesel::PgConnection;
 
 use crate::db::connect::{connect, ping};
-use crate::db::{channel, tasks};
+use crate::attempt::ClaimedTask;
+use crate::db::{channel, claim, completion};
 use crate::error::Error;
 use crate::instance::backoff;
 use crate::instance::handoff::{Drained, Handoff, Next};
@@ -197,7 +198,7 @@ pub(crate) fn run(input: Input) {
                 producer.input.handoff.wake(1);
             }
             Next::Claim(demand) => match producer.claim(demand.count) {
-                Ok((tasks::Claim { tasks: claimed, more, .. }, sent_at)) => {
+                Ok((claim::Claim { tasks: claimed, more, .. }, sent_at)) => {
                     failures = 0;
                     let found = claimed.len();
                     producer.count(&claimed);
@@ -260,11 +261,11 @@ impl Producer {
     fn conn(&mut self) -> Result<&mut PgConnection, Error> {
         if self.conn.is_none() {
             let mut conn = connect(&self.input.database_url)?;
-            tasks::prepare_claimer_session(&mut conn)?;
+            claim::prepare_claimer_session(&mut conn)?;
             // Prepare the claim with a claim of nothing: a real claim is then one round
             // trip, and its `now()` (the executions' start) follows its sending closely,
             // as the time its tasks spend in the hand-off assumes.
-            tasks::claim(&mut conn, &self.lane(), 0)?;
+            claim::claim(&mut conn, &self.lane(), 0)?;
             self.conn = Some(conn);
             self.set_holding(false);
         }
@@ -272,9 +273,9 @@ impl Producer {
     }
 
     /// Its claims' description, as of now.
-    fn lane(&self) -> tasks::LaneClaim<'_> {
+    fn lane(&self) -> claim::LaneClaim<'_> {
         let input = &self.input;
-        tasks::LaneClaim {
+        claim::LaneClaim {
             instance: &input.instance,
             queue: &input.queue,
             task_types: &input.task_types,
@@ -297,13 +298,13 @@ impl Producer {
     /// Claims up to `count` tasks; also returns when the statement was sent (after
     /// connecting, if it had to), which the tasks' time in the hand-off and the claim's
     /// round trip count from.
-    fn claim(&mut self, count: usize) -> Result<(tasks::Claim, Instant), Error> {
+    fn claim(&mut self, count: usize) -> Result<(claim::Claim, Instant), Error> {
         self.pace.claiming(Instant::now());
         let limit = i64::try_from(count).unwrap_or(i64::MAX);
         self.conn()?;
         let (conn, input) = (self.conn.as_mut().expect("connected"), &self.input);
         let sent_at = Instant::now();
-        let lane = tasks::LaneClaim {
+        let lane = claim::LaneClaim {
             instance: &input.instance,
             queue: &input.queue,
             task_types: &input.task_types,
@@ -311,10 +312,10 @@ impl Producer {
             fair: self.fair,
         };
         let mut claim =
-            if self.limited { tasks::claim_limited(conn, &lane, limit)? } else { tasks::claim(conn, &lane, limit)? };
+            if self.limited { claim::claim_limited(conn, &lane, limit)? } else { claim::claim(conn, &lane, limit)? };
         if claim.limited && !self.limited {
             // Limits were set on the queue: a plain claim of it claims nothing.
-            claim = tasks::claim_limited(conn, &lane, limit)?;
+            claim = claim::claim_limited(conn, &lane, limit)?;
         }
         self.limited = claim.limited;
         if let Some(key) = claim.last_key.take() {
@@ -330,7 +331,7 @@ impl Producer {
         Ok((claim, sent_at))
     }
 
-    fn count(&self, claimed: &[tasks::ClaimedTask]) {
+    fn count(&self, claimed: &[ClaimedTask]) {
         let stats = &self.input.stats;
         stats.claims.fetch_add(1, Ordering::Relaxed);
         stats.claimed_tasks.fetch_add(claimed.len() as u64, Ordering::Relaxed);
@@ -370,20 +371,20 @@ impl Producer {
     /// Gives back tasks claimed but never started (the instance is stopping, or they
     /// waited too long for a worker). If the database is away they stay running here
     /// and are rescued as lost attempts later.
-    fn give_back(&mut self, claimed: Vec<tasks::ClaimedTask>, why: &str) {
+    fn give_back(&mut self, claimed: Vec<ClaimedTask>, why: &str) {
         if claimed.is_empty() {
             return;
         }
         // A release that waited too long for a locked row is tried again, twice: tasks
         // not given back are rescued later, with an attempt used.
         let instance = self.input.instance.clone();
-        let mut released = self.conn().and_then(|conn| Ok(tasks::release(conn, &instance, &claimed)?));
+        let mut released = self.conn().and_then(|conn| Ok(completion::release(conn, &instance, &claimed)?));
         for _ in 0..2 {
             if released.is_ok() || !self.conn.as_mut().is_some_and(|conn| ping(conn).is_ok()) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
-            released = self.conn().and_then(|conn| Ok(tasks::release(conn, &instance, &claimed)?));
+            released = self.conn().and_then(|conn| Ok(completion::release(conn, &instance, &claimed)?));
         }
         match released {
             Ok(n) => {

@@ -16,14 +16,14 @@ use std::time::Duration;
 use diesel::PgConnection;
 
 use crate::db::instances;
-use crate::db::tasks::{self, Lost};
+use crate::db::rescue::{self as statements, Lost};
 use crate::error::Error;
 use crate::instance::in_flight::InFlight;
 
 /// Puts back what a previous instance of this name left running; returns how many
 /// tasks wait again.
 pub(crate) fn previous_self(conn: &mut PgConnection, instance: &str, lease: Duration) -> Result<usize, Error> {
-    Ok(tasks::rescue(conn, Lost::PreviousSelf, instance, lease, &[])?)
+    Ok(statements::rescue(conn, Lost::PreviousSelf, instance, lease, &[])?)
 }
 
 /// One pass: this instance's ghosts, and the tasks of dead instances if it may judge
@@ -36,9 +36,9 @@ pub(crate) fn pass(
     in_flight: &InFlight,
     judge_others: bool,
 ) -> Result<usize, Error> {
-    let mut rescued = tasks::rescue(conn, Lost::OwnGhosts, instance, lease, &in_flight.ids())?;
+    let mut rescued = statements::rescue(conn, Lost::OwnGhosts, instance, lease, &in_flight.ids())?;
     if judge_others {
-        rescued += tasks::rescue(conn, Lost::Dead, instance, lease, &[])?;
+        rescued += statements::rescue(conn, Lost::Dead, instance, lease, &[])?;
         instances::forget_long_dead(conn, lease)?;
     }
     Ok(rescued)

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::db::connect::PgPool;
-use crate::db::tasks;
+use crate::db::claim;
 use crate::error::Error;
 use crate::instance::lanes::Lanes;
 use crate::instance::{backoff, lock};
@@ -133,10 +133,10 @@ pub(crate) fn run(input: Input) {
     log::debug!("scheduler stopped");
 }
 
-fn look(input: &Input) -> Result<tasks::Due, Error> {
+fn look(input: &Input) -> Result<claim::Due, Error> {
     let mut conn = input.pool.get()?;
     let workers = i64::try_from(input.lanes.capacity()).unwrap_or(i64::MAX);
-    Ok(tasks::due(&mut conn, &input.lanes.queues(), &input.task_types, workers)?)
+    Ok(claim::due(&mut conn, &input.lanes.queues(), &input.task_types, workers)?)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use diesel::PgConnection;
 
 use crate::db::connect::connect;
-use crate::db::tasks;
+use crate::db::maintenance;
 use crate::instance::producer;
 use crate::instance::shutdown::Shutdown;
 
@@ -68,7 +68,7 @@ pub(crate) fn run(input: Input) {
         }
         let c = conn.as_mut().expect("connected");
         let started = Instant::now();
-        match tasks::vacuum(c) {
+        match maintenance::vacuum(c) {
             Ok(true) => {
                 input.stats.vacuums.fetch_add(1, Ordering::Relaxed);
                 log::debug!("VACUUM tasks took {:?}", started.elapsed());

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::context::{InstanceHandle, TaskContext};
-use crate::db::tasks::{self, ClaimedTask, Completion, Outcome};
+use crate::attempt::{ClaimedTask, Completion, Outcome};
+use crate::db::completion;
 use crate::error::Error;
 use crate::instance::completer::Outbox;
 use crate::instance::handoff::Handoff;
@@ -123,7 +124,7 @@ pub(crate) fn run(input: Input) {
 /// the task is moved on as a timed-out attempt is, whatever it returned.
 fn release_abandoned(input: &Input, completion: &Completion, retry: Option<Duration>) {
     let released = input.instance.pool.get().map_err(Error::from).and_then(|mut conn| {
-        tasks::release_abandoned(&mut conn, &input.instance.name, completion, retry).map_err(Error::from)
+        completion::release_abandoned(&mut conn, &input.instance.name, completion, retry).map_err(Error::from)
     });
     if let Err(error) = released {
         log::error!(
@@ -253,7 +254,7 @@ fn watch(
             // watchdog has other deadlines.
             let recorded =
                 instance.pool.get_timeout(RECORD_WAIT).map_err(Error::from).and_then(|mut conn| {
-                    tasks::record_timed_out(&mut conn, &instance.name, &record).map_err(Error::from)
+                    completion::record_timed_out(&mut conn, &instance.name, &record).map_err(Error::from)
                 });
             if let Err(error) = recorded {
                 log::error!(

@@ -1,0 +1,326 @@
+//! The end of an attempt in SQL: the completion of a batch of outcomes, the release of
+//! claims that never started, and the records of attempts abandoned past their time
+//! limit. Each moves its tasks in one statement (or one transaction) and writes the
+//! attempt's execution in the same one, so a crash never leaves an attempt half-recorded.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
+
+use crate::attempt::{ClaimedTask, Completion, Outcome};
+use crate::db::connect::bound_lock_waits;
+use crate::db::micros;
+use crate::db::prepared::Prepared;
+
+/// The statement of [`complete`].
+const COMPLETE: &str = "WITH moved AS (
+             UPDATE tasks t
+             SET status = CASE WHEN t.cancel_requested_at IS NOT NULL AND d.status <> 'stopped' THEN 'cancelled'
+                               WHEN d.status = 'snoozed' THEN 'waiting' ELSE d.status END,
+                 -- A snooze uses no attempt: one more is allowed.
+                 max_attempts = t.max_attempts + CASE WHEN d.status = 'snoozed' THEN 1 ELSE 0 END,
+                 -- Back to waiting, a task that held its key only while waiting lets it go:
+                 -- a newer task may hold it now (migration 16).
+                 unique_scope = CASE WHEN d.status IN ('waiting', 'snoozed') AND t.unique_key IS NOT NULL
+                                      AND t.unique_scope = 'waiting' THEN 'released' ELSE t.unique_scope END,
+                 run_at = CASE WHEN d.delay_us IS NULL THEN t.run_at
+                               ELSE now() + d.delay_us * interval '1 microsecond' END,
+                 updated_at = now()
+             FROM unnest($2::bigint[], $3::int[], $6::text[], $9::bigint[]) AS d(task_id, attempt, status, delay_us)
+             -- `IS NOT DISTINCT FROM` (status is never null: the same as `=`) does not let
+             -- the planner prove the predicate of tasks_running_idx: statistics taken while
+             -- nothing ran make that index look empty, and a walk of every running task,
+             -- each checked against the whole batch, costs the square of the batch.
+             WHERE t.id = ANY($2) AND t.id = d.task_id AND t.attempts = d.attempt
+               AND t.status IS NOT DISTINCT FROM 'running'
+             RETURNING t.id, t.instance, t.run_at
+         ), notified AS (
+             -- Under a queue's limit (`$12`), each recorded attempt freed a place: wake the
+             -- instances that found the queue full, in this statement's commit.
+             SELECT pg_notify(task_engine_channel(), json_build_object('ready', count(*))::text)
+             FROM moved WHERE $12 HAVING count(*) > 0
+         )
+         INSERT INTO task_executions (id, task_id, attempt, started_at, stopped_at, result, error, instance, worker,
+                                      snoozed_until)
+         SELECT d.execution_id, d.task_id, d.attempt,
+                d.claimed_at + d.queued_us * interval '1 microsecond',
+                d.claimed_at + (d.queued_us + d.elapsed_us) * interval '1 microsecond',
+                d.result, d.error, m.instance, d.worker,
+                CASE WHEN d.status = 'snoozed' THEN m.run_at END
+         FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[], $7::jsonb[], $8::text[],
+                     $10::bigint[], $11::timestamptz[], $6::text[])
+              AS d(execution_id, task_id, attempt, worker, elapsed_us, result, error, queued_us, claimed_at, status)
+         JOIN moved m ON m.id = d.task_id
+         -- Reading `notified` is what runs its pg_notify (once, before the first row).
+         WHERE (SELECT count(*) FROM notified) >= 0";
+
+/// Records finished attempts, in one statement: moves each task still running that
+/// attempt to the outcome's state, and writes the attempt's execution (start, end,
+/// result or error, instance, worker); a task an operator cancelled while it ran ends
+/// `cancelled` unless the attempt succeeded; under a queue's limit, notifies the
+/// instances that a place is free. Locks the batch's task rows. An attempt
+/// whose task is no longer running it (the rescue took it, and wrote its execution as
+/// lost, in one statement) changes nothing and writes nothing, so each attempt has one
+/// execution. Returns how many attempts were recorded.
+///
+/// Run it on a connection set up by [`prepare_completer_session`]: there the plan finds
+/// the batch's tasks by primary key and joins by hash (or merge) whatever the
+/// statistics and the batch's size, so the statement can stay prepared, with a generic
+/// plan, and is not planned again for every batch.
+pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> QueryResult<usize> {
+    let n = completions.len();
+    let mut queued_us = Vec::with_capacity(n);
+    let claimed_at: Vec<DateTime<Utc>> = completions.iter().map(|c| c.claimed_at).collect();
+    let (mut execution_ids, mut task_ids, mut attempts, mut workers, mut elapsed_us) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut statuses, mut results, mut errors, mut delays_us) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for c in completions {
+        execution_ids.push(c.execution_id);
+        task_ids.push(c.task_id);
+        attempts.push(c.attempt);
+        workers.push(c.worker);
+        elapsed_us.push(micros(c.elapsed));
+        queued_us.push(micros(c.queued));
+        let (status, result, error, delay) = match &c.outcome {
+            Outcome::Succeeded(result) => ("stopped", Some(result), None, None),
+            Outcome::Failed(error) => ("failed", None, Some(error.as_str()), None),
+            Outcome::Retry { error, delay } => ("waiting", None, Some(error.as_str()), Some(micros(*delay))),
+            Outcome::Snoozed { delay } => ("snoozed", None, None, Some(micros(*delay))),
+        };
+        statuses.push(status);
+        results.push(result);
+        errors.push(error);
+        delays_us.push(delay);
+    }
+    Prepared(
+        diesel::sql_query(COMPLETE)
+            .bind::<Array<BigInt>, _>(execution_ids)
+            .bind::<Array<BigInt>, _>(task_ids)
+            .bind::<Array<Integer>, _>(attempts)
+            .bind::<Array<Integer>, _>(workers)
+            .bind::<Array<BigInt>, _>(elapsed_us)
+            .bind::<Array<Text>, _>(statuses)
+            .bind::<Array<Nullable<Jsonb>>, _>(results)
+            .bind::<Array<Nullable<Text>>, _>(errors)
+            .bind::<Array<Nullable<BigInt>>, _>(delays_us)
+            .bind::<Array<BigInt>, _>(queued_us)
+            .bind::<Array<Timestamptz>, _>(claimed_at)
+            .bind::<Bool, _>(completions.iter().any(|c| c.frees_a_place)),
+    )
+    .execute(conn)
+}
+
+/// Sets up the completer's own connection for [`complete`]: with sequential scans and
+/// nested loops off (and JIT, as for the claim), the planner finds the batch's rows through the primary keys
+/// (`id = ANY(...)`) and joins them by hash even while stale statistics make a scan of
+/// the whole table look cheap; its lock waits are bounded by [`ROW_LOCK_WAIT`](crate::db::connect::ROW_LOCK_WAIT). Changes
+/// this session's settings only.
+pub(crate) fn prepare_completer_session(conn: &mut PgConnection) -> QueryResult<()> {
+    conn.batch_execute("SET enable_seqscan = off; SET enable_nestloop = off; SET jit = off")?;
+    bound_lock_waits(conn)
+}
+
+/// The tasks of `completions` whose row another session holds locked now. Tries to
+/// lock each with `SKIP LOCKED` for this statement only (its locks end with it), and
+/// waits for none.
+pub(crate) fn locked_by_others(conn: &mut PgConnection, completions: &[Completion]) -> QueryResult<Vec<i64>> {
+    #[derive(QueryableByName)]
+    struct Locked {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let task_ids: Vec<i64> = completions.iter().map(|c| c.task_id).collect();
+    let locked: Vec<Locked> = diesel::sql_query(
+        "WITH t AS (SELECT id FROM tasks WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)
+         SELECT x.id FROM tasks x WHERE x.id = ANY($1) AND x.id NOT IN (SELECT id FROM t)",
+    )
+    .bind::<Array<BigInt>, _>(task_ids)
+    .load(conn)?;
+    Ok(locked.into_iter().map(|l| l.id).collect())
+}
+
+/// Undoes the claims of tasks that never started (the instance is stopping, or they
+/// waited too long for a worker): puts the tasks `instance` still runs that attempt of
+/// back to waiting with the attempt given back (or `cancelled`, if a cancel came
+/// meanwhile), locking those task rows; no execution was written for them. Notifies
+/// the engine's channel, so that sleeping instances wake (an update fires no insert
+/// trigger). Returns how many tasks wait again.
+pub(crate) fn release(conn: &mut PgConnection, instance: &str, claimed: &[ClaimedTask]) -> QueryResult<usize> {
+    #[derive(QueryableByName)]
+    struct Released {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let ids: Vec<i64> = claimed.iter().map(|t| t.id).collect();
+    let attempts: Vec<i32> = claimed.iter().map(|t| t.attempt).collect();
+    let released: Released = diesel::sql_query(
+        "WITH moved AS (
+             UPDATE tasks t
+             SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'waiting' END,
+                 attempts = t.attempts - 1, updated_at = now(),
+                 -- A newer task may hold the key it held only while waiting.
+                 unique_scope = CASE WHEN t.unique_key IS NOT NULL AND t.unique_scope = 'waiting' THEN 'released'
+                                     ELSE t.unique_scope END
+             FROM unnest($1::bigint[], $2::int[]) AS g(id, attempt)
+             WHERE t.id = ANY($1) AND t.id = g.id
+               AND t.status = 'running' AND t.attempts = g.attempt AND t.instance = $3
+             RETURNING t.id
+         ), counted AS (
+             SELECT count(*) AS n FROM moved
+         ), notified AS (
+             SELECT pg_notify(task_engine_channel(), json_build_object('ready', n)::text) FROM counted WHERE n > 0
+         )
+         -- Reading `notified` (in the select list, where no join removal drops it) is
+         -- what runs its pg_notify.
+         SELECT n, (SELECT count(*) FROM notified) AS notifications FROM counted",
+    )
+    .bind::<Array<BigInt>, _>(ids)
+    .bind::<Array<Integer>, _>(attempts)
+    .bind::<Text, _>(instance)
+    .get_result(conn)?;
+    Ok(usize::try_from(released.n).unwrap_or(0))
+}
+
+/// Records an attempt that passed its time limit and grace without returning (its
+/// worker abandoned): writes its execution, with `completion`'s error, if `instance`
+/// still runs that attempt and it has none yet. The task stays `running` here: it must
+/// not run again while the abandoned thread may still run it. Locks nothing (it reads
+/// the task's row; the execution's id, taken at the claim, makes a second write a
+/// no-op).
+pub(crate) fn record_timed_out(conn: &mut PgConnection, instance: &str, completion: &Completion) -> QueryResult<bool> {
+    let error = match &completion.outcome {
+        Outcome::Failed(error) | Outcome::Retry { error, .. } => error.as_str(),
+        _ => "timed out",
+    };
+    let written = diesel::sql_query(
+        "INSERT INTO task_executions (id, task_id, attempt, started_at, stopped_at, error, instance, worker)
+         SELECT $1, t.id, t.attempts, $4 + $5 * interval '1 microsecond', now(), $6, t.instance, $7
+         FROM tasks t
+         WHERE t.id = $2 AND t.attempts = $3 AND t.status = 'running' AND t.instance = $8
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind::<BigInt, _>(completion.execution_id)
+    .bind::<BigInt, _>(completion.task_id)
+    .bind::<Integer, _>(completion.attempt)
+    .bind::<Timestamptz, _>(completion.claimed_at)
+    .bind::<BigInt, _>(micros(completion.queued))
+    .bind::<Text, _>(error)
+    .bind::<Integer, _>(completion.worker)
+    .bind::<Text, _>(instance)
+    .execute(conn)?;
+    Ok(written == 1)
+}
+
+/// Moves on a task whose abandoned attempt ([`record_timed_out`]) has returned at
+/// last: back to waiting after `retry` (a newer task may hold a key it held while
+/// waiting), `failed` without one, `cancelled` if an operator asked; writes the
+/// attempt's execution first if the watchdog could not. Notifies the engine's channel.
+/// In one transaction; locks the task's row.
+pub(crate) fn release_abandoned(
+    conn: &mut PgConnection,
+    instance: &str,
+    completion: &Completion,
+    retry: Option<Duration>,
+) -> QueryResult<()> {
+    conn.transaction(|conn| {
+        record_timed_out(conn, instance, completion)?;
+        diesel::sql_query(
+            "WITH moved AS (
+                 UPDATE tasks t
+                 SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                                   WHEN $4::bigint IS NULL THEN 'failed' ELSE 'waiting' END,
+                     run_at = CASE WHEN $4::bigint IS NULL THEN t.run_at
+                                   ELSE now() + $4 * interval '1 microsecond' END,
+                     unique_scope = CASE WHEN t.unique_key IS NOT NULL AND t.unique_scope = 'waiting'
+                                         THEN 'released' ELSE t.unique_scope END,
+                     updated_at = now()
+                 WHERE t.id = $1 AND t.attempts = $2 AND t.status = 'running' AND t.instance = $3
+                 RETURNING t.status, t.run_at
+             )
+             SELECT pg_notify(task_engine_channel(), json_build_object(
+                        'ready', count(*),
+                        'next_in', extract(epoch FROM min(run_at) FILTER (WHERE status = 'waiting') - now())
+                    )::text)::text AS sent
+             FROM moved HAVING count(*) > 0",
+        )
+        .bind::<BigInt, _>(completion.task_id)
+        .bind::<Integer, _>(completion.attempt)
+        .bind::<Text, _>(instance)
+        .bind::<Nullable<BigInt>, _>(retry.map(micros))
+        .execute(conn)
+        .map(drop)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    /// A claimer of the queue `default`.
+    fn lane<'a>(instance: &'a str, task_types: &'a [&'a str]) -> LaneClaim<'a> {
+        LaneClaim { instance, queue: "default", task_types, after_key: "", fair: false }
+    }
+
+    use super::*;
+    use crate::db::claim::{claim, LaneClaim};
+
+    #[derive(QueryableByName)]
+    struct PlanLine {
+        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
+        line: String,
+    }
+
+    /// The completion's plan stays linear in its batch with the statistics a queue
+    /// has: taken while every task waited and no attempt ran.
+    #[test]
+    fn the_completion_finds_its_rows_by_key_and_joins_them_by_hash_whatever_the_statistics() {
+        let db = test_db::TestDatabase::new();
+        let mut conn = db.connect();
+        conn.batch_execute(
+            "INSERT INTO tasks (task_class, status) SELECT 'noop', 'stopped' FROM generate_series(1, 20000);
+             INSERT INTO task_executions (task_id, attempt, started_at, stopped_at, instance, worker)
+                 SELECT id, 1, now(), now(), 'old', 0 FROM tasks;
+             INSERT INTO tasks (task_class) SELECT 'noop' FROM generate_series(1, 5000);
+             ANALYZE tasks; ANALYZE task_executions;",
+        )
+        .unwrap();
+        let claimed = claim(&mut conn, &lane("i", &["noop"]), 300).unwrap().tasks;
+        assert_eq!(claimed.len(), 300);
+
+        let mut session = db.connect();
+        prepare_completer_session(&mut session).unwrap();
+        let n = claimed.len();
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            session.batch_execute(&format!("BEGIN; SET LOCAL plan_cache_mode = {mode}")).unwrap();
+            let plan: Vec<PlanLine> = diesel::sql_query(format!("EXPLAIN (ANALYZE, COSTS OFF) {COMPLETE}"))
+                .bind::<Array<BigInt>, _>(claimed.iter().map(|t| t.execution_id).collect::<Vec<_>>())
+                .bind::<Array<BigInt>, _>(claimed.iter().map(|t| t.id).collect::<Vec<_>>())
+                .bind::<Array<Integer>, _>(vec![1; n])
+                .bind::<Array<Integer>, _>(vec![0; n])
+                .bind::<Array<BigInt>, _>(vec![10i64; n])
+                .bind::<Array<Text>, _>(vec!["stopped"; n])
+                .bind::<Array<Nullable<Jsonb>>, _>(vec![Some(serde_json::Value::Null); n])
+                .bind::<Array<Nullable<Text>>, _>(vec![None::<String>; n])
+                .bind::<Array<Nullable<BigInt>>, _>(vec![None::<i64>; n])
+                .bind::<Array<BigInt>, _>(vec![5i64; n])
+                .bind::<Array<Timestamptz>, _>(claimed.iter().map(|t| t.claimed_at).collect::<Vec<_>>())
+                .bind::<Bool, _>(false)
+                .load(&mut session)
+                .unwrap();
+            session.batch_execute("ROLLBACK").unwrap();
+            let plan = plan.into_iter().map(|p| p.line).collect::<Vec<_>>().join("\n");
+            for bad in ["Seq Scan", "Nested Loop", "Rows Removed by Join Filter", "tasks_running_idx"] {
+                assert!(!plan.contains(bad), "{mode}: the completion's plan has a {bad}:\n{plan}");
+            }
+            assert!(plan.contains("tasks_pkey"), "{mode}:\n{plan}");
+        }
+    }
+}
