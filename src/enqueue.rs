@@ -6,8 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Datelike, Utc};
 use diesel::{Connection, PgConnection};
 
-use crate::db::micros;
 use crate::db::insert::{self, TaskInsert};
+use crate::db::micros;
 use crate::db::unique;
 use crate::error::Error;
 use crate::registry::Registry;

@@ -17,10 +17,10 @@ use crate::instance::heartbeat::{self, Alive, Heartbeat};
 use crate::instance::in_flight::InFlight;
 use crate::instance::lanes::{Lane, Lanes};
 use crate::instance::listener::{self, Listener};
-use crate::instance::scheduler::{self, Timer};
 use crate::instance::shutdown::Shutdown;
+use crate::instance::timer::{self, Timer};
 use crate::instance::watchdog::Watchdog;
-use crate::instance::{clock, completer, producer, vacuum};
+use crate::instance::{completer, cron, producer, vacuum};
 use crate::registry::Registry;
 use crate::schedule::{add_schedule, Schedule};
 use crate::task::DEFAULT_QUEUE;
@@ -450,14 +450,14 @@ impl Runner {
         // workers to hand tasks to.
         let mut threads: Vec<(String, Group, Body)> = Vec::new();
         threads.push(("listener".into(), Group::Others, Box::new(move || listener.run())));
-        let input = scheduler::Input {
+        let input = timer::Input {
             pool: pool.clone(),
             task_types: task_types.clone(),
             timer: Arc::clone(&timer),
             lanes: Arc::clone(&lanes),
             poll_interval: self.poll_interval,
         };
-        threads.push(("scheduler".into(), Group::Others, Box::new(move || scheduler::run(input))));
+        threads.push(("scheduler".into(), Group::Others, Box::new(move || timer::run(input))));
         threads.push(("heartbeat".into(), Group::Heartbeat, Box::new(move || heartbeat.run())));
         let input = vacuum::Input {
             database_url: self.database_url.clone(),
@@ -466,8 +466,8 @@ impl Runner {
             stats: Arc::clone(&stats.vacuum),
         };
         threads.push(("vacuum".into(), Group::Others, Box::new(move || vacuum::run(input))));
-        let input = clock::Input { database_url: self.database_url.clone(), shutdown: shutdown.clone() };
-        threads.push(("clock".into(), Group::Others, Box::new(move || clock::run(input))));
+        let input = cron::Input { database_url: self.database_url.clone(), shutdown: shutdown.clone() };
+        threads.push(("clock".into(), Group::Others, Box::new(move || cron::run(input))));
         // The completer ends once every worker's outbox is gone.
         let (inbox, outboxes) = completer::inbox(self.flush_delay, self.max_completion_batch, workers);
         let input = completer::Input {

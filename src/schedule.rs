@@ -14,8 +14,8 @@ use chrono_tz::Tz;
 use croner::Cron;
 use diesel::{Connection, PgConnection};
 
-use crate::db::schedules::{self, ScheduleRow};
 use crate::db::insert::{self, TaskInsert};
+use crate::db::schedules::{self, ScheduleRow};
 use crate::error::Error;
 use crate::registry::Registry;
 use crate::task::Task;

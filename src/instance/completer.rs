@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
 
-use crate::db::connect::{connect, ping};
 use crate::attempt::{Completion, Outcome};
 use crate::db::completion;
+use crate::db::connect::{connect, ping};
 use crate::error::Error;
 use crate::instance::in_flight::InFlight;
-use crate::instance::scheduler::Timer;
+use crate::instance::timer::Timer;
 use crate::instance::{backoff, lock};
 
 /// The most outcomes recorded in one statement, unless the runner says otherwise.

@@ -24,8 +24,8 @@ use crate::db::connect::{connect, ping, with_keepalives};
 use crate::db::instances;
 use crate::error::Error;
 use crate::instance::in_flight::InFlight;
-use crate::instance::scheduler::Timer;
 use crate::instance::shutdown::Shutdown;
+use crate::instance::timer::Timer;
 use crate::instance::{lock, rescue};
 
 /// Heartbeats per lease.

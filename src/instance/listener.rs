@@ -21,8 +21,8 @@ use crate::error::Error;
 use crate::instance::backoff;
 use crate::instance::in_flight::InFlight;
 use crate::instance::lanes::Lanes;
-use crate::instance::scheduler::Timer;
 use crate::instance::shutdown::Shutdown;
+use crate::instance::timer::Timer;
 
 /// How often the listener, while waiting for notifications, looks at the shutdown.
 const STOP_CHECK: Duration = Duration::from_millis(100);

@@ -7,19 +7,19 @@
 //! outcome with the [`completer`], which records outcomes in batches; the [`crew`]
 //! starts the workers, and the [`watchdog`] abandons one whose task ignores its time
 //! limit, for a new one in its place. The
-//! [`listener`] (notifications) and the [`scheduler`] (due times) tell the lanes when
+//! [`listener`] (notifications) and the [`timer`] (due times) tell the lanes when
 //! there is work; the [`heartbeat`] keeps the instance alive in the database and
 //! runs the [`rescue`] of lost attempts; the [`vacuum`] keeps claims fast; the
-//! [`clock`] fires the schedules of recurring tasks. Shared
+//! [`cron`] fires the schedules of recurring tasks. Shared
 //! between them: the [`in_flight`] tasks and their cancellations, the one
 //! [`shutdown`], the one [`backoff`].
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub(crate) mod backoff;
-pub(crate) mod clock;
 pub(crate) mod completer;
 pub(crate) mod crew;
+pub(crate) mod cron;
 pub(crate) mod handoff;
 pub(crate) mod heartbeat;
 pub(crate) mod in_flight;
@@ -27,8 +27,8 @@ pub(crate) mod lanes;
 pub(crate) mod listener;
 pub(crate) mod producer;
 pub(crate) mod rescue;
-pub(crate) mod scheduler;
 pub(crate) mod shutdown;
+pub(crate) mod timer;
 pub(crate) mod vacuum;
 pub(crate) mod watchdog;
 pub(crate) mod worker;

@@ -18,16 +18,16 @@ use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
 
-use crate::db::connect::{connect, ping};
 use crate::attempt::ClaimedTask;
+use crate::db::connect::{connect, ping};
 use crate::db::{channel, claim, completion};
 use crate::error::Error;
 use crate::instance::backoff;
 use crate::instance::handoff::{Drained, Handoff, Next};
 use crate::instance::heartbeat::Alive;
 use crate::instance::in_flight::InFlight;
-use crate::instance::scheduler::Timer;
 use crate::instance::shutdown::Shutdown;
+use crate::instance::timer::Timer;
 
 /// The longest the producer waits before it looks at its connection, the fallback
 /// poll and the tasks waiting too long for a worker.

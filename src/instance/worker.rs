@@ -9,8 +9,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::context::{InstanceHandle, TaskContext};
 use crate::attempt::{ClaimedTask, Completion, Outcome};
+use crate::context::{InstanceHandle, TaskContext};
 use crate::db::completion;
 use crate::error::Error;
 use crate::instance::completer::Outbox;
@@ -252,10 +252,9 @@ fn watch(
             replace(outbox);
             // A pool the tasks hold to the last connection is not waited for long: the
             // watchdog has other deadlines.
-            let recorded =
-                instance.pool.get_timeout(RECORD_WAIT).map_err(Error::from).and_then(|mut conn| {
-                    completion::record_timed_out(&mut conn, &instance.name, &record).map_err(Error::from)
-                });
+            let recorded = instance.pool.get_timeout(RECORD_WAIT).map_err(Error::from).and_then(|mut conn| {
+                completion::record_timed_out(&mut conn, &instance.name, &record).map_err(Error::from)
+            });
             if let Err(error) = recorded {
                 log::error!(
                     "task {id}: its timed-out attempt could not be recorded yet ({error}): it will be when it returns, \

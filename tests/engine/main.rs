@@ -4,12 +4,14 @@
 
 mod batching;
 mod disasters;
+mod due_times;
 mod enqueueing;
 mod faults;
+mod operators;
 mod queues;
+mod retries;
 mod running;
 mod schedules;
-mod scheduling;
 mod schema;
 mod settings;
 mod stopping;

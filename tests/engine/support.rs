@@ -9,7 +9,7 @@ use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use task_engine::models::{Task as TaskRow, TaskExecution};
 use task_engine::schema::{task_executions, tasks};
-use task_engine::{register_task, Registry, Runner, RunningEngine, Task, TaskContext, TaskError};
+use task_engine::{register_task, NewTask, Registry, Runner, RunningEngine, Task, TaskContext, TaskError};
 use test_db::TestDatabase;
 
 /// How long a test waits for the engine before it fails.
@@ -88,6 +88,21 @@ pub fn executions_of(conn: &mut PgConnection, id: i64) -> Vec<TaskExecution> {
         .select(TaskExecution::as_select())
         .load(conn)
         .expect("executions")
+}
+
+/// Waits until the task is in the state `wanted`.
+pub fn wait_for_status(conn: &mut PgConnection, id: i64, wanted: &str) {
+    wait_until(&format!("task {id} is {wanted}"), || load_task(conn, id).status == wanted);
+}
+
+/// The task's status, read without a model (any row can be read).
+pub fn status_of(conn: &mut PgConnection, id: i64) -> String {
+    tasks::table.find(id).select(tasks::status).first(conn).unwrap()
+}
+
+/// An `echo` task of the `tasks` crate, returning `value`.
+pub fn echo(value: serde_json::Value) -> NewTask {
+    NewTask::new(&::tasks::Echo(value)).unwrap()
 }
 
 /// A task that reports its start and then blocks until its gate is opened: it lets a

@@ -11,8 +11,8 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::db::connect::PgPool;
 use crate::db::claim;
+use crate::db::connect::PgPool;
 use crate::error::Error;
 use crate::instance::lanes::Lanes;
 use crate::instance::{backoff, lock};
