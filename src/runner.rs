@@ -366,7 +366,7 @@ impl Runner {
         let task_types = self.registry.names();
         let pool = match self.pool {
             Some(pool) => pool,
-            // The scheduler, the tasks' own queries, and a spare.
+            // The timer, the tasks' own queries, and a spare.
             None => connection_pool(&self.database_url, u32::try_from(workers + 2).unwrap_or(u32::MAX))?,
         };
         {
@@ -413,7 +413,7 @@ impl Runner {
             move || timer.stop()
         });
         let stats = Stats::default();
-        // The scheduler's first look: tasks already scheduled.
+        // The timer's first look: tasks already due later.
         timer.refresh();
 
         let listener = Listener::new(listener::Input {
@@ -457,7 +457,7 @@ impl Runner {
             lanes: Arc::clone(&lanes),
             poll_interval: self.poll_interval,
         };
-        threads.push(("scheduler".into(), Group::Others, Box::new(move || timer::run(input))));
+        threads.push(("timer".into(), Group::Others, Box::new(move || timer::run(input))));
         threads.push(("heartbeat".into(), Group::Heartbeat, Box::new(move || heartbeat.run())));
         let input = vacuum::Input {
             database_url: self.database_url.clone(),
@@ -467,7 +467,7 @@ impl Runner {
         };
         threads.push(("vacuum".into(), Group::Others, Box::new(move || vacuum::run(input))));
         let input = cron::Input { database_url: self.database_url.clone(), shutdown: shutdown.clone() };
-        threads.push(("clock".into(), Group::Others, Box::new(move || cron::run(input))));
+        threads.push(("cron".into(), Group::Others, Box::new(move || cron::run(input))));
         // The completer ends once every worker's outbox is gone.
         let (inbox, outboxes) = completer::inbox(self.flush_delay, self.max_completion_batch, workers);
         let input = completer::Input {
@@ -685,7 +685,7 @@ impl RunningEngine {
     ///
     /// In order: the producer (it gives back the tasks no worker started), the workers
     /// (they finish their tasks), the completer (it records every outcome, and ends
-    /// with the last worker), the listener, the scheduler and the vacuum; last the
+    /// with the last worker), the listener, the timer and the vacuum; last the
     /// heartbeat, which kept the instance alive through all that (its attempts are
     /// never taken for lost while they run) and now removes its row.
     pub fn join(mut self) -> EngineStats {

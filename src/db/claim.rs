@@ -561,19 +561,19 @@ pub(crate) fn prepare_claimer_session(conn: &mut PgConnection) -> QueryResult<()
 const PLAN_BY_INDEX: &str =
     "SET enable_seqscan = off; SET enable_bitmapscan = off; SET plan_cache_mode = force_generic_plan; SET jit = off";
 
-/// What the scheduler learns from [`due`].
+/// What the timer learns from [`due`].
 #[derive(Debug, QueryableByName)]
 pub(crate) struct Due {
     /// Waiting tasks due now, counted up to the limit asked for.
     #[diesel(sql_type = BigInt)]
     pub now: i64,
-    /// Seconds until the next scheduled task is due.
+    /// Seconds until the next due time of a task not due yet.
     #[diesel(sql_type = Nullable<Double>)]
     pub next_in: Option<f64>,
 }
 
 /// Counts the waiting tasks of the given types in the given queues (paused ones
-/// aside) due now (up to `limit`) and finds when the next scheduled one is due (a task due at 'infinity' is never due), level by
+/// aside) due now (up to `limit`) and finds the next due time of those not due yet (a task due at 'infinity' is never due), level by
 /// level as [`claim`] does: each level's due tasks are the head of its range of
 /// `tasks_claim_idx`, and its next one the first entry after them. Locks and changes
 /// nothing. Its plan is pinned as the claim's, for this statement's transaction only

@@ -1,5 +1,5 @@
 //! Schedules in `task_engine_schedules`: what `engine cron` and `Runner::schedule` write,
-//! and what each instance's clock reads and moves on. A tick is enqueued in the
+//! and what each instance's cron part reads and moves on. A tick is enqueued in the
 //! transaction that moves the schedule's `last_tick`, under the row's lock.
 
 use chrono::{DateTime, Utc};
@@ -78,7 +78,7 @@ pub(crate) fn list(conn: &mut PgConnection) -> QueryResult<Vec<ScheduleRow>> {
 }
 
 /// One schedule, its row locked for the rest of the transaction (`FOR UPDATE`): the
-/// clocks of other instances wait here, then read the `last_tick` this one moved.
+/// cron parts of other instances wait here, then read the `last_tick` this one moved.
 pub(crate) fn lock(conn: &mut PgConnection, name: &str) -> QueryResult<Option<ScheduleRow>> {
     diesel::sql_query(format!("SELECT {COLUMNS} FROM task_engine_schedules WHERE name = $1 FOR UPDATE"))
         .bind::<Text, _>(name)
@@ -95,7 +95,7 @@ pub(crate) fn record_tick(conn: &mut PgConnection, name: &str, tick: DateTime<Ut
         .map(drop)
 }
 
-/// The server's clock, which every instance's clock reads, so that instances whose
+/// The server's clock, which every instance's cron part reads, so that instances whose
 /// machines disagree on the time agree on the ticks.
 pub(crate) fn now(conn: &mut PgConnection) -> QueryResult<DateTime<Utc>> {
     diesel::select(diesel::dsl::sql::<Timestamptz>("now()")).get_result::<DateTime<Utc>>(conn)

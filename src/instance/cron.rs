@@ -1,4 +1,4 @@
-//! The clock: fires the schedules of recurring tasks ([`crate::schedule::fire_due`]) at
+//! The cron part: fires the schedules of recurring tasks ([`crate::schedule::fire_due`]) at
 //! their ticks, on a connection of its own. Every instance runs one; the schedule's row
 //! lock makes each tick enqueued once. It reads the schedules again at least every few
 //! seconds, so that a schedule added or changed elsewhere is seen.
@@ -17,7 +17,7 @@ use crate::schedule::{fire_due, Ticks};
 /// The longest sleep between two readings of the schedules.
 const LOOK_EVERY: Duration = Duration::from_secs(5);
 
-/// What the clock needs.
+/// What the cron part needs.
 pub(crate) struct Input {
     /// For its own connection.
     pub database_url: String,
@@ -46,7 +46,7 @@ pub(crate) fn run(input: Input) {
             Err(error) => {
                 failures += 1;
                 conn = None;
-                log::warn!("the clock could not fire the schedules: {error}");
+                log::warn!("cron could not fire the schedules: {error}");
                 backoff::pause(failures)
             }
         };

@@ -2,7 +2,7 @@
 //! producer that claims them and the workers that run them.
 //!
 //! One mutex guards the tasks claimed and not yet started, how many workers are busy,
-//! and whether there is a reason to claim (`want`: a notification, the scheduler, a
+//! and whether there is a reason to claim (`want`: a notification, the timer, a
 //! (re)connection, the fallback poll, a claim that came back full). The producer waits
 //! on one condvar until there is both a reason and room; workers wait on the other
 //! until a task is queued. The room is the idle workers plus a buffer that follows the

@@ -1,5 +1,5 @@
 //! The instance's queues, a lane each: the queue's hand-off, between its producer and
-//! its workers. The listener and the scheduler wake every lane: a notification or a
+//! its workers. The listener and the timer wake every lane: a notification or a
 //! due time does not say which queue it is for, and a lane with nothing to claim
 //! claims once for nothing.
 

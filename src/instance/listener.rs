@@ -4,9 +4,9 @@
 //! The insert trigger notifies once per inserting statement, inside the inserting
 //! transaction (PostgreSQL delivers at commit, drops on rollback), whoever inserts; its
 //! payload says how many inserted tasks are runnable now and how far ahead the earliest
-//! scheduled one is due. `engine cancel` notifies the task it cancels. Notifications
+//! of the others is due. `engine cancel` notifies the task it cancels. Notifications
 //! sent while the connection is down are lost for us, so after every (re)connection
-//! the listener wakes the producer and the scheduler to look as if notified; it
+//! the listener wakes the producer and the timer to look as if notified; it
 //! reconnects at once after a first loss, then with backoff.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,7 +34,7 @@ pub(crate) struct Input {
     pub database_url: String,
     /// Woken for inserted tasks.
     pub lanes: Arc<Lanes>,
-    /// Armed for inserted scheduled tasks.
+    /// Armed for inserted tasks due later.
     pub timer: Arc<Timer>,
     /// Told of cancellations.
     pub in_flight: Arc<InFlight>,
@@ -59,7 +59,7 @@ pub(crate) struct Stats {
 struct Payload {
     /// Inserted tasks that are runnable now.
     ready: u64,
-    /// Seconds until the earliest inserted scheduled task is due.
+    /// Seconds until the earliest inserted task not due yet is due.
     next_in: Option<f64>,
     /// A task to cancel.
     cancel: Option<i64>,
@@ -71,7 +71,7 @@ impl Payload {
         serde_json::from_str(text).unwrap_or(Self { ready: 1, ..Self::default() })
     }
 
-    /// When the inserted scheduled task is due, if the payload says so sensibly.
+    /// When the earliest inserted task not due yet is due, if the payload says so sensibly.
     fn next_due(&self, now: Instant) -> Option<Instant> {
         let next_in = self.next_in.filter(|s| s.is_finite())?;
         Some(now + Duration::from_secs_f64(next_in.clamp(0.0, 1e9)))
@@ -141,7 +141,7 @@ impl Listener {
         let input = &self.input;
         log::debug!("listening on {}", listening.channel());
         // Whatever was inserted while we were not listening: look for it now, and for
-        // the next scheduled task.
+        // the next task due later.
         input.lanes.wake_all();
         input.timer.refresh();
         input.stats.connections.fetch_add(1, Ordering::SeqCst);

@@ -52,7 +52,7 @@ pub(crate) struct Input {
     pub handoff: Arc<Handoff>,
     /// Where it records what it claimed.
     pub in_flight: Arc<InFlight>,
-    /// Asked to look again for scheduled tasks when the instance falls asleep, and
+    /// Asked to look again for tasks due later when the instance falls asleep, and
     /// armed for the next window of a rate limit used up.
     pub timer: Arc<Timer>,
     /// Whether the instance's heartbeat is recent enough to claim.
@@ -325,7 +325,7 @@ impl Producer {
             self.fair = claim.keys > 1;
         }
         if let Some(wait) = claim.rate_wait {
-            // The scheduler wakes the lanes when the rate limit's next window opens.
+            // The timer wakes the lanes when the rate limit's next window opens.
             input.timer.arm(Instant::now() + wait);
         }
         Ok((claim, sent_at))
@@ -342,8 +342,8 @@ impl Producer {
     }
 
     /// The instance goes idle: take the stripes, then look once more (for what was
-    /// inserted without a notification before we held them), and have the scheduler
-    /// look for what was scheduled meanwhile. If an inserter holds a stripe, it is about
+    /// inserted without a notification before we held them), and have the timer
+    /// look for what became due meanwhile. If an inserter holds a stripe, it is about
     /// to commit: look again shortly and try again.
     fn fall_asleep(&mut self) {
         match self.conn().and_then(|conn| Ok(channel::take_stripes(conn)?)) {

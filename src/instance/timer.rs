@@ -1,9 +1,9 @@
-//! The scheduler: a thread that sleeps until the earliest scheduled task of the
+//! The timer: a thread that sleeps until the earliest task not due yet of the
 //! instance's types (enqueued for later, or waiting for its retry) is due, then wakes
 //! the producer. It does not poll: its [`Timer`] is armed by a query for the next due
 //! time (at start, after every (re)connection of the listener, after each due time,
 //! when the instance falls asleep), by a notification whose insert includes a
-//! scheduled task, and by the completer when it records a retry.
+//! task due later, and by the completer when it records a retry.
 //!
 //! Due times are taken as delays from the server's clock (`run_at - now()`), so the
 //! instance's clock need not agree with the server's.
@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::instance::lanes::Lanes;
 use crate::instance::{backoff, lock};
 
-/// What the scheduler needs.
+/// What the timer needs.
 pub(crate) struct Input {
     pub pool: PgPool,
     /// The types it looks for: those the instance can run.
@@ -31,24 +31,24 @@ pub(crate) struct Input {
 
 #[derive(Debug, Default)]
 struct State {
-    /// When the earliest known scheduled task is due.
+    /// When the earliest known task due later is due.
     next: Option<Instant>,
     /// Ask the database for the next due time.
     refresh: bool,
     stopping: bool,
 }
 
-/// The scheduler's alarm clock, set by the listener, the producer and the completer.
+/// The due-time timer, set by the listener, the producer and the completer.
 #[derive(Debug, Default)]
 pub(crate) struct Timer {
     state: Mutex<State>,
     condvar: Condvar,
 }
 
-/// Why the scheduler woke.
+/// Why the timer woke.
 #[derive(Debug, PartialEq, Eq)]
 enum Alarm {
-    /// A known scheduled task is due.
+    /// A known task due later is due.
     Due,
     /// Asked to look (start, reconnection) or the fallback poll.
     Look,
@@ -59,7 +59,7 @@ impl Timer {
         lock(&self.state)
     }
 
-    /// Makes sure the scheduler wakes by `at`.
+    /// Makes sure the timer wakes by `at`.
     pub(crate) fn arm(&self, at: Instant) {
         let mut state = self.lock();
         if state.next.map_or(true, |next| at < next) {
@@ -68,13 +68,13 @@ impl Timer {
         }
     }
 
-    /// Makes the scheduler ask the database for the next due time now.
+    /// Makes the timer ask the database for the next due time now.
     pub(crate) fn refresh(&self) {
         self.lock().refresh = true;
         self.condvar.notify_one();
     }
 
-    /// Ends the scheduler's waits: the instance's waker on its shutdown.
+    /// Ends the timer's waits: the instance's waker on its shutdown.
     pub(crate) fn stop(&self) {
         self.lock().stopping = true;
         self.condvar.notify_one();
@@ -102,7 +102,7 @@ impl Timer {
     }
 }
 
-/// Runs the scheduler until the instance stops.
+/// Runs the timer until the instance stops.
 pub(crate) fn run(input: Input) {
     let mut failures = 0u32;
     while let Some(alarm) = input.timer.wait(input.poll_interval) {
@@ -125,12 +125,12 @@ pub(crate) fn run(input: Input) {
             Err(error) => {
                 failures += 1;
                 let pause = backoff::pause(failures);
-                log::error!("scheduler: could not read the next due time ({error}); trying again in {pause:?}");
+                log::error!("timer: could not read the next due time ({error}); trying again in {pause:?}");
                 input.timer.arm(Instant::now() + pause);
             }
         }
     }
-    log::debug!("scheduler stopped");
+    log::debug!("timer stopped");
 }
 
 fn look(input: &Input) -> Result<claim::Due, Error> {

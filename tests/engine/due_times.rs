@@ -1,7 +1,7 @@
 //! Due times and priorities: a task never starts before it is due, the timer starts it
 //! when it is; higher priority first; a type no instance knows waits.
 //! Engines poll once an hour: a start can only come from a notification, the
-//! scheduler's timer or a worker looking for its next task.
+//! due-time timer or a worker looking for its next task.
 
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use crate::support::{
 };
 
 #[test]
-fn a_scheduled_task_never_starts_early_and_starts_on_time_without_polling() {
+fn a_task_due_later_never_starts_early_and_starts_on_time_without_polling() {
     let db = TestDatabase::new();
     let engine = start_engine(&db, "on-time", 2);
     wait_until_idle(&engine, 2);
@@ -37,7 +37,7 @@ fn a_scheduled_task_never_starts_early_and_starts_on_time_without_polling() {
 }
 
 #[test]
-fn a_task_scheduled_earlier_than_everything_waiting_rearms_the_timer() {
+fn a_task_due_sooner_than_everything_waiting_rearms_the_timer() {
     let db = TestDatabase::new();
     let engine = start_engine(&db, "rearm", 2);
     wait_until_idle(&engine, 2);
@@ -52,7 +52,7 @@ fn a_task_scheduled_earlier_than_everything_waiting_rearms_the_timer() {
 }
 
 #[test]
-fn a_task_scheduled_before_the_engine_started_runs_when_due() {
+fn a_task_due_later_inserted_before_the_engine_started_runs_when_due() {
     let db = TestDatabase::new();
     let mut conn = db.connect();
     let id = echo(serde_json::json!(1)).run_in(Duration::from_millis(800)).insert(&mut conn).unwrap();
@@ -110,7 +110,7 @@ fn a_task_of_a_type_no_instance_knows_stays_waiting() {
 }
 
 #[test]
-fn tasks_due_at_infinity_are_accepted_never_run_and_hold_up_no_scheduled_task() {
+fn tasks_due_at_infinity_are_accepted_never_run_and_hold_up_no_task_due_later() {
     let db = TestDatabase::new();
     let mut conn = db.connect();
     let insert = |conn: &mut PgConnection, run_at: &str| -> i64 {
@@ -124,7 +124,7 @@ fn tasks_due_at_infinity_are_accepted_never_run_and_hold_up_no_scheduled_task() 
             })
             .unwrap()
     };
-    // Before the engine starts: only the scheduler's first look can find the 1 s task.
+    // Before the engine starts: only the timer's first look can find the 1 s task.
     let never = insert(&mut conn, "infinity");
     let soon = echo(serde_json::json!("soon")).run_in(Duration::from_secs(1)).insert(&mut conn).unwrap();
     let engine = start_engine(&db, "edges", 2);

@@ -1,7 +1,7 @@
 //! What an operator does to tasks: cancel one (waiting, running, waiting for a worker,
 //! while the listener is away), retry one, prune, and retry or cancel many.
 //! Engines poll once an hour: a start can only come from a notification, the
-//! scheduler's timer or a worker looking for its next task.
+//! due-time timer or a worker looking for its next task.
 
 use std::time::Duration;
 

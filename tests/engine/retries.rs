@@ -1,7 +1,7 @@
 //! Failed attempts and what follows them: retries, permanent errors, panics, snoozes,
 //! and the checkpoint the next attempt resumes from.
 //! Engines poll once an hour: a start can only come from a notification, the
-//! scheduler's timer or a worker looking for its next task.
+//! due-time timer or a worker looking for its next task.
 
 use diesel::prelude::*;
 use task_engine::models::status;

@@ -44,14 +44,14 @@ fn a_schedule_fires_once_per_tick_while_three_instances_start_and_stop_around_th
         seen = ticks(conn).len();
     };
 
-    let (a, b, c) = (start("clock-a"), start("clock-b"), start("clock-c"));
+    let (a, b, c) = (start("cron-a"), start("cron-b"), start("cron-c"));
     two_more_ticks(&mut conn);
     a.shutdown();
     two_more_ticks(&mut conn);
-    let a = start("clock-a2");
+    let a = start("cron-a2");
     b.shutdown();
     two_more_ticks(&mut conn);
-    let b = start("clock-b2");
+    let b = start("cron-b2");
     c.shutdown();
     two_more_ticks(&mut conn);
     a.shutdown();
