@@ -30,7 +30,7 @@ pub fn retry(conn: &mut PgConnection, task_id: i64) -> Result<(), Error> {
             return Err(Error::InvalidTransition { task_id, status: current, action: "retry" });
         }
         operator::requeue(conn, task_id)?;
-        channel::notify(conn, &serde_json::json!({ "ready": 1, "first_id": task_id }))?;
+        channel::notify_ready(conn, 1)?;
         Ok(())
     })
 }
@@ -46,7 +46,7 @@ pub fn cancel(conn: &mut PgConnection, task_id: i64) -> Result<Cancelled, Error>
             }
             status::RUNNING => {
                 operator::request_cancel(conn, task_id)?;
-                channel::notify(conn, &serde_json::json!({ "cancel": task_id }))?;
+                channel::notify_cancel(conn, task_id)?;
                 Ok(Cancelled::Running)
             }
             _ => Err(Error::InvalidTransition { task_id, status: current, action: "cancel" }),

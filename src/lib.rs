@@ -16,6 +16,7 @@ mod error;
 mod instance;
 mod queue;
 mod registry;
+mod retry;
 mod runner;
 mod schedule;
 mod task;
@@ -29,9 +30,10 @@ pub use enqueue::{enqueue, enqueue_many, NewTask, OnConflict, Upserted};
 pub use error::Error;
 pub use queue::{pause_queue, resume_queue, set_queue_concurrency, set_queue_key_limit, set_queue_rate_limit};
 pub use registry::{Registry, TaskEntry};
+pub use retry::default_retry_delay;
 pub use runner::{default_instance_name, EngineStats, Runner, RunningEngine, StopHandle};
 pub use schedule::{add_schedule, fire_due, list_schedules, remove_schedule, Schedule, ScheduleState};
-pub use task::{default_retry_delay, Task, TaskError, DEFAULT_QUEUE};
+pub use task::{Task, TaskError, DEFAULT_QUEUE};
 
 #[doc(hidden)]
 pub use inventory as __inventory;

@@ -72,7 +72,7 @@ fn changed_and_wake(
 ) -> Result<(), Error> {
     conn.transaction(|conn| {
         change(conn)?;
-        channel::notify(conn, &serde_json::json!({ "ready": 1 }))?;
+        channel::notify_ready(conn, 1)?;
         Ok(())
     })
 }

@@ -1,15 +1,15 @@
 //! What a task crate writes: the [`Task`] trait, the [`TaskError`] a run fails with,
-//! the default retry policy, and the [`register_task!`](crate::register_task) macro
+//! and the [`register_task!`](crate::register_task) macro
 //! that registers a type through `inventory`.
 
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::context::TaskContext;
+use crate::retry::default_retry_delay;
 
 /// The queue of a task whose type and enqueue name none.
 pub const DEFAULT_QUEUE: &str = "default";
@@ -49,27 +49,6 @@ pub trait Task: Serialize + DeserializeOwned + Send + 'static {
     fn retry_delay(attempt: i32) -> Duration {
         default_retry_delay(attempt)
     }
-}
-
-/// The default wait before a retry: `attempt^4 + 3` seconds, give or take 10% at
-/// random so that tasks that failed together do not retry together: about 4 s, 19 s,
-/// 84 s, 4.3 min, 10.5 min, ... 3.8 days before the 25th attempt; 25 attempts span
-/// about three weeks.
-pub fn default_retry_delay(attempt: i32) -> Duration {
-    let attempt = f64::from(attempt.clamp(1, 100));
-    let base = attempt.powi(4) + 3.0;
-    Duration::from_secs_f64(base * (0.9 + 0.2 * unit_random()))
-}
-
-/// A number in [0, 1) good enough for jitter, without a random-number crate: the
-/// standard library's randomly keyed hasher over the time and a counter.
-fn unit_random() -> f64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    COUNTER.fetch_add(1, Ordering::Relaxed).hash(&mut hasher);
-    std::time::SystemTime::now().hash(&mut hasher);
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Why an attempt failed, as a task reports it: a message, and whether trying again
@@ -166,17 +145,6 @@ macro_rules! register_task {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_default_retry_delay_grows_as_the_fourth_power_with_ten_percent_jitter() {
-        for (attempt, base) in [(1, 4.0), (2, 19.0), (3, 84.0), (10, 10_003.0)] {
-            let delays: Vec<f64> = (0..50).map(|_| default_retry_delay(attempt).as_secs_f64()).collect();
-            assert!(delays.iter().all(|d| *d >= base * 0.9 && *d <= base * 1.1), "attempt {attempt}: {delays:?}");
-            let spread =
-                delays.iter().cloned().fold(f64::MIN, f64::max) - delays.iter().cloned().fold(f64::MAX, f64::min);
-            assert!(spread > base * 0.02, "attempt {attempt}: no jitter in {delays:?}");
-        }
-    }
 
     #[test]
     fn errors_converted_from_std_errors_keep_their_causes() {

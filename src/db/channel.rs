@@ -7,11 +7,12 @@
 use std::time::Duration;
 
 use diesel::prelude::*;
-use diesel::sql_types::{Bool, Text};
+use diesel::sql_types::{BigInt, Bool};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 
 use crate::db::connect::redact_url;
+use crate::db::transitions::notify_waiting;
 use crate::error::Error;
 
 /// A raw `postgres` connection, outside the pool, listening on the engine's channel.
@@ -107,11 +108,23 @@ pub(crate) fn release_stripes(conn: &mut PgConnection) -> QueryResult<()> {
     diesel::sql_query("SELECT pg_advisory_unlock_all()").execute(conn).map(drop)
 }
 
-/// Sends `payload` on the engine's channel; delivered when the transaction commits.
-/// Locks and changes nothing.
-pub(crate) fn notify(conn: &mut PgConnection, payload: &serde_json::Value) -> QueryResult<()> {
-    diesel::sql_query("SELECT pg_notify(task_engine_channel(), $1)::text AS sent")
-        .bind::<Text, _>(payload.to_string())
+/// Tells the instances that `ready` tasks wait, runnable now (a retry, a resumed
+/// queue, a limit raised); delivered when the transaction commits. Locks and changes
+/// nothing.
+pub(crate) fn notify_ready(conn: &mut PgConnection, ready: i64) -> QueryResult<()> {
+    diesel::sql_query(concat!("SELECT ", notify_waiting!("$1::bigint"), "::text AS sent"))
+        .bind::<BigInt, _>(ready)
         .execute(conn)
         .map(drop)
+}
+
+/// Asks the instance that runs `task_id` to stop it (every instance hears it);
+/// delivered when the transaction commits. Locks and changes nothing.
+pub(crate) fn notify_cancel(conn: &mut PgConnection, task_id: i64) -> QueryResult<()> {
+    diesel::sql_query(
+        "SELECT pg_notify(task_engine_channel(), json_build_object('cancel', $1::bigint)::text)::text AS sent",
+    )
+    .bind::<BigInt, _>(task_id)
+    .execute(conn)
+    .map(drop)
 }

@@ -15,6 +15,7 @@ use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text, Ti
 use crate::attempt::ClaimedTask;
 use crate::db::connect::bound_lock_waits;
 use crate::db::prepared::Prepared;
+use crate::db::transitions::mark_running;
 
 /// The levels of waiting tasks of the types `$types` in the queues `$queues`: one row per
 /// (queue, type, priority, key) that has waiting tasks, at most `$depth` per (queue,
@@ -116,20 +117,24 @@ macro_rules! claim_room {
 /// quarter more per claim in a drain), and execution ids in claim order.
 macro_rules! claim_in_order {
     () => {
-        "     ), picked AS (
+        concat!(
+            "     ), picked AS (
          SELECT t.ctid FROM tasks t
          WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM candidates ORDER BY ord LIMIT (SELECT n FROM room)))
            AND t.status IS NOT DISTINCT FROM 'waiting' AND t.run_at <= now()
          FOR UPDATE SKIP LOCKED
      ), claimed AS (
          UPDATE tasks t
-         SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
+         SET ",
+            mark_running!("$3"),
+            "
          WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked))
          RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key, t.timeout_ms
      ), numbered AS (
          SELECT c.*, nextval('task_executions_id_seq') AS execution_id
          FROM (SELECT claimed.*, k.ord FROM claimed JOIN candidates k ON k.id = claimed.id ORDER BY k.ord) c
 "
+        )
     };
 }
 
@@ -173,7 +178,7 @@ macro_rules! claim_result {
 /// for the candidates' addresses, which statistics taken on an empty table make look
 /// cheap. Each row says whether the queue has a limit, whether more may wait, and how
 /// many keys the walk met (more than one: the next claim is [`CLAIM_FAIR`]).
-const CLAIM: &str = concat!(
+pub(crate) const CLAIM: &str = concat!(
     "WITH RECURSIVE ",
     waiting_levels!("$1", "$5", "$7", "$8", "16"),
     ", candidates AS (
@@ -196,7 +201,9 @@ const CLAIM: &str = concat!(
          FOR UPDATE SKIP LOCKED
      ), claimed AS (
          UPDATE tasks t
-         SET status = 'running', instance = $3, attempts = t.attempts + 1, updated_at = now()
+         SET ",
+    mark_running!("$3"),
+    "
          WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM picked))
          RETURNING t.id, t.task_class, t.task_parameters, t.attempts, t.max_attempts, t.fair_key, t.priority,
                    t.run_at, t.timeout_ms
@@ -215,7 +222,7 @@ const CLAIM: &str = concat!(
 /// second, and so on.
 /// So one key's backlog never fills a claim while another key waits, and from one
 /// claim to the next the keys take turns even for claims of one task.
-const CLAIM_FAIR: &str = concat!(
+pub(crate) const CLAIM_FAIR: &str = concat!(
     "WITH RECURSIVE ",
     waiting_levels!("$1", "$5", "$7", "$8", "16"),
     ", sizing AS (
@@ -258,7 +265,7 @@ const CLAIM_FAIR: &str = concat!(
 /// the planner from proving `tasks_claim_idx`'s predicate and walking the whole index
 /// for the candidates' addresses, which statistics taken on an empty table make look
 /// cheap. Each row says whether the queue has a limit.
-const CLAIM_CAPPED: &str = concat!(
+pub(crate) const CLAIM_CAPPED: &str = concat!(
     "WITH RECURSIVE ",
     // At most 16 levels per (queue, type): a claim's cost stays that of a few levels
     // whatever the number of keys; the keys past them come in the next claims.

@@ -15,18 +15,21 @@ use crate::attempt::{ClaimedTask, Completion, Outcome};
 use crate::db::connect::bound_lock_waits;
 use crate::db::micros;
 use crate::db::prepared::Prepared;
+use crate::db::transitions::{cancel_wins, lets_waiting_key_go, notify_waiting};
 
 /// The statement of [`complete`].
-const COMPLETE: &str = "WITH moved AS (
+pub(crate) const COMPLETE: &str = concat!(
+    "WITH moved AS (
              UPDATE tasks t
-             SET status = CASE WHEN t.cancel_requested_at IS NOT NULL AND d.status <> 'stopped' THEN 'cancelled'
+             SET status = CASE WHEN d.status = 'stopped' THEN 'stopped' ",
+    cancel_wins!(),
+    "
                                WHEN d.status = 'snoozed' THEN 'waiting' ELSE d.status END,
                  -- A snooze uses no attempt: one more is allowed.
                  max_attempts = t.max_attempts + CASE WHEN d.status = 'snoozed' THEN 1 ELSE 0 END,
-                 -- Back to waiting, a task that held its key only while waiting lets it go:
-                 -- a newer task may hold it now (migration 16).
-                 unique_scope = CASE WHEN d.status IN ('waiting', 'snoozed') AND t.unique_key IS NOT NULL
-                                      AND t.unique_scope = 'waiting' THEN 'released' ELSE t.unique_scope END,
+                 ",
+    lets_waiting_key_go!("d.status IN ('waiting', 'snoozed')"),
+    ",
                  run_at = CASE WHEN d.delay_us IS NULL THEN t.run_at
                                ELSE now() + d.delay_us * interval '1 microsecond' END,
                  updated_at = now()
@@ -41,7 +44,9 @@ const COMPLETE: &str = "WITH moved AS (
          ), notified AS (
              -- Under a queue's limit (`$12`), each recorded attempt freed a place: wake the
              -- instances that found the queue full, in this statement's commit.
-             SELECT pg_notify(task_engine_channel(), json_build_object('ready', count(*))::text)
+             SELECT ",
+    notify_waiting!("count(*)"),
+    "
              FROM moved WHERE $12 HAVING count(*) > 0
          )
          INSERT INTO task_executions (id, task_id, attempt, started_at, stopped_at, result, error, instance, worker,
@@ -56,7 +61,8 @@ const COMPLETE: &str = "WITH moved AS (
               AS d(execution_id, task_id, attempt, worker, elapsed_us, result, error, queued_us, claimed_at, status)
          JOIN moved m ON m.id = d.task_id
          -- Reading `notified` is what runs its pg_notify (once, before the first row).
-         WHERE (SELECT count(*) FROM notified) >= 0";
+         WHERE (SELECT count(*) FROM notified) >= 0"
+);
 
 /// Records finished attempts, in one statement: moves each task still running that
 /// attempt to the outcome's state, and writes the attempt's execution (start, end,
@@ -163,14 +169,25 @@ pub(crate) fn release(conn: &mut PgConnection, instance: &str, claimed: &[Claime
     }
     let ids: Vec<i64> = claimed.iter().map(|t| t.id).collect();
     let attempts: Vec<i32> = claimed.iter().map(|t| t.attempt).collect();
-    let released: Released = diesel::sql_query(
-        "WITH moved AS (
+    let released: Released = diesel::sql_query(RELEASE)
+        .bind::<Array<BigInt>, _>(ids)
+        .bind::<Array<Integer>, _>(attempts)
+        .bind::<Text, _>(instance)
+        .get_result(conn)?;
+    Ok(usize::try_from(released.n).unwrap_or(0))
+}
+
+/// The statement of [`release`].
+pub(crate) const RELEASE: &str = concat!(
+    "WITH moved AS (
              UPDATE tasks t
-             SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'waiting' END,
+             SET status = CASE ",
+    cancel_wins!(),
+    " ELSE 'waiting' END,
                  attempts = t.attempts - 1, updated_at = now(),
-                 -- A newer task may hold the key it held only while waiting.
-                 unique_scope = CASE WHEN t.unique_key IS NOT NULL AND t.unique_scope = 'waiting' THEN 'released'
-                                     ELSE t.unique_scope END
+                 ",
+    lets_waiting_key_go!(),
+    "
              FROM unnest($1::bigint[], $2::int[]) AS g(id, attempt)
              WHERE t.id = ANY($1) AND t.id = g.id
                AND t.status = 'running' AND t.attempts = g.attempt AND t.instance = $3
@@ -178,18 +195,14 @@ pub(crate) fn release(conn: &mut PgConnection, instance: &str, claimed: &[Claime
          ), counted AS (
              SELECT count(*) AS n FROM moved
          ), notified AS (
-             SELECT pg_notify(task_engine_channel(), json_build_object('ready', n)::text) FROM counted WHERE n > 0
+             SELECT ",
+    notify_waiting!("n"),
+    " FROM counted WHERE n > 0
          )
          -- Reading `notified` (in the select list, where no join removal drops it) is
          -- what runs its pg_notify.
-         SELECT n, (SELECT count(*) FROM notified) AS notifications FROM counted",
-    )
-    .bind::<Array<BigInt>, _>(ids)
-    .bind::<Array<Integer>, _>(attempts)
-    .bind::<Text, _>(instance)
-    .get_result(conn)?;
-    Ok(usize::try_from(released.n).unwrap_or(0))
-}
+         SELECT n, (SELECT count(*) FROM notified) AS notifications FROM counted"
+);
 
 /// Records an attempt that passed its time limit and grace without returning (its
 /// worker abandoned): writes its execution, with `completion`'s error, if `instance`
@@ -234,33 +247,38 @@ pub(crate) fn release_abandoned(
 ) -> QueryResult<()> {
     conn.transaction(|conn| {
         record_timed_out(conn, instance, completion)?;
-        diesel::sql_query(
-            "WITH moved AS (
+        diesel::sql_query(RELEASE_ABANDONED)
+            .bind::<BigInt, _>(completion.task_id)
+            .bind::<Integer, _>(completion.attempt)
+            .bind::<Text, _>(instance)
+            .bind::<Nullable<BigInt>, _>(retry.map(micros))
+            .execute(conn)
+            .map(drop)
+    })
+}
+
+/// The statement of [`release_abandoned`].
+pub(crate) const RELEASE_ABANDONED: &str = concat!(
+    "WITH moved AS (
                  UPDATE tasks t
-                 SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                 SET status = CASE ",
+    cancel_wins!(),
+    "
                                    WHEN $4::bigint IS NULL THEN 'failed' ELSE 'waiting' END,
                      run_at = CASE WHEN $4::bigint IS NULL THEN t.run_at
                                    ELSE now() + $4 * interval '1 microsecond' END,
-                     unique_scope = CASE WHEN t.unique_key IS NOT NULL AND t.unique_scope = 'waiting'
-                                         THEN 'released' ELSE t.unique_scope END,
+                     ",
+    lets_waiting_key_go!(),
+    ",
                      updated_at = now()
                  WHERE t.id = $1 AND t.attempts = $2 AND t.status = 'running' AND t.instance = $3
                  RETURNING t.status, t.run_at
              )
-             SELECT pg_notify(task_engine_channel(), json_build_object(
-                        'ready', count(*),
-                        'next_in', extract(epoch FROM min(run_at) FILTER (WHERE status = 'waiting') - now())
-                    )::text)::text AS sent
-             FROM moved HAVING count(*) > 0",
-        )
-        .bind::<BigInt, _>(completion.task_id)
-        .bind::<Integer, _>(completion.attempt)
-        .bind::<Text, _>(instance)
-        .bind::<Nullable<BigInt>, _>(retry.map(micros))
-        .execute(conn)
-        .map(drop)
-    })
-}
+             SELECT ",
+    notify_waiting!("count(*)", "extract(epoch FROM min(run_at) FILTER (WHERE status = 'waiting') - now())"),
+    "::text AS sent
+             FROM moved HAVING count(*) > 0"
+);
 
 #[cfg(test)]
 mod tests {

@@ -14,6 +14,8 @@
 //! - [`schedules`]: recurring tasks' schedules and their last tick;
 //! - [`instances`]: the instances' rows and name locks;
 //! - [`channel`]: the LISTEN connection, the stripes, the engine's own notifications;
+//! - [`transitions`]: the rules of the state transitions, each written once, that the
+//!   statements above use;
 //! - [`report`]: read-only monitoring queries;
 //! - [`connect`]: the pool and the engine's own connections, with passwords kept out
 //!   of messages; [`migrate`], [`schema`], [`models`]: diesel's side.
@@ -35,6 +37,7 @@ pub mod report;
 pub(crate) mod rescue;
 pub(crate) mod schedules;
 pub mod schema;
+pub(crate) mod transitions;
 pub(crate) mod unique;
 
 /// A duration in whole microseconds, as the statements take them.

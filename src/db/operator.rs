@@ -10,6 +10,7 @@ use diesel::sql_types::BigInt;
 use crate::db::micros;
 use crate::db::models::status;
 use crate::db::schema::tasks;
+use crate::db::transitions::{notify_waiting, retried_by_operator};
 
 /// Locks the task's row for the rest of the transaction (`FOR UPDATE`) and returns its
 /// status; `None` if there is no such task.
@@ -21,16 +22,11 @@ pub(crate) fn lock_status(conn: &mut PgConnection, task_id: i64) -> QueryResult<
 /// used all its attempts gets one more. Its executions stay. A unique task no longer
 /// holds its key (a newer task may hold it).
 pub(crate) fn requeue(conn: &mut PgConnection, task_id: i64) -> QueryResult<()> {
-    diesel::sql_query(
-        "UPDATE tasks SET status = 'waiting', run_at = now(), cancel_requested_at = NULL,
-                          max_attempts = GREATEST(max_attempts, attempts + 1), updated_at = now(),
-                          unique_scope = CASE WHEN unique_key IS NULL THEN unique_scope ELSE 'released' END
-         WHERE id = $1",
-    )
-    .bind::<BigInt, _>(task_id)
-    .execute(conn)
-    .map(drop)
+    diesel::sql_query(REQUEUE).bind::<BigInt, _>(task_id).execute(conn).map(drop)
 }
+
+/// The statement of [`requeue`].
+pub(crate) const REQUEUE: &str = concat!("UPDATE tasks t SET ", retried_by_operator!(), " WHERE t.id = $1");
 
 /// Marks a waiting task `cancelled`: it will never run.
 pub(crate) fn cancel_waiting(conn: &mut PgConnection, task_id: i64) -> QueryResult<()> {
@@ -72,7 +68,7 @@ pub(crate) struct Batch {
 /// microseconds), locked with `SKIP LOCKED` (a task another session holds is left as
 /// it is), then `$action` on them, and the instances notified of how many wait again.
 macro_rules! bulk_statement {
-    ($action:literal) => {
+    ($action:expr) => {
         concat!(
             "WITH picked AS (
                  SELECT id FROM tasks
@@ -88,7 +84,9 @@ macro_rules! bulk_statement {
                  FROM picked p WHERE t.id = p.id
                  RETURNING t.id, t.status
              ), notified AS (
-                 SELECT pg_notify(task_engine_channel(), json_build_object('ready', count(*))::text)
+                 SELECT ",
+            notify_waiting!("count(*)"),
+            "
                  FROM moved WHERE status = 'waiting' HAVING count(*) > 0
              )
              SELECT (SELECT count(*) FROM moved) AS changed, (SELECT max(id) FROM picked) AS last,
@@ -100,11 +98,7 @@ macro_rules! bulk_statement {
 /// Puts a batch of failed or cancelled tasks back to waiting, due now, as
 /// [`requeue`] does one (history kept; one more attempt for a task that used them
 /// all), and wakes the instances. Locks and changes the batch's rows.
-const REQUEUE_BATCH: &str = bulk_statement!(
-    "status = 'waiting', run_at = now(), cancel_requested_at = NULL,
-     max_attempts = GREATEST(t.max_attempts, t.attempts + 1), updated_at = now(),
-     unique_scope = CASE WHEN t.unique_key IS NULL THEN t.unique_scope ELSE 'released' END"
-);
+pub(crate) const REQUEUE_BATCH: &str = bulk_statement!(retried_by_operator!());
 
 /// Cancels a batch of waiting tasks (they never run). Locks and changes the batch's
 /// rows.

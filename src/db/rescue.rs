@@ -2,12 +2,14 @@
 //! instance, of dead instances, and this instance's own ghosts, each recorded as a lost
 //! attempt and put back to waiting in one statement.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Integer, Text};
 
+use crate::db::transitions::{cancel_wins, default_retry_seconds, lets_waiting_key_go, notify_waiting};
 use crate::db::{instances, micros};
 
 /// The `worker` of a lost attempt's execution: the worker that ran it is not known.
@@ -25,7 +27,8 @@ pub(crate) enum Lost {
     Dead,
 }
 
-/// The rescue statement for running tasks matching `$lost`; its parameters: $1 this
+/// The rescue statement for running tasks matching `$lost` (`:default_retry_seconds`
+/// stands for the default retry delay, filled in by [`statements`]); its parameters: $1 this
 /// instance, $2 its lease in microseconds, $3 the tasks in flight here, $4 why, $5 the
 /// first key of the name locks, $6 the worker a lost attempt is recorded with (which
 /// worker ran it died with its instance).
@@ -59,26 +62,27 @@ macro_rules! rescue_statement {
                    AND NOT EXISTS (SELECT 1 FROM task_executions e WHERE e.task_id = l.id AND e.attempt = l.attempts)
              ), moved AS (
                  UPDATE tasks t
-                 SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                 SET status = CASE ",
+            cancel_wins!(),
+            "
                                    WHEN t.attempts >= t.max_attempts THEN 'failed'
                                    ELSE 'waiting' END,
-                     -- The default retry delay (attempt^4 + 3 s, give or take 10%): a
-                     -- task that takes its instance down does not crash-loop the fleet.
-                     run_at = now() + (power(least(t.attempts, 100), 4) + 3) * (0.9 + 0.2 * random())
+                     -- The default retry delay: a task that takes its instance down
+                     -- does not crash-loop the fleet.
+                     run_at = now() + :default_retry_seconds
                                       * interval '1 second',
-                     -- A newer task may hold the key it held only while waiting.
-                     unique_scope = CASE WHEN t.unique_key IS NOT NULL AND t.unique_scope = 'waiting'
-                                         THEN 'released' ELSE t.unique_scope END,
+                     ",
+            lets_waiting_key_go!(),
+            ",
                      updated_at = now()
                  WHERE t.id = ANY(ARRAY(SELECT id FROM lost))
                  RETURNING t.status, t.run_at
              ), notified AS (
                  -- Instances that run these types, not only this one, arm their timers;
                  -- and each rescued task freed a place under its queue's limit, if any.
-                 SELECT pg_notify(task_engine_channel(), json_build_object(
-                            'ready', count(*),
-                            'next_in', extract(epoch FROM min(run_at) FILTER (WHERE status = 'waiting') - now())
-                        )::text)
+                 SELECT ",
+            notify_waiting!("count(*)", "extract(epoch FROM min(run_at) FILTER (WHERE status = 'waiting') - now())"),
+            "
                  FROM moved HAVING count(*) > 0
              )
              SELECT count(*) FILTER (WHERE status = 'waiting') AS waiting,
@@ -109,6 +113,18 @@ const RESCUE_DEAD: &str = rescue_statement!(
                 AND l.classid = $5::int4::oid AND l.objid = hashtext(task_engine_channel() || '/' || t.instance)::oid))"
 );
 
+/// The rescue statements (of a previous self, of this instance's ghosts, of dead
+/// instances), built once with the default retry delay's curve
+/// ([`crate::retry::DEFAULT`], the one of [`crate::default_retry_delay`]).
+pub(crate) fn statements() -> [(&'static str, &'static str); 3] {
+    static STATEMENTS: LazyLock<[String; 3]> = LazyLock::new(|| {
+        let retry = default_retry_seconds("t.attempts", "random()");
+        [RESCUE_PREVIOUS_SELF, RESCUE_OWN_GHOSTS, RESCUE_DEAD].map(|s| s.replace(":default_retry_seconds", &retry))
+    });
+    let [previous_self, own_ghosts, dead] = &*STATEMENTS;
+    [("rescue of a previous self", previous_self), ("rescue of ghosts", own_ghosts), ("rescue of the dead", dead)]
+}
+
 /// Records the lost attempts of the running tasks `lost` names (an execution from the
 /// claim to now, with an error saying why and where), and puts their tasks back to waiting, due after the
 /// default retry delay of their attempt (or `failed` after their last attempt,
@@ -128,10 +144,11 @@ pub(crate) fn rescue(
         #[diesel(sql_type = BigInt)]
         waiting: i64,
     }
+    let [previous_self, own_ghosts, dead] = statements();
     let (statement, why) = match lost {
-        Lost::PreviousSelf => (RESCUE_PREVIOUS_SELF, "its instance restarted"),
-        Lost::OwnGhosts => (RESCUE_OWN_GHOSTS, "its outcome never reached the database"),
-        Lost::Dead => (RESCUE_DEAD, "its instance stopped sending heartbeats"),
+        Lost::PreviousSelf => (previous_self.1, "its instance restarted"),
+        Lost::OwnGhosts => (own_ghosts.1, "its outcome never reached the database"),
+        Lost::Dead => (dead.1, "its instance stopped sending heartbeats"),
     };
     let rescued: Rescued = diesel::sql_query(statement)
         .bind::<Text, _>(instance)

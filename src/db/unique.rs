@@ -8,6 +8,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
 
 use crate::db::insert::TaskInsert;
+use crate::db::transitions::notify_waiting;
 
 /// The predicate of `tasks_unique_key_idx`, spelled as the migration spells it (an
 /// `ON CONFLICT` target must repeat it to use the index).
@@ -83,8 +84,19 @@ pub(crate) fn replace_waiting(
     replace_due: &[bool],
 ) -> QueryResult<Vec<Holder>> {
     let c = Columns::of(tasks);
-    diesel::sql_query(
-        "WITH replaced AS (
+    diesel::sql_query(REPLACE_WAITING)
+        .bind::<Array<Text>, _>(c.unique_keys)
+        .bind::<Array<Jsonb>, _>(c.parameters)
+        .bind::<Array<Integer>, _>(c.priorities)
+        .bind::<Array<Nullable<Timestamptz>>, _>(c.run_ats)
+        .bind::<Array<BigInt>, _>(c.delays_us)
+        .bind::<Array<Bool>, _>(replace_due)
+        .load(conn)
+}
+
+/// The statement of [`replace_waiting`].
+pub(crate) const REPLACE_WAITING: &str = concat!(
+    "WITH replaced AS (
              UPDATE tasks t
              SET task_parameters = d.p, priority = d.pr,
                  run_at = CASE WHEN d.due THEN COALESCE(d.r, now() + d.d * interval '1 microsecond')
@@ -96,23 +108,17 @@ pub(crate) fn replace_waiting(
                AND t.unique_scope <> 'released'
              RETURNING t.id, t.unique_key, t.run_at
          ), notified AS (
-             SELECT pg_notify(task_engine_channel(), json_build_object(
-                        'ready', count(*) FILTER (WHERE run_at <= now()),
-                        'next_in', extract(epoch FROM min(run_at) FILTER (WHERE run_at > now()) - now())
-                    )::text)
+             SELECT ",
+    notify_waiting!(
+        "count(*) FILTER (WHERE run_at <= now())",
+        "extract(epoch FROM min(run_at) FILTER (WHERE run_at > now()) - now())"
+    ),
+    "
              FROM replaced HAVING count(*) > 0
          )
          SELECT id, unique_key, true AS waiting FROM replaced
-         WHERE (SELECT count(*) FROM notified) >= 0",
-    )
-    .bind::<Array<Text>, _>(c.unique_keys)
-    .bind::<Array<Jsonb>, _>(c.parameters)
-    .bind::<Array<Integer>, _>(c.priorities)
-    .bind::<Array<Nullable<Timestamptz>>, _>(c.run_ats)
-    .bind::<Array<BigInt>, _>(c.delays_us)
-    .bind::<Array<Bool>, _>(replace_due)
-    .load(conn)
-}
+         WHERE (SELECT count(*) FROM notified) >= 0"
+);
 
 /// Inserts the tasks whose key no task holds, and skips the others (`ON CONFLICT DO
 /// NOTHING`: no lock on the holder). Waits for a transaction that inserted one of the

@@ -309,7 +309,7 @@ fn outcome(
 /// `retry_delay`, which is its own code, contained like its run.
 fn retry_delay(entry: Option<&TaskEntry>, attempt: i32) -> Duration {
     catch_unwind(AssertUnwindSafe(|| entry.map(|e| e.retry_delay(attempt)).unwrap_or_default()))
-        .unwrap_or_else(|_| crate::task::default_retry_delay(attempt))
+        .unwrap_or_else(|_| crate::retry::default_retry_delay(attempt))
         .min(MAX_RETRY_DELAY)
 }
 
