@@ -37,7 +37,7 @@ pub fn link_code(crates: &[String]) -> String {
     code += "pub fn link_task_crates() {\n";
     for name in crates {
         code += &format!(
-            "    {name}::link(); // a task crate needs `pub fn link() {{}}` (README, \"Adding a task crate\")\n"
+            "    {name}::link(); // a task crate needs `pub fn link() {{}}` (see docs/task-crates.md)\n"
         );
     }
     code += "}\n";
