@@ -123,7 +123,8 @@ fn broken(page: &Path, target: &str) -> Option<String> {
     }
     let anchor = anchor?;
     let text = std::fs::read_to_string(&path).unwrap_or_default();
-    (!anchors(&text).contains(anchor)).then(|| format!("{target}: no heading of {} has the anchor {anchor:?}", path.display()))
+    (!anchors(&text).contains(anchor))
+        .then(|| format!("{target}: no heading of {} has the anchor {anchor:?}", path.display()))
 }
 
 #[test]
@@ -146,7 +147,8 @@ fn every_relative_link_in_the_readme_and_the_docs_resolves() {
 #[test]
 fn the_readme_links_every_page_of_the_guide() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let linked: BTreeSet<String> = relative_links(&readme).into_iter().map(|t| t.split('#').next().unwrap().to_owned()).collect();
+    let linked: BTreeSet<String> =
+        relative_links(&readme).into_iter().map(|t| t.split('#').next().unwrap().to_owned()).collect();
     for page in pages().iter().filter(|p| p.parent() == Some(&root().join("docs"))) {
         let name = format!("docs/{}", page.file_name().unwrap().to_str().unwrap());
         assert!(linked.contains(&name), "the README does not link {name}");
