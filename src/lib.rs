@@ -37,3 +37,18 @@ pub use task::{Task, TaskError, DEFAULT_QUEUE};
 
 #[doc(hidden)]
 pub use inventory as __inventory;
+
+/// The guides' examples, compiled by `cargo test --doc`.
+#[cfg(doctest)]
+mod guides {
+    #[doc = include_str!("../docs/tasks.md")]
+    struct Tasks;
+    #[doc = include_str!("../docs/queues.md")]
+    struct Queues;
+    #[doc = include_str!("../docs/unique-tasks.md")]
+    struct UniqueTasks;
+    #[doc = include_str!("../docs/recurring-tasks.md")]
+    struct RecurringTasks;
+    #[doc = include_str!("../docs/timeouts.md")]
+    struct Timeouts;
+}

@@ -1,6 +1,6 @@
 //! The shape of the code, checked from its text: no module of the library imports a
-//! module that imports it back, and the README's layout section names every source
-//! file where it is.
+//! module that imports it back, and the layout section of docs/design.md names every
+//! source file where it is.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -201,11 +201,11 @@ fn the_import_reader_sees_groups_and_leaves_out_comments_and_macros() {
     assert_eq!(cycles(&graph), [["a", "b", "c"]]);
 }
 
-/// The README's layout block: directory (or, for a file at the root, "") to the `.rs`
-/// files it names there.
-fn readme_layout() -> BTreeMap<String, BTreeSet<String>> {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let section = readme.split("\n## Layout\n").nth(1).expect("a Layout section");
+/// The layout block of docs/design.md: directory (or, for a file at the root, "") to
+/// the `.rs` files it names there.
+fn design_layout() -> BTreeMap<String, BTreeSet<String>> {
+    let design = std::fs::read_to_string(root().join("docs/design.md")).unwrap();
+    let section = design.split("\n## Layout\n").nth(1).expect("a Layout section in docs/design.md");
     let block = section.split("```text\n").nth(1).and_then(|b| b.split("```").next()).expect("a text block");
     let mut layout: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut dir = String::new();
@@ -244,23 +244,23 @@ fn source_tree() -> BTreeMap<String, BTreeSet<String>> {
 }
 
 #[test]
-fn the_readme_layout_names_every_source_file_in_its_directory() {
-    let layout = readme_layout();
-    // The project's own crates and folders: a task crate a project adds by the README's
-    // recipe is its own (and this test must stay green after the recipe).
+fn the_design_layout_names_every_source_file_in_its_directory() {
+    let layout = design_layout();
+    // The project's own crates and folders: a task crate a project adds by the recipe
+    // (docs/task-crates.md) is its own (and this test must stay green after the recipe).
     let ours = |dir: &str| layout.keys().any(|named| named.split('/').next() == dir.split('/').next());
     for (dir, files) in source_tree().into_iter().filter(|(dir, _)| dir.is_empty() || ours(dir)) {
-        let named = layout.get(&dir).unwrap_or_else(|| panic!("the README's layout lacks {dir:?}"));
-        assert_eq!(named, &files, "the README's layout of {dir:?} differs from the tree");
+        let named = layout.get(&dir).unwrap_or_else(|| panic!("the layout in docs/design.md lacks {dir:?}"));
+        assert_eq!(named, &files, "the layout in docs/design.md of {dir:?} differs from the tree");
     }
 }
 
-/// The README's recipe, step by step, holds for the project's own task crate: `tasks/`
-/// is the recipe's example, built and tested with everything else.
+/// The recipe of docs/task-crates.md, step by step, holds for the project's own task
+/// crate: `tasks/` is the recipe's example, built and tested with everything else.
 #[test]
 fn every_task_crate_follows_the_recipe() {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let recipe = readme.split("\n## Adding a task crate\n").nth(1).unwrap().split("\n## ").next().unwrap();
+    let page = std::fs::read_to_string(root().join("docs/task-crates.md")).unwrap();
+    let recipe = page.split("\n## Adding a task crate\n").nth(1).unwrap().split("\n## ").next().unwrap();
     let read = |path: &str| std::fs::read_to_string(root().join(path)).unwrap();
     let manifest = read("tasks/Cargo.toml");
     let dependencies = manifest.split("[dependencies]\n").nth(1).unwrap().split("\n[").next().unwrap();

@@ -17,8 +17,8 @@
 //!
 //! "While every instance follows the protocol": a live instance renews its lease in
 //! time. Its heartbeat may stall (it then stops claiming), but only a dead instance's
-//! lease runs out; a partition longer than the lease is outside the promise (the
-//! README says what it costs).
+//! lease runs out; a partition longer than the lease is outside the promise
+//! (docs/operations.md, "Partitions", says what it costs).
 //!
 //! The same model with one of the engine's rules undone must fail, and does (the
 //! last tests): the heartbeat stopping at a graceful stop instead of outliving the
@@ -585,7 +585,7 @@ fn a_heartbeat_that_stopped_at_a_graceful_stop_would_let_an_attempt_run_twice() 
 #[test]
 fn in_a_partition_an_attempt_may_run_twice_but_a_superseded_outcome_changes_nothing() {
     // Outside the promise (a live instance cut off for a whole lease), the cost is a
-    // second run at once, as the README says; the outcome of the first never counts.
+    // second run at once, as docs/operations.md says; the outcome of the first never counts.
     let failed = failed_properties(Protocol { partitions: true, ..Protocol::new(1) });
     assert_eq!(failed, ["never two attempts of a task at once", "a live instance is never robbed"]);
     let careless = Protocol { partitions: true, outcomes_name_their_attempt: false, ..Protocol::new(1) };

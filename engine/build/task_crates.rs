@@ -36,9 +36,7 @@ pub fn link_code(crates: &[String]) -> String {
     code += "/// Keeps each task crate's registrations (the linker drops a crate nothing references).\n";
     code += "pub fn link_task_crates() {\n";
     for name in crates {
-        code += &format!(
-            "    {name}::link(); // a task crate needs `pub fn link() {{}}` (README, \"Adding a task crate\")\n"
-        );
+        code += &format!("    {name}::link(); // a task crate needs `pub fn link() {{}}` (see docs/task-crates.md)\n");
     }
     code += "}\n";
     code

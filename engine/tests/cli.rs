@@ -75,7 +75,7 @@ fn engine_tasks_lists_every_type_of_the_linked_tasks_crate() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let listed: Vec<String> = text(&out.stdout).lines().map(|l| l.split('\t').next().unwrap().to_owned()).collect();
     // The `tasks` crate's types, in order, among those of any task crate a project
-    // adds by the README's recipe (so that adding one keeps this test green).
+    // adds by the recipe of docs/task-crates.md (so that adding one keeps this test green).
     let ours: Vec<&String> = listed.iter().filter(|t| TASKS_CRATE_TYPES.contains(&t.as_str())).collect();
     assert_eq!(ours, TASKS_CRATE_TYPES, "listed: {listed:?}");
     assert!(listed.windows(2).all(|w| w[0] < w[1]), "not sorted: {listed:?}");
