@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand};
 use log::LevelFilter;
 use task_engine::{NewTask, OnConflict, Registry, Runner, Upserted};
 
+use crate::commands::{demo, status};
 use crate::database::Database;
-use crate::{bench, demo, duration, outln, status, UsageError};
+use crate::{bench, duration, outln, UsageError};
 
 #[derive(Debug, Parser)]
 #[command(name = "engine", version, about = "A background task engine that keeps its tasks in PostgreSQL")]
