@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use log::LevelFilter;
 use task_engine::{NewTask, OnConflict, Registry, Runner, Upserted};
 
-use crate::commands::{demo, status};
+use crate::commands::{demo, status, Context};
 use crate::database::Database;
 use crate::{bench, duration, outln, UsageError};
 
@@ -53,11 +53,11 @@ pub struct Filter {
     since: Option<Duration>,
     /// Tasks changed per transaction.
     #[arg(long, default_value_t = 1000, requires = "status", value_parser = clap::value_parser!(i64).range(1..))]
-    batch: i64,
+    pub batch: i64,
 }
 
 impl Filter {
-    fn task_filter(&self) -> Option<task_engine::TaskFilter> {
+    pub fn task_filter(&self) -> Option<task_engine::TaskFilter> {
         Some(task_engine::TaskFilter {
             status: self.status.clone()?,
             task_type: self.task_type.clone(),
@@ -359,20 +359,21 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Some(dir) => dir.clone(),
         None => default_data_dir()?,
     };
+    let ctx = Context { registry, database_url: cli.database_url, data_dir };
     match cli.command {
         Command::Tasks => {
-            for entry in registry.entries() {
+            for entry in ctx.registry.entries() {
                 outln!("{}\t{}\tmax attempts {}", entry.name(), entry.rust_type(), entry.max_attempts());
             }
             Ok(())
         }
         Command::DbUrl => {
-            let db = Database::open(cli.database_url, &data_dir)?;
+            let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
             outln!("{}", task_engine::redact_url(db.url()));
             Ok(())
         }
         Command::Migrate => {
-            let db = Database::open(cli.database_url, &data_dir)?;
+            let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
             let mut conn = db.connect()?;
             let applied = task_engine::run_migrations(&mut conn)?;
             if applied.is_empty() {
@@ -402,7 +403,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             // Check everything before touching the database: bad input inserts nothing.
             let parameters: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| UsageError(format!("--params is not valid JSON: {e}")))?;
-            let mut task = NewTask::from_json(&registry, &task_type, parameters)?.priority(priority);
+            let mut task = NewTask::from_json(&ctx.registry, &task_type, parameters)?.priority(priority);
             if let Some(at) = at {
                 task = task.run_at(at);
             }
@@ -428,7 +429,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             task.validate()?;
-            let db = Database::open(cli.database_url, &data_dir)?;
+            let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
             let mut conn = db.connect_migrated()?;
             let ids = if count == 1 {
                 let done = task.upsert(&mut conn)?;
@@ -473,10 +474,10 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         } => {
             let workers = usize::from(workers);
             let all_workers = if queues.is_empty() { workers } else { queues.iter().map(|(_, w)| *w).sum() };
-            let db = Database::open(cli.database_url, &data_dir)?;
+            let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
             db.connect_migrated()?;
             log::info!("task crates linked in: {}", crate::task_crates::TASK_CRATES.join(", "));
-            let runner = queues.into_iter().fold(Runner::new(db.url(), registry), |r, (q, w)| r.queue(q, w));
+            let runner = queues.into_iter().fold(Runner::new(db.url(), ctx.registry), |r, (q, w)| r.queue(q, w));
             let engine = runner
                 .workers(workers)
                 .instance(instance.unwrap_or_else(task_engine::default_instance_name))
@@ -508,15 +509,15 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { task, recent } => {
-            let db = Database::open(cli.database_url, &data_dir)?;
+            let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
             let mut conn = db.connect_migrated()?;
             match task {
                 Some(id) => status::print_task(&mut conn, id),
-                None => status::print_overview(&mut conn, &registry, recent),
+                None => status::print_overview(&mut conn, &ctx.registry, recent),
             }
         }
         Command::Queue(command) => {
-            let db = Database::open(cli.database_url, &data_dir)?;
+            let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
             let mut conn = db.connect_migrated()?;
             match command {
                 QueueCommand::List => status::print_queues(&mut conn)?,
@@ -547,16 +548,17 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cron(command) => {
-            let open = || Database::open(cli.database_url.clone(), &data_dir);
+            let open = || Database::open(ctx.database_url.clone(), &ctx.data_dir);
             match command {
                 CronCommand::Add { name, cron, task_type, params, tz, catch_up, queue, priority } => {
                     // Checked before the database is touched: bad input changes nothing.
                     let parameters: serde_json::Value = serde_json::from_str(&params)
                         .map_err(|e| UsageError(format!("--params is not valid JSON: {e}")))?;
-                    let mut schedule = task_engine::Schedule::from_json(&registry, name, cron, &task_type, parameters)?
-                        .time_zone(&tz)?
-                        .catch_up(catch_up)
-                        .priority(priority);
+                    let mut schedule =
+                        task_engine::Schedule::from_json(&ctx.registry, name, cron, &task_type, parameters)?
+                            .time_zone(&tz)?
+                            .catch_up(catch_up)
+                            .priority(priority);
                     if let Some(queue) = queue {
                         schedule = schedule.queue(queue);
                     }
@@ -574,7 +576,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Retry { id, filter } => {
-            let db = Database::open(cli.database_url, &data_dir)?;
+            let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
             let mut conn = db.connect_migrated()?;
             match (id, filter.task_filter()) {
                 (Some(id), _) => {
@@ -590,20 +592,20 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Prune { older_than, batch } => {
-            let db = Database::open(cli.database_url, &data_dir)?;
+            let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
             let deleted = task_engine::prune(&mut db.connect_migrated()?, older_than, batch)?;
             outln!("{deleted} finished task(s) deleted, with their executions");
             Ok(())
         }
         Command::Cancel { id: None, filter } => {
-            let db = Database::open(cli.database_url, &data_dir)?;
+            let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
             let matching = filter.task_filter().expect("clap requires an id or --status");
             let n = task_engine::cancel_many(&mut db.connect_migrated()?, &matching, filter.batch)?;
             outln!("{n} waiting task(s) cancelled");
             Ok(())
         }
         Command::Cancel { id: Some(id), .. } => {
-            let db = Database::open(cli.database_url, &data_dir)?;
+            let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
             match task_engine::cancel(&mut db.connect_migrated()?, id)? {
                 task_engine::Cancelled::Waiting => println!("task {id} cancelled: it will not run"),
                 task_engine::Cancelled::Running => println!(
@@ -612,8 +614,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Demo { workers } => demo::run(cli.database_url, &data_dir, registry, workers),
-        Command::Bench(bench) => bench::run(bench, cli.database_url, &data_dir),
+        Command::Demo { workers } => demo::run(ctx.database_url, &ctx.data_dir, ctx.registry, workers),
+        Command::Bench(bench) => bench::run(bench, ctx.database_url, &ctx.data_dir),
     }
 }
 
