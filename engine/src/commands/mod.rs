@@ -1,7 +1,18 @@
 //! What each subcommand does, a subcommand a file; what they share is here.
 
+pub mod cancel;
+pub mod cron;
+pub mod db_url;
 pub mod demo;
+pub mod enqueue;
+pub mod filter;
+pub mod migrate;
+pub mod prune;
+pub mod queue;
+pub mod retry;
+pub mod run;
 pub mod status;
+pub mod tasks;
 
 use std::path::PathBuf;
 
