@@ -3,7 +3,6 @@
 
 use super::filter::Filter;
 use super::Context;
-use crate::database::Database;
 use crate::outln;
 
 #[derive(Debug, clap::Args)]
@@ -19,15 +18,15 @@ pub struct Args {
 pub fn run(args: Args, ctx: &Context) -> anyhow::Result<()> {
     match args {
         Args { id: None, filter } => {
-            let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
+            let (_, mut conn) = ctx.open_migrated()?;
             let matching = filter.task_filter().expect("clap requires an id or --status");
-            let n = task_engine::cancel_many(&mut db.connect_migrated()?, &matching, filter.batch)?;
+            let n = task_engine::cancel_many(&mut conn, &matching, filter.batch)?;
             outln!("{n} waiting task(s) cancelled");
             Ok(())
         }
         Args { id: Some(id), .. } => {
-            let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
-            match task_engine::cancel(&mut db.connect_migrated()?, id)? {
+            let (_, mut conn) = ctx.open_migrated()?;
+            match task_engine::cancel(&mut conn, id)? {
                 task_engine::Cancelled::Waiting => println!("task {id} cancelled: it will not run"),
                 task_engine::Cancelled::Running => println!(
                     "task {id} is running: its instance is asked to stop it; it ends cancelled unless this attempt succeeds"

@@ -3,7 +3,6 @@
 use clap::Subcommand;
 
 use super::{status, Context};
-use crate::database::Database;
 use crate::{outln, UsageError};
 
 #[derive(Debug, Subcommand)]
@@ -40,7 +39,6 @@ pub enum CronCommand {
 
 /// Adds (after checking it), lists or removes a schedule.
 pub fn run(command: CronCommand, ctx: &Context) -> anyhow::Result<()> {
-    let open = || Database::open(ctx.database_url.clone(), &ctx.data_dir);
     match command {
         CronCommand::Add { name, cron, task_type, params, tz, catch_up, queue, priority } => {
             // Checked before the database is touched: bad input changes nothing.
@@ -53,12 +51,17 @@ pub fn run(command: CronCommand, ctx: &Context) -> anyhow::Result<()> {
             if let Some(queue) = queue {
                 schedule = schedule.queue(queue);
             }
-            let added = task_engine::add_schedule(&mut open()?.connect_migrated()?, &schedule)?;
+            let (_, mut conn) = ctx.open_migrated()?;
+            let added = task_engine::add_schedule(&mut conn, &schedule)?;
             outln!("schedule {} {}", schedule.name, if added { "added" } else { "changed" });
         }
-        CronCommand::List => status::print_schedules(&mut open()?.connect_migrated()?)?,
+        CronCommand::List => {
+            let (_, mut conn) = ctx.open_migrated()?;
+            status::print_schedules(&mut conn)?;
+        }
         CronCommand::Remove { name } => {
-            if !task_engine::remove_schedule(&mut open()?.connect_migrated()?, &name)? {
+            let (_, mut conn) = ctx.open_migrated()?;
+            if !task_engine::remove_schedule(&mut conn, &name)? {
                 return Err(UsageError(format!("there is no schedule {name:?}")).into());
             }
             outln!("schedule {name} removed");

@@ -21,7 +21,7 @@ pub struct Args {
 
 /// Runs the demo, then stops the embedded cluster if the demo started it.
 pub fn run(args: Args, ctx: Context) -> anyhow::Result<()> {
-    let db = Database::open(ctx.database_url, &ctx.data_dir)?;
+    let db = ctx.open()?;
     let result = run_on(&db, ctx.registry, args.workers);
     // Leave the machine as we found it, even when the demo failed.
     db.stop_if_started_here()?;

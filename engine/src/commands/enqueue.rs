@@ -5,7 +5,6 @@ use std::time::Duration;
 use task_engine::{NewTask, OnConflict, Upserted};
 
 use super::Context;
-use crate::database::Database;
 use crate::{duration, outln, UsageError};
 
 #[derive(Debug, clap::Args)]
@@ -103,8 +102,7 @@ pub fn run(args: Args, ctx: &Context) -> anyhow::Result<()> {
         }
     }
     task.validate()?;
-    let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
-    let mut conn = db.connect_migrated()?;
+    let (_, mut conn) = ctx.open_migrated()?;
     let ids = if count == 1 {
         let done = task.upsert(&mut conn)?;
         match done {

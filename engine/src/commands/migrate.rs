@@ -1,12 +1,11 @@
 //! `engine migrate`: applies the schema's migrations.
 
 use super::Context;
-use crate::database::Database;
 use crate::outln;
 
 /// Applies the migrations the database lacks and names each.
 pub fn run(ctx: &Context) -> anyhow::Result<()> {
-    let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
+    let db = ctx.open()?;
     let mut conn = db.connect()?;
     let applied = task_engine::run_migrations(&mut conn)?;
     if applied.is_empty() {

@@ -16,7 +16,10 @@ pub mod tasks;
 
 use std::path::PathBuf;
 
+use diesel::PgConnection;
 use task_engine::Registry;
+
+use crate::database::Database;
 
 /// What the subcommands share: the task types linked in, and where the database is.
 pub struct Context {
@@ -26,4 +29,20 @@ pub struct Context {
     pub database_url: Option<String>,
     /// Where the embedded cluster lives.
     pub data_dir: PathBuf,
+}
+
+impl Context {
+    /// Opens the database: `DATABASE_URL`, or the embedded cluster, created and started
+    /// if need be.
+    pub fn open(&self) -> anyhow::Result<Database> {
+        Database::open(self.database_url.clone(), &self.data_dir)
+    }
+
+    /// Opens the database and connects to it, its schema up to date: the embedded
+    /// cluster is migrated on the spot, a server of the user's only checked.
+    pub fn open_migrated(&self) -> anyhow::Result<(Database, PgConnection)> {
+        let db = self.open()?;
+        let conn = db.connect_migrated()?;
+        Ok((db, conn))
+    }
 }

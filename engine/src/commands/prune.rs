@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use super::Context;
-use crate::database::Database;
 use crate::{duration, outln};
 
 #[derive(Debug, clap::Args)]
@@ -19,8 +18,8 @@ pub struct Args {
 /// Deletes the finished tasks older than `--older-than`, in batches, and says how many.
 pub fn run(args: Args, ctx: &Context) -> anyhow::Result<()> {
     let Args { older_than, batch } = args;
-    let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
-    let deleted = task_engine::prune(&mut db.connect_migrated()?, older_than, batch)?;
+    let (_, mut conn) = ctx.open_migrated()?;
+    let deleted = task_engine::prune(&mut conn, older_than, batch)?;
     outln!("{deleted} finished task(s) deleted, with their executions");
     Ok(())
 }

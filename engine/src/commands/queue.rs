@@ -5,7 +5,6 @@ use std::time::Duration;
 use clap::Subcommand;
 
 use super::{status, Context};
-use crate::database::Database;
 use crate::{duration, outln};
 
 /// A queue's setting: a value, or `none` (clap reads an `Option` as an optional
@@ -46,8 +45,7 @@ pub enum QueueCommand {
 
 /// Lists the queues, or changes one queue's setting and says what it is now.
 pub fn run(command: QueueCommand, ctx: &Context) -> anyhow::Result<()> {
-    let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
-    let mut conn = db.connect_migrated()?;
+    let (_, mut conn) = ctx.open_migrated()?;
     match command {
         QueueCommand::List => status::print_queues(&mut conn)?,
         QueueCommand::Pause { queue } => {

@@ -3,7 +3,6 @@
 
 use super::filter::Filter;
 use super::Context;
-use crate::database::Database;
 use crate::outln;
 
 #[derive(Debug, clap::Args)]
@@ -18,8 +17,7 @@ pub struct Args {
 /// Puts the task, or each task the filters match, back to waiting.
 pub fn run(args: Args, ctx: &Context) -> anyhow::Result<()> {
     let Args { id, filter } = args;
-    let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
-    let mut conn = db.connect_migrated()?;
+    let (_, mut conn) = ctx.open_migrated()?;
     match (id, filter.task_filter()) {
         (Some(id), _) => {
             task_engine::retry(&mut conn, id)?;

@@ -7,7 +7,6 @@ use anyhow::Context as _;
 use task_engine::Runner;
 
 use super::Context;
-use crate::database::Database;
 use crate::duration;
 
 #[derive(Debug, clap::Args)]
@@ -73,8 +72,9 @@ pub fn run(args: Args, ctx: Context) -> anyhow::Result<()> {
     } = args;
     let workers = usize::from(workers);
     let all_workers = if queues.is_empty() { workers } else { queues.iter().map(|(_, w)| *w).sum() };
-    let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
-    db.connect_migrated()?;
+    // The connection only checked the schema (it is dropped here): the instance opens
+    // its own.
+    let (db, _) = ctx.open_migrated()?;
     log::info!("task crates linked in: {}", crate::task_crates::TASK_CRATES.join(", "));
     let runner = queues.into_iter().fold(Runner::new(db.url(), ctx.registry), |r, (q, w)| r.queue(q, w));
     let engine = runner

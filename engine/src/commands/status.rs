@@ -9,7 +9,6 @@ use task_engine::models::TaskExecution;
 use task_engine::{report, Registry};
 
 use super::Context;
-use crate::database::Database;
 use crate::{outln, UsageError};
 
 /// Failed tasks listed by `engine status`.
@@ -28,8 +27,7 @@ pub struct Args {
 /// Prints the overview, or one task's history.
 pub fn run(args: Args, ctx: &Context) -> anyhow::Result<()> {
     let Args { task, recent } = args;
-    let db = Database::open(ctx.database_url.clone(), &ctx.data_dir)?;
-    let mut conn = db.connect_migrated()?;
+    let (_, mut conn) = ctx.open_migrated()?;
     match task {
         Some(id) => print_task(&mut conn, id),
         None => print_overview(&mut conn, &ctx.registry, recent),
