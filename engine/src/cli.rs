@@ -67,7 +67,7 @@ pub enum Command {
     Run(run::Args),
     /// Shows tasks by type and status and the latest executions, or one task's history.
     Status(status::Args),
-    /// Measures the engine (see the README's Benchmarks section).
+    /// Measures the engine (see docs/benchmarks.md).
     #[command(subcommand)]
     Bench(bench::Bench),
     /// Runs a mix of the example tasks through the engine and prints a summary.
