@@ -123,6 +123,7 @@ pub fn route_panics_to_the_log() {
     }));
 }
 
+/// Builds what the subcommands share, then runs the one given.
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
     let registry = Registry::from_inventory()?;
     let data_dir = match &cli.data_dir {

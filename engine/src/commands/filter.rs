@@ -26,6 +26,7 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// Returns the library's filter, or `None` without `--status` (an id was given).
     pub fn task_filter(&self) -> Option<task_engine::TaskFilter> {
         Some(task_engine::TaskFilter {
             status: self.status.clone()?,
