@@ -4,10 +4,9 @@
 
 mod bench;
 mod cli;
+mod commands;
 mod database;
-mod demo;
 mod duration;
-mod status;
 
 /// `TASK_CRATES` and `link_task_crates()`, written by build.rs.
 mod task_crates {

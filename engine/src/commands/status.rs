@@ -1,4 +1,5 @@
-//! `engine status`: what the tables say, for a person.
+//! `engine status`: what the tables say, for a person. `engine queue list` and
+//! `engine cron list` print a part of it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -7,10 +8,31 @@ use diesel::PgConnection;
 use task_engine::models::TaskExecution;
 use task_engine::{report, Registry};
 
+use super::Context;
 use crate::{outln, UsageError};
 
 /// Failed tasks listed by `engine status`.
 const FAILED_SHOWN: i64 = 10;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Show this task and every attempt at it.
+    #[arg(long)]
+    task: Option<i64>,
+    /// How many recent executions to show.
+    #[arg(long, default_value_t = 10)]
+    recent: i64,
+}
+
+/// Prints the overview, or one task's history.
+pub fn run(args: Args, ctx: &Context) -> anyhow::Result<()> {
+    let Args { task, recent } = args;
+    let (_, mut conn) = ctx.open_migrated()?;
+    match task {
+        Some(id) => print_task(&mut conn, id),
+        None => print_overview(&mut conn, &ctx.registry, recent),
+    }
+}
 
 /// Prints counts by type and state, the queues, the latest failed tasks with their
 /// last error, the instances, then the latest executions.

@@ -2,7 +2,6 @@
 //! tasks, runs them with a few workers until every one has ended, and prints a
 //! summary read back from `task_executions`.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,11 +9,20 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use task_engine::{report, NewTask, Registry, Runner};
 
+use super::Context;
 use crate::database::Database;
 
-pub fn run(database_url: Option<String>, data_dir: &Path, registry: Registry, workers: usize) -> anyhow::Result<()> {
-    let db = Database::open(database_url, data_dir)?;
-    let result = run_on(&db, registry, workers);
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Number of worker threads.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+}
+
+/// Runs the demo, then stops the embedded cluster if the demo started it.
+pub fn run(args: Args, ctx: Context) -> anyhow::Result<()> {
+    let db = ctx.open()?;
+    let result = run_on(&db, ctx.registry, args.workers);
     // Leave the machine as we found it, even when the demo failed.
     db.stop_if_started_here()?;
     result
