@@ -1,26 +1,19 @@
-//! Starting and stopping an instance: the [`Runner`] builder gives each part of the
-//! instance its inputs and starts its thread; the [`RunningEngine`] reports and stops
-//! them.
+//! Starting and stopping an instance: the [`Runner`] builder checks its settings and
+//! hands them to the instance's assembly (`instance/assembly.rs`), which starts the
+//! parts; the [`RunningEngine`] reports and stops them.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::context::InstanceHandle;
-use crate::db::connect::{connection_pool, redact_url, PgPool};
+use crate::db::connect::PgPool;
 use crate::db::migrate;
 use crate::error::Error;
-use crate::instance::crew::{Crew, Recipe};
-use crate::instance::handoff::Handoff;
-use crate::instance::heartbeat::{self, Alive, Heartbeat};
+use crate::instance::assembly::{self, Counters, Instance, Settings};
+use crate::instance::completer;
+use crate::instance::connections::Connections;
 use crate::instance::in_flight::InFlight;
-use crate::instance::lanes::{Lane, Lanes};
-use crate::instance::listener::{self, Listener};
 use crate::instance::shutdown::Shutdown;
-use crate::instance::timer::{self, Timer};
-use crate::instance::watchdog::Watchdog;
-use crate::instance::{completer, cron, producer, vacuum};
 use crate::registry::Registry;
 use crate::schedule::{add_schedule, Schedule};
 use crate::task::DEFAULT_QUEUE;
@@ -360,23 +353,17 @@ impl Runner {
         if let Some(warning) = unheard_warning(log::max_level()) {
             eprintln!("{warning}");
         }
-        let lanes = self.lanes();
-        let workers: usize = lanes.iter().map(|(_, w)| *w).sum();
-        let instance = self.instance.clone().unwrap_or_else(default_instance_name);
-        let task_types = self.registry.names();
-        let pool = match self.pool {
-            Some(pool) => pool,
-            // The timer, the tasks' own queries, and a spare.
-            None => connection_pool(&self.database_url, u32::try_from(workers + 2).unwrap_or(u32::MAX))?,
-        };
+        let queues = self.lanes();
+        let workers: usize = queues.iter().map(|(_, w)| *w).sum();
+        let connections = Connections::open(&self.database_url, self.pool, workers)?;
         {
-            let mut conn = pool.get()?;
+            let mut conn = connections.pool().get()?;
             let missing = migrate::missing_schema(&mut conn)?;
             if !missing.is_empty() {
                 return Err(Error::Config(format!(
                     "the database at {} lacks the engine's schema ({} missing): run \
                      task_engine::run_migrations(&mut conn) (or `engine migrate`) first",
-                    redact_url(&self.database_url),
+                    connections.server(),
                     missing.join(", ")
                 )));
             }
@@ -384,257 +371,40 @@ impl Runner {
                 add_schedule(&mut conn, schedule)?;
             }
         }
-        let buffer = self.buffer.unwrap_or(Self::DEFAULT_BUFFER_PER_WORKER.saturating_mul(workers));
-        let shutdown = Shutdown::default();
-        // The heartbeat's own end: after the last attempt is recorded.
-        let retired = Shutdown::default();
-        // Each lane gets its share of the buffer.
-        let lanes = Arc::new(Lanes::new(
-            lanes
-                .iter()
-                .map(|(queue, lane_workers)| Lane {
-                    queue: queue.clone(),
-                    handoff: Arc::new(
-                        Handoff::new(*lane_workers, buffer.saturating_mul(*lane_workers) / workers.max(1))
-                            .with_max_claim(self.max_claim),
-                    ),
-                })
-                .collect(),
-        ));
-        let timer = Arc::new(Timer::default());
-        let in_flight = Arc::new(InFlight::default());
-        let alive = Arc::new(Alive::default());
-        shutdown.on_stop({
-            let lanes = Arc::clone(&lanes);
-            move || lanes.stop()
-        });
-        shutdown.on_stop({
-            let timer = Arc::clone(&timer);
-            move || timer.stop()
-        });
-        let stats = Stats::default();
-        // The timer's first look: tasks already due later.
-        timer.refresh();
-
-        let listener = Listener::new(listener::Input {
-            instance: instance.clone(),
-            database_url: self.database_url.clone(),
-            lanes: Arc::clone(&lanes),
-            timer: Arc::clone(&timer),
-            in_flight: Arc::clone(&in_flight),
-            shutdown: shutdown.clone(),
-            stats: Arc::clone(&stats.listener),
-        })?;
-        // Takes the instance's name (or fails here) and recovers what a previous run of
-        // it left running, before the producer claims.
-        let heartbeat = Heartbeat::start(heartbeat::Input {
-            instance: instance.clone(),
+        let instance = assembly::start(Settings {
+            instance: self.instance.unwrap_or_else(default_instance_name),
             host: host_name(),
-            task_types: task_types.clone(),
-            database_url: self.database_url.clone(),
-            lease: self.lease,
-            timer: Arc::clone(&timer),
-            alive: Arc::clone(&alive),
-            in_flight: Arc::clone(&in_flight),
-            retired: retired.clone(),
-            stats: Arc::clone(&stats.heartbeat),
-        })?;
-        let queues: Vec<String> = lanes.iter().map(|l| format!("{}={}", l.queue, l.handoff.capacity())).collect();
-        log::info!(
-            "instance {instance} starting {workers} workers (queues {}); task types: {}",
-            queues.join(", "),
-            task_types.join(", ")
-        );
-
-        // The threads, in the order they start: the producer last, once there are
-        // workers to hand tasks to.
-        let mut threads: Vec<(String, Group, Body)> = Vec::new();
-        threads.push(("listener".into(), Group::Others, Box::new(move || listener.run())));
-        let input = timer::Input {
-            pool: pool.clone(),
-            task_types: task_types.clone(),
-            timer: Arc::clone(&timer),
-            lanes: Arc::clone(&lanes),
+            registry: self.registry,
+            connections,
+            queues,
+            buffer: self.buffer.unwrap_or(Self::DEFAULT_BUFFER_PER_WORKER.saturating_mul(workers)),
+            max_claim: self.max_claim,
             poll_interval: self.poll_interval,
-        };
-        threads.push(("timer".into(), Group::Others, Box::new(move || timer::run(input))));
-        threads.push(("heartbeat".into(), Group::Heartbeat, Box::new(move || heartbeat.run())));
-        let input = vacuum::Input {
-            database_url: self.database_url.clone(),
-            claims: Arc::clone(&stats.producer),
-            shutdown: shutdown.clone(),
-            stats: Arc::clone(&stats.vacuum),
-        };
-        threads.push(("vacuum".into(), Group::Others, Box::new(move || vacuum::run(input))));
-        let input = cron::Input { database_url: self.database_url.clone(), shutdown: shutdown.clone() };
-        threads.push(("cron".into(), Group::Others, Box::new(move || cron::run(input))));
-        // The completer ends once every worker's outbox is gone.
-        let (inbox, outboxes) = completer::inbox(self.flush_delay, self.max_completion_batch, workers);
-        let input = completer::Input {
-            database_url: self.database_url.clone(),
-            inbox,
-            in_flight: Arc::clone(&in_flight),
-            timer: Arc::clone(&timer),
-            stats: Arc::clone(&stats.completer),
-        };
-        threads.push(("completer".into(), Group::Completer, Box::new(move || completer::run(input))));
-        let context = Arc::new(InstanceHandle { name: instance.clone(), stopping: shutdown.flag(), pool });
-        let watchdog = Arc::new(Watchdog::default());
-        threads.push(("watchdog".into(), Group::Others, {
-            let watchdog = Arc::clone(&watchdog);
-            Box::new(move || watchdog.run())
-        }));
-        let mut outboxes = outboxes.into_iter().enumerate();
-        let named = lanes.iter().count() > 1;
-        let mut hires = Vec::new();
-        for lane in lanes.iter() {
-            let recipe = Arc::new(Recipe {
-                handoff: Arc::clone(&lane.handoff),
-                registry: self.registry.clone(),
-                instance: Arc::clone(&context),
-                in_flight: Arc::clone(&in_flight),
-                watchdog: Arc::clone(&watchdog),
-                grace: self.timeout_grace,
-            });
-            for (index, outbox) in outboxes.by_ref().take(lane.handoff.capacity()) {
-                hires.push((Arc::clone(&recipe), index, outbox));
-            }
-        }
-        // The producers last, once there are workers to hand tasks to.
-        for lane in lanes.iter() {
-            let input = producer::Input {
-                instance: instance.clone(),
-                database_url: self.database_url.clone(),
-                queue: lane.queue.clone(),
-                task_types: task_types.clone(),
-                handoff: Arc::clone(&lane.handoff),
-                in_flight: Arc::clone(&in_flight),
-                timer: Arc::clone(&timer),
-                alive: Arc::clone(&alive),
-                shutdown: shutdown.clone(),
-                poll_interval: self.poll_interval,
-                max_queue_wait: self.max_queue_wait,
-                stats: Arc::clone(&stats.producer),
-            };
-            let name = if named { format!("producer-{}", lane.queue) } else { "producer".to_owned() };
-            threads.push((name, Group::Producer, Box::new(move || producer::run(input))));
-        }
-
-        let mut engine = RunningEngine {
-            instance,
-            shutdown,
-            retired,
-            alive,
-            lanes,
-            in_flight,
-            stats,
-            crew: Arc::new(Crew::default()),
-            watchdog,
-            threads: Threads::default(),
-        };
-        // The workers start after the others, before the producers.
-        let producers_from = threads.iter().position(|(_, group, _)| matches!(group, Group::Producer));
-        let producers = threads.split_off(producers_from.unwrap_or(threads.len()));
-        let thread = |(name, group, body)| Start::Thread(name, group, body);
-        let mut pending =
-            threads.into_iter().map(thread).chain([Start::Workers(hires)]).chain(producers.into_iter().map(thread));
-        while let Some(start) = pending.next() {
-            let started = match start {
-                Start::Thread(name, group, body) => engine.threads.spawn(&name, group, body).map_err(|e| (name, e)),
-                Start::Workers(hires) => hires
-                    .into_iter()
-                    .try_for_each(|(recipe, index, outbox)| engine.crew.hire(&recipe, index, outbox))
-                    .map_err(|e| ("a worker".to_owned(), e)),
-            };
-            if let Err((name, source)) = started {
-                // What has not started goes first (a worker's outbox keeps the
-                // completer waiting), then the rest stops as usual.
-                drop(pending);
-                engine.shutdown();
-                return Err(Error::Io { context: format!("could not start thread {name}"), source });
-            }
-        }
-        Ok(engine)
+            max_queue_wait: self.max_queue_wait,
+            lease: self.lease,
+            flush_delay: self.flush_delay,
+            max_completion_batch: self.max_completion_batch,
+            timeout_grace: self.timeout_grace,
+        })?;
+        Ok(RunningEngine { instance })
     }
-}
-
-/// What a thread of the instance runs.
-type Body = Box<dyn FnOnce() + Send>;
-
-/// What [`Runner::start`] starts, in order: a thread, or the workers.
-enum Start {
-    Thread(String, Group, Body),
-    Workers(Vec<(Arc<Recipe>, usize, completer::Outbox)>),
 }
 
 /// A running engine instance. Dropping it does not stop it: call
 /// [`RunningEngine::shutdown`] (or [`StopHandle::stop`] then [`RunningEngine::join`]).
 pub struct RunningEngine {
-    instance: String,
-    shutdown: Shutdown,
-    /// Ends the heartbeat, once every other thread has ended.
-    retired: Shutdown,
-    alive: Arc<Alive>,
-    lanes: Arc<Lanes>,
-    /// The tasks claimed here and not yet recorded, for the stop's message.
-    in_flight: Arc<InFlight>,
-    stats: Stats,
-    /// The workers, waited for at the stop (all but the abandoned).
-    crew: Arc<Crew>,
-    /// Stopped once the workers have ended.
-    watchdog: Arc<Watchdog>,
-    threads: Threads,
-}
-
-/// The counters of the instance's parts.
-#[derive(Default)]
-struct Stats {
-    producer: Arc<producer::Stats>,
-    completer: Arc<completer::Stats>,
-    listener: Arc<listener::Stats>,
-    heartbeat: Arc<heartbeat::Stats>,
-    vacuum: Arc<vacuum::Stats>,
-}
-
-/// An instance's threads but the workers ([`Crew`]), by the order they end in.
-#[derive(Default)]
-struct Threads {
-    producer: Vec<JoinHandle<()>>,
-    completer: Vec<JoinHandle<()>>,
-    others: Vec<JoinHandle<()>>,
-    heartbeat: Vec<JoinHandle<()>>,
-}
-
-#[derive(Clone, Copy)]
-enum Group {
-    Producer,
-    Completer,
-    Others,
-    Heartbeat,
-}
-
-impl Threads {
-    fn spawn(&mut self, name: &str, group: Group, body: Body) -> std::io::Result<()> {
-        let handle = std::thread::Builder::new().name(name.to_owned()).spawn(body)?;
-        match group {
-            Group::Producer => self.producer.push(handle),
-            Group::Completer => self.completer.push(handle),
-            Group::Others => self.others.push(handle),
-            Group::Heartbeat => self.heartbeat.push(handle),
-        }
-        Ok(())
-    }
+    instance: Instance,
 }
 
 impl RunningEngine {
     /// Returns the instance's name.
     pub fn instance(&self) -> &str {
-        &self.instance
+        &self.instance.name
     }
 
     /// Returns the instance's counters.
     pub fn stats(&self) -> EngineStats {
-        let Stats { producer, completer, listener, heartbeat, vacuum } = &self.stats;
+        let Instance { counters: Counters { producer, completer, listener, heartbeat, vacuum }, .. } = &self.instance;
         let read = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::SeqCst);
         EngineStats {
             claims: read(&producer.claims),
@@ -643,7 +413,7 @@ impl RunningEngine {
             cancels_heard: read(&listener.cancels),
             listener_connections: read(&listener.connections),
             listening: listener.listening.load(Ordering::SeqCst),
-            sleeping_workers: self.lanes.sleeping(),
+            sleeping_workers: self.instance.lanes.sleeping(),
             heartbeats: read(&heartbeat.heartbeats),
             rescue_passes: read(&heartbeat.rescue_passes),
             rescued: read(&heartbeat.rescued),
@@ -658,8 +428,8 @@ impl RunningEngine {
             vacuums: read(&vacuum.vacuums),
             given_back: read(&producer.given_back),
             paused_claims: read(&producer.paused_claims),
-            heartbeat_current: self.alive.may_claim(std::time::Instant::now()),
-            abandoned_workers: self.crew.abandoned.load(Ordering::SeqCst),
+            heartbeat_current: self.instance.alive.may_claim(std::time::Instant::now()),
+            abandoned_workers: self.instance.crew.abandoned.load(Ordering::SeqCst),
         }
     }
 
@@ -667,9 +437,9 @@ impl RunningEngine {
     /// say).
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
-            instance: self.instance.clone(),
-            shutdown: self.shutdown.clone(),
-            in_flight: Arc::clone(&self.in_flight),
+            instance: self.instance.name.clone(),
+            shutdown: self.instance.shutdown.clone(),
+            in_flight: Arc::clone(&self.instance.in_flight),
         }
     }
 
@@ -683,51 +453,17 @@ impl RunningEngine {
     /// Waits for the instance's threads to end (after a stop), and returns its counters
     /// as they end.
     ///
-    /// In order: the producer (it gives back the tasks no worker started), the workers
-    /// (they finish their tasks), the completer (it records every outcome, and ends
-    /// with the last worker), the listener, the timer and the vacuum; last the
-    /// heartbeat, which kept the instance alive through all that (its attempts are
-    /// never taken for lost while they run) and now removes its row.
+    /// In the order of the stop (see `instance/parts.rs`): the producers (they give
+    /// back the tasks no worker started), the workers (they finish their tasks), the
+    /// completer (it records every outcome, and ends with the last worker), the
+    /// listener, the timer, the vacuum, cron and the watchdog; last the heartbeat,
+    /// which kept the instance alive through all that (its attempts are never taken
+    /// for lost while they run) and now removes its row.
     pub fn join(mut self) -> EngineStats {
-        let stats = self.stats_when_ended();
-        log::info!("instance {} stopped", self.instance);
+        self.instance.join();
+        let stats = self.stats();
+        log::info!("instance {} stopped", self.instance.name);
         stats
-    }
-
-    /// Joins the threads and reads the counters once they have all ended.
-    fn stats_when_ended(&mut self) -> EngineStats {
-        let Threads { producer, completer, others, heartbeat } = std::mem::take(&mut self.threads);
-        join_all(producer);
-        // An abandoned worker is not waited for: its task may never return.
-        let abandoned = self.crew.join();
-        join_all(completer);
-        self.watchdog.stop();
-        join_all(others);
-        if abandoned == 0 {
-            // Every attempt is recorded: the instance can go.
-            self.retired.stop();
-            join_all(heartbeat);
-            return self.stats();
-        }
-        // Their tasks stay held here while their threads may still run them: the
-        // heartbeat goes on, so that no rescue hands them to another instance, until they
-        // return (or the process ends, and the heartbeat with it).
-        log::warn!(
-            "instance {}: {abandoned} abandoned worker(s) still run their task; the instance stays registered until \
-             they return",
-            self.instance
-        );
-        let (crew, retired) = (Arc::clone(&self.crew), self.retired.clone());
-        let retire = move || {
-            crew.join_abandoned();
-            retired.stop();
-            join_all(heartbeat);
-        };
-        if let Err(error) = std::thread::Builder::new().name("retire".into()).spawn(retire) {
-            log::error!("could not start the thread that waits for the abandoned workers ({error}): retiring now");
-            self.retired.stop();
-        }
-        self.stats()
     }
 }
 
@@ -759,15 +495,6 @@ impl StopHandle {
                     shown.join(", ")
                 );
             }
-        }
-    }
-}
-
-fn join_all(handles: Vec<JoinHandle<()>>) {
-    for handle in handles {
-        let name = handle.thread().name().unwrap_or("thread").to_owned();
-        if handle.join().is_err() {
-            log::error!("{name} ended by a panic outside any task");
         }
     }
 }

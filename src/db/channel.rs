@@ -11,7 +11,6 @@ use diesel::sql_types::{BigInt, Bool};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 
-use crate::db::connect::redact_url;
 use crate::db::transitions::notify_waiting;
 use crate::error::Error;
 
@@ -27,13 +26,9 @@ impl Listening {
     /// running on `instance` that an operator asked to cancel: those cancels'
     /// notifications may have been sent while no connection listened; any later one is
     /// heard. Locks and changes nothing.
-    pub(crate) fn start(
-        config: &postgres::Config,
-        database_url: &str,
-        instance: &str,
-    ) -> Result<(Self, Vec<i64>), Error> {
+    pub(crate) fn start(config: &postgres::Config, server: &str, instance: &str) -> Result<(Self, Vec<i64>), Error> {
         let fail = |context: &str| {
-            let context = format!("could not {context} on {}", redact_url(database_url));
+            let context = format!("could not {context} on {server}");
             move |source| Error::Listener { context, source }
         };
         let mut client = config.connect(NoTls).map_err(fail("connect"))?;

@@ -20,9 +20,11 @@ use diesel::PgConnection;
 
 use crate::attempt::{Completion, Outcome};
 use crate::db::completion;
-use crate::db::connect::{connect, ping};
+use crate::db::connect::ping;
 use crate::error::Error;
+use crate::instance::connections::Connections;
 use crate::instance::in_flight::InFlight;
+use crate::instance::parts::{Part, Stage};
 use crate::instance::timer::Timer;
 use crate::instance::{backoff, lock};
 
@@ -38,8 +40,8 @@ const REPLACEMENT_TEXT: usize = 4096;
 
 /// What the completer needs.
 pub(crate) struct Input {
-    /// For its own connection.
-    pub database_url: String,
+    /// Where it gets its own connection.
+    pub connections: Connections,
     pub inbox: Arc<Inbox>,
     /// Told which tasks are recorded.
     pub in_flight: Arc<InFlight>,
@@ -199,13 +201,18 @@ impl Patience {
     }
 }
 
-/// Records batches until the last worker is gone and every outcome is recorded.
-pub(crate) fn run(input: Input) {
+/// Starts the completer: it records batches until the last worker is gone and every
+/// outcome is recorded (it is not stopped: it ends with the workers' outboxes).
+pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
+    Part::spawn("completer", Stage::Completer, move || run(input))
+}
+
+fn run(input: Input) {
     // Its own connection, kept between batches, with the session settings its
     // statement is planned with (in the pool they would leak to the tasks'
     // connections). Connected before the first outcome (a failure is met again, and
     // handled, there).
-    let conn = open(&input.database_url).ok();
+    let conn = open(&input.connections).ok();
     let mut recorder = Recorder { input: &input, conn, set_aside: Vec::new(), since: HashMap::new() };
     let mut retried_at = Instant::now();
     loop {
@@ -225,8 +232,8 @@ pub(crate) fn run(input: Input) {
     log::debug!("completer stopped");
 }
 
-fn open(url: &str) -> Result<PgConnection, Error> {
-    let mut conn = connect(url)?;
+fn open(connections: &Connections) -> Result<PgConnection, Error> {
+    let mut conn = connections.own()?;
     completion::prepare_completer_session(&mut conn)?;
     Ok(conn)
 }
@@ -298,7 +305,7 @@ impl Recorder<'_> {
     fn complete(&mut self, batch: &[Completion]) -> Result<(), Error> {
         let conn = match &mut self.conn {
             Some(conn) => conn,
-            None => self.conn.insert(open(&self.input.database_url)?),
+            None => self.conn.insert(open(&self.input.connections)?),
         };
         completion::complete(conn, batch)?;
         Ok(())

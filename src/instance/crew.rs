@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::context::InstanceHandle;
+use crate::error::Error;
 use crate::instance::completer::Outbox;
 use crate::instance::handoff::Handoff;
 use crate::instance::in_flight::InFlight;
@@ -25,6 +26,13 @@ pub(crate) struct Recipe {
     pub in_flight: Arc<InFlight>,
     pub watchdog: Arc<Watchdog>,
     pub grace: Duration,
+}
+
+/// One worker to start: worker `index` of the lane of `recipe`, with its outbox.
+pub(crate) struct Hire {
+    pub recipe: Arc<Recipe>,
+    pub index: usize,
+    pub outbox: Outbox,
 }
 
 #[derive(Default)]
@@ -54,8 +62,18 @@ impl Drop for Leaving {
 }
 
 impl Crew {
+    /// Starts the instance's workers (its [`Stage::Workers`](super::parts::Stage)); joined
+    /// by [`Crew::join`]. Stops at the first that cannot start.
+    pub(crate) fn hire_all(self: &Arc<Self>, hires: Vec<Hire>) -> Result<(), Error> {
+        for Hire { recipe, index, outbox } in hires {
+            self.hire(&recipe, index, outbox)
+                .map_err(|source| Error::Io { context: format!("could not start thread worker-{index}"), source })?;
+        }
+        Ok(())
+    }
+
     /// Starts worker `index` of a lane, with its outbox.
-    pub(crate) fn hire(self: &Arc<Self>, recipe: &Arc<Recipe>, index: usize, outbox: Outbox) -> std::io::Result<()> {
+    fn hire(self: &Arc<Self>, recipe: &Arc<Recipe>, index: usize, outbox: Outbox) -> std::io::Result<()> {
         let slot = Arc::new(Slot::new(outbox));
         let replace: Arc<dyn Fn(Outbox) + Send + Sync> = {
             let (crew, recipe) = (Arc::clone(self), Arc::clone(recipe));

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use diesel::PgConnection;
 
-use crate::db::connect::connect;
 use crate::db::schedules;
 use crate::error::Error;
 use crate::instance::backoff;
+use crate::instance::connections::Connections;
+use crate::instance::parts::{Part, Stage};
 use crate::instance::shutdown::Shutdown;
 use crate::schedule::{fire_due, Ticks};
 
@@ -19,20 +20,24 @@ const LOOK_EVERY: Duration = Duration::from_secs(5);
 
 /// What the cron part needs.
 pub(crate) struct Input {
-    /// For its own connection.
-    pub database_url: String,
+    /// Where it gets its own connection.
+    pub connections: Connections,
     pub shutdown: Shutdown,
 }
 
-/// Fires schedules until the instance stops.
-pub(crate) fn run(input: Input) {
+/// Starts cron: it fires schedules until the instance stops.
+pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
+    Part::spawn("cron", Stage::Others, move || run(input))
+}
+
+fn run(input: Input) {
     let mut conn: Option<PgConnection> = None;
     let mut failures = 0;
     let mut sleep = Duration::ZERO;
     while !input.shutdown.sleep(sleep) {
         let result = match conn.as_mut() {
             Some(conn) => tick(conn),
-            None => connect(&input.database_url).and_then(|mut new| {
+            None => input.connections.own().and_then(|mut new| {
                 let result = tick(&mut new);
                 conn = Some(new);
                 result

@@ -20,10 +20,12 @@ use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
 
-use crate::db::connect::{connect, ping, with_keepalives};
+use crate::db::connect::ping;
 use crate::db::instances;
 use crate::error::Error;
+use crate::instance::connections::Connections;
 use crate::instance::in_flight::InFlight;
+use crate::instance::parts::{Part, Stage};
 use crate::instance::shutdown::Shutdown;
 use crate::instance::timer::Timer;
 use crate::instance::{lock, rescue};
@@ -37,8 +39,8 @@ pub(crate) struct Input {
     /// Recorded in the instance's row.
     pub host: String,
     pub task_types: Vec<&'static str>,
-    /// For its own connection.
-    pub database_url: String,
+    /// Where it gets its own connection.
+    pub connections: Connections,
     /// How long an instance may stay silent before it is taken for dead.
     pub lease: Duration,
     /// Asked to look for the rescued tasks' due time.
@@ -113,8 +115,20 @@ impl Health {
     }
 }
 
+/// Starts the heartbeat: connects, takes the instance's name (or fails here), registers
+/// it, and recovers the tasks a previous instance of that name left running, before
+/// anything claims; then beats until the instance retires (`input.retired`, which its
+/// [`Part`] sets at the last stage), and removes its row.
+pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
+    let retired = input.retired.clone();
+    let heartbeat = Heartbeat::start(input)?;
+    Ok(Part::spawn("heartbeat", Stage::Heartbeat, move || heartbeat.run())?.stopped_by(move || {
+        retired.stop();
+    }))
+}
+
 /// A heartbeat that holds the instance's name.
-pub(crate) struct Heartbeat {
+struct Heartbeat {
     input: Input,
     conn: Option<PgConnection>,
     /// The server process of the session that holds (or held) the name: if the
@@ -127,7 +141,7 @@ pub(crate) struct Heartbeat {
 impl Heartbeat {
     /// Connects, takes the instance's name, registers it, and recovers the tasks a
     /// previous instance of that name left running.
-    pub(crate) fn start(input: Input) -> Result<Self, Error> {
+    fn start(input: Input) -> Result<Self, Error> {
         let sent = Instant::now();
         let (mut conn, backend) = open(&input, None)?;
         let recovered = rescue::previous_self(&mut conn, &input.instance, input.lease)?;
@@ -145,7 +159,7 @@ impl Heartbeat {
     }
 
     /// Runs until the instance retires, then removes its row and lets go of its name.
-    pub(crate) fn run(mut self) {
+    fn run(mut self) {
         let interval = self.input.lease / BEATS_PER_LEASE;
         while !self.input.retired.sleep(interval) {
             if let Err(error) = self.beat() {
@@ -172,7 +186,7 @@ impl Heartbeat {
             Some(conn) => instances::deregister(conn, instance).map_err(Error::from),
             None => Err(Error::Config("no heartbeat connection".into())),
         }
-        .or_else(|_| Ok::<_, Error>(instances::deregister(&mut connect(&self.input.database_url)?, instance)?));
+        .or_else(|_| Ok::<_, Error>(instances::deregister(&mut self.input.connections.own()?, instance)?));
         if let Err(error) = removed {
             log::warn!("instance {instance}: could not remove its row: {error}");
         }
@@ -227,7 +241,7 @@ impl Heartbeat {
 /// `previous`, the instance's own earlier session that lingers on the server, that
 /// session is ended first.
 fn open(input: &Input, previous: Option<i32>) -> Result<(PgConnection, i32), Error> {
-    let mut conn = connect(&with_keepalives(&input.database_url))?;
+    let mut conn = input.connections.own_kept_alive()?;
     let interval = input.lease / BEATS_PER_LEASE;
     instances::bound_waits(&mut conn, interval, input.lease / 3)?;
     let mut taken = instances::take_name(&mut conn, &input.instance)?;

@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::db::channel::Listening;
-use crate::db::connect::redact_url;
 use crate::error::Error;
 use crate::instance::backoff;
+use crate::instance::connections::Connections;
 use crate::instance::in_flight::InFlight;
 use crate::instance::lanes::Lanes;
+use crate::instance::parts::{Part, Stage};
 use crate::instance::shutdown::Shutdown;
 use crate::instance::timer::Timer;
 
@@ -31,7 +32,8 @@ const STOP_CHECK: Duration = Duration::from_millis(100);
 pub(crate) struct Input {
     /// Named in its `application_name`.
     pub instance: String,
-    pub database_url: String,
+    /// Where it gets its connection.
+    pub connections: Connections,
     /// Woken for inserted tasks.
     pub lanes: Arc<Lanes>,
     /// Armed for inserted tasks due later.
@@ -78,36 +80,26 @@ impl Payload {
     }
 }
 
+/// Starts the listener, once its connection settings are checked (it fails here if it
+/// could never connect with them); it listens until the instance stops.
+pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
+    let config = input.connections.listener(&input.instance)?;
+    let listener = Listener { input, config };
+    Part::spawn("listener", Stage::Others, move || listener.run())
+}
+
 /// A listener ready to run: its connection settings are checked.
-pub(crate) struct Listener {
+struct Listener {
     input: Input,
     config: postgres::Config,
 }
 
 impl Listener {
-    /// Checks the database URL; fails if the listener could never connect with it.
-    pub(crate) fn new(input: Input) -> Result<Self, Error> {
-        let mut config: postgres::Config = input
-            .database_url
-            .parse()
-            .map_err(|e| Error::Config(format!("bad database URL {}: {e}", redact_url(&input.database_url))))?;
-        config
-            .application_name(&format!("task_engine listener {}", input.instance))
-            .connect_timeout(Duration::from_secs(5))
-            // A server or network that vanishes without closing the socket is noticed
-            // within about half a minute.
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(10))
-            .keepalives_interval(Duration::from_secs(5))
-            .keepalives_retries(3);
-        Ok(Self { input, config })
-    }
-
     /// Runs until the instance stops.
-    pub(crate) fn run(self) {
+    fn run(self) {
         let mut failures = 0u32;
         while !self.input.shutdown.is_stopped() {
-            let lost = match Listening::start(&self.config, &self.input.database_url, &self.input.instance) {
+            let lost = match Listening::start(&self.config, &self.input.connections.server(), &self.input.instance) {
                 Ok((listening, cancelled)) => {
                     failures = 0;
                     // Cancels of tasks running here, sent while nobody listened.

@@ -16,8 +16,10 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+pub(crate) mod assembly;
 pub(crate) mod backoff;
 pub(crate) mod completer;
+pub(crate) mod connections;
 pub(crate) mod crew;
 pub(crate) mod cron;
 pub(crate) mod handoff;
@@ -25,6 +27,7 @@ pub(crate) mod heartbeat;
 pub(crate) mod in_flight;
 pub(crate) mod lanes;
 pub(crate) mod listener;
+pub(crate) mod parts;
 pub(crate) mod producer;
 pub(crate) mod rescue;
 pub(crate) mod shutdown;

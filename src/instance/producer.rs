@@ -19,13 +19,15 @@ use std::time::{Duration, Instant};
 use diesel::PgConnection;
 
 use crate::attempt::ClaimedTask;
-use crate::db::connect::{connect, ping};
+use crate::db::connect::ping;
 use crate::db::{channel, claim, completion};
 use crate::error::Error;
 use crate::instance::backoff;
+use crate::instance::connections::Connections;
 use crate::instance::handoff::{Drained, Handoff, Next};
 use crate::instance::heartbeat::Alive;
 use crate::instance::in_flight::InFlight;
+use crate::instance::parts::{Part, Stage};
 use crate::instance::shutdown::Shutdown;
 use crate::instance::timer::Timer;
 
@@ -42,8 +44,10 @@ const PAUSED_LOOK: Duration = Duration::from_millis(100);
 /// What the producer needs.
 pub(crate) struct Input {
     pub instance: String,
-    /// For its own connection.
-    pub database_url: String,
+    /// Its thread's name.
+    pub name: String,
+    /// Where it gets its own connection.
+    pub connections: Connections,
     /// The queue it claims from.
     pub queue: String,
     /// The types it claims: those the instance can run.
@@ -159,8 +163,14 @@ struct Producer {
     fair: bool,
 }
 
-/// Claims until the instance stops, then gives back what no worker started.
-pub(crate) fn run(input: Input) {
+/// Starts the producer: it claims until the instance stops, then gives back what no
+/// worker started.
+pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
+    let name = input.name.clone();
+    Part::spawn(&name, Stage::Producers, move || run(input))
+}
+
+fn run(input: Input) {
     let mut producer = Producer {
         input,
         conn: None,
@@ -260,7 +270,7 @@ impl Producer {
 
     fn conn(&mut self) -> Result<&mut PgConnection, Error> {
         if self.conn.is_none() {
-            let mut conn = connect(&self.input.database_url)?;
+            let mut conn = self.input.connections.own()?;
             claim::prepare_claimer_session(&mut conn)?;
             // Prepare the claim with a claim of nothing: a real claim is then one round
             // trip, and its `now()` (the executions' start) follows its sending closely,

@@ -12,14 +12,16 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::db::claim;
-use crate::db::connect::PgPool;
 use crate::error::Error;
+use crate::instance::connections::Connections;
 use crate::instance::lanes::Lanes;
+use crate::instance::parts::{Part, Stage};
 use crate::instance::{backoff, lock};
 
 /// What the timer needs.
 pub(crate) struct Input {
-    pub pool: PgPool,
+    /// Its look for the next due time takes a connection of the pool.
+    pub connections: Connections,
     /// The types it looks for: those the instance can run.
     pub task_types: Vec<&'static str>,
     pub timer: Arc<Timer>,
@@ -102,8 +104,12 @@ impl Timer {
     }
 }
 
-/// Runs the timer until the instance stops.
-pub(crate) fn run(input: Input) {
+/// Starts the timer: it runs until the instance stops.
+pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
+    Part::spawn("timer", Stage::Others, move || run(input))
+}
+
+fn run(input: Input) {
     let mut failures = 0u32;
     while let Some(alarm) = input.timer.wait(input.poll_interval) {
         if alarm == Alarm::Due {
@@ -134,7 +140,7 @@ pub(crate) fn run(input: Input) {
 }
 
 fn look(input: &Input) -> Result<claim::Due, Error> {
-    let mut conn = input.pool.get()?;
+    let mut conn = input.connections.pool().get()?;
     let workers = i64::try_from(input.lanes.capacity()).unwrap_or(i64::MAX);
     Ok(claim::due(&mut conn, &input.lanes.queues(), &input.task_types, workers)?)
 }

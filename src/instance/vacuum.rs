@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
 
-use crate::db::connect::connect;
 use crate::db::maintenance;
+use crate::error::Error;
+use crate::instance::connections::Connections;
+use crate::instance::parts::{Part, Stage};
 use crate::instance::producer;
 use crate::instance::shutdown::Shutdown;
 
@@ -28,8 +30,8 @@ const LOOK_EVERY: Duration = Duration::from_millis(500);
 
 /// What the vacuum needs.
 pub(crate) struct Input {
-    /// For its own connection.
-    pub database_url: String,
+    /// Where it gets its own connection.
+    pub connections: Connections,
     /// Where it reads how many tasks the instance has claimed.
     pub claims: Arc<producer::Stats>,
     pub shutdown: Shutdown,
@@ -47,8 +49,13 @@ fn due(claimed: u64, elapsed: Duration) -> bool {
     claimed >= VACUUM_EVERY || (claimed >= VACUUM_AFTER && elapsed >= VACUUM_PERIOD)
 }
 
-/// Vacuums when due until the instance stops, or until it finds it may not vacuum.
-pub(crate) fn run(input: Input) {
+/// Starts the vacuum: it vacuums when due until the instance stops, or until it finds
+/// it may not vacuum.
+pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
+    Part::spawn("vacuum", Stage::Others, move || run(input))
+}
+
+fn run(input: Input) {
     let (mut last, mut last_at) = (0u64, Instant::now());
     let mut conn: Option<PgConnection> = None;
     while !input.shutdown.sleep(LOOK_EVERY) {
@@ -58,7 +65,7 @@ pub(crate) fn run(input: Input) {
         }
         (last, last_at) = (claimed, Instant::now());
         if conn.is_none() {
-            match connect(&input.database_url) {
+            match input.connections.own() {
                 Ok(c) => conn = Some(c),
                 Err(error) => {
                     log::warn!("cannot VACUUM tasks ({error}); trying again later");

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::error::Error;
 use crate::instance::lock;
+use crate::instance::parts::{Part, Stage};
 
 /// One attempt under a time limit.
 pub(crate) struct Watch {
@@ -22,6 +24,12 @@ pub(crate) struct Watch {
     /// Called once the grace has passed, on the watchdog's thread, unless the attempt
     /// was unwatched first.
     pub abandon: Box<dyn FnOnce() + Send>,
+}
+
+/// Starts the watchdog's thread; its [`Part`] stops it (once the workers have ended).
+pub(crate) fn spawn(watchdog: Arc<Watchdog>) -> Result<Part, Error> {
+    let running = Arc::clone(&watchdog);
+    Ok(Part::spawn("watchdog", Stage::Others, move || running.run())?.stopped_by(move || watchdog.stop()))
 }
 
 #[derive(Default)]
@@ -61,7 +69,7 @@ impl Watchdog {
     }
 
     /// The watchdog's thread: sleeps until the next deadline or end of a grace.
-    pub(crate) fn run(&self) {
+    fn run(&self) {
         let mut state = lock(&self.state);
         while !state.stopped {
             let now = Instant::now();
