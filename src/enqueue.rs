@@ -180,7 +180,7 @@ impl NewTask {
     }
 
     /// Limits how long each attempt may run, overriding the type's
-    /// [`Task::TIMEOUT`]: 1 ms to 24 days (see the README's "Timeouts").
+    /// [`Task::TIMEOUT`]: 1 ms to 24 days (see `docs/timeouts.md`).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self

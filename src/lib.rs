@@ -1,11 +1,12 @@
 #![doc = include_str!("../README.md")]
 
 // The map. What a task crate writes: `task` (the trait, its errors, the macro),
-// `context` (what a running task sees). What a program calls: `registry` (the types it
-// runs), `enqueue`, `admin` (retry, cancel, prune), `queue` (pause, limits), `schedule`
-// (recurring tasks), `runner`
-// (start and stop an instance). Inside: `instance` (the threads of a running instance, one part a file)
-// and `db` (every SQL statement, and diesel's schema and models); `error` for all.
+// `context` (what a running task sees), `retry` (the default retry delay). What a
+// program calls: `registry` (the types it runs), `enqueue`, `admin` (retry, cancel,
+// prune), `queue` (pause, limits), `schedule` (recurring tasks), `runner` (start and
+// stop an instance). Inside: `instance` (the parts of a running instance, one a file),
+// `db` (every SQL statement, and diesel's schema and models), `attempt` (an attempt
+// between the two); `error` for all. docs/design.md draws the house.
 
 mod admin;
 mod attempt;

@@ -133,7 +133,7 @@ impl Runner {
     /// [`Runner::claim_buffer`] says otherwise. The buffer in use follows the tasks
     /// (what the workers get through in two claims' time): all of it for tasks much
     /// shorter than a claim's round trip, none for tasks of a second. Claims of a few
-    /// hundred tasks are what make a busy instance fast (the README's benchmarks).
+    /// hundred tasks are what make a busy instance fast (`docs/benchmarks.md`).
     pub const DEFAULT_BUFFER_PER_WORKER: usize = 32;
     /// How long the completer waits for more outcomes before recording a batch.
     pub const DEFAULT_FLUSH_DELAY: Duration = Duration::from_millis(1);

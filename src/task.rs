@@ -33,7 +33,7 @@ pub trait Task: Serialize + DeserializeOwned + Send + 'static {
     /// ([`NewTask::timeout`](crate::NewTask::timeout)); `None` (the default): no limit.
     /// At the limit, [`TaskContext::stop_requested`] turns true; an attempt that has not
     /// returned a grace later ([`Runner::timeout_grace`](crate::Runner::timeout_grace))
-    /// is recorded as timed out and its worker replaced (see the README's "Timeouts").
+    /// is recorded as timed out and its worker replaced (see `docs/timeouts.md`).
     const TIMEOUT: Option<Duration> = None;
 
     /// What a successful run returns.

@@ -205,7 +205,7 @@ fn the_import_reader_sees_groups_and_leaves_out_comments_and_macros() {
 /// the `.rs` files it names there.
 fn design_layout() -> BTreeMap<String, BTreeSet<String>> {
     let design = std::fs::read_to_string(root().join("docs/design.md")).unwrap();
-    let section = design.split("\n## Layout\n").nth(1).expect("a Layout section in docs/design.md");
+    let section = design.split("\n### The files\n").nth(1).expect("a \"The files\" section in docs/design.md");
     let block = section.split("```text\n").nth(1).and_then(|b| b.split("```").next()).expect("a text block");
     let mut layout: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut dir = String::new();

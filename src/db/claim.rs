@@ -257,14 +257,7 @@ pub(crate) const CLAIM_FAIR: &str = concat!(
 /// none) and the first `$4` in claim order: higher priority first, then keys in turn
 /// (a key's first task comes after as many turns as it has tasks running: the key
 /// with the fewest running goes first), then the one due first.
-/// `picked` locks the first `$2` of them that no other claim holds, and `claimed`
-/// updates those. Both find their rows by their physical address (`ctid`, a TID scan)
-/// rather than by descending the primary key once per task; a row changed since the
-/// candidates were read has moved, and is passed over (it was claimed, or is no
-/// longer due). `IS NOT DISTINCT FROM` (status is never null: the same as `=`) keeps
-/// the planner from proving `tasks_claim_idx`'s predicate and walking the whole index
-/// for the candidates' addresses, which statistics taken on an empty table make look
-/// cheap. Each row says whether the queue has a limit.
+/// `picked` and `claimed` lock and update the first `$2` of them as in [`CLAIM`].
 pub(crate) const CLAIM_CAPPED: &str = concat!(
     "WITH RECURSIVE ",
     // At most 16 levels per (queue, type): a claim's cost stays that of a few levels

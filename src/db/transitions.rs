@@ -7,7 +7,7 @@
 //!
 //! The rules are SQL fragments (macros, since the statements are built with `concat!`)
 //! over the task row aliased `t`, and the default retry delay's curve, shared with
-//! [`crate::retry`].
+//! [`crate::retry`](mod@crate::retry).
 
 /// waiting → running, the claim's update of the rows it locked: one more attempt, run
 /// by the instance `$instance` (a parameter), from now: while it runs, `updated_at` is

@@ -1,17 +1,19 @@
 //! One running instance: a thread per part, each given the inputs it needs and
-//! nothing more (its `Input`), built and started by [`crate::runner`].
+//! nothing more (its `Input`). Every part has one lifecycle ([`parts`]: it spawns from
+//! its input and is stopped and joined through its `Part`, in the order of one table);
+//! the [`assembly`] builds the inputs and starts and stops the parts in that order; every
+//! part gets its connections from [`connections`].
 //!
 //! A task's way through the parts: its queue's [`producer`] claims it (for the idle
 //! workers of that queue and a buffer) and puts it in the queue's [`handoff`] (a lane
 //! each, [`lanes`]); a [`worker`] of that queue takes it, runs it and leaves its
 //! outcome with the [`completer`], which records outcomes in batches; the [`crew`]
 //! starts the workers, and the [`watchdog`] abandons one whose task ignores its time
-//! limit, for a new one in its place. The
-//! [`listener`] (notifications) and the [`timer`] (due times) tell the lanes when
-//! there is work; the [`heartbeat`] keeps the instance alive in the database and
-//! runs the [`rescue`] of lost attempts; the [`vacuum`] keeps claims fast; the
-//! [`cron`] fires the schedules of recurring tasks. Shared
-//! between them: the [`in_flight`] tasks and their cancellations, the one
+//! limit, for a new one in its place. The [`listener`] (notifications) and the
+//! [`timer`] (due times) tell the lanes when there is work; the [`heartbeat`] keeps
+//! the instance alive in the database and runs the [`rescue`] of lost attempts; the
+//! [`vacuum`] keeps claims fast; [`cron`] fires the schedules of recurring tasks.
+//! Shared between them: the [`in_flight`] tasks and their cancellations, the one
 //! [`shutdown`], the one [`backoff`].
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
