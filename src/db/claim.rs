@@ -609,4 +609,4 @@ pub(crate) fn due(conn: &mut PgConnection, queues: &[&str], task_types: &[&str],
 
 #[cfg(test)]
 #[path = "claim_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -2,16 +2,17 @@
 //! of what it left.
 
 /// A claimer of the queue `default`.
-fn lane<'a>(instance: &'a str, task_types: &'a [&'a str]) -> LaneClaim<'a> {
+pub(crate) fn lane<'a>(instance: &'a str, task_types: &'a [&'a str]) -> LaneClaim<'a> {
     LaneClaim { instance, queue: "default", task_types, after_key: "", fair: false }
 }
 
 use super::*;
 
+/// A line of `EXPLAIN`'s output.
 #[derive(QueryableByName)]
-struct PlanLine {
+pub(crate) struct PlanLine {
     #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
-    line: String,
+    pub line: String,
 }
 
 /// The claim of a burst into a table analyzed while empty, behind a backlog of

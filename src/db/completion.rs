@@ -282,19 +282,9 @@ pub(crate) const RELEASE_ABANDONED: &str = concat!(
 
 #[cfg(test)]
 mod tests {
-    /// A claimer of the queue `default`.
-    fn lane<'a>(instance: &'a str, task_types: &'a [&'a str]) -> LaneClaim<'a> {
-        LaneClaim { instance, queue: "default", task_types, after_key: "", fair: false }
-    }
-
     use super::*;
-    use crate::db::claim::{claim, LaneClaim};
-
-    #[derive(QueryableByName)]
-    struct PlanLine {
-        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
-        line: String,
-    }
+    use crate::db::claim::claim;
+    use crate::db::claim::tests::{lane, PlanLine};
 
     /// The completion's plan stays linear in its batch with the statistics a queue
     /// has: taken while every task waited and no attempt ran.

@@ -169,13 +169,9 @@ mod tests {
 
     use super::*;
     use crate::attempt::{Completion, Outcome};
-    use crate::db::claim::{claim, LaneClaim};
+    use crate::db::claim::claim;
+    use crate::db::claim::tests::lane;
     use crate::db::completion::{complete, record_timed_out};
-
-    /// A claimer of the queue `default`.
-    fn lane<'a>(instance: &'a str, task_types: &'a [&'a str]) -> LaneClaim<'a> {
-        LaneClaim { instance, queue: "default", task_types, after_key: "", fair: false }
-    }
 
     /// A task running on `instance`, with its open execution.
     fn running_on(conn: &mut PgConnection, id: i64, instance: &str) {
