@@ -177,3 +177,22 @@ fn links_in_code_are_not_links_and_code_in_a_link_text_is() {
                 `[not](a.md)` and\n```text\n[nor](b.md)\n```\n[a\nwrapped text](c.md#d)\n";
     assert_eq!(relative_links(page), ["cli.md#run", "c.md#d"]);
 }
+
+/// A page's Rust examples run under `cargo test --doc` only if `src/lib.rs` includes
+/// the page: one added to the guide without that would never be compiled.
+#[test]
+fn every_page_with_rust_examples_is_compiled_by_the_doc_tests() {
+    let lib = std::fs::read_to_string(root().join("src/lib.rs")).unwrap();
+    let mut with_examples = 0;
+    for page in pages() {
+        let text = std::fs::read_to_string(&page).unwrap();
+        if !text.lines().any(|line| line.trim_start().starts_with("```rust")) {
+            continue;
+        }
+        with_examples += 1;
+        let name = page.strip_prefix(root()).unwrap().to_str().unwrap().to_owned();
+        let included = format!("include_str!(\"../{name}\")");
+        assert!(lib.contains(&included), "{name} has Rust examples that src/lib.rs does not include ({included})");
+    }
+    assert!(with_examples >= 6, "{with_examples} pages with Rust examples");
+}
