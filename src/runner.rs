@@ -514,6 +514,15 @@ mod tests {
     use super::unheard_warning;
     use log::LevelFilter;
 
+    /// A program may keep its engine in an `Arc` and read its counters from other
+    /// threads, and stop it from a signal handler's.
+    #[test]
+    fn a_running_engine_and_its_stop_handle_can_be_shared_between_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<super::RunningEngine>();
+        shared::<super::StopHandle>();
+    }
+
     #[test]
     fn a_program_without_a_logger_is_told_once_at_start() {
         assert!(unheard_warning(LevelFilter::Off).is_some_and(|w| w.contains("no logger is installed")));

@@ -109,8 +109,10 @@ pub(crate) fn start(settings: Settings) -> Result<Instance, Error> {
     match instance.start_parts(settings, &timer) {
         Ok(()) => Ok(instance),
         Err(error) => {
+            log::info!("instance {} stopping: it could not start ({error})", instance.name);
             instance.shutdown.stop();
             instance.join();
+            log::info!("instance {} stopped", instance.name);
             Err(error)
         }
     }
@@ -123,15 +125,6 @@ impl Instance {
         let task_types = registry.names();
         let workers = self.lanes.capacity();
         let (shutdown, counters) = (&self.shutdown, &self.counters);
-        self.parts.add(listener::spawn(listener::Input {
-            instance: instance.clone(),
-            connections: connections.clone(),
-            lanes: Arc::clone(&self.lanes),
-            timer: Arc::clone(timer),
-            in_flight: Arc::clone(&self.in_flight),
-            shutdown: shutdown.clone(),
-            stats: Arc::clone(&counters.listener),
-        })?);
         self.parts.add(heartbeat::spawn(heartbeat::Input {
             instance: instance.clone(),
             host: host.clone(),
@@ -143,6 +136,15 @@ impl Instance {
             in_flight: Arc::clone(&self.in_flight),
             retired: self.retired.clone(),
             stats: Arc::clone(&counters.heartbeat),
+        })?);
+        self.parts.add(listener::spawn(listener::Input {
+            instance: instance.clone(),
+            connections: connections.clone(),
+            lanes: Arc::clone(&self.lanes),
+            timer: Arc::clone(timer),
+            in_flight: Arc::clone(&self.in_flight),
+            shutdown: shutdown.clone(),
+            stats: Arc::clone(&counters.listener),
         })?);
         let queues: Vec<String> = self.lanes.iter().map(|l| format!("{}={}", l.queue, l.handoff.capacity())).collect();
         log::info!(

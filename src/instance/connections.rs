@@ -27,13 +27,16 @@ pub(crate) struct Connections {
 impl Connections {
     /// Uses `pool` if given, or opens one for `workers` workers (and fails at once if the
     /// database cannot be reached).
+    /// Fails too, before anything connects, on a URL the listener could not use.
     pub(crate) fn open(database_url: &str, pool: Option<PgPool>, workers: usize) -> Result<Self, Error> {
         let pool = match pool {
             Some(pool) => pool,
             // The timer, the tasks' own queries, and a spare.
             None => connection_pool(database_url, u32::try_from(workers + 2).unwrap_or(u32::MAX))?,
         };
-        Ok(Self { database_url: database_url.into(), pool })
+        let connections = Self { database_url: database_url.into(), pool };
+        connections.listener("")?;
+        Ok(connections)
     }
 
     /// The pool.

@@ -9,8 +9,8 @@
 //!
 //! | part | starts | stops |
 //! |---|---|---|
-//! | listener | first: it hears what is inserted while the others start | [`Stage::Others`], on the shutdown |
-//! | heartbeat | before anything claims: it takes the instance's name (or the start fails here) and rescues what a previous run of that name left running | last ([`Stage::Heartbeat`]): it keeps the instance alive, so that no rescue takes its attempts, until every attempt is recorded (or its abandoned workers return), then removes its row |
+//! | heartbeat | first: it takes the instance's name (or the start fails here) and rescues what a previous run of that name left running, before anything claims | last ([`Stage::Heartbeat`]): it keeps the instance alive, so that no rescue takes its attempts, until every attempt is recorded (or its abandoned workers return), then removes its row |
+//! | listener | next: after a (re)connection it looks for work as if notified, so nothing inserted while the others start is missed | [`Stage::Others`], on the shutdown |
 //! | timer | | [`Stage::Others`], on the shutdown |
 //! | vacuum | | [`Stage::Others`], on the shutdown |
 //! | cron | | [`Stage::Others`], on the shutdown |
@@ -48,7 +48,7 @@ pub(crate) struct Part {
     stage: Stage,
     thread: JoinHandle<()>,
     /// Stops it at its stage; `None`: it stops on the instance's shutdown.
-    stop: Option<Box<dyn FnOnce() + Send>>,
+    stop: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 impl Part {
@@ -62,7 +62,7 @@ impl Part {
     }
 
     /// Makes `stop` what stops it at its stage.
-    pub(crate) fn stopped_by(mut self, stop: impl FnOnce() + Send + 'static) -> Part {
+    pub(crate) fn stopped_by(mut self, stop: impl FnOnce() + Send + Sync + 'static) -> Part {
         self.stop = Some(Box::new(stop));
         self
     }
