@@ -26,8 +26,8 @@ pub(crate) struct Connections {
 
 impl Connections {
     /// Uses `pool` if given, or opens one for `workers` workers (and fails at once if the
-    /// database cannot be reached).
-    /// Fails too, before anything connects, on a URL the listener could not use.
+    /// database cannot be reached); fails too on a URL the listener could not use, before
+    /// any part starts.
     pub(crate) fn open(database_url: &str, pool: Option<PgPool>, workers: usize) -> Result<Self, Error> {
         let pool = match pool {
             Some(pool) => pool,
