@@ -32,7 +32,7 @@ pub fn set_queue_concurrency(conn: &mut PgConnection, queue: &str, limit: Option
 }
 
 /// At most `limit` tasks of one key ([`crate::NewTask::key`]) of the queue run at once
-/// (`None`: no limit; at least 1).
+/// (`None`: no limit; at least 1). Tasks without a key are not held to it.
 pub fn set_queue_key_limit(conn: &mut PgConnection, queue: &str, limit: Option<u32>) -> Result<(), Error> {
     check_name(queue)?;
     if limit == Some(0) {

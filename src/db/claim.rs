@@ -253,7 +253,7 @@ pub(crate) const CLAIM_FAIR: &str = concat!(
 /// The statement of [`claim_limited`] under a limit per key. `candidates` reads the first `$4`
 /// tasks due now of each level (each level's due tasks are the head of its range of
 /// `tasks_claim_idx`, so tasks due later, other types and other keys are never read),
-/// keeps at most `$6 - running` of each key (`$6`, the queue's limit per key, null for
+/// keeps at most `$6 - running` of each key but `''` (`$6`, the queue's limit per key, null for
 /// none) and the first `$4` in claim order: higher priority first, then keys in turn
 /// (a key's first task comes after as many turns as it has tasks running: the key
 /// with the fewest running goes first), then the one due first.
@@ -286,7 +286,9 @@ pub(crate) const CLAIM_CAPPED: &str = concat!(
          GROUP BY r.fair_key
      ), allowed AS (
          SELECT h.*, h.turn + coalesce(b.running, 0) AS place,
-                ($6::int IS NULL OR h.turn <= $6::int - coalesce(b.running, 0)) AS fits
+                -- Tasks without a key (`''`) share no key to limit: the limit per key
+                -- leaves them be.
+                ($6::int IS NULL OR h.fair_key = '' OR h.turn <= $6::int - coalesce(b.running, 0)) AS fits
          FROM heads h LEFT JOIN busy b ON b.fair_key = h.fair_key
      ), candidates AS (
          -- Among keys at the same place, those after `$8` (the key this claimer served

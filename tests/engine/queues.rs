@@ -222,6 +222,20 @@ fn a_limit_per_key_bounds_what_runs_of_one_key_across_instances() {
 }
 
 #[test]
+fn a_limit_per_key_leaves_tasks_without_a_key_be() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    record_runs_here(&mut conn);
+    task_engine::set_queue_key_limit(&mut conn, "invoices", Some(1)).unwrap();
+    enqueue_stints(&mut conn, "invoices", "", 200, 4);
+    let engine = start_on_queue(&db, "x", "invoices", 4);
+    wait_until_all_ended(&mut conn);
+    engine.shutdown();
+
+    assert_eq!(most_at_once(&mut conn, false), 4, "tasks without a key were held to the limit per key");
+}
+
+#[test]
 fn a_queue_no_instance_runs_waits() {
     let db = TestDatabase::new();
     let mut conn = db.connect();
