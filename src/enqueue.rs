@@ -74,11 +74,11 @@ pub enum OnConflict {
     /// Keeps the task that holds the key, as it is; the insert returns its id.
     #[default]
     Keep,
-    /// Replaces the holder's parameters, priority and due time (a debounce: the task
-    /// runs once, with the last parameters, after the last delay), if it still waits.
+    /// Makes the holder, if it still waits, the new task: its type, parameters,
+    /// priority, queue, key, time limit and due time (a debounce: the task runs once,
+    /// with the last parameters, after the last delay). It keeps its id and history.
     Replace,
-    /// Replaces the holder's parameters and priority, and keeps its due time, if it
-    /// still waits.
+    /// As [`OnConflict::Replace`], but keeps the holder's due time.
     ReplaceParameters,
 }
 
@@ -90,7 +90,7 @@ pub enum Upserted {
     /// The task that holds the key, left as it was: it waits (under [`OnConflict::Keep`])
     /// or runs (a running holder is never changed).
     Kept(i64),
-    /// The waiting task that holds the key, with the new parameters.
+    /// The waiting task that holds the key, made the new task ([`OnConflict::Replace`]).
     Replaced(i64),
 }
 

@@ -73,11 +73,14 @@ impl<'a> Columns<'a> {
     }
 }
 
-/// Replaces, in the waiting tasks that hold the keys, the parameters and priority, and
-/// the due time where `replace_due` says so (a debounce); wakes the instances when one
-/// became due, or arms their timers. Locks the waiting holders' rows only (a claim
-/// holding one makes it wait, then finds it running and leaves it). Returns the
-/// replaced tasks.
+/// Makes the waiting tasks that hold the keys the new tasks, as graphile-worker does:
+/// their type, parameters, priority, queue, fair key, time limit, key scope and
+/// attempts allowed (at least one more than they used), and the due time where
+/// `replace_due` says so (a debounce); a checkpoint is kept only by a task of the same
+/// type (another cannot read it). Each keeps its id and its history. Wakes the
+/// instances when one became due, or arms their timers. Locks the waiting holders' rows
+/// only (a claim holding one makes it wait, then finds it running and leaves it).
+/// Returns the replaced tasks.
 pub(crate) fn replace_waiting(
     conn: &mut PgConnection,
     tasks: &[&TaskInsert<'_>],
@@ -91,6 +94,12 @@ pub(crate) fn replace_waiting(
         .bind::<Array<Nullable<Timestamptz>>, _>(c.run_ats)
         .bind::<Array<BigInt>, _>(c.delays_us)
         .bind::<Array<Bool>, _>(replace_due)
+        .bind::<Array<Text>, _>(c.types)
+        .bind::<Array<Integer>, _>(c.max_attempts)
+        .bind::<Array<Text>, _>(c.queues)
+        .bind::<Array<Text>, _>(c.keys)
+        .bind::<Array<Text>, _>(c.scopes)
+        .bind::<Array<Nullable<Integer>>, _>(c.timeouts)
         .load(conn)
 }
 
@@ -98,12 +107,15 @@ pub(crate) fn replace_waiting(
 pub(crate) const REPLACE_WAITING: &str = concat!(
     "WITH replaced AS (
              UPDATE tasks t
-             SET task_parameters = d.p, priority = d.pr,
+             SET task_class = d.c, task_parameters = d.p, priority = d.pr, queue = d.q, fair_key = d.fk,
+                 unique_scope = d.s, timeout_ms = d.tm, max_attempts = greatest(d.m, t.attempts + 1),
+                 checkpoint = CASE WHEN t.task_class = d.c THEN t.checkpoint END,
                  run_at = CASE WHEN d.due THEN COALESCE(d.r, now() + d.d * interval '1 microsecond')
                                ELSE t.run_at END,
                  updated_at = now()
-             FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::bigint[], $6::bool[])
-                  AS d(k, p, pr, r, d, due)
+             FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::bigint[], $6::bool[],
+                         $7::text[], $8::int[], $9::text[], $10::text[], $11::text[], $12::int[])
+                  AS d(k, p, pr, r, d, due, c, m, q, fk, s, tm)
              WHERE t.unique_key = ANY($1) AND t.unique_key = d.k AND t.status = 'waiting'
                AND t.unique_scope <> 'released'
              RETURNING t.id, t.unique_key, t.run_at

@@ -239,3 +239,32 @@ fn a_unique_key_holds_under_eight_clients_inserting_in_transactions_of_which_a_t
         assert_eq!(inserted, 1, "{key}: {inserted} committed inserts inserted");
     }
 }
+
+#[test]
+fn a_replace_by_another_type_makes_the_holder_a_task_of_that_type_which_then_runs() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let holder = NewTask::new(&::tasks::Noop {}).unwrap().unique_key("k").max_attempts(2).insert(&mut conn).unwrap();
+    conn.batch_execute(&format!("UPDATE tasks SET checkpoint = '{{\"noop\": 1}}' WHERE id = {holder}")).unwrap();
+
+    let replace = NewTask::new(&::tasks::Echo(serde_json::json!({"a": 2})))
+        .unwrap()
+        .unique_key("k")
+        .max_attempts(7)
+        .key("tenant")
+        .on_conflict(OnConflict::Replace);
+    assert_eq!(replace.upsert(&mut conn).unwrap(), Upserted::Replaced(holder));
+    let row = load_task(&mut conn, holder);
+    assert_eq!(
+        (row.task_class.as_str(), &row.task_parameters, row.max_attempts, row.fair_key.as_str(), &row.checkpoint),
+        ("echo", &serde_json::json!({"a": 2}), 7, "tenant", &None),
+        "the holder is not the new task"
+    );
+
+    let engine = start_engine(&db, "replaced", 1);
+    wait_until("the replaced task has run", || load_task(&mut conn, holder).status != "waiting");
+    wait_until("the replaced task has ended", || load_task(&mut conn, holder).status != "running");
+    engine.shutdown();
+    let row = load_task(&mut conn, holder);
+    assert_eq!(row.status, "stopped", "the replaced task did not run as an echo");
+}
