@@ -45,6 +45,9 @@ pub(crate) enum Outcome {
     /// Asked to run again after `delay`, without using an attempt: the task goes back
     /// to `waiting` with one more attempt allowed.
     Snoozed { delay: Duration },
+    /// Failed after its instance asked it to stop (the instance stops): the task goes
+    /// back to `waiting`, due now, with one more attempt allowed, as for a snooze.
+    Interrupted(String),
 }
 
 /// A finished attempt, waiting to be recorded.

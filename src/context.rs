@@ -84,9 +84,12 @@ impl TaskContext {
     /// Tells whether the task should stop early: its instance is shutting down, an
     /// operator cancelled it (`engine cancel`), or it passed its time limit
     /// ([`crate::Task::TIMEOUT`]). A long task checks it between steps and returns;
-    /// tasks that ignore it are waited for (under a time limit, for a grace only). A
-    /// task that returns an error because of a shutdown or its time limit is retried
-    /// later; a cancelled task ends `cancelled` whatever it returns.
+    /// tasks that ignore it are waited for (under a time limit, for a grace only). What
+    /// it returns then, unless it succeeds, counts by the first reason that holds: a
+    /// cancelled task ends `cancelled`; past its time limit, the attempt is timed out
+    /// (retried per its policy); otherwise its instance stops, and any error but a
+    /// permanent one interrupts the attempt: the task waits again at once, using no
+    /// attempt (see `docs/timeouts.md`).
     pub fn stop_requested(&self) -> bool {
         self.instance.stopping.load(Ordering::Relaxed) || self.cancel_requested() || self.timed_out()
     }

@@ -68,6 +68,9 @@ pub struct EngineStats {
     pub succeeded: u64,
     /// Attempts recorded as failed, to be tried again, or snoozed.
     pub retried: u64,
+    /// Attempts its stop interrupted: the tasks wait again, due now, each with one
+    /// more attempt allowed.
+    pub interrupted: u64,
     /// Attempts recorded as failed for good (a permanent error, the last attempt, a
     /// cancel).
     pub failed: u64,
@@ -422,6 +425,7 @@ impl RunningEngine {
             completion_failures: read(&completer.failures),
             succeeded: read(&completer.succeeded),
             retried: read(&completer.retried),
+            interrupted: read(&completer.interrupted),
             failed: read(&completer.failed),
             marked_idle: producer.marked_idle.load(Ordering::SeqCst),
             claimed_tasks: read(&producer.claimed_tasks),

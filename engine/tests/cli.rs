@@ -797,3 +797,23 @@ fn engine_cron_adds_lists_and_removes_schedules_and_refuses_bad_ones_with_exit_c
     assert_eq!(text(&out.stdout).trim(), "schedule nightly removed");
     assert!(!text(&engine(&db, &["cron", "list"]).stdout).contains("nightly"));
 }
+
+#[test]
+fn a_sleep_interrupted_by_sigterm_waits_again_with_its_attempt_unused() {
+    let db = TestDatabase::new();
+    let out = engine(&db, &["enqueue", "sleep", "--params", r#"{"ms": 600000}"#, "--max-attempts", "1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
+    let child = spawn_engine_run(&db, &["--workers", "1", "--instance", "deployed"], Stdio::piped());
+    let mut conn = db.connect();
+    wait_until("the sleep has started", || count_in_status(&mut conn, "running") == 1);
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let (status, attempts, max_attempts): (String, i32, i32) =
+        tasks::table.select((tasks::status, tasks::attempts, tasks::max_attempts)).first(&mut conn).unwrap();
+    assert_eq!((status.as_str(), attempts, max_attempts), ("waiting", 1, 2));
+    let shown = text(&engine(&db, &["status", "--task", &id]).stdout);
+    assert!(shown.contains("interrupted by its instance's stop: asked to stop while sleeping"), "{shown}");
+}

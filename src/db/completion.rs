@@ -24,11 +24,11 @@ pub(crate) const COMPLETE: &str = concat!(
              SET status = CASE WHEN d.status = 'stopped' THEN 'stopped' ",
     cancel_wins!(),
     "
-                               WHEN d.status = 'snoozed' THEN 'waiting' ELSE d.status END,
-                 -- A snooze uses no attempt: one more is allowed.
-                 max_attempts = t.max_attempts + CASE WHEN d.status = 'snoozed' THEN 1 ELSE 0 END,
+                               WHEN d.status IN ('snoozed', 'interrupted') THEN 'waiting' ELSE d.status END,
+                 -- A snooze or an interrupt uses no attempt: one more is allowed.
+                 max_attempts = t.max_attempts + CASE WHEN d.status IN ('snoozed', 'interrupted') THEN 1 ELSE 0 END,
                  ",
-    lets_waiting_key_go!("d.status IN ('waiting', 'snoozed')"),
+    lets_waiting_key_go!("d.status IN ('waiting', 'snoozed', 'interrupted')"),
     ",
                  run_at = CASE WHEN d.delay_us IS NULL THEN t.run_at
                                ELSE now() + d.delay_us * interval '1 microsecond' END,
@@ -40,22 +40,25 @@ pub(crate) const COMPLETE: &str = concat!(
              -- each checked against the whole batch, costs the square of the batch.
              WHERE t.id = ANY($2) AND t.id = d.task_id AND t.attempts = d.attempt
                AND t.status IS NOT DISTINCT FROM 'running'
-             RETURNING t.id, t.instance, t.run_at
+             RETURNING t.id, t.instance, t.run_at, t.status
          ), notified AS (
-             -- Under a queue's limit (`$12`), each recorded attempt freed a place: wake the
-             -- instances that found the queue full, in this statement's commit.
+             -- Under a queue's limit, each recorded attempt freed a place; an interrupted
+             -- task waits again, due now (`$12`, either): wake the instances, in this
+             -- statement's commit.
              SELECT ",
     notify_waiting!("count(*)"),
     "
              FROM moved WHERE $12 HAVING count(*) > 0
          )
          INSERT INTO task_executions (id, task_id, attempt, started_at, stopped_at, result, error, instance, worker,
-                                      snoozed_until)
+                                      snoozed_until, interrupted)
          SELECT d.execution_id, d.task_id, d.attempt,
                 d.claimed_at + d.queued_us * interval '1 microsecond',
                 d.claimed_at + (d.queued_us + d.elapsed_us) * interval '1 microsecond',
                 d.result, d.error, m.instance, d.worker,
-                CASE WHEN d.status = 'snoozed' THEN m.run_at END
+                CASE WHEN d.status = 'snoozed' THEN m.run_at END,
+                -- A cancel that won is no interrupt.
+                d.status = 'interrupted' AND m.status = 'waiting'
          FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[], $7::jsonb[], $8::text[],
                      $10::bigint[], $11::timestamptz[], $6::text[])
               AS d(execution_id, task_id, attempt, worker, elapsed_us, result, error, queued_us, claimed_at, status)
@@ -71,7 +74,9 @@ pub(crate) const COMPLETE: &str = concat!(
 /// instances that a place is free. Locks the batch's task rows. An attempt
 /// whose task is no longer running it (the rescue took it, and wrote its execution as
 /// lost, in one statement) changes nothing and writes nothing, so each attempt has one
-/// execution. Returns how many attempts were recorded.
+/// execution. An interrupted attempt (its instance stops) waits again at once with
+/// one more attempt allowed, as a snooze does, and wakes the instances. Returns how
+/// many attempts were recorded.
 ///
 /// Run it on a connection set up by [`prepare_completer_session`]: there the plan finds
 /// the batch's tasks by primary key and joins by hash (or merge) whatever the
@@ -102,6 +107,7 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
             Outcome::Failed(error) => ("failed", None, Some(error.as_str()), None),
             Outcome::Retry { error, delay } => ("waiting", None, Some(error.as_str()), Some(micros(*delay))),
             Outcome::Snoozed { delay } => ("snoozed", None, None, Some(micros(*delay))),
+            Outcome::Interrupted(error) => ("interrupted", None, Some(error.as_str()), Some(0)),
         };
         statuses.push(status);
         results.push(result);
@@ -121,7 +127,9 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
             .bind::<Array<Nullable<BigInt>>, _>(delays_us)
             .bind::<Array<BigInt>, _>(queued_us)
             .bind::<Array<Timestamptz>, _>(claimed_at)
-            .bind::<Bool, _>(completions.iter().any(|c| c.frees_a_place)),
+            .bind::<Bool, _>(
+                completions.iter().any(|c| c.frees_a_place || matches!(c.outcome, Outcome::Interrupted(_))),
+            ),
     )
     .execute(conn)
 }

@@ -66,6 +66,10 @@ pub struct TaskExecution {
     /// Set when the attempt snoozed (`TaskError::snooze`): when the task was due again.
     /// Such an attempt used none of the task's attempts.
     pub snoozed_until: Option<DateTime<Utc>>,
+    /// Set when its instance's stop interrupted the attempt (the task returned an error
+    /// after it was asked to stop): the task waited again at once, and the attempt used
+    /// none of its attempts. Always false for versions before migration 19.
+    pub interrupted: bool,
 }
 
 /// The values a task row can have in `status` (the migration's CHECK constraint).

@@ -56,6 +56,7 @@ diesel::table! {
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         snoozed_until -> Nullable<Timestamptz>,
+        interrupted -> Bool,
     }
 }
 

@@ -61,6 +61,7 @@ pub(crate) struct Stats {
     /// Recorded outcomes, by kind.
     pub succeeded: AtomicU64,
     pub retried: AtomicU64,
+    pub interrupted: AtomicU64,
     pub failed: AtomicU64,
 }
 
@@ -368,6 +369,7 @@ impl Recorder<'_> {
                 Outcome::Succeeded(_) => &stats.succeeded,
                 Outcome::Retry { .. } | Outcome::Snoozed { .. } => &stats.retried,
                 Outcome::Failed(_) => &stats.failed,
+                Outcome::Interrupted(_) => &stats.interrupted,
             };
             kind.fetch_add(1, Ordering::Relaxed);
             if let Some(at) = match &completion.outcome {
@@ -416,6 +418,9 @@ fn replacement(refused: &Completion, why: &str) -> Completion {
             error: format!("{} [escaped: the message could not be stored ({why})]", escaped(error)),
             delay: *delay,
         },
+        Outcome::Interrupted(error) => {
+            Outcome::Interrupted(format!("{} [escaped: the message could not be stored ({why})]", escaped(error)))
+        }
         // No text of its own: refused for another reason, recorded as it is.
         Outcome::Snoozed { delay } => Outcome::Snoozed { delay: *delay },
     };

@@ -144,7 +144,7 @@ fn timed_out_message(timeout: Duration, grace: Duration) -> String {
 fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> (Completion, Option<TaskEntry>) {
     log::debug!("task {} ({}) attempt {} starting", task.id, task.task_type, task.attempt);
     let mut started = Instant::now();
-    let (ran, cancelled, entry, finished) = match input.registry.get(&task.task_type) {
+    let (ran, stop, entry, finished) = match input.registry.get(&task.task_type) {
         Ok(entry) => {
             let timed_out = Arc::new(AtomicBool::new(false));
             let ctx = TaskContext {
@@ -187,13 +187,13 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> (Completion, O
                     entry.name()
                 );
             }
-            (ran, ctx.cancel_requested(), Some(*entry), finished)
+            (ran, Stop::of(&ctx), Some(*entry), finished)
         }
         // Claims ask only for registered types; this is a registry changed under us.
-        Err(error) => (Err(RunFailure::Parameters(error.to_string())), false, None, Instant::now()),
+        Err(error) => (Err(RunFailure::Parameters(error.to_string())), Stop::NotAsked, None, Instant::now()),
     };
     let elapsed = finished.duration_since(started);
-    let outcome = outcome(&task, entry.as_ref(), ran, cancelled, elapsed);
+    let outcome = outcome(&task, entry.as_ref(), ran, stop, elapsed);
     (attempt_ended(input, &task, queued, elapsed, outcome), entry)
 }
 
@@ -265,16 +265,45 @@ fn watch(
     })
 }
 
-/// What an attempt's result means for its task: a success, a failure for good (a
-/// permanent error, the last attempt, a cancelled task), or a retry after the type's
-/// delay.
+/// Why the engine asked a task to stop, if it did, in the order the reasons win: an
+/// operator's cancel, then the time limit, then the instance's stop.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stop {
+    NotAsked,
+    Cancelled,
+    TimedOut,
+    /// Its instance stops (a deploy, Ctrl-C): what the task returns unless it succeeds
+    /// is an interrupt, not a failure.
+    InstanceStops,
+}
+
+impl Stop {
+    /// Read once the attempt has returned.
+    fn of(ctx: &TaskContext) -> Self {
+        if ctx.cancel_requested() {
+            Self::Cancelled
+        } else if ctx.timed_out() {
+            Self::TimedOut
+        } else if ctx.instance.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            Self::InstanceStops
+        } else {
+            Self::NotAsked
+        }
+    }
+}
+
+/// What an attempt's result means for its task: a success, a snooze, a failure for
+/// good (a permanent error, the last attempt, a cancelled task), an interrupt (any
+/// other error once its instance stops: the task waits again at once, using no
+/// attempt), or a retry after the type's delay.
 fn outcome(
     task: &ClaimedTask,
     entry: Option<&TaskEntry>,
     ran: Result<serde_json::Value, RunFailure>,
-    cancelled: bool,
+    stop: Stop,
     elapsed: Duration,
 ) -> Outcome {
+    let cancelled = stop == Stop::Cancelled;
     let (id, task_type, attempt, max) = (task.id, &task.task_type, task.attempt, task.max_attempts);
     let failure = match ran {
         Ok(result) => {
@@ -294,6 +323,9 @@ fn outcome(
     if cancelled {
         log::warn!("task {id} ({task_type}) attempt {attempt}/{max} failed after its cancellation: {message}");
         Outcome::Failed(message)
+    } else if !permanent && stop == Stop::InstanceStops {
+        log::info!("task {id} ({task_type}) attempt {attempt} interrupted by its instance's stop: {message}");
+        Outcome::Interrupted(message)
     } else if permanent || attempt >= max {
         let why = if permanent { "permanently" } else { "on its last attempt" };
         log::error!("task {id} ({task_type}) attempt {attempt}/{max} failed {why}: {message}");
@@ -357,19 +389,59 @@ mod tests {
     #[test]
     fn a_failure_is_retried_until_the_last_attempt_unless_permanent_or_cancelled() {
         let none = Duration::ZERO;
-        let retried = outcome(&attempt(1, 3), None, failed("busy"), false, none);
+        let retried = outcome(&attempt(1, 3), None, failed("busy"), Stop::NotAsked, none);
         assert_eq!(retried, Outcome::Retry { error: "busy".into(), delay: Duration::ZERO });
-        assert!(matches!(outcome(&attempt(2, 3), None, failed("busy"), false, none), Outcome::Retry { .. }));
-        assert_eq!(outcome(&attempt(3, 3), None, failed("busy"), false, none), Outcome::Failed("busy".into()));
+        assert!(matches!(outcome(&attempt(2, 3), None, failed("busy"), Stop::NotAsked, none), Outcome::Retry { .. }));
+        assert_eq!(outcome(&attempt(3, 3), None, failed("busy"), Stop::NotAsked, none), Outcome::Failed("busy".into()));
         let permanent = Err(RunFailure::Task(TaskError::permanent("no such customer")));
-        assert_eq!(outcome(&attempt(1, 3), None, permanent, false, none), Outcome::Failed("no such customer".into()));
-        assert_eq!(outcome(&attempt(1, 3), None, failed("stopped"), true, none), Outcome::Failed("stopped".into()));
-        let panicked = Err(RunFailure::Panic("oops".into()));
-        assert!(matches!(outcome(&attempt(1, 3), None, panicked, false, none), Outcome::Retry { .. }));
         assert_eq!(
-            outcome(&attempt(1, 3), None, Ok(serde_json::json!(5)), true, none),
+            outcome(&attempt(1, 3), None, permanent, Stop::NotAsked, none),
+            Outcome::Failed("no such customer".into())
+        );
+        assert_eq!(
+            outcome(&attempt(1, 3), None, failed("stopped"), Stop::Cancelled, none),
+            Outcome::Failed("stopped".into())
+        );
+        let panicked = Err(RunFailure::Panic("oops".into()));
+        assert!(matches!(outcome(&attempt(1, 3), None, panicked, Stop::NotAsked, none), Outcome::Retry { .. }));
+        assert_eq!(
+            outcome(&attempt(1, 3), None, Ok(serde_json::json!(5)), Stop::Cancelled, none),
             Outcome::Succeeded(serde_json::json!(5)),
             "a cancelled task that succeeds has succeeded"
         );
+    }
+
+    #[test]
+    fn a_cancel_wins_then_the_time_limit_then_the_instance_s_stop_interrupts() {
+        let none = Duration::ZERO;
+        // On its last attempt: an interrupt uses none.
+        let stopped = outcome(&attempt(3, 3), None, failed("stopping"), Stop::InstanceStops, none);
+        assert_eq!(stopped, Outcome::Interrupted("stopping".into()));
+        let panicked = Err(RunFailure::Panic("oops".into()));
+        assert_eq!(
+            outcome(&attempt(1, 3), None, panicked, Stop::InstanceStops, none),
+            Outcome::Interrupted("panicked: oops".into())
+        );
+        assert_eq!(
+            outcome(&attempt(1, 3), None, failed("stopping"), Stop::Cancelled, none),
+            Outcome::Failed("stopping".into()),
+            "a cancel requested wins"
+        );
+        assert!(
+            matches!(outcome(&attempt(1, 3), None, failed("timed out"), Stop::TimedOut, none), Outcome::Retry { .. }),
+            "past its time limit, a task is timed out: an attempt used"
+        );
+        let permanent = Err(RunFailure::Task(TaskError::permanent("no such customer")));
+        assert_eq!(
+            outcome(&attempt(1, 3), None, permanent, Stop::InstanceStops, none),
+            Outcome::Failed("no such customer".into()),
+            "a permanent error stands"
+        );
+        assert_eq!(
+            outcome(&attempt(1, 3), None, Ok(serde_json::json!(5)), Stop::InstanceStops, none),
+            Outcome::Succeeded(serde_json::json!(5))
+        );
+        let snoozed = Err(RunFailure::Task(TaskError::snooze(Duration::from_secs(5))));
+        assert!(matches!(outcome(&attempt(1, 3), None, snoozed, Stop::InstanceStops, none), Outcome::Snoozed { .. }));
     }
 }

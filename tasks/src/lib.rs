@@ -40,8 +40,9 @@ impl Task for Echo {
 }
 register_task!(Echo);
 
-/// Sleeps `ms` milliseconds; result `null`. A cancellation (`engine cancel`) cuts the
-/// sleep short with an error.
+/// Sleeps `ms` milliseconds; result `null`. Asked to stop (`engine cancel`, its time
+/// limit, or its instance's stop), it cuts the sleep short with an error: the attempt
+/// is cancelled, timed out, or interrupted (it waits again, using no attempt).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sleep {
@@ -59,8 +60,8 @@ impl Task for Sleep {
             if now >= until {
                 return Ok(());
             }
-            if ctx.cancel_requested() {
-                return Err(TaskError::new("cancelled while sleeping"));
+            if ctx.stop_requested() {
+                return Err(TaskError::new("asked to stop while sleeping"));
             }
             std::thread::sleep((until - now).min(Duration::from_millis(10)));
         }

@@ -189,7 +189,7 @@ fn a_cancel_sent_while_the_listener_is_away_still_reaches_the_running_task() {
     admin.batch_execute(&format!("ALTER DATABASE {quoted} ALLOW_CONNECTIONS true")).unwrap();
 
     wait_for_status(&mut conn, id, status::CANCELLED);
-    assert_eq!(executions_of(&mut conn, id)[0].error.as_deref(), Some("cancelled while sleeping"));
+    assert_eq!(executions_of(&mut conn, id)[0].error.as_deref(), Some("asked to stop while sleeping"));
     engine.shutdown();
 }
 

@@ -113,11 +113,12 @@ fn summary(before: &task_engine::EngineStats, after: &task_engine::EngineStats, 
     let recorded = after.completions - before.completions;
     let rate = recorded as f64 / over.as_secs_f64().max(1e-9);
     format!(
-        "{recorded} attempts recorded ({rate:.1}/s): {} succeeded, {} failed and to be retried, {} failed for good; \
-         {} tasks given back, {} rescued from dead instances",
+        "{recorded} attempts recorded ({rate:.1}/s): {} succeeded, {} failed and to be retried, {} failed for good, {} interrupted \
+         by the stop; {} tasks given back, {} rescued from dead instances",
         after.succeeded - before.succeeded,
         after.retried - before.retried,
         after.failed - before.failed,
+        after.interrupted - before.interrupted,
         after.given_back - before.given_back,
         after.rescued - before.rescued,
     )
@@ -222,8 +223,8 @@ mod tests {
         };
         assert_eq!(
             summary(&before, &after, Duration::from_secs(60)),
-            "120 attempts recorded (2.0/s): 106 succeeded, 4 failed and to be retried, 10 failed for good; \
-             2 tasks given back, 0 rescued from dead instances"
+            "120 attempts recorded (2.0/s): 106 succeeded, 4 failed and to be retried, 10 failed for good, 0 \
+             interrupted by the stop; 2 tasks given back, 0 rescued from dead instances"
         );
     }
 }

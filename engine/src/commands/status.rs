@@ -206,6 +206,7 @@ fn print_execution(e: &TaskExecution, task_class: Option<&str>) -> anyhow::Resul
         (Some(_), None, None) if e.snoozed_until.is_some() => {
             format!("snoozed until {}", e.snoozed_until.expect("checked").format("%Y-%m-%d %H:%M:%S%.3f"))
         }
+        (Some(_), Some(error), _) if e.interrupted => format!("interrupted by its instance's stop: {}", plain(error)),
         (Some(_), Some(error), _) => format!("error: {}", plain(error)),
         (Some(_), None, Some(result)) => format!("ok: {result}"),
         (Some(_), None, None) => "ok".to_owned(),
