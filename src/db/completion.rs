@@ -16,6 +16,7 @@ use crate::db::connect::bound_lock_waits;
 use crate::db::micros;
 use crate::db::prepared::Prepared;
 use crate::db::transitions::{cancel_wins, lets_waiting_key_go, notify_waiting};
+use crate::db::unique;
 
 /// The statement of [`complete`].
 pub(crate) const COMPLETE: &str = concat!(
@@ -114,7 +115,8 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
         errors.push(error);
         delays_us.push(delay);
     }
-    Prepared(
+    let back: Vec<i64> = completions.iter().filter(|c| c.outcome.waits_again()).map(|c| c.task_id).collect();
+    let recorded = Prepared(
         diesel::sql_query(COMPLETE)
             .bind::<Array<BigInt>, _>(execution_ids)
             .bind::<Array<BigInt>, _>(task_ids)
@@ -131,7 +133,9 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
                 completions.iter().any(|c| c.frees_a_place || matches!(c.outcome, Outcome::Interrupted(_))),
             ),
     )
-    .execute(conn)
+    .execute(conn)?;
+    unique::keep_keys(conn, &back);
+    Ok(recorded)
 }
 
 /// Sets up the completer's own connection for [`complete`]: with sequential scans and
@@ -182,6 +186,7 @@ pub(crate) fn release(conn: &mut PgConnection, instance: &str, claimed: &[Claime
         .bind::<Array<Integer>, _>(attempts)
         .bind::<Text, _>(instance)
         .get_result(conn)?;
+    unique::keep_keys(conn, &claimed.iter().map(|t| t.id).collect::<Vec<_>>());
     Ok(usize::try_from(released.n).unwrap_or(0))
 }
 

@@ -31,7 +31,8 @@ pub(crate) use cancel_wins;
 
 /// Back to waiting after a run, a task lets go a unique key it held only while waiting
 /// (`released`): a newer task may hold it now (migration 16); a task that holds its key
-/// while running keeps it through its retries. `$when`, if given, says when the task
+/// while running keeps it through its retries. After a completion or a release,
+/// `unique::keep_keys` gives the key back where no other task holds it. `$when`, if given, says when the task
 /// goes back to waiting (otherwise: whatever its new status, which holds no key unless
 /// it waits).
 macro_rules! lets_waiting_key_go {

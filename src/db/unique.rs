@@ -4,6 +4,7 @@
 //! meets a running holder, inside a caller's long transaction, holds up no completion.
 
 use chrono::{DateTime, Utc};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
 
@@ -174,4 +175,44 @@ pub(crate) fn holders(conn: &mut PgConnection, keys: &[&str]) -> QueryResult<Vec
     ))
     .bind::<Array<Text>, _>(keys)
     .load(conn)
+}
+
+/// The statement of [`keep_keys`].
+pub(crate) const KEEP_KEYS: &str = concat!(
+    "UPDATE tasks t SET unique_scope = 'waiting'
+     WHERE t.id = ANY($1) AND t.status = 'waiting' AND t.unique_scope = 'released'
+       AND NOT EXISTS (SELECT 1 FROM tasks o WHERE o.unique_key = t.unique_key AND o.id <> t.id AND ",
+    holds_key!("o"),
+    ")"
+);
+
+/// How long taking a key back may wait for a transaction that inserts the same key:
+/// such a transaction gets the key, and a completion is held up no longer than this.
+const KEY_WAIT: &str = "SET LOCAL lock_timeout = '50ms'";
+
+/// Gives back their unique key to the tasks of `ids` that went back to waiting after a
+/// run (a retry, a snooze, an interrupt, a claim given back) and let it go
+/// (`lets_waiting_key_go!`, in the statement that moved them), where no other task
+/// holds it now: a task keeps its key while it waits again unless a newer task took it
+/// while it ran. A separate statement, after the move has committed, so that a
+/// transaction inserting the same key, which the move cannot see, makes it wait
+/// [`KEY_WAIT`] at most and fail alone: the key then stays with the newer task. Locks
+/// the rows it changes. Never fails: a task that could not take its key back waits
+/// without it, as before.
+pub(crate) fn keep_keys(conn: &mut PgConnection, ids: &[i64]) {
+    let take_back = |conn: &mut PgConnection, ids: &[i64]| {
+        conn.transaction(|conn| {
+            conn.batch_execute(KEY_WAIT)?;
+            diesel::sql_query(KEEP_KEYS).bind::<Array<BigInt>, _>(ids).execute(conn)
+        })
+    };
+    if ids.is_empty() || take_back(conn, ids).is_ok() {
+        return;
+    }
+    // One key taken meanwhile fails the others: each alone.
+    for id in ids {
+        if let Err(error) = take_back(conn, std::slice::from_ref(id)) {
+            log::debug!("task {id} waits without its unique key, which another task takes: {error}");
+        }
+    }
 }

@@ -58,7 +58,7 @@ impl Task for StopsHalfway {
 register_task!(StopsHalfway);
 
 fn start_stopping_halfway(db: &TestDatabase, conn: &mut PgConnection) -> (i64, task_engine::RunningEngine) {
-    let id = NewTask::new(&StopsHalfway {}).unwrap().max_attempts(1).insert(conn).unwrap();
+    let id = NewTask::new(&StopsHalfway {}).unwrap().max_attempts(1).unique_key("halfway").insert(conn).unwrap();
     let engine = start_engine(db, "deployed", 1);
     wait_for_status(conn, id, status::RUNNING);
     (id, engine)
@@ -78,6 +78,8 @@ fn a_task_its_instance_stops_waits_again_at_once_without_using_an_attempt() {
     assert_eq!(executions.len(), 1);
     assert!(executions[0].interrupted, "the attempt is not recorded as interrupted");
     assert_eq!(executions[0].error.as_deref(), Some("stopped halfway"));
+    // It kept its key (no other task took it).
+    assert_eq!(task.unique_scope, "waiting");
 
     // Its last attempt was not used up: the next instance runs it.
     let engine = start_engine(&db, "next", 1);

@@ -268,3 +268,59 @@ fn a_replace_by_another_type_makes_the_holder_a_task_of_that_type_which_then_run
     let row = load_task(&mut conn, holder);
     assert_eq!(row.status, "stopped", "the replaced task did not run as an echo");
 }
+
+#[test]
+fn a_task_waiting_for_its_retry_keeps_its_key_when_no_newer_task_took_it() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let fails = ::tasks::Fail { message: "busy".into(), permanent: false };
+    // The default retry delay after a first attempt is about 4 s: the enqueue below
+    // comes well within it.
+    let id = NewTask::new(&fails).unwrap().unique_key("k").max_attempts(3).insert(&mut conn).unwrap();
+    let engine = start_engine(&db, "retrying", 1);
+    wait_until("the first attempt has failed", || {
+        let task = load_task(&mut conn, id);
+        task.attempts == 1 && task.status == "waiting"
+    });
+    engine.shutdown();
+
+    assert_eq!(load_task(&mut conn, id).unique_scope, "waiting", "the key was let go");
+    let again = NewTask::new(&::tasks::Echo(serde_json::json!(1))).unwrap().unique_key("k").upsert(&mut conn).unwrap();
+    assert_eq!(again, Upserted::Kept(id), "an enqueue during the retry's wait added a second task");
+}
+
+#[test]
+fn a_key_inserted_by_an_open_transaction_while_its_holder_ran_stays_with_the_new_task() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let gate = Gate::named("unique-open-transaction");
+    let first = NewTask::new(&FailsOnceAtGate { gate: "unique-open-transaction".into() })
+        .unwrap()
+        .unique_key("k")
+        .insert(&mut conn)
+        .unwrap();
+    let engine = start_engine(&db, "open-transaction", 1);
+    gate.wait_for_started(1);
+
+    // While the first runs (its key free), a transaction inserts the key and stays open
+    // while the first fails and goes back to waiting.
+    let mut inserter = db.connect();
+    AnsiTransactionManager::begin_transaction(&mut inserter).unwrap();
+    let newer = NewTask::new(&::tasks::Echo(serde_json::json!(2)))
+        .unwrap()
+        .unique_key("k")
+        .run_in(std::time::Duration::from_secs(3600))
+        .upsert(&mut inserter)
+        .unwrap();
+    gate.open();
+    wait_until("the retry has succeeded, the transaction still open", || {
+        load_task(&mut conn, first).status == "stopped"
+    });
+    AnsiTransactionManager::commit_transaction(&mut inserter).unwrap();
+    engine.shutdown();
+
+    assert_eq!(load_task(&mut conn, first).unique_scope, "released");
+    assert!(matches!(newer, Upserted::Inserted(id) if id != first), "{newer:?}");
+    let holder = NewTask::new(&::tasks::Echo(serde_json::json!(3))).unwrap().unique_key("k").upsert(&mut conn).unwrap();
+    assert_eq!(holder, Upserted::Kept(newer.id()));
+}
