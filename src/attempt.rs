@@ -57,13 +57,12 @@ pub(crate) struct Completion {
     pub task_id: i64,
     pub attempt: i32,
     pub worker: i32,
-    /// The claim's time on the server ([`ClaimedTask::claimed_at`]).
-    pub claimed_at: DateTime<Utc>,
-    /// How long the task waited in the instance between its claim and its start: the
-    /// execution's `started_at` is the claim's time plus this.
-    pub queued: Duration,
-    /// How long the attempt ran, measured by the worker: `stopped_at` is the corrected
-    /// `started_at` plus this, so that both come from the server's clock.
+    /// When the attempt started and stopped, on the server's clock as the instance
+    /// keeps it (`instance/server_clock.rs`): one clock for every attempt of the
+    /// instance, so that one worker's attempts keep their order in the record.
+    pub started_at: DateTime<Utc>,
+    pub stopped_at: DateTime<Utc>,
+    /// How long the attempt ran, measured by the worker.
     pub elapsed: Duration,
     pub outcome: Outcome,
     /// The task ran under its queue's limit: once recorded, its place is free, and the

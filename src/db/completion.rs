@@ -44,25 +44,22 @@ pub(crate) const COMPLETE: &str = concat!(
              RETURNING t.id, t.instance, t.run_at, t.status
          ), notified AS (
              -- Under a queue's limit, each recorded attempt freed a place; an interrupted
-             -- task waits again, due now (`$12`, either): wake the instances, in this
+             -- task waits again, due now (`$11`, either): wake the instances, in this
              -- statement's commit.
              SELECT ",
     notify_waiting!("count(*)"),
     "
-             FROM moved WHERE $12 HAVING count(*) > 0
+             FROM moved WHERE $11 HAVING count(*) > 0
          )
          INSERT INTO task_executions (id, task_id, attempt, started_at, stopped_at, result, error, instance, worker,
                                       snoozed_until, interrupted)
-         SELECT d.execution_id, d.task_id, d.attempt,
-                d.claimed_at + d.queued_us * interval '1 microsecond',
-                d.claimed_at + (d.queued_us + d.elapsed_us) * interval '1 microsecond',
-                d.result, d.error, m.instance, d.worker,
+         SELECT d.execution_id, d.task_id, d.attempt, d.started_at, d.stopped_at, d.result, d.error, m.instance, d.worker,
                 CASE WHEN d.status = 'snoozed' THEN m.run_at END,
                 -- A cancel that won is no interrupt.
                 d.status = 'interrupted' AND m.status = 'waiting'
-         FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[], $7::jsonb[], $8::text[],
-                     $10::bigint[], $11::timestamptz[], $6::text[])
-              AS d(execution_id, task_id, attempt, worker, elapsed_us, result, error, queued_us, claimed_at, status)
+         FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::timestamptz[], $7::jsonb[], $8::text[],
+                     $10::timestamptz[], $6::text[])
+              AS d(execution_id, task_id, attempt, worker, stopped_at, result, error, started_at, status)
          JOIN moved m ON m.id = d.task_id
          -- Reading `notified` is what runs its pg_notify (once, before the first row).
          WHERE (SELECT count(*) FROM notified) >= 0"
@@ -85,15 +82,10 @@ pub(crate) const COMPLETE: &str = concat!(
 /// plan, and is not planned again for every batch.
 pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> QueryResult<usize> {
     let n = completions.len();
-    let mut queued_us = Vec::with_capacity(n);
-    let claimed_at: Vec<DateTime<Utc>> = completions.iter().map(|c| c.claimed_at).collect();
-    let (mut execution_ids, mut task_ids, mut attempts, mut workers, mut elapsed_us) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
+    let started_at: Vec<DateTime<Utc>> = completions.iter().map(|c| c.started_at).collect();
+    let stopped_at: Vec<DateTime<Utc>> = completions.iter().map(|c| c.stopped_at).collect();
+    let (mut execution_ids, mut task_ids, mut attempts, mut workers) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut statuses, mut results, mut errors, mut delays_us) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for c in completions {
@@ -101,8 +93,6 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
         task_ids.push(c.task_id);
         attempts.push(c.attempt);
         workers.push(c.worker);
-        elapsed_us.push(micros(c.elapsed));
-        queued_us.push(micros(c.queued));
         let (status, result, error, delay) = match &c.outcome {
             Outcome::Succeeded(result) => ("stopped", Some(result), None, None),
             Outcome::Failed(error) => ("failed", None, Some(error.as_str()), None),
@@ -122,13 +112,12 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
             .bind::<Array<BigInt>, _>(task_ids)
             .bind::<Array<Integer>, _>(attempts)
             .bind::<Array<Integer>, _>(workers)
-            .bind::<Array<BigInt>, _>(elapsed_us)
+            .bind::<Array<Timestamptz>, _>(stopped_at)
             .bind::<Array<Text>, _>(statuses)
             .bind::<Array<Nullable<Jsonb>>, _>(results)
             .bind::<Array<Nullable<Text>>, _>(errors)
             .bind::<Array<Nullable<BigInt>>, _>(delays_us)
-            .bind::<Array<BigInt>, _>(queued_us)
-            .bind::<Array<Timestamptz>, _>(claimed_at)
+            .bind::<Array<Timestamptz>, _>(started_at)
             .bind::<Bool, _>(
                 completions.iter().any(|c| c.frees_a_place || matches!(c.outcome, Outcome::Interrupted(_))),
             ),
@@ -230,7 +219,7 @@ pub(crate) fn record_timed_out(conn: &mut PgConnection, instance: &str, completi
     };
     let written = diesel::sql_query(
         "INSERT INTO task_executions (id, task_id, attempt, started_at, stopped_at, error, instance, worker)
-         SELECT $1, t.id, t.attempts, $4 + $5 * interval '1 microsecond', now(), $6, t.instance, $7
+         SELECT $1, t.id, t.attempts, $4, $5, $6, t.instance, $7
          FROM tasks t
          WHERE t.id = $2 AND t.attempts = $3 AND t.status = 'running' AND t.instance = $8
          ON CONFLICT (id) DO NOTHING",
@@ -238,8 +227,8 @@ pub(crate) fn record_timed_out(conn: &mut PgConnection, instance: &str, completi
     .bind::<BigInt, _>(completion.execution_id)
     .bind::<BigInt, _>(completion.task_id)
     .bind::<Integer, _>(completion.attempt)
-    .bind::<Timestamptz, _>(completion.claimed_at)
-    .bind::<BigInt, _>(micros(completion.queued))
+    .bind::<Timestamptz, _>(completion.started_at)
+    .bind::<Timestamptz, _>(completion.stopped_at)
     .bind::<Text, _>(error)
     .bind::<Integer, _>(completion.worker)
     .bind::<Text, _>(instance)
@@ -326,12 +315,11 @@ mod tests {
                 .bind::<Array<BigInt>, _>(claimed.iter().map(|t| t.id).collect::<Vec<_>>())
                 .bind::<Array<Integer>, _>(vec![1; n])
                 .bind::<Array<Integer>, _>(vec![0; n])
-                .bind::<Array<BigInt>, _>(vec![10i64; n])
+                .bind::<Array<Timestamptz>, _>(claimed.iter().map(|t| t.claimed_at).collect::<Vec<_>>())
                 .bind::<Array<Text>, _>(vec!["stopped"; n])
                 .bind::<Array<Nullable<Jsonb>>, _>(vec![Some(serde_json::Value::Null); n])
                 .bind::<Array<Nullable<Text>>, _>(vec![None::<String>; n])
                 .bind::<Array<Nullable<BigInt>>, _>(vec![None::<i64>; n])
-                .bind::<Array<BigInt>, _>(vec![5i64; n])
                 .bind::<Array<Timestamptz>, _>(claimed.iter().map(|t| t.claimed_at).collect::<Vec<_>>())
                 .bind::<Bool, _>(false)
                 .load(&mut session)

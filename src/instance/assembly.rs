@@ -14,6 +14,7 @@ use crate::instance::heartbeat::{self, Alive};
 use crate::instance::in_flight::InFlight;
 use crate::instance::lanes::{Lane, Lanes};
 use crate::instance::parts::{Parts, Stage};
+use crate::instance::server_clock::ServerClock;
 use crate::instance::shutdown::Shutdown;
 use crate::instance::timer::{self, Timer};
 use crate::instance::watchdog::{self, Watchdog};
@@ -57,6 +58,9 @@ pub(crate) struct Instance {
     pub lanes: Arc<Lanes>,
     /// The tasks claimed here and not yet recorded.
     pub in_flight: Arc<InFlight>,
+    /// The server's clock, as the claims read it: the producers set it, the workers
+    /// date their attempts by it.
+    pub clock: Arc<ServerClock>,
     pub counters: Counters,
     /// The workers, waited for at the stop (all but the abandoned).
     pub crew: Arc<Crew>,
@@ -101,6 +105,7 @@ pub(crate) fn start(settings: Settings) -> Result<Instance, Error> {
         alive: Arc::new(Alive::default()),
         lanes,
         in_flight: Arc::new(InFlight::default()),
+        clock: Arc::new(ServerClock::new()),
         counters: Counters::default(),
         crew: Arc::new(Crew::default()),
         retired: Shutdown::default(),
@@ -190,6 +195,7 @@ impl Instance {
                 registry: registry.clone(),
                 instance: Arc::clone(&context),
                 in_flight: Arc::clone(&self.in_flight),
+                clock: Arc::clone(&self.clock),
                 watchdog: Arc::clone(&watchdog),
                 grace: settings.timeout_grace,
             });
@@ -210,6 +216,7 @@ impl Instance {
                 task_types: task_types.clone(),
                 handoff: Arc::clone(&lane.handoff),
                 in_flight: Arc::clone(&self.in_flight),
+                clock: Arc::clone(&self.clock),
                 timer: Arc::clone(timer),
                 alive: Arc::clone(&self.alive),
                 shutdown: shutdown.clone(),

@@ -14,6 +14,7 @@ use crate::instance::completer::Outbox;
 use crate::instance::handoff::Handoff;
 use crate::instance::in_flight::InFlight;
 use crate::instance::lock;
+use crate::instance::server_clock::ServerClock;
 use crate::instance::watchdog::Watchdog;
 use crate::instance::worker::{self, Slot};
 use crate::registry::Registry;
@@ -24,6 +25,7 @@ pub(crate) struct Recipe {
     pub registry: Registry,
     pub instance: Arc<InstanceHandle>,
     pub in_flight: Arc<InFlight>,
+    pub clock: Arc<ServerClock>,
     pub watchdog: Arc<Watchdog>,
     pub grace: Duration,
 }
@@ -91,6 +93,7 @@ impl Crew {
             slot: Arc::clone(&slot),
             instance: Arc::clone(&recipe.instance),
             in_flight: Arc::clone(&recipe.in_flight),
+            clock: Arc::clone(&recipe.clock),
             watchdog: Arc::clone(&recipe.watchdog),
             grace: recipe.grace,
             replace,

@@ -14,7 +14,7 @@
 //! the instance alive in the database and runs the [`rescue`] of lost attempts; the
 //! [`vacuum`] keeps claims fast; [`cron`] fires the schedules of recurring tasks.
 //! Shared between them: the [`in_flight`] tasks and their cancellations, the one
-//! [`shutdown`], the one [`backoff`].
+//! [`shutdown`], the one [`backoff`], the [`server_clock`] that dates attempts.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -32,6 +32,7 @@ pub(crate) mod listener;
 pub(crate) mod parts;
 pub(crate) mod producer;
 pub(crate) mod rescue;
+pub(crate) mod server_clock;
 pub(crate) mod shutdown;
 pub(crate) mod timer;
 pub(crate) mod vacuum;

@@ -28,6 +28,7 @@ use crate::instance::handoff::{Drained, Handoff, Next};
 use crate::instance::heartbeat::Alive;
 use crate::instance::in_flight::InFlight;
 use crate::instance::parts::{Part, Stage};
+use crate::instance::server_clock::ServerClock;
 use crate::instance::shutdown::Shutdown;
 use crate::instance::timer::Timer;
 
@@ -56,6 +57,8 @@ pub(crate) struct Input {
     pub handoff: Arc<Handoff>,
     /// Where it records what it claimed.
     pub in_flight: Arc<InFlight>,
+    /// Set from each claim's `now()`.
+    pub clock: Arc<ServerClock>,
     /// Asked to look again for tasks due later when the instance falls asleep, and
     /// armed for the next window of a rate limit used up.
     pub timer: Arc<Timer>,
@@ -326,6 +329,9 @@ impl Producer {
         if claim.limited && !self.limited {
             // Limits were set on the queue: a plain claim of it claims nothing.
             claim = claim::claim_limited(conn, &lane, limit)?;
+        }
+        if let Some(task) = claim.tasks.first() {
+            input.clock.observe(task.claimed_at, Instant::now());
         }
         self.limited = claim.limited;
         if let Some(key) = claim.last_key.take() {

@@ -9,6 +9,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
+
 use crate::attempt::{ClaimedTask, Completion, Outcome};
 use crate::context::{InstanceHandle, TaskContext};
 use crate::db::completion;
@@ -17,6 +19,7 @@ use crate::instance::completer::Outbox;
 use crate::instance::handoff::Handoff;
 use crate::instance::in_flight::InFlight;
 use crate::instance::lock;
+use crate::instance::server_clock::ServerClock;
 use crate::instance::watchdog::{Watch, Watchdog};
 use crate::registry::{Registry, RunFailure, TaskEntry};
 use crate::task::TaskError;
@@ -41,6 +44,8 @@ pub(crate) struct Input {
     pub instance: Arc<InstanceHandle>,
     /// Where its tasks' cancel flags are.
     pub in_flight: Arc<InFlight>,
+    /// What its attempts are dated by.
+    pub clock: Arc<ServerClock>,
     pub watchdog: Arc<Watchdog>,
     /// How long a task past its time limit has to return before it is abandoned.
     pub grace: Duration,
@@ -102,11 +107,15 @@ impl Slot {
 
 /// Runs tasks until the instance stops, or until it is abandoned and its task returns.
 pub(crate) fn run(input: Input) {
-    while let Some((task, queued)) = input.handoff.next_task() {
+    // The end of this worker's last attempt, as recorded: the next starts no earlier
+    // in the record, whatever step the server's clock took between the two.
+    let mut last_stopped = None;
+    while let Some((task, _queued)) = input.handoff.next_task() {
         let (id, execution_id, attempt, max) = (task.id, task.execution_id, task.attempt, task.max_attempts);
         input.slot.start(execution_id);
-        let (completion, entry) = execute(&input, task, queued);
+        let (completion, entry) = execute(&input, task, last_stopped);
         let ran = completion.elapsed;
+        last_stopped = Some(completion.stopped_at);
         if let Err(completion) = input.slot.finish(execution_id, completion) {
             // Timed out: retried per its policy, whatever it returned.
             let retry = (attempt < max).then(|| retry_delay(entry.as_ref(), attempt));
@@ -141,7 +150,9 @@ fn timed_out_message(timeout: Duration, grace: Duration) -> String {
     format!("timed out after {timeout:?} (and a grace of {grace:?}): its worker was abandoned, its thread still ran")
 }
 
-fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> (Completion, Option<TaskEntry>) {
+/// Runs one attempt of `task`, dated on the server's clock and, in the record, not
+/// before `not_before` (this worker's last attempt's end).
+fn execute(input: &Input, task: ClaimedTask, not_before: Option<DateTime<Utc>>) -> (Completion, Option<TaskEntry>) {
     log::debug!("task {} ({}) attempt {} starting", task.id, task.task_type, task.attempt);
     let mut started = Instant::now();
     let (ran, stop, entry, finished) = match input.registry.get(&task.task_type) {
@@ -160,7 +171,8 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> (Completion, O
             };
             started = Instant::now();
             let timeout = task.timeout.or(entry.timeout());
-            let watch = timeout.map(|timeout| watch(input, &task, queued, timeout, started, &timed_out));
+            let started_at = input.clock.at(started).max(not_before.unwrap_or_default());
+            let watch = timeout.map(|timeout| watch(input, &task, started_at, timeout, started, &timed_out));
             let ran = if ctx.cancel_requested() {
                 // Cancelled while it waited for a worker: it never starts.
                 Err(RunFailure::Task(TaskError::permanent("cancelled before it started")))
@@ -194,14 +206,17 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> (Completion, O
     };
     let elapsed = finished.duration_since(started);
     let outcome = outcome(&task, entry.as_ref(), ran, stop, elapsed);
-    (attempt_ended(input, &task, queued, elapsed, outcome), entry)
+    let started_at = input.clock.at(started).max(not_before.unwrap_or_default());
+    let stopped_at = input.clock.at(finished).max(started_at);
+    (attempt_ended(input, &task, started_at, stopped_at, elapsed, outcome), entry)
 }
 
 /// The record of an attempt of `task` by this worker.
 fn attempt_ended(
     input: &Input,
     task: &ClaimedTask,
-    queued: Duration,
+    started_at: DateTime<Utc>,
+    stopped_at: DateTime<Utc>,
     elapsed: Duration,
     outcome: Outcome,
 ) -> Completion {
@@ -210,8 +225,8 @@ fn attempt_ended(
         task_id: task.id,
         attempt: task.attempt,
         worker: i32::try_from(input.index).unwrap_or(i32::MAX),
-        claimed_at: task.claimed_at,
-        queued,
+        started_at,
+        stopped_at,
         elapsed,
         outcome,
         frees_a_place: task.limited,
@@ -224,7 +239,7 @@ fn attempt_ended(
 fn watch(
     input: &Input,
     task: &ClaimedTask,
-    queued: Duration,
+    started_at: DateTime<Utc>,
     timeout: Duration,
     started: Instant,
     timed_out: &Arc<AtomicBool>,
@@ -232,8 +247,9 @@ fn watch(
     let (slot, handoff, replace, instance) =
         (Arc::clone(&input.slot), Arc::clone(&input.handoff), Arc::clone(&input.replace), Arc::clone(&input.instance));
     let grace = input.grace;
-    let record =
-        attempt_ended(input, task, queued, timeout + grace, Outcome::Failed(timed_out_message(timeout, grace)));
+    let stopped_at = input.clock.at(started + timeout + grace).max(started_at);
+    let failed = Outcome::Failed(timed_out_message(timeout, grace));
+    let record = attempt_ended(input, task, started_at, stopped_at, timeout + grace, failed);
     let (id, index) = (task.id, input.index);
     input.watchdog.watch(Watch {
         task_id: task.id,

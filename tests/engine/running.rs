@@ -152,3 +152,45 @@ fn a_stored_row_the_engine_cannot_read_fails_that_task_alone_with_the_reason() {
     }
     assert_eq!(stats.rescued, 0, "attempts were lost");
 }
+
+/// The record of one worker's attempts, in the order they started, with their times.
+fn attempts_of_one_worker(
+    conn: &mut PgConnection,
+) -> Vec<(i64, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> {
+    task_executions::table
+        .order((task_executions::started_at, task_executions::id))
+        .select((task_executions::task_id, task_executions::started_at, task_executions::stopped_at.assume_not_null()))
+        .load(conn)
+        .unwrap()
+}
+
+#[test]
+fn one_worker_s_attempts_are_recorded_in_order_without_overlap_whatever_claim_they_came_in() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    task_engine::set_queue_concurrency(&mut conn, "serial", Some(1)).unwrap();
+    // Rounds of five on a serial queue, each by a new instance: its first claim finds
+    // the queue limited and claims again, its next ones do not, and each task comes
+    // in a claim of its own.
+    for _ in 0..40 {
+        let five: Vec<NewTask> =
+            (0..5).map(|_| NewTask::new(&::tasks::Sleep { ms: 3 }).unwrap().queue("serial")).collect();
+        task_engine::enqueue_many(&mut conn, &five).unwrap();
+        let engine = crate::support::runner(&db, "serial", 1).queue("serial", 1).start().unwrap();
+        wait_until_all_ended(&mut conn);
+        engine.shutdown();
+    }
+
+    let record = attempts_of_one_worker(&mut conn);
+    assert_eq!(record.len(), 200);
+    let overlaps: Vec<_> = record
+        .windows(2)
+        .filter(|w| w[1].1 < w[0].2)
+        .map(|w| format!("task {} started {} before task {} stopped", w[1].0, w[0].2 - w[1].1, w[0].0))
+        .collect();
+    assert!(overlaps.is_empty(), "one worker's attempts overlap in the record: {overlaps:#?}");
+    let ids: Vec<i64> = record.iter().map(|r| r.0).collect();
+    let mut in_claim_order = ids.clone();
+    in_claim_order.sort_unstable();
+    assert_eq!(ids, in_claim_order, "the record does not keep the order the attempts ran in");
+}
