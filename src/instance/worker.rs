@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::attempt::{ClaimedTask, Completion, Outcome};
-use crate::context::{InstanceHandle, TaskContext};
+use crate::context::{Host, InstanceHandle, TaskContext};
 use crate::db::completion;
 use crate::error::Error;
 use crate::instance::completer::Outbox;
@@ -155,7 +155,7 @@ fn execute(input: &Input, task: ClaimedTask, queued: Duration) -> (Completion, O
                 worker: input.index,
                 cancelled: input.in_flight.cancel_flag(task.id),
                 timed_out: Arc::clone(&timed_out),
-                instance: Arc::clone(&input.instance),
+                instance: Host::Instance(Arc::clone(&input.instance)),
                 reported: Default::default(),
             };
             started = Instant::now();
