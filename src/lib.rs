@@ -1,7 +1,8 @@
 #![doc = include_str!("../README.md")]
 
 // The map. What a task crate writes: `task` (the trait, its errors, the macro),
-// `context` (what a running task sees), `retry` (the default retry delay). What a
+// `context` (what a running task sees), `retry` (the default retry delay), and in its
+// tests `testing` (a context without a database, one attempt run inline). What a
 // program calls: `registry` (the types it runs), `enqueue`, `admin` (retry, cancel,
 // prune), `queue` (pause, limits), `schedule` (recurring tasks), `runner` (start and
 // stop an instance). Inside: `instance` (the parts of a running instance, one a file),
@@ -21,6 +22,7 @@ mod retry;
 mod runner;
 mod schedule;
 mod task;
+pub mod testing;
 
 pub use admin::{cancel, cancel_many, prune, retry, retry_many, Cancelled, TaskFilter};
 pub use context::TaskContext;
@@ -52,4 +54,6 @@ mod guides {
     struct RecurringTasks;
     #[doc = include_str!("../docs/timeouts.md")]
     struct Timeouts;
+    #[doc = include_str!("../docs/testing.md")]
+    struct Testing;
 }

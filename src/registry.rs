@@ -108,6 +108,16 @@ impl RunFailure {
         }
     }
 
+    /// Returns the failure as the error a task returns, with the message and the
+    /// permanence the engine records for it (a test's inline run reports it so).
+    pub(crate) fn into_task_error(self) -> TaskError {
+        match self {
+            Self::Task(error) => error,
+            Self::Parameters(message) | Self::Output(message) => TaskError::permanent(message),
+            Self::Panic(message) => TaskError::new(format!("panicked: {message}")),
+        }
+    }
+
     /// Returns the message recorded as the attempt's error.
     pub(crate) fn into_message(self) -> String {
         match self {
@@ -123,11 +133,22 @@ fn check_parameters<T: Task>(parameters: &serde_json::Value) -> Result<(), serde
 }
 
 fn run_erased<T: Task>(parameters: &str, ctx: &TaskContext) -> Result<serde_json::Value, RunFailure> {
+    run_typed::<T>(parameters, ctx).map(|(_, result)| result)
+}
+
+/// Runs one attempt of `T` as the engine does, panics aside (the worker contains them):
+/// parses the stored `parameters`, runs the task, and serialises its output for the
+/// record. Returns the output and its JSON. A test's inline run goes through here too.
+pub(crate) fn run_typed<T: Task>(
+    parameters: &str,
+    ctx: &TaskContext,
+) -> Result<(T::Output, serde_json::Value), RunFailure> {
     let task = serde_json::from_str::<T>(parameters)
         .map_err(|e| RunFailure::Parameters(format!("parameters do not fit task type `{}`: {e}", T::NAME)))?;
     let output = task.run(ctx).map_err(RunFailure::Task)?;
-    serde_json::to_value(output)
-        .map_err(|e| RunFailure::Output(format!("could not serialise the result of `{}`: {e}", T::NAME)))
+    let result = serde_json::to_value(&output)
+        .map_err(|e| RunFailure::Output(format!("could not serialise the result of `{}`: {e}", T::NAME)))?;
+    Ok((output, result))
 }
 
 /// The task types an instance can run, by name.

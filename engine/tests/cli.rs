@@ -82,7 +82,7 @@ fn engine_tasks_lists_every_type_of_the_linked_tasks_crate() {
 }
 
 /// The task types of the workspace's `tasks` crate.
-const TASKS_CRATE_TYPES: [&str; 6] = ["echo", "fail", "journal", "noop", "panic", "sleep"];
+const TASKS_CRATE_TYPES: [&str; 7] = ["echo", "fail", "journal", "noop", "panic", "sleep", "steps"];
 
 #[test]
 fn engine_enqueue_prints_the_new_id_and_a_count_for_a_bulk_insert() {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use crate::attempt::{ClaimedTask, Completion, Outcome};
-use crate::context::{InstanceHandle, TaskContext};
+use crate::context::{Host, InstanceHandle, TaskContext};
 use crate::db::completion;
 use crate::error::Error;
 use crate::instance::completer::Outbox;
@@ -166,7 +166,7 @@ fn execute(input: &Input, task: ClaimedTask, not_before: Option<DateTime<Utc>>) 
                 worker: input.index,
                 cancelled: input.in_flight.cancel_flag(task.id),
                 timed_out: Arc::clone(&timed_out),
-                instance: Arc::clone(&input.instance),
+                instance: Host::Instance(Arc::clone(&input.instance)),
                 reported: Default::default(),
             };
             started = Instant::now();
@@ -300,7 +300,7 @@ impl Stop {
             Self::Cancelled
         } else if ctx.timed_out() {
             Self::TimedOut
-        } else if ctx.instance.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        } else if ctx.instance.stopping().load(std::sync::atomic::Ordering::Relaxed) {
             Self::InstanceStops
         } else {
             Self::NotAsked

@@ -109,6 +109,39 @@ impl Task for Panic {
 }
 register_task!(Panic);
 
+/// Works through `steps` steps of `ms` milliseconds each; after each, saves the number
+/// of steps done as its checkpoint and says how far it got. An attempt resumes after
+/// the last step saved, and stops between steps when asked to (an error: the steps done
+/// are kept). Result: `{"resumed_at": n}`, the steps done before this attempt.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Steps {
+    pub steps: u32,
+    #[serde(default)]
+    pub ms: u64,
+}
+
+impl Task for Steps {
+    const NAME: &'static str = "steps";
+    type Output = serde_json::Value;
+
+    fn run(&self, ctx: &TaskContext) -> Result<serde_json::Value, TaskError> {
+        let resumed_at = ctx.last_checkpoint::<u32>()?.unwrap_or(0).min(self.steps);
+        for done in resumed_at..self.steps {
+            if ctx.stop_requested() {
+                return Err(TaskError::new(format!("stopped after {done} of {} steps", self.steps)));
+            }
+            std::thread::sleep(Duration::from_millis(self.ms));
+            let done = done + 1;
+            ctx.checkpoint(&done)?;
+            let percent = u64::from(done) * 100 / u64::from(self.steps);
+            ctx.progress(u8::try_from(percent).unwrap_or(100), format!("step {done} of {}", self.steps))?;
+        }
+        Ok(serde_json::json!({ "resumed_at": resumed_at }))
+    }
+}
+register_task!(Steps);
+
 /// Writes its run into `task_journal`, a table of yours (`task_id bigint, attempt int,
 /// instance text, started_at timestamptz, ended_at timestamptz`): its start, then after
 /// sleeping `ms` milliseconds its end. An example of a task doing its own database work

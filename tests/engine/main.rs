@@ -16,6 +16,7 @@ mod schema;
 mod settings;
 mod stopping;
 mod support;
+mod testing;
 mod timeouts;
 mod unique;
 mod wakeups;
