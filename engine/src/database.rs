@@ -9,6 +9,8 @@ use diesel::PgConnection;
 use pg_cluster::{Cluster, ClusterOptions};
 use task_engine::redact_url;
 
+use crate::UsageError;
+
 /// The embedded cluster's database.
 const EMBEDDED_DATABASE: &str = "task_engine";
 
@@ -28,6 +30,7 @@ impl Database {
     /// Uses `url`, or else the embedded cluster under `data_dir`, started if needed.
     pub fn open(url: Option<String>, data_dir: &Path) -> anyhow::Result<Self> {
         if let Some(url) = url.filter(|u| !u.trim().is_empty()) {
+            check_form(&url)?;
             return Ok(Self { url, embedded: None });
         }
         let data_dir = std::path::absolute(data_dir.join("pg"))
@@ -96,6 +99,23 @@ impl Database {
         }
         Ok(())
     }
+}
+
+/// Refuses (exit 2) a connection string of neither form libpq reads, saying what it
+/// was given (its password hidden); libpq judges the rest when it connects.
+fn check_form(url: &str) -> anyhow::Result<()> {
+    let url = url.trim();
+    let is_url = ["postgres://", "postgresql://"].iter().any(|scheme| url.starts_with(scheme));
+    let is_key_value = !url.contains("://") && url.contains('=');
+    if !is_url && !is_key_value {
+        return Err(UsageError(format!(
+            "DATABASE_URL (or --database-url) is neither a URL (postgres://user:password@host:port/database) \
+             nor key=value pairs (host=... dbname=...): {}",
+            redact_url(url)
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// A port in 20000-29999 that depends only on the data directory's path.

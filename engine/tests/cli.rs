@@ -181,6 +181,27 @@ fn a_connection_failure_exits_1_without_printing_the_password() {
 }
 
 #[test]
+fn a_malformed_database_url_is_named_with_its_password_hidden() {
+    for (url, code, shown) in [
+        // Neither form libpq reads: bad input.
+        ("postgres//app:s3cr3t-pw@127.0.0.1:1/app", 2, "postgres//app:***@127.0.0.1:1/app"),
+        ("notaurl", 2, ": notaurl"),
+        // A URL libpq refuses: a failure to connect, its message without the password.
+        ("postgres://app:s3cr3t-pw@127.0.0.1:port/app", 1, "postgres://app:***@127.0.0.1:port/app"),
+        ("host=127.0.0.1 password=s3cr3t-pw port=abc", 1, "host=127.0.0.1 password=*** port=abc"),
+        // libpq quotes the part it could not read: here, the password.
+        ("postgres://app:s3cr3t-pw%ZZ@127.0.0.1:1/app", 1, "invalid percent-encoded token: \"***\""),
+    ] {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_engine")).args(["status"]).env("DATABASE_URL", url).output().unwrap();
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(code), "{url}: {all}");
+        assert!(text(&out.stderr).contains(shown), "{url}: stderr lacks `{shown}`: {all}");
+        assert!(!all.contains("s3cr3t-pw"), "the password was printed: {all}");
+    }
+}
+
+#[test]
 fn engine_run_works_through_the_queue_and_exits_0_on_sigterm() {
     let db = TestDatabase::new();
     let out = engine(&db, &["enqueue", "echo", "--params", r#"{"x": 1}"#, "--count", "20"]);
