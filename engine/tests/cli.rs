@@ -818,3 +818,33 @@ fn engine_cron_adds_lists_and_removes_schedules_and_refuses_bad_ones_with_exit_c
     assert_eq!(text(&out.stdout).trim(), "schedule nightly removed");
     assert!(!text(&engine(&db, &["cron", "list"]).stdout).contains("nightly"));
 }
+
+#[test]
+fn engine_status_keeps_its_columns_aligned_past_long_names_and_shows_a_lost_attempts_worker_as_a_dash() {
+    let db = TestDatabase::new();
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut db.connect(),
+        "INSERT INTO tasks (id, task_class, status, attempts) VALUES
+             (1, 'a_task_type_with_a_rather_long_name', 'failed', 1),
+             (2, 'echo', 'stopped', 1);
+         INSERT INTO task_executions (task_id, attempt, started_at, stopped_at, error, instance, worker) VALUES
+             (1, 1, now(), now(), 'lost: its instance stopped sending heartbeats',
+              'an-instance-with-a-long-host-name-12345', -1),
+             (2, 1, now(), now(), NULL, 'short', 3)",
+    )
+    .unwrap();
+    let out = engine(&db, &["status"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    // The counts: every line ends where the header's last column does.
+    let counts: Vec<&str> = shown.lines().take_while(|l| !l.is_empty()).collect();
+    assert!(counts.len() == 4 && counts.iter().all(|l| l.len() == counts[0].len()), "{shown}");
+    // The executions: each outcome starts under its header.
+    let header = shown.lines().find(|l| l.trim_start().starts_with("EXEC")).unwrap_or_else(|| panic!("{shown}"));
+    let at = header.find("OUTCOME").unwrap();
+    let lost = shown.lines().find(|l| l.contains("an-instance-with-a-long")).unwrap_or_else(|| panic!("{shown}"));
+    let ok = shown.lines().find(|l| l.contains("short/3")).unwrap_or_else(|| panic!("{shown}"));
+    assert!(lost[at..].starts_with("error: lost") && ok[at..].starts_with("ok"), "{shown}");
+    // Which worker ran a lost attempt died with its instance: shown as `-`, not -1.
+    assert!(lost.contains("an-instance-with-a-long-host-name-12345/- "), "{lost}");
+}
