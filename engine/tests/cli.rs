@@ -79,6 +79,12 @@ fn engine_tasks_lists_every_type_of_the_linked_tasks_crate() {
     let ours: Vec<&String> = listed.iter().filter(|t| TASKS_CRATE_TYPES.contains(&t.as_str())).collect();
     assert_eq!(ours, TASKS_CRATE_TYPES, "listed: {listed:?}");
     assert!(listed.windows(2).all(|w| w[0] < w[1]), "not sorted: {listed:?}");
+    // Each line says the type's queue and time limit too.
+    let noop = text(&out.stdout).lines().find(|l| l.starts_with("noop\t")).map(str::to_owned).unwrap();
+    assert_eq!(
+        noop.split('\t').collect::<Vec<_>>(),
+        ["noop", "tasks::Noop", "queue default", "max attempts 25", "no timeout"]
+    );
 }
 
 /// The task types of the workspace's `tasks` crate.
@@ -122,10 +128,14 @@ fn engine_enqueue_with_a_unique_key_prints_the_holders_id_and_replaces_its_param
     assert!(said.contains(&format!("task {first} holds the unique key: kept")), "{said}");
     let (replaced, said) = enqueue(r#"{"v": 3}"#, &["--on-conflict", "replace-params"]);
     assert_eq!(replaced, first);
-    assert!(said.contains("parameters replaced"), "{said}");
+    assert!(said.contains("its parameters and priority replaced, its due time kept"), "{said}");
     let params: serde_json::Value =
         tasks::table.find(first).select(tasks::task_parameters).first(&mut db.connect()).unwrap();
     assert_eq!(params, serde_json::json!({"v": 3}));
+    // A replace says that the due time (`--in 1h` from now) changed too.
+    let (replaced, said) = enqueue(r#"{"v": 3}"#, &["--on-conflict", "replace"]);
+    assert_eq!(replaced, first);
+    assert!(said.contains("its parameters, priority and due time replaced"), "{said}");
     assert_eq!(task_count(&db), 1);
     let shown = text(&engine(&db, &["status", "--task", &first.to_string()]).stdout);
     assert!(shown.contains("unique key   nightly (held while waiting)"), "{shown}");

@@ -27,8 +27,8 @@ pub fn run(args: Args, ctx: &Context) -> anyhow::Result<()> {
         Args { id: Some(id), .. } => {
             let (_, mut conn) = ctx.open_migrated()?;
             match task_engine::cancel(&mut conn, id)? {
-                task_engine::Cancelled::Waiting => println!("task {id} cancelled: it will not run"),
-                task_engine::Cancelled::Running => println!(
+                task_engine::Cancelled::Waiting => outln!("task {id} cancelled: it will not run"),
+                task_engine::Cancelled::Running => outln!(
                     "task {id} is running: its instance is asked to stop it; it ends cancelled unless this attempt succeeds"
                 ),
             }
