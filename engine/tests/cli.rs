@@ -858,3 +858,125 @@ fn engine_status_keeps_its_columns_aligned_past_long_names_and_shows_a_lost_atte
     // Which worker ran a lost attempt died with its instance: shown as `-`, not -1.
     assert!(lost.contains("an-instance-with-a-long-host-name-12345/- "), "{lost}");
 }
+
+#[test]
+fn a_queue_setting_for_a_queue_nothing_names_is_stored_with_a_warning_and_exit_0() {
+    let db = TestDatabase::new();
+    let run = |args: &[&str]| {
+        let out = engine(&db, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out.stderr));
+        text(&out.stderr)
+    };
+    run(&["enqueue", "noop", "--queue", "emails"]);
+    run(&["cron", "add", "nightly", "0 2 * * *", "noop", "--queue", "reports"]);
+    for (args, queue) in [
+        (&["queue", "pause", "invocies"][..], "invocies"),
+        (&["queue", "resume", "nosuch"], "nosuch"),
+        (&["queue", "limit", "nosuchqueue", "3"], "nosuchqueue"),
+        (&["queue", "key-limit", "nosuchqueue", "2"], "nosuchqueue"),
+        (&["queue", "rate", "nosuchqueue", "5/1s"], "nosuchqueue"),
+    ] {
+        let said = run(args);
+        assert!(
+            said.contains(&format!("warning: queue {queue}: no task type this engine knows declares it"))
+                && said.contains(&format!("`engine queue remove {queue}` removes it")),
+            "{args:?}: {said}"
+        );
+    }
+    // Stored all the same: a queue may be set up before its first task.
+    let listed = text(&engine(&db, &["queue", "list"]).stdout);
+    let fields = |queue: &str| -> Vec<String> {
+        let line = listed.lines().find(|l| l.starts_with(&format!("{queue} "))).unwrap_or_else(|| panic!("{listed}"));
+        line.split_whitespace().map(str::to_owned).collect()
+    };
+    assert_eq!(fields("invocies")[4], "paused", "{listed}");
+    assert_eq!(fields("nosuchqueue")[5..8], ["3", "2", "5/1s"], "{listed}");
+    // A queue the engine's types declare, or a task or a schedule names: no warning.
+    for args in [&["queue", "pause", "default"][..], &["queue", "pause", "emails"], &["queue", "limit", "reports", "1"]]
+    {
+        assert_eq!(run(args), "", "{args:?}");
+    }
+}
+
+#[test]
+fn engine_queue_remove_deletes_a_queues_settings_and_leaves_its_tasks_to_run_without_them() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    for args in [
+        &["queue", "pause", "emails"][..],
+        &["queue", "limit", "emails", "1"],
+        &["enqueue", "noop", "--queue", "emails", "--count", "2"],
+    ] {
+        let out = engine(&db, args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let out = engine(&db, &["queue", "remove", "emails"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "queue emails: settings removed; its tasks, if any, run as those of a queue without settings"
+    );
+    let rows: i64 =
+        diesel::sql_query("SELECT count(*) AS n FROM task_engine_queues").get_result::<N>(&mut conn).unwrap().n;
+    assert_eq!(rows, 0);
+    let listed = text(&engine(&db, &["queue", "list"]).stdout);
+    let line = listed.lines().find(|l| l.starts_with("emails ")).unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(line.split_whitespace().take(8).collect::<Vec<_>>(), ["emails", "2", "0", "0", "active", "-", "-", "-"]);
+    assert_eq!(count_in_status(&mut conn, "waiting"), 2, "its tasks were touched");
+
+    // Nothing to remove, or no name: exit 2.
+    for (args, says) in [
+        (&["queue", "remove", "emails"][..], "queue emails has no settings to remove"),
+        (&["queue", "remove", ""], "queue name"),
+    ] {
+        let out = engine(&db, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(says), "{args:?}: {}", text(&out.stderr));
+    }
+
+    // No longer paused: an instance of the queue runs its tasks.
+    let instance = task_engine::Runner::new(db.url(), task_engine::Registry::from_inventory().unwrap())
+        .queue("emails", 2)
+        .start()
+        .unwrap();
+    wait_until("the queue's tasks ran", || count_in_status(&mut conn, "stopped") == 2);
+    instance.shutdown();
+}
+
+#[test]
+fn a_bulk_retry_or_cancel_that_matches_nothing_warns_about_a_type_or_queue_nothing_has() {
+    let db = TestDatabase::new();
+    diesel::sql_query("INSERT INTO tasks (task_class, status) VALUES ('resize_image', 'failed')")
+        .execute(&mut db.connect())
+        .unwrap();
+    for (args, stdout, warning) in [
+        (
+            &["retry", "--status", "failed", "--type", "nosuchtype"][..],
+            "0 task(s) waiting again",
+            Some("type nosuchtype"),
+        ),
+        (
+            &["cancel", "--status", "waiting", "--type", "nosuchtype"],
+            "0 waiting task(s) cancelled",
+            Some("type nosuchtype"),
+        ),
+        (
+            &["retry", "--status", "failed", "--queue", "nosuchqueue"],
+            "0 task(s) waiting again",
+            Some("queue nosuchqueue"),
+        ),
+        // Known here, or had by a task: no warning.
+        (&["retry", "--status", "failed", "--type", "echo"], "0 task(s) waiting again", None),
+        (&["cancel", "--status", "waiting", "--type", "resize_image"], "0 waiting task(s) cancelled", None),
+        (&["retry", "--status", "cancelled", "--queue", "default"], "0 task(s) waiting again", None),
+    ] {
+        let out = engine(&db, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), stdout, "{args:?}");
+        let stderr = text(&out.stderr);
+        match warning {
+            Some(what) => assert!(stderr.contains("warning: ") && stderr.contains(what), "{args:?}: {stderr}"),
+            None => assert_eq!(stderr, "", "{args:?}"),
+        }
+    }
+}

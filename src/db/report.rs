@@ -329,3 +329,41 @@ pub fn queues(conn: &mut PgConnection) -> Result<Vec<QueueRow>, Error> {
     )
     .load(conn)?)
 }
+
+/// Whether a task (in any state) or a schedule names the queue. Looks through the
+/// indexes of waiting and running tasks first, then the schedules; only for a queue
+/// that none of them names does it read the whole table (each `EXISTS` is evaluated
+/// only if those before it found nothing).
+pub fn queue_in_use(conn: &mut PgConnection, queue: &str) -> Result<bool, Error> {
+    #[derive(QueryableByName)]
+    struct Used {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        used: bool,
+    }
+    let found: Used = diesel::sql_query(
+        "SELECT EXISTS (SELECT FROM tasks WHERE queue = $1 AND status = 'waiting')
+             OR EXISTS (SELECT FROM tasks WHERE queue = $1 AND status = 'running')
+             OR EXISTS (SELECT FROM task_engine_schedules WHERE queue = $1)
+             OR EXISTS (SELECT FROM tasks WHERE queue = $1) AS used",
+    )
+    .bind::<Text, _>(queue)
+    .get_result(conn)?;
+    Ok(found.used)
+}
+
+/// Whether a task (in any state) or a schedule is of the type. Reads the whole table
+/// when none is: meant for a type this program does not know, before it says so.
+pub fn task_type_in_use(conn: &mut PgConnection, task_class: &str) -> Result<bool, Error> {
+    #[derive(QueryableByName)]
+    struct Used {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        used: bool,
+    }
+    let found: Used = diesel::sql_query(
+        "SELECT EXISTS (SELECT FROM task_engine_schedules WHERE task_class = $1)
+             OR EXISTS (SELECT FROM tasks WHERE task_class = $1) AS used",
+    )
+    .bind::<Text, _>(task_class)
+    .get_result(conn)?;
+    Ok(found.used)
+}

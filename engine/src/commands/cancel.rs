@@ -22,6 +22,9 @@ pub fn run(args: Args, ctx: &Context) -> anyhow::Result<()> {
             let matching = filter.task_filter().expect("clap requires an id or --status");
             let n = task_engine::cancel_many(&mut conn, &matching, filter.batch)?;
             outln!("{n} waiting task(s) cancelled");
+            if n == 0 {
+                filter.warn_if_unknown(&mut conn, &ctx.registry)?;
+            }
             Ok(())
         }
         Args { id: Some(id), .. } => {
