@@ -980,3 +980,72 @@ fn a_bulk_retry_or_cancel_that_matches_nothing_warns_about_a_type_or_queue_nothi
         }
     }
 }
+
+#[test]
+fn queue_list_and_status_flag_a_queue_no_live_instance_runs_and_a_limit_of_0() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    for args in [
+        &["enqueue", "noop"][..],
+        &["enqueue", "noop", "--queue", "emails", "--count", "2"],
+        &["enqueue", "noop", "--queue", "held"],
+    ] {
+        assert!(engine(&db, args).status.success(), "{args:?}");
+    }
+    let out = engine(&db, &["queue", "limit", "held", "0"]);
+    assert!(text(&out.stdout).contains("held, none of its tasks starts"), "{}", text(&out.stdout));
+    // A live instance runs `default` and `held`; the one that ran `emails` is dead.
+    diesel::sql_query(
+        "INSERT INTO task_engine_instances (name, host, pid, lease, last_seen_at, queues) VALUES
+             ('live', 'h', 1, interval '30 seconds', now(), '{default,held}'),
+             ('gone', 'h', 2, interval '1 second', now() - interval '1 minute', '{emails}')",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    let note = "no live instance runs this queue";
+    let lines = |args: &[&str]| {
+        let shown = text(&engine(&db, args).stdout);
+        let line = |queue: &str| {
+            shown.lines().find(|l| l.starts_with(&format!("{queue} "))).unwrap_or_else(|| panic!("{shown}")).to_owned()
+        };
+        (line("default"), line("emails"), line("held"))
+    };
+    for args in [&["queue", "list"][..], &["status"]] {
+        let (default, emails, held) = lines(args);
+        assert!(!default.contains(note) && default.contains(" active "), "{args:?}: {default}");
+        assert!(emails.contains(note), "{args:?}: {emails}");
+        assert!(held.contains(" held (limit 0) ") && !held.contains(note), "{args:?}: {held}");
+    }
+    // An instance of a version that does not record its queues may run any: no flag.
+    diesel::sql_query(
+        "INSERT INTO task_engine_instances (name, host, pid, lease, last_seen_at) VALUES
+             ('older', 'h', 3, interval '30 seconds', now())",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    assert!(!lines(&["queue", "list"]).1.contains(note));
+    let status = text(&engine(&db, &["status"]).stdout);
+    let older = status.lines().find(|l| l.starts_with("older ")).unwrap_or_else(|| panic!("{status}"));
+    assert!(older.contains(" ? "), "{older}");
+}
+
+#[test]
+fn an_instance_records_the_queues_it_runs_in_its_row() {
+    let db = TestDatabase::new();
+    let instance = task_engine::Runner::new(db.url(), task_engine::Registry::from_inventory().unwrap())
+        .instance("recorder")
+        .queue("emails", 1)
+        .queue("reports", 2)
+        .start()
+        .unwrap();
+    #[derive(QueryableByName)]
+    struct Queues {
+        #[diesel(sql_type = diesel::sql_types::Array<diesel::sql_types::Text>)]
+        queues: Vec<String>,
+    }
+    let row: Queues = diesel::sql_query("SELECT queues FROM task_engine_instances WHERE name = 'recorder'")
+        .get_result(&mut db.connect())
+        .unwrap();
+    instance.shutdown();
+    assert_eq!(row.queues, ["emails", "reports"]);
+}

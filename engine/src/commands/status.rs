@@ -104,9 +104,12 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
             ("STARTED", Left),
             ("LAST SEEN", Left),
             ("RUNNING", Right),
+            ("QUEUES", Left),
             ("STATE", Left),
         ]);
         for i in instances {
+            // An older version's row does not say: it may run any queue.
+            let queues = i.queues.map_or_else(|| "?".to_owned(), |q| plain(&q.join(",")));
             table.row(vec![
                 plain(&i.name),
                 plain(&i.host),
@@ -114,6 +117,7 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
                 i.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                 format!("{:.1} s ago", i.silent_for),
                 i.running.to_string(),
+                queues,
                 if i.dead { "dead (silent past its lease; forgotten after ten)" } else { "live" }.to_owned(),
             ]);
         }
@@ -260,7 +264,9 @@ pub fn print_schedules(conn: &mut PgConnection) -> anyhow::Result<()> {
     table.print()
 }
 
-/// The queues: what waits and runs in each, paused or not, its limits.
+/// The queues: what waits and runs in each, whether it is paused or held (a limit of
+/// 0), its limits; and a note for a queue whose tasks wait where no live instance runs
+/// it.
 pub fn print_queues(conn: &mut PgConnection) -> anyhow::Result<()> {
     let mut table = Table::new(&[
         ("QUEUE", Left),
@@ -272,6 +278,7 @@ pub fn print_queues(conn: &mut PgConnection) -> anyhow::Result<()> {
         ("PER KEY", Right),
         ("RATE", Left),
         ("OLDEST DUE", Left),
+        ("NOTE", Left),
     ]);
     let or_dash = |n: Option<i32>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
     for q in report::queues(conn)? {
@@ -286,14 +293,25 @@ pub fn print_queues(conn: &mut PgConnection) -> anyhow::Result<()> {
             q.waiting.to_string(),
             q.later.to_string(),
             q.running.to_string(),
-            if q.paused { "paused" } else { "active" }.to_owned(),
+            queue_state(&q).to_owned(),
             or_dash(q.concurrency),
             or_dash(q.key_concurrency),
             rate,
             oldest,
+            if q.waiting > 0 && !q.served { "no live instance runs this queue" } else { "" }.to_owned(),
         ]);
     }
     table.print()
+}
+
+/// `paused`; `held (limit 0)` for a limit of 0, which holds the queue as a pause
+/// does; else `active`.
+fn queue_state(q: &report::QueueRow) -> &'static str {
+    match (q.paused, q.concurrency) {
+        (true, _) => "paused",
+        (false, Some(0)) => "held (limit 0)",
+        (false, _) => "active",
+    }
 }
 
 #[cfg(test)]
