@@ -1,5 +1,6 @@
 //! The `engine` command as a user runs it: the real binary, against a test database.
 
+use std::io::Read as _;
 use std::process::{Child, Command, Output, Stdio};
 
 use diesel::prelude::*;
@@ -625,25 +626,90 @@ fn a_graceful_stop_says_which_tasks_it_waits_for() {
     assert_eq!(count_in_status(&mut conn, "running"), 0, "{stderr}");
 }
 
+/// The demo's own database, beside `db` on its server: its URL; dropped when dropped.
+struct DemoDatabase<'a> {
+    main: &'a TestDatabase,
+    name: String,
+    url: String,
+}
+
+impl<'a> DemoDatabase<'a> {
+    fn of(main: &'a TestDatabase) -> Self {
+        let name = format!("{}_demo", main.name());
+        Self { main, url: test_db::with_database(main.url(), &name), name }
+    }
+
+    fn count(&self, query: &str) -> i64 {
+        diesel::sql_query(query).get_result::<N>(&mut PgConnection::establish(&self.url).unwrap()).unwrap().n
+    }
+}
+
+impl Drop for DemoDatabase<'_> {
+    fn drop(&mut self) {
+        let _ =
+            diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{}\"", self.name)).execute(&mut self.main.connect());
+    }
+}
+
 #[test]
-fn the_demo_stops_its_instance_on_sigint_and_leaves_no_row_behind() {
+fn the_demo_runs_in_a_database_of_its_own_and_leaves_the_main_one_untouched() {
+    let db = TestDatabase::new();
+    let demo = DemoDatabase::of(&db);
+    let out = engine(&db, &["demo"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.starts_with("enqueued 190 tasks"), "{stdout}");
+    assert!(stdout.contains(&format!("`engine --database-url {} status`", demo.url)), "{stdout}");
+    assert_eq!(task_count(&db), 0, "the demo's tasks went to the main database");
+    assert_eq!(demo.count("SELECT count(*) AS n FROM tasks"), 190);
+    assert_eq!(demo.count("SELECT count(*) AS n FROM tasks WHERE status IN ('waiting', 'running')"), 0);
+}
+
+#[test]
+fn the_demo_stops_its_instance_on_sigint_and_the_next_demo_starts_afresh() {
     use std::io::BufRead as _;
     let db = TestDatabase::new();
+    let demo = DemoDatabase::of(&db);
+    for _ in 0..2 {
+        let mut child = spawn_engine(&db, &["demo"]);
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        assert!(first.starts_with("enqueued 190 tasks"), "{first}");
+        let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let out = child.wait_with_output().unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("interrupted"), "{stderr}");
+        assert_eq!(
+            demo.count("SELECT count(*) AS n FROM task_engine_instances"),
+            0,
+            "the demo's instance left its row"
+        );
+    }
+    // The second demo dropped what the first left: one mix of tasks, not two.
+    assert_eq!(demo.count("SELECT count(*) AS n FROM tasks"), 190);
+    assert_eq!(task_count(&db), 0);
+}
+
+#[test]
+fn a_sigint_while_the_demo_starts_exits_1() {
+    use std::io::BufRead as _;
+    let db = TestDatabase::new();
+    let _demo = DemoDatabase::of(&db);
     let mut child = spawn_engine(&db, &["demo"]);
-    let mut first = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
-    assert!(first.starts_with("enqueued"), "{first}");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    // Its own database is made first, before it enqueues anything.
+    while !said.contains("the demo's own database") {
+        assert_ne!(stderr.read_line(&mut said).unwrap(), 0, "no word of its database: {said}");
+    }
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("interrupted"), "{stderr}");
-    let registered: i64 = diesel::sql_query("SELECT count(*) AS n FROM task_engine_instances")
-        .get_result::<N>(&mut db.connect())
-        .unwrap()
-        .n;
-    assert_eq!(registered, 0, "the demo's instance left its row");
+    stderr.read_to_string(&mut said).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}: {said}");
+    assert!(said.contains("error: interrupted"), "{said}");
 }
 
 #[test]
@@ -667,9 +733,14 @@ fn the_embedded_default_says_its_url_and_keeps_its_port_from_one_start_to_the_ne
     let (url, said) = db_url();
     assert!(url.starts_with("postgres://postgres@127.0.0.1:") && url.ends_with("/task_engine"), "{url}");
     assert!(said.contains(&format!("its URL: {url}")) && said.contains(&format!("psql {url}`")), "{said}");
+    // A new cluster is said, with where it is and how to stop it.
+    let pg = dir.join("pg");
+    assert!(said.contains(&format!("note: created a new embedded PostgreSQL cluster in {}", pg.display())), "{said}");
+    assert!(said.contains(&format!("pg_ctl -D {} stop`", pg.display())), "{said}");
     PgConnection::establish(&url).expect("the printed URL connects");
     stop();
-    let (again, _) = db_url();
+    let (again, said) = db_url();
+    assert!(!said.contains("created"), "{said}");
     stop();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(again, url, "the port changed from one start to the next");
