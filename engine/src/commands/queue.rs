@@ -19,8 +19,9 @@ pub struct Setting<T>(Option<T>);
 
 #[derive(Debug, Subcommand)]
 pub enum QueueCommand {
-    /// Each queue with tasks or settings: waiting, due later, running, paused, limits,
-    /// how long its oldest due task has waited.
+    /// Each queue with tasks or settings: waiting, due later, running, its state
+    /// (active, paused, held by a limit of 0), limits, how long its oldest due task has
+    /// waited, and a note when its tasks wait where no live instance runs it.
     List,
     /// No instance claims from the queue until it is resumed (running tasks finish).
     Pause { queue: String },
