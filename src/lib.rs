@@ -31,7 +31,9 @@ pub use db::migrate::{pending_migrations, run_migrations};
 pub use db::{models, report, schema};
 pub use enqueue::{enqueue, enqueue_many, NewTask, OnConflict, Upserted};
 pub use error::Error;
-pub use queue::{pause_queue, resume_queue, set_queue_concurrency, set_queue_key_limit, set_queue_rate_limit};
+pub use queue::{
+    pause_queue, remove_queue, resume_queue, set_queue_concurrency, set_queue_key_limit, set_queue_rate_limit,
+};
 pub use registry::{Registry, TaskEntry};
 pub use retry::default_retry_delay;
 pub use runner::{default_instance_name, EngineStats, Runner, RunningEngine, StopHandle};

@@ -56,6 +56,21 @@ pub fn set_queue_rate_limit(conn: &mut PgConnection, queue: &str, rate: Option<(
     changed_and_wake(conn, |conn| queues::set_limit(conn, queue, &Limit::Rate(rate)))
 }
 
+/// Removes a queue's settings (pause, limits): its tasks, waiting or running, are not
+/// touched, and run from every instance's next claim as those of any queue without
+/// settings (not paused, no limit). Wakes the idle instances. Returns false, changing
+/// nothing, when the queue has no settings.
+pub fn remove_queue(conn: &mut PgConnection, queue: &str) -> Result<bool, Error> {
+    check_name(queue)?;
+    conn.transaction(|conn| {
+        let removed = queues::delete(conn, queue)? > 0;
+        if removed {
+            channel::notify_ready(conn, 1)?;
+        }
+        Ok(removed)
+    })
+}
+
 /// A queue name: 1 to 200 bytes, no control character.
 fn check_name(queue: &str) -> Result<(), Error> {
     if queue.is_empty() || queue.len() > 200 || queue.chars().any(char::is_control) {

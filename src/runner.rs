@@ -241,8 +241,9 @@ impl Runner {
 
     /// Sets the lease: an instance silent for this long is taken for dead and its
     /// running tasks are put back to waiting by another (heartbeats go six times per
-    /// lease). Every instance sharing a database should use the same lease. Within
-    /// [`Runner::LEASES`], 1 s to a day.
+    /// lease). Each instance records its lease in its row and is judged by it, not by
+    /// the judge's, so instances sharing a database may use different leases (a rolling
+    /// change of it robs no one). Within [`Runner::LEASES`], 1 s to a day.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self

@@ -48,7 +48,7 @@ pub enum Command {
     /// inserted and their ids' range (every id with `--ids`).
     Enqueue(enqueue::Args),
     /// Lists queues, pauses and resumes one, sets its limits (taking effect at every
-    /// instance's next claim).
+    /// instance's next claim), removes its settings. Warns about a queue nothing names.
     #[command(subcommand)]
     Queue(queue::QueueCommand),
     /// Recurring tasks: adds, lists and removes schedules.

@@ -1,5 +1,6 @@
 //! The `engine` command as a user runs it: the real binary, against a test database.
 
+use std::io::Read as _;
 use std::process::{Child, Command, Output, Stdio};
 
 use diesel::prelude::*;
@@ -79,6 +80,12 @@ fn engine_tasks_lists_every_type_of_the_linked_tasks_crate() {
     let ours: Vec<&String> = listed.iter().filter(|t| TASKS_CRATE_TYPES.contains(&t.as_str())).collect();
     assert_eq!(ours, TASKS_CRATE_TYPES, "listed: {listed:?}");
     assert!(listed.windows(2).all(|w| w[0] < w[1]), "not sorted: {listed:?}");
+    // Each line says the type's queue and time limit too.
+    let noop = text(&out.stdout).lines().find(|l| l.starts_with("noop\t")).map(str::to_owned).unwrap();
+    assert_eq!(
+        noop.split('\t').collect::<Vec<_>>(),
+        ["noop", "tasks::Noop", "queue default", "max attempts 25", "no timeout"]
+    );
 }
 
 /// The task types of the workspace's `tasks` crate.
@@ -122,10 +129,14 @@ fn engine_enqueue_with_a_unique_key_prints_the_holders_id_and_replaces_its_param
     assert!(said.contains(&format!("task {first} holds the unique key: kept")), "{said}");
     let (replaced, said) = enqueue(r#"{"v": 3}"#, &["--on-conflict", "replace-params"]);
     assert_eq!(replaced, first);
-    assert!(said.contains("parameters replaced"), "{said}");
+    assert!(said.contains("its parameters and priority replaced, its due time kept"), "{said}");
     let params: serde_json::Value =
         tasks::table.find(first).select(tasks::task_parameters).first(&mut db.connect()).unwrap();
     assert_eq!(params, serde_json::json!({"v": 3}));
+    // A replace says that the due time (`--in 1h` from now) changed too.
+    let (replaced, said) = enqueue(r#"{"v": 3}"#, &["--on-conflict", "replace"]);
+    assert_eq!(replaced, first);
+    assert!(said.contains("its parameters, priority and due time replaced"), "{said}");
     assert_eq!(task_count(&db), 1);
     let shown = text(&engine(&db, &["status", "--task", &first.to_string()]).stdout);
     assert!(shown.contains("unique key   nightly (held while waiting)"), "{shown}");
@@ -178,6 +189,27 @@ fn a_connection_failure_exits_1_without_printing_the_password() {
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(all.contains("could not connect"), "{all}");
     assert!(!all.contains("s3cr3t-pw"), "the password was printed: {all}");
+}
+
+#[test]
+fn a_malformed_database_url_is_named_with_its_password_hidden() {
+    for (url, code, shown) in [
+        // Neither form libpq reads: bad input.
+        ("postgres//app:s3cr3t-pw@127.0.0.1:1/app", 2, "postgres//app:***@127.0.0.1:1/app"),
+        ("notaurl", 2, ": notaurl"),
+        // A URL libpq refuses: a failure to connect, its message without the password.
+        ("postgres://app:s3cr3t-pw@127.0.0.1:port/app", 1, "postgres://app:***@127.0.0.1:port/app"),
+        ("host=127.0.0.1 password=s3cr3t-pw port=abc", 1, "host=127.0.0.1 password=*** port=abc"),
+        // libpq quotes the part it could not read: here, the password.
+        ("postgres://app:s3cr3t-pw%ZZ@127.0.0.1:1/app", 1, "invalid percent-encoded token: \"***\""),
+    ] {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_engine")).args(["status"]).env("DATABASE_URL", url).output().unwrap();
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(code), "{url}: {all}");
+        assert!(text(&out.stderr).contains(shown), "{url}: stderr lacks `{shown}`: {all}");
+        assert!(!all.contains("s3cr3t-pw"), "the password was printed: {all}");
+    }
 }
 
 #[test]
@@ -594,25 +626,90 @@ fn a_graceful_stop_says_which_tasks_it_waits_for() {
     assert_eq!(count_in_status(&mut conn, "running"), 0, "{stderr}");
 }
 
+/// The demo's own database, beside `db` on its server: its URL; dropped when dropped.
+struct DemoDatabase<'a> {
+    main: &'a TestDatabase,
+    name: String,
+    url: String,
+}
+
+impl<'a> DemoDatabase<'a> {
+    fn of(main: &'a TestDatabase) -> Self {
+        let name = format!("{}_demo", main.name());
+        Self { main, url: test_db::with_database(main.url(), &name), name }
+    }
+
+    fn count(&self, query: &str) -> i64 {
+        diesel::sql_query(query).get_result::<N>(&mut PgConnection::establish(&self.url).unwrap()).unwrap().n
+    }
+}
+
+impl Drop for DemoDatabase<'_> {
+    fn drop(&mut self) {
+        let _ =
+            diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{}\"", self.name)).execute(&mut self.main.connect());
+    }
+}
+
 #[test]
-fn the_demo_stops_its_instance_on_sigint_and_leaves_no_row_behind() {
+fn the_demo_runs_in_a_database_of_its_own_and_leaves_the_main_one_untouched() {
+    let db = TestDatabase::new();
+    let demo = DemoDatabase::of(&db);
+    let out = engine(&db, &["demo"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.starts_with("enqueued 190 tasks"), "{stdout}");
+    assert!(stdout.contains(&format!("`engine --database-url {} status`", demo.url)), "{stdout}");
+    assert_eq!(task_count(&db), 0, "the demo's tasks went to the main database");
+    assert_eq!(demo.count("SELECT count(*) AS n FROM tasks"), 190);
+    assert_eq!(demo.count("SELECT count(*) AS n FROM tasks WHERE status IN ('waiting', 'running')"), 0);
+}
+
+#[test]
+fn the_demo_stops_its_instance_on_sigint_and_the_next_demo_starts_afresh() {
     use std::io::BufRead as _;
     let db = TestDatabase::new();
+    let demo = DemoDatabase::of(&db);
+    for _ in 0..2 {
+        let mut child = spawn_engine(&db, &["demo"]);
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        assert!(first.starts_with("enqueued 190 tasks"), "{first}");
+        let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let out = child.wait_with_output().unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("interrupted"), "{stderr}");
+        assert_eq!(
+            demo.count("SELECT count(*) AS n FROM task_engine_instances"),
+            0,
+            "the demo's instance left its row"
+        );
+    }
+    // The second demo dropped what the first left: one mix of tasks, not two.
+    assert_eq!(demo.count("SELECT count(*) AS n FROM tasks"), 190);
+    assert_eq!(task_count(&db), 0);
+}
+
+#[test]
+fn a_sigint_while_the_demo_starts_exits_1() {
+    use std::io::BufRead as _;
+    let db = TestDatabase::new();
+    let _demo = DemoDatabase::of(&db);
     let mut child = spawn_engine(&db, &["demo"]);
-    let mut first = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
-    assert!(first.starts_with("enqueued"), "{first}");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    // Its own database is made first, before it enqueues anything.
+    while !said.contains("the demo's own database") {
+        assert_ne!(stderr.read_line(&mut said).unwrap(), 0, "no word of its database: {said}");
+    }
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("interrupted"), "{stderr}");
-    let registered: i64 = diesel::sql_query("SELECT count(*) AS n FROM task_engine_instances")
-        .get_result::<N>(&mut db.connect())
-        .unwrap()
-        .n;
-    assert_eq!(registered, 0, "the demo's instance left its row");
+    stderr.read_to_string(&mut said).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}: {said}");
+    assert!(said.contains("error: interrupted"), "{said}");
 }
 
 #[test]
@@ -636,9 +733,14 @@ fn the_embedded_default_says_its_url_and_keeps_its_port_from_one_start_to_the_ne
     let (url, said) = db_url();
     assert!(url.starts_with("postgres://postgres@127.0.0.1:") && url.ends_with("/task_engine"), "{url}");
     assert!(said.contains(&format!("its URL: {url}")) && said.contains(&format!("psql {url}`")), "{said}");
+    // A new cluster is said, with where it is and how to stop it.
+    let pg = dir.join("pg");
+    assert!(said.contains(&format!("note: created a new embedded PostgreSQL cluster in {}", pg.display())), "{said}");
+    assert!(said.contains(&format!("pg_ctl -D {} stop`", pg.display())), "{said}");
     PgConnection::establish(&url).expect("the printed URL connects");
     stop();
-    let (again, _) = db_url();
+    let (again, said) = db_url();
+    assert!(!said.contains("created"), "{said}");
     stop();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(again, url, "the port changed from one start to the next");
@@ -796,6 +898,227 @@ fn engine_cron_adds_lists_and_removes_schedules_and_refuses_bad_ones_with_exit_c
     let out = engine(&db, &["cron", "remove", "nightly"]);
     assert_eq!(text(&out.stdout).trim(), "schedule nightly removed");
     assert!(!text(&engine(&db, &["cron", "list"]).stdout).contains("nightly"));
+}
+
+#[test]
+fn engine_status_keeps_its_columns_aligned_past_long_names_and_shows_a_lost_attempts_worker_as_a_dash() {
+    let db = TestDatabase::new();
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut db.connect(),
+        "INSERT INTO tasks (id, task_class, status, attempts) VALUES
+             (1, 'a_task_type_with_a_rather_long_name', 'failed', 1),
+             (2, 'echo', 'stopped', 1);
+         INSERT INTO task_executions (task_id, attempt, started_at, stopped_at, error, instance, worker) VALUES
+             (1, 1, now(), now(), 'lost: its instance stopped sending heartbeats',
+              'an-instance-with-a-long-host-name-12345', -1),
+             (2, 1, now(), now(), NULL, 'short', 3)",
+    )
+    .unwrap();
+    let out = engine(&db, &["status"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    // The counts: every line ends where the header's last column does.
+    let counts: Vec<&str> = shown.lines().take_while(|l| !l.is_empty()).collect();
+    assert!(counts.len() == 4 && counts.iter().all(|l| l.len() == counts[0].len()), "{shown}");
+    // The executions: each outcome starts under its header.
+    let header = shown.lines().find(|l| l.trim_start().starts_with("EXEC")).unwrap_or_else(|| panic!("{shown}"));
+    let at = header.find("OUTCOME").unwrap();
+    let lost = shown.lines().find(|l| l.contains("an-instance-with-a-long")).unwrap_or_else(|| panic!("{shown}"));
+    let ok = shown.lines().find(|l| l.contains("short/3")).unwrap_or_else(|| panic!("{shown}"));
+    assert!(lost[at..].starts_with("error: lost") && ok[at..].starts_with("ok"), "{shown}");
+    // Which worker ran a lost attempt died with its instance: shown as `-`, not -1.
+    assert!(lost.contains("an-instance-with-a-long-host-name-12345/- "), "{lost}");
+}
+
+#[test]
+fn a_queue_setting_for_a_queue_nothing_names_is_stored_with_a_warning_and_exit_0() {
+    let db = TestDatabase::new();
+    let run = |args: &[&str]| {
+        let out = engine(&db, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out.stderr));
+        text(&out.stderr)
+    };
+    run(&["enqueue", "noop", "--queue", "emails"]);
+    run(&["cron", "add", "nightly", "0 2 * * *", "noop", "--queue", "reports"]);
+    for (args, queue) in [
+        (&["queue", "pause", "invocies"][..], "invocies"),
+        (&["queue", "resume", "nosuch"], "nosuch"),
+        (&["queue", "limit", "nosuchqueue", "3"], "nosuchqueue"),
+        (&["queue", "key-limit", "nosuchqueue", "2"], "nosuchqueue"),
+        (&["queue", "rate", "nosuchqueue", "5/1s"], "nosuchqueue"),
+    ] {
+        let said = run(args);
+        assert!(
+            said.contains(&format!("warning: queue {queue}: no task type this engine knows declares it"))
+                && said.contains(&format!("`engine queue remove {queue}` removes it")),
+            "{args:?}: {said}"
+        );
+    }
+    // Stored all the same: a queue may be set up before its first task.
+    let listed = text(&engine(&db, &["queue", "list"]).stdout);
+    let fields = |queue: &str| -> Vec<String> {
+        let line = listed.lines().find(|l| l.starts_with(&format!("{queue} "))).unwrap_or_else(|| panic!("{listed}"));
+        line.split_whitespace().map(str::to_owned).collect()
+    };
+    assert_eq!(fields("invocies")[4], "paused", "{listed}");
+    assert_eq!(fields("nosuchqueue")[5..8], ["3", "2", "5/1s"], "{listed}");
+    // A queue the engine's types declare, or a task or a schedule names: no warning.
+    for args in [&["queue", "pause", "default"][..], &["queue", "pause", "emails"], &["queue", "limit", "reports", "1"]]
+    {
+        assert_eq!(run(args), "", "{args:?}");
+    }
+}
+
+#[test]
+fn engine_queue_remove_deletes_a_queues_settings_and_leaves_its_tasks_to_run_without_them() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    for args in [
+        &["queue", "pause", "emails"][..],
+        &["queue", "limit", "emails", "1"],
+        &["enqueue", "noop", "--queue", "emails", "--count", "2"],
+    ] {
+        let out = engine(&db, args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let out = engine(&db, &["queue", "remove", "emails"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "queue emails: settings removed; its tasks, if any, run as those of a queue without settings"
+    );
+    let rows: i64 =
+        diesel::sql_query("SELECT count(*) AS n FROM task_engine_queues").get_result::<N>(&mut conn).unwrap().n;
+    assert_eq!(rows, 0);
+    let listed = text(&engine(&db, &["queue", "list"]).stdout);
+    let line = listed.lines().find(|l| l.starts_with("emails ")).unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(line.split_whitespace().take(8).collect::<Vec<_>>(), ["emails", "2", "0", "0", "active", "-", "-", "-"]);
+    assert_eq!(count_in_status(&mut conn, "waiting"), 2, "its tasks were touched");
+
+    // Nothing to remove, or no name: exit 2.
+    for (args, says) in [
+        (&["queue", "remove", "emails"][..], "queue emails has no settings to remove"),
+        (&["queue", "remove", ""], "queue name"),
+    ] {
+        let out = engine(&db, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(says), "{args:?}: {}", text(&out.stderr));
+    }
+
+    // No longer paused: an instance of the queue runs its tasks.
+    let instance = task_engine::Runner::new(db.url(), task_engine::Registry::from_inventory().unwrap())
+        .queue("emails", 2)
+        .start()
+        .unwrap();
+    wait_until("the queue's tasks ran", || count_in_status(&mut conn, "stopped") == 2);
+    instance.shutdown();
+}
+
+#[test]
+fn a_bulk_retry_or_cancel_that_matches_nothing_warns_about_a_type_or_queue_nothing_has() {
+    let db = TestDatabase::new();
+    diesel::sql_query("INSERT INTO tasks (task_class, status) VALUES ('resize_image', 'failed')")
+        .execute(&mut db.connect())
+        .unwrap();
+    for (args, stdout, warning) in [
+        (
+            &["retry", "--status", "failed", "--type", "nosuchtype"][..],
+            "0 task(s) waiting again",
+            Some("type nosuchtype"),
+        ),
+        (
+            &["cancel", "--status", "waiting", "--type", "nosuchtype"],
+            "0 waiting task(s) cancelled",
+            Some("type nosuchtype"),
+        ),
+        (
+            &["retry", "--status", "failed", "--queue", "nosuchqueue"],
+            "0 task(s) waiting again",
+            Some("queue nosuchqueue"),
+        ),
+        // Known here, or had by a task: no warning.
+        (&["retry", "--status", "failed", "--type", "echo"], "0 task(s) waiting again", None),
+        (&["cancel", "--status", "waiting", "--type", "resize_image"], "0 waiting task(s) cancelled", None),
+        (&["retry", "--status", "cancelled", "--queue", "default"], "0 task(s) waiting again", None),
+    ] {
+        let out = engine(&db, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), stdout, "{args:?}");
+        let stderr = text(&out.stderr);
+        match warning {
+            Some(what) => assert!(stderr.contains("warning: ") && stderr.contains(what), "{args:?}: {stderr}"),
+            None => assert_eq!(stderr, "", "{args:?}"),
+        }
+    }
+}
+
+#[test]
+fn queue_list_and_status_flag_a_queue_no_live_instance_runs_and_a_limit_of_0() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    for args in [
+        &["enqueue", "noop"][..],
+        &["enqueue", "noop", "--queue", "emails", "--count", "2"],
+        &["enqueue", "noop", "--queue", "held"],
+    ] {
+        assert!(engine(&db, args).status.success(), "{args:?}");
+    }
+    let out = engine(&db, &["queue", "limit", "held", "0"]);
+    assert!(text(&out.stdout).contains("held, none of its tasks starts"), "{}", text(&out.stdout));
+    // A live instance runs `default` and `held`; the one that ran `emails` is dead.
+    diesel::sql_query(
+        "INSERT INTO task_engine_instances (name, host, pid, lease, last_seen_at, queues) VALUES
+             ('live', 'h', 1, interval '30 seconds', now(), '{default,held}'),
+             ('gone', 'h', 2, interval '1 second', now() - interval '1 minute', '{emails}')",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    let note = "no live instance runs this queue";
+    let lines = |args: &[&str]| {
+        let shown = text(&engine(&db, args).stdout);
+        let line = |queue: &str| {
+            shown.lines().find(|l| l.starts_with(&format!("{queue} "))).unwrap_or_else(|| panic!("{shown}")).to_owned()
+        };
+        (line("default"), line("emails"), line("held"))
+    };
+    for args in [&["queue", "list"][..], &["status"]] {
+        let (default, emails, held) = lines(args);
+        assert!(!default.contains(note) && default.contains(" active "), "{args:?}: {default}");
+        assert!(emails.contains(note), "{args:?}: {emails}");
+        assert!(held.contains(" held (limit 0) ") && !held.contains(note), "{args:?}: {held}");
+    }
+    // An instance of a version that does not record its queues may run any: no flag.
+    diesel::sql_query(
+        "INSERT INTO task_engine_instances (name, host, pid, lease, last_seen_at) VALUES
+             ('older', 'h', 3, interval '30 seconds', now())",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    assert!(!lines(&["queue", "list"]).1.contains(note));
+    let status = text(&engine(&db, &["status"]).stdout);
+    let older = status.lines().find(|l| l.starts_with("older ")).unwrap_or_else(|| panic!("{status}"));
+    assert!(older.contains(" ? "), "{older}");
+}
+
+#[test]
+fn an_instance_records_the_queues_it_runs_in_its_row() {
+    let db = TestDatabase::new();
+    let instance = task_engine::Runner::new(db.url(), task_engine::Registry::from_inventory().unwrap())
+        .instance("recorder")
+        .queue("emails", 1)
+        .queue("reports", 2)
+        .start()
+        .unwrap();
+    #[derive(QueryableByName)]
+    struct Queues {
+        #[diesel(sql_type = diesel::sql_types::Array<diesel::sql_types::Text>)]
+        queues: Vec<String>,
+    }
+    let row: Queues = diesel::sql_query("SELECT queues FROM task_engine_instances WHERE name = 'recorder'")
+        .get_result(&mut db.connect())
+        .unwrap();
+    instance.shutdown();
+    assert_eq!(row.queues, ["emails", "reports"]);
 }
 
 #[test]

@@ -383,6 +383,11 @@ impl Cluster {
         &self.data_dir
     }
 
+    /// The directory of the server binaries it uses (`pg_ctl`, `postgres`).
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
     /// A connection URL for `database` on this cluster.
     pub fn url(&self, database: &str) -> String {
         format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port)

@@ -2,6 +2,7 @@
 //! keeps for itself (outside the pool, where session state and locks stay theirs),
 //! and connection strings as they may be printed.
 
+use std::ops::Range;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
@@ -33,8 +34,19 @@ pub fn connection_pool(database_url: &str, max_size: u32) -> Result<PgPool, Erro
 /// Opens a connection to `database_url`; the error names the server without its
 /// password.
 pub fn connect(database_url: &str) -> Result<PgConnection, Error> {
-    PgConnection::establish(database_url)
-        .map_err(|source| Error::Connection { server: redact_url(database_url), source })
+    PgConnection::establish(database_url).map_err(|source| {
+        // libpq quotes the part of a connection string it could not read.
+        let source = match source {
+            diesel::ConnectionError::BadConnection(message) => {
+                diesel::ConnectionError::BadConnection(redact_message(message.trim_end(), database_url))
+            }
+            diesel::ConnectionError::InvalidConnectionUrl(message) => {
+                diesel::ConnectionError::InvalidConnectionUrl(redact_message(message.trim_end(), database_url))
+            }
+            other => other,
+        };
+        Error::Connection { server: redact_url(database_url), source }
+    })
 }
 
 /// `database_url` asking for TCP keepalives (a peer that vanished without closing the
@@ -60,76 +72,123 @@ pub(crate) fn ping(conn: &mut PgConnection) -> diesel::QueryResult<()> {
     diesel::sql_query("SELECT 1").execute(conn).map(drop)
 }
 
-/// A connection string fit to print: the password, if any, replaced by `***`.
-/// Handles URLs (`postgres://user:secret@host/db?password=secret`) and key=value
-/// strings (`host=h password=secret`).
+/// A connection string fit to print: each password in it replaced by `***`.
+/// Handles URLs (`postgres://user:secret@host/db?password=secret`), key=value strings
+/// (`host=h password=secret`), and strings that are neither, such as a mistyped URL
+/// (`postgres//user:secret@host/db`: its `user:secret@` is hidden the same way).
 pub fn redact_url(url: &str) -> String {
     let url = url.trim();
-    if let Some(scheme_end) = url.find("://") {
-        let (scheme, rest) = url.split_at(scheme_end + 3);
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(authority_end);
-        let authority = match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                match userinfo.find(':') {
-                    Some(colon) => format!("{}:***{}", &userinfo[..colon], &authority[at..]),
-                    None => authority.to_owned(),
-                }
-            }
-            None => authority.to_owned(),
-        };
-        let tail = match tail.find('?') {
-            Some(q) => {
-                let (path, query) = tail.split_at(q + 1);
-                let query: Vec<String> = query
-                    .split('&')
-                    .map(|pair| match pair.split_once('=') {
-                        Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                        _ => pair.to_owned(),
-                    })
-                    .collect();
-                format!("{path}{}", query.join("&"))
-            }
-            None => tail.to_owned(),
-        };
-        return format!("{scheme}{authority}{tail}");
+    let mut out = String::with_capacity(url.len());
+    let mut at = 0;
+    for span in secrets(url) {
+        out.push_str(&url[at..span.start]);
+        out.push_str("***");
+        at = span.end;
     }
-    // key=value form; values may be quoted with single quotes.
-    let mut out = String::new();
-    let mut rest = url;
-    while let Some(eq) = rest.find('=') {
-        let key = rest[..eq].trim();
-        let after = rest[eq + 1..].trim_start();
-        let (value, remaining) = if let Some(quoted) = after.strip_prefix('\'') {
-            let mut end = quoted.len();
-            let mut escaped = false;
-            for (i, c) in quoted.char_indices() {
-                if escaped {
-                    escaped = false;
-                } else if c == '\\' {
-                    escaped = true;
-                } else if c == '\'' {
-                    end = i;
-                    break;
-                }
-            }
-            (&after[..(end + 2).min(after.len())], &quoted[(end + 1).min(quoted.len())..])
-        } else {
-            let end = after.find(char::is_whitespace).unwrap_or(after.len());
-            (&after[..end], &after[end..])
-        };
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        if key.eq_ignore_ascii_case("password") {
-            out.push_str(&format!("{key}=***"));
-        } else {
-            out.push_str(&format!("{key}={value}"));
-        }
-        rest = remaining.trim_start();
-    }
+    out.push_str(&url[at..]);
     out
+}
+
+/// `message` (the driver's, which may quote the connection string it could not
+/// read) with every password of `url` in it replaced by `***`.
+fn redact_message(message: &str, url: &str) -> String {
+    let url = url.trim();
+    secrets(url)
+        .into_iter()
+        .map(|span| &url[span])
+        .filter(|secret| !secret.is_empty())
+        .fold(message.to_owned(), |message, secret| message.replace(secret, "***"))
+}
+
+/// Where the passwords are in a trimmed connection string: sorted, not overlapping.
+fn secrets(url: &str) -> Vec<Range<usize>> {
+    if let Some(scheme_end) = url.find("://") {
+        return url_secrets(url, scheme_end + 3);
+    }
+    // Neither form for sure: a key=value string, or a URL mistyped. Both readings are
+    // hidden; at worst a little more than the password is.
+    let mut spans = key_value_secrets(url);
+    spans.extend(mistyped_url_secret(url));
+    spans.sort_by_key(|span| span.start);
+    let mut merged: Vec<Range<usize>> = Vec::new();
+    for span in spans {
+        match merged.last_mut() {
+            Some(last) if span.start <= last.end => last.end = last.end.max(span.end),
+            _ => merged.push(span),
+        }
+    }
+    merged
+}
+
+/// The password of a URL's user (`user:secret@`), and the values of its `password`
+/// query parameters; `start` is where the authority starts.
+fn url_secrets(url: &str, start: usize) -> Vec<Range<usize>> {
+    let mut spans = Vec::new();
+    let authority_end = start + url[start..].find(['/', '?']).unwrap_or(url.len() - start);
+    if let Some(at) = url[start..authority_end].rfind('@') {
+        if let Some(colon) = url[start..start + at].find(':') {
+            spans.push(start + colon + 1..start + at);
+        }
+    }
+    if let Some(q) = url[authority_end..].find('?') {
+        let mut pos = authority_end + q + 1;
+        for pair in url[pos..].split('&') {
+            if let Some((key, _)) = pair.split_once('=') {
+                if key.eq_ignore_ascii_case("password") {
+                    spans.push(pos + key.len() + 1..pos + pair.len());
+                }
+            }
+            pos += pair.len() + 1;
+        }
+    }
+    spans
+}
+
+/// The values of the `password` keys of a key=value string; values may be quoted with
+/// single quotes (a backslash escapes a quote), and spaces may surround `=`.
+fn key_value_secrets(text: &str) -> Vec<Range<usize>> {
+    let mut spans = Vec::new();
+    let mut pos = 0;
+    while let Some(eq) = text[pos..].find('=') {
+        // The key is the last word before `=` (`?` and `&` count as spaces, for a URL
+        // mistyped into this reading).
+        let key = text[pos..pos + eq].trim_end().rsplit([' ', '\t', '\n', '?', '&']).next().unwrap_or("");
+        let after_eq = &text[pos + eq + 1..];
+        let value_start = pos + eq + 1 + (after_eq.len() - after_eq.trim_start().len());
+        let value = &text[value_start..];
+        let value_len = match value.strip_prefix('\'') {
+            Some(quoted) => {
+                let mut escaped = false;
+                let mut len = value.len();
+                for (i, c) in quoted.char_indices() {
+                    if escaped {
+                        escaped = false;
+                    } else if c == '\\' {
+                        escaped = true;
+                    } else if c == '\'' {
+                        len = i + 2;
+                        break;
+                    }
+                }
+                len
+            }
+            None => value.find(char::is_whitespace).unwrap_or(value.len()),
+        };
+        if key.eq_ignore_ascii_case("password") {
+            spans.push(value_start..value_start + value_len);
+        }
+        pos = value_start + value_len;
+    }
+    spans
+}
+
+/// The password of a URL mistyped (`postgres//user:secret@host`, `postgres:/...`): what
+/// follows the first `:` of the word before the last `@`.
+fn mistyped_url_secret(text: &str) -> Option<Range<usize>> {
+    let at = text.rfind('@')?;
+    let word = text[..at].rfind(['/', ' ']).map_or(0, |i| i + 1);
+    let colon = text[word..at].find(':')?;
+    Some(word + colon + 1..at)
 }
 
 /// How long the producer's and the completer's statements may wait for a row another
@@ -192,5 +251,25 @@ mod tests {
         ] {
             assert!(!redact_url(url).contains("topsecret"), "{url} -> {}", redact_url(url));
         }
+    }
+
+    #[test]
+    fn a_string_that_is_neither_a_url_nor_key_value_pairs_is_shown_with_its_password_hidden() {
+        assert_eq!(redact_url("postgres//bob:s3cret@db/app"), "postgres//bob:***@db/app");
+        assert_eq!(redact_url("postgres:/bob:s3cret@db/app"), "postgres:/bob:***@db/app");
+        assert_eq!(redact_url("notaurl"), "notaurl");
+        assert_eq!(redact_url("junk password=s3cret host=db"), "junk password=*** host=db");
+        assert_eq!(redact_url("postgres:/bob@db/app?password=s3cret"), "postgres:/bob@db/app?password=***");
+        assert_eq!(redact_url("user=bob@corp host=db"), "user=bob@corp host=db");
+    }
+
+    #[test]
+    fn the_drivers_message_is_shown_without_the_password() {
+        let url = "postgres//bob:s3cret@db/app";
+        let said = r#"missing "=" after "postgres//bob:s3cret@db/app" in connection info string"#;
+        assert_eq!(
+            redact_message(said, url),
+            r#"missing "=" after "postgres//bob:***@db/app" in connection info string"#
+        );
     }
 }

@@ -37,6 +37,8 @@ pub(crate) struct Registration<'a> {
     pub host: &'a str,
     pub pid: u32,
     pub task_types: &'a [&'a str],
+    /// The queues it runs.
+    pub queues: &'a [String],
     /// How long it may stay silent before others take it for dead.
     pub lease: Duration,
 }
@@ -45,17 +47,18 @@ pub(crate) struct Registration<'a> {
 /// the previous row). Locks that row.
 pub(crate) fn register(conn: &mut PgConnection, registration: &Registration<'_>) -> QueryResult<()> {
     diesel::sql_query(
-        "INSERT INTO task_engine_instances (name, host, pid, task_types, lease)
-         VALUES ($1, $2, $3, $4, $5 * interval '1 microsecond')
+        "INSERT INTO task_engine_instances (name, host, pid, task_types, lease, queues)
+         VALUES ($1, $2, $3, $4, $5 * interval '1 microsecond', $6)
          ON CONFLICT (name) DO UPDATE
          SET host = EXCLUDED.host, pid = EXCLUDED.pid, task_types = EXCLUDED.task_types, lease = EXCLUDED.lease,
-             started_at = now(), last_seen_at = now()",
+             queues = EXCLUDED.queues, started_at = now(), last_seen_at = now()",
     )
     .bind::<Text, _>(registration.instance)
     .bind::<Text, _>(registration.host)
     .bind::<Integer, _>(i32::try_from(registration.pid).unwrap_or(i32::MAX))
     .bind::<Array<Text>, _>(registration.task_types)
     .bind::<BigInt, _>(micros(registration.lease))
+    .bind::<Array<Text>, _>(registration.queues)
     .execute(conn)
     .map(drop)
 }

@@ -1,7 +1,7 @@
 //! A queue's settings in `task_engine_queues`: pause, limits. Each statement writes the
-//! queue's row (creating it if need be), which every claim of the queue reads; a claim
-//! of a queue with limits holds that row's lock while it runs, so a change waits for
-//! the claim in progress and applies from the next one.
+//! queue's row (creating it if need be, or deleting it), which every claim of the queue
+//! reads; a claim of a queue with limits holds that row's lock while it runs, so a
+//! change waits for the claim in progress and applies from the next one.
 
 use std::time::Duration;
 
@@ -64,4 +64,11 @@ pub(crate) fn set_limit(conn: &mut PgConnection, queue: &str, limit: &Limit) -> 
         .execute(conn),
     }
     .map(drop)
+}
+
+/// Deletes the queue's row, and with it every setting (pause, limits, the rate
+/// window); its tasks are not touched. Locks the row (waiting for a claim in progress).
+/// Returns how many rows it deleted: 0 or 1.
+pub(crate) fn delete(conn: &mut PgConnection, queue: &str) -> QueryResult<usize> {
+    diesel::sql_query("DELETE FROM task_engine_queues WHERE name = $1").bind::<Text, _>(queue).execute(conn)
 }

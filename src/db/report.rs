@@ -238,6 +238,15 @@ pub fn database_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, Error> {
     Ok(diesel::select(diesel::dsl::now.into_sql::<diesel::sql_types::Timestamptz>()).get_result(conn)?)
 }
 
+/// Whether the instance row `i` is taken for dead: silent past the lease it recorded
+/// (a row that records none, an older engine's, is never called dead here: its lease
+/// is not known). Written once for the queries that judge it.
+macro_rules! instance_is_dead {
+    () => {
+        "(i.lease IS NOT NULL AND i.last_seen_at < now() - i.lease)"
+    };
+}
+
 /// An instance as `task_engine_instances` shows it, with its running tasks.
 #[derive(Debug, Clone, PartialEq, QueryableByName)]
 pub struct InstanceRow {
@@ -260,17 +269,23 @@ pub struct InstanceRow {
     pub dead: bool,
     #[diesel(sql_type = BigInt)]
     pub running: i64,
+    /// The queues it runs; `None` for an instance of a version that does not record
+    /// them (before migration 21).
+    #[diesel(sql_type = Nullable<diesel::sql_types::Array<Text>>)]
+    pub queues: Option<Vec<String>>,
 }
 
 /// The instances that have registered and not yet been forgotten, by name.
 pub fn instances(conn: &mut PgConnection) -> Result<Vec<InstanceRow>, Error> {
-    Ok(diesel::sql_query(
+    Ok(diesel::sql_query(concat!(
         "SELECT i.name, i.host, i.pid, i.started_at, i.last_seen_at,
-                extract(epoch FROM now() - i.last_seen_at)::float8 AS silent_for,
-                i.lease IS NOT NULL AND i.last_seen_at < now() - i.lease AS dead,
-                (SELECT count(*) FROM tasks t WHERE t.status = 'running' AND t.instance = i.name) AS running
-         FROM task_engine_instances i ORDER BY i.name",
-    )
+                extract(epoch FROM now() - i.last_seen_at)::float8 AS silent_for, ",
+        instance_is_dead!(),
+        " AS dead,
+                (SELECT count(*) FROM tasks t WHERE t.status = 'running' AND t.instance = i.name) AS running,
+                i.queues
+         FROM task_engine_instances i ORDER BY i.name"
+    ))
     .load(conn)?)
 }
 
@@ -304,12 +319,16 @@ pub struct QueueRow {
     /// How long the oldest task due now has been due, in seconds.
     #[diesel(sql_type = Nullable<Double>)]
     pub oldest_due_s: Option<f64>,
+    /// Whether a live instance runs the queue, or may: one that does not record its
+    /// queues (a version before migration 21) counts as running every queue.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub served: bool,
 }
 
 /// Every queue that has tasks waiting or running, or settings, by name. Reads the
-/// waiting and running tasks.
+/// waiting and running tasks, and the instances' rows.
 pub fn queues(conn: &mut PgConnection) -> Result<Vec<QueueRow>, Error> {
-    Ok(diesel::sql_query(
+    Ok(diesel::sql_query(concat!(
         "WITH counts AS (
              SELECT queue,
                     count(*) FILTER (WHERE status = 'waiting' AND run_at <= now()) AS waiting,
@@ -323,9 +342,52 @@ pub fn queues(conn: &mut PgConnection) -> Result<Vec<QueueRow>, Error> {
                 coalesce(q.paused, false) AS paused, q.concurrency, q.key_concurrency, q.rate_limit,
                 extract(epoch FROM q.rate_period)::float8 AS rate_period_s,
                 CASE WHEN isfinite(c.oldest_due) THEN extract(epoch FROM now() - c.oldest_due)::float8 END
-                    AS oldest_due_s
+                    AS oldest_due_s,
+                EXISTS (SELECT FROM task_engine_instances i
+                        WHERE NOT ",
+        instance_is_dead!(),
+        "
+                          AND (i.queues IS NULL OR coalesce(c.queue, q.name) = ANY (i.queues))) AS served
          FROM counts c FULL JOIN task_engine_queues q ON q.name = c.queue
-         ORDER BY 1",
-    )
+         ORDER BY 1"
+    ))
     .load(conn)?)
+}
+
+/// Whether a task (in any state) or a schedule names the queue. Looks through the
+/// indexes of waiting and running tasks first, then the schedules; only for a queue
+/// that none of them names does it read the whole table (each `EXISTS` is evaluated
+/// only if those before it found nothing).
+pub fn queue_in_use(conn: &mut PgConnection, queue: &str) -> Result<bool, Error> {
+    #[derive(QueryableByName)]
+    struct Used {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        used: bool,
+    }
+    let found: Used = diesel::sql_query(
+        "SELECT EXISTS (SELECT FROM tasks WHERE queue = $1 AND status = 'waiting')
+             OR EXISTS (SELECT FROM tasks WHERE queue = $1 AND status = 'running')
+             OR EXISTS (SELECT FROM task_engine_schedules WHERE queue = $1)
+             OR EXISTS (SELECT FROM tasks WHERE queue = $1) AS used",
+    )
+    .bind::<Text, _>(queue)
+    .get_result(conn)?;
+    Ok(found.used)
+}
+
+/// Whether a task (in any state) or a schedule is of the type. Reads the whole table
+/// when none is: meant for a type this program does not know, before it says so.
+pub fn task_type_in_use(conn: &mut PgConnection, task_class: &str) -> Result<bool, Error> {
+    #[derive(QueryableByName)]
+    struct Used {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        used: bool,
+    }
+    let found: Used = diesel::sql_query(
+        "SELECT EXISTS (SELECT FROM task_engine_schedules WHERE task_class = $1)
+             OR EXISTS (SELECT FROM tasks WHERE task_class = $1) AS used",
+    )
+    .bind::<Text, _>(task_class)
+    .get_result(conn)?;
+    Ok(found.used)
 }

@@ -9,6 +9,7 @@ diesel::table! {
         started_at -> Timestamptz,
         last_seen_at -> Timestamptz,
         lease -> Nullable<Interval>,
+        queues -> Nullable<Array<Nullable<Text>>>,
     }
 }
 

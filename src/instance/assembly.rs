@@ -134,6 +134,7 @@ impl Instance {
             instance: instance.clone(),
             host: host.clone(),
             task_types: task_types.clone(),
+            queues: self.lanes.queues().into_iter().map(str::to_owned).collect(),
             connections: connections.clone(),
             lease: settings.lease,
             timer: Arc::clone(timer),

@@ -39,6 +39,8 @@ pub(crate) struct Input {
     /// Recorded in the instance's row.
     pub host: String,
     pub task_types: Vec<&'static str>,
+    /// The queues it runs, recorded in the instance's row.
+    pub queues: Vec<String>,
     /// Where it gets its own connection.
     pub connections: Connections,
     /// How long an instance may stay silent before it is taken for dead.
@@ -272,6 +274,7 @@ fn registration(input: &Input) -> instances::Registration<'_> {
         host: &input.host,
         pid: std::process::id(),
         task_types: &input.task_types,
+        queues: &input.queues,
         lease: input.lease,
     }
 }

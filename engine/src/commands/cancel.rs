@@ -22,13 +22,16 @@ pub fn run(args: Args, ctx: &Context) -> anyhow::Result<()> {
             let matching = filter.task_filter().expect("clap requires an id or --status");
             let n = task_engine::cancel_many(&mut conn, &matching, filter.batch)?;
             outln!("{n} waiting task(s) cancelled");
+            if n == 0 {
+                filter.warn_if_unknown(&mut conn, &ctx.registry)?;
+            }
             Ok(())
         }
         Args { id: Some(id), .. } => {
             let (_, mut conn) = ctx.open_migrated()?;
             match task_engine::cancel(&mut conn, id)? {
-                task_engine::Cancelled::Waiting => println!("task {id} cancelled: it will not run"),
-                task_engine::Cancelled::Running => println!(
+                task_engine::Cancelled::Waiting => outln!("task {id} cancelled: it will not run"),
+                task_engine::Cancelled::Running => outln!(
                     "task {id} is running: its instance is asked to stop it; it ends cancelled unless this attempt succeeds"
                 ),
             }

@@ -1,16 +1,19 @@
 //! `engine demo`: the main job on the embedded default. Enqueues a mix of the example
-//! tasks, runs them with a few workers until every one has ended, and prints a
-//! summary read back from `task_executions`.
+//! tasks in a database of its own, runs them with a few workers until every one has
+//! ended, and prints a summary read back from `task_executions`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use task_engine::{report, NewTask, Registry, Runner};
+use task_engine::{redact_url, report, NewTask, Registry, Runner};
 
+use super::table::Align::{Left, Right};
+use super::table::Table;
 use super::Context;
 use crate::database::Database;
+use crate::outln;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -21,32 +24,48 @@ pub struct Args {
 
 /// Runs the demo, then stops the embedded cluster if the demo started it.
 pub fn run(args: Args, ctx: Context) -> anyhow::Result<()> {
-    let db = ctx.open()?;
-    let result = run_on(&db, ctx.registry, args.workers);
-    // Leave the machine as we found it, even when the demo failed.
-    db.stop_if_started_here()?;
-    result
-}
-
-fn run_on(db: &Database, registry: Registry, workers: usize) -> anyhow::Result<()> {
     // SIGINT or SIGTERM stops the demo as `engine run` stops: its instance finishes the
-    // tasks in flight and removes its row, and the embedded cluster is stopped.
+    // tasks in flight and removes its row, the embedded cluster is stopped, and it
+    // exits 1. Heard from the start: one that comes while the cluster starts must not
+    // kill the process (exit 130) and leave the cluster running.
     let interrupted = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&interrupted)).context("could not install signal handlers")?;
     }
-    let mut conn = db.connect_migrated()?;
+    let db = ctx.open()?;
+    let result = run_on(&db, ctx.registry, args.workers, &interrupted);
+    // Leave the machine as we found it, even when the demo failed.
+    db.stop_if_started_here()?;
+    if result.is_ok() && db.is_embedded_started_here() {
+        outln!("(the embedded cluster is stopped again: `engine db-url` starts it)");
+    }
+    result
+}
+
+fn run_on(db: &Database, registry: Registry, workers: usize, interrupted: &AtomicBool) -> anyhow::Result<()> {
+    let stop_if_interrupted = |when: &str| match interrupted.load(Ordering::SeqCst) {
+        true => Err(anyhow::anyhow!("interrupted {when}")),
+        false => Ok(()),
+    };
+    stop_if_interrupted("before the demo enqueued anything")?;
+    // A database of its own: an instance running on the main one would take the
+    // demo's tasks, and an interrupted demo would leave them there.
+    let url = db.fresh_demo_database()?;
+    stop_if_interrupted("before the demo enqueued anything")?;
+    let mut conn = task_engine::connect(&url)?;
     let mix = mix(&registry)?;
     let ids = task_engine::enqueue_many(&mut conn, &mix)?;
     let (first, last) = (ids[0], ids[ids.len() - 1]);
-    println!("enqueued {} tasks ({}..={}): noop, echo, sleep, fail, panic", ids.len(), first, last);
+    outln!("enqueued {} tasks ({}..={}): noop, echo, sleep, fail, panic", ids.len(), first, last);
 
     let started = Instant::now();
-    let engine = Runner::new(db.url(), registry).workers(workers).instance("demo").start()?;
+    let engine = Runner::new(&url, registry).workers(workers).instance("demo").start()?;
     // Wait until each of our tasks has ended; give up after a minute.
     let outcome = loop {
         if interrupted.load(Ordering::SeqCst) {
-            break Err(anyhow::anyhow!("interrupted: the demo stopped its instance; its tasks stay in the database"));
+            break Err(anyhow::anyhow!(
+                "interrupted: the demo stopped its instance; its tasks stay in its database until the next demo"
+            ));
         }
         let unfinished =
             report::unfinished_tasks(&mut conn, first..=last).context("could not follow the demo's tasks")?;
@@ -62,20 +81,31 @@ fn run_on(db: &Database, registry: Registry, workers: usize) -> anyhow::Result<(
     outcome?;
     let elapsed = started.elapsed();
 
-    println!("ran them with {workers} workers in {:.2} s\n", elapsed.as_secs_f64());
-    println!("{:<8} {:>6} {:>11} {:>9} {:>10} {:>10}", "TYPE", "TASKS", "EXECUTIONS", "FAILURES", "MEAN MS", "P95 MS");
+    outln!("ran them with {workers} workers in {:.2} s\n", elapsed.as_secs_f64());
+    let mut table = Table::new(&[
+        ("TYPE", Left),
+        ("TASKS", Right),
+        ("EXECUTIONS", Right),
+        ("FAILURES", Right),
+        ("MEAN MS", Right),
+        ("P95 MS", Right),
+    ]);
     for s in report::type_summaries(&mut conn, first)? {
-        println!(
-            "{:<8} {:>6} {:>11} {:>9} {:>10.3} {:>10.3}",
+        table.row(vec![
             s.task_class,
-            s.tasks,
-            s.executions,
-            s.failures,
-            s.mean_ms.unwrap_or(0.0),
-            s.p95_ms.unwrap_or(0.0)
-        );
+            s.tasks.to_string(),
+            s.executions.to_string(),
+            s.failures.to_string(),
+            format!("{:.3}", s.mean_ms.unwrap_or(0.0)),
+            format!("{:.3}", s.p95_ms.unwrap_or(0.0)),
+        ]);
     }
-    println!("\nsee every task with `engine status`, one task's history with `engine status --task ID`");
+    table.print()?;
+    outln!(
+        "\nthe demo's tasks stay in its own database until the next demo: \
+         `engine --database-url {} status` shows them (`status --task ID`, one task's history)",
+        redact_url(&url)
+    );
     Ok(())
 }
 

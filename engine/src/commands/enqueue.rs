@@ -108,7 +108,14 @@ pub fn run(args: Args, ctx: &Context) -> anyhow::Result<()> {
         match done {
             Upserted::Inserted(_) => {}
             Upserted::Kept(id) => eprintln!("task {id} holds the unique key: kept as it is"),
-            Upserted::Replaced(id) => eprintln!("task {id} holds the unique key: its parameters replaced"),
+            Upserted::Replaced(id) => match on_conflict {
+                Conflict::Replace => {
+                    eprintln!("task {id} holds the unique key: its parameters, priority and due time replaced")
+                }
+                _ => {
+                    eprintln!("task {id} holds the unique key: its parameters and priority replaced, its due time kept")
+                }
+            },
         }
         vec![done.id()]
     } else {

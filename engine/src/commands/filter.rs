@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+use diesel::PgConnection;
+use task_engine::{report, Registry};
+
 use crate::duration;
 
 /// The filters of a bulk retry or cancel.
@@ -34,5 +37,22 @@ impl Filter {
             queue: self.queue.clone(),
             since: self.since,
         })
+    }
+
+    /// Warns on stderr when `--type` names a type that no task has and this engine
+    /// does not know, or `--queue` a queue no task names: a typo, most likely. For a
+    /// filter that matched nothing (one that matched needs no check).
+    pub fn warn_if_unknown(&self, conn: &mut PgConnection, registry: &Registry) -> anyhow::Result<()> {
+        if let Some(task_type) = &self.task_type {
+            if registry.get(task_type).is_err() && !report::task_type_in_use(conn, task_type)? {
+                eprintln!("warning: no task has type {task_type}, and this engine does not know it (a typo?)");
+            }
+        }
+        if let Some(queue) = &self.queue {
+            if !report::queue_in_use(conn, queue)? {
+                eprintln!("warning: no task is in queue {queue} (a typo?)");
+            }
+        }
+        Ok(())
     }
 }

@@ -12,6 +12,7 @@ pub mod queue;
 pub mod retry;
 pub mod run;
 pub mod status;
+pub mod table;
 pub mod tasks;
 
 use std::path::PathBuf;

@@ -1,11 +1,16 @@
-//! `engine queue`: lists the queues, pauses and resumes one, sets its limits.
+//! `engine queue`: lists the queues, pauses and resumes one, sets its limits, removes
+//! its settings. A setting for a queue nothing here knows is stored all the same (a
+//! queue may be set up before its first task, by a program with types this binary does
+//! not link), with a warning: it may be a typo.
 
 use std::time::Duration;
 
 use clap::Subcommand;
+use diesel::PgConnection;
+use task_engine::{report, Registry, DEFAULT_QUEUE};
 
 use super::{status, Context};
-use crate::{duration, outln};
+use crate::{duration, outln, UsageError};
 
 /// A queue's setting: a value, or `none` (clap reads an `Option` as an optional
 /// argument).
@@ -14,8 +19,9 @@ pub struct Setting<T>(Option<T>);
 
 #[derive(Debug, Subcommand)]
 pub enum QueueCommand {
-    /// Each queue with tasks or settings: waiting, due later, running, paused, limits,
-    /// how long its oldest due task has waited.
+    /// Each queue with tasks or settings: waiting, due later, running, its state
+    /// (active, paused, held by a limit of 0), limits, how long its oldest due task has
+    /// waited, and a note when its tasks wait where no live instance runs it.
     List,
     /// No instance claims from the queue until it is resumed (running tasks finish).
     Pause { queue: String },
@@ -41,11 +47,23 @@ pub enum QueueCommand {
         #[arg(value_parser = rate)]
         rate: Setting<(u32, Duration)>,
     },
+    /// Removes the queue's settings (pause, limits): its tasks are not touched, and
+    /// run as those of any queue without settings (not paused, no limit). Exits 2 if
+    /// the queue has no settings.
+    Remove { queue: String },
 }
 
 /// Lists the queues, or changes one queue's setting and says what it is now.
 pub fn run(command: QueueCommand, ctx: &Context) -> anyhow::Result<()> {
     let (_, mut conn) = ctx.open_migrated()?;
+    match &command {
+        QueueCommand::List | QueueCommand::Remove { .. } => {}
+        QueueCommand::Pause { queue }
+        | QueueCommand::Resume { queue }
+        | QueueCommand::Limit { queue, .. }
+        | QueueCommand::KeyLimit { queue, .. }
+        | QueueCommand::Rate { queue, .. } => warn_if_unknown(&mut conn, &ctx.registry, queue)?,
+    }
     match command {
         QueueCommand::List => status::print_queues(&mut conn)?,
         QueueCommand::Pause { queue } => {
@@ -58,7 +76,11 @@ pub fn run(command: QueueCommand, ctx: &Context) -> anyhow::Result<()> {
         }
         QueueCommand::Limit { queue, limit: Setting(limit) } => {
             task_engine::set_queue_concurrency(&mut conn, &queue, limit)?;
-            outln!("queue {queue}: {} at once", shown(limit));
+            if limit == Some(0) {
+                outln!("queue {queue}: at most 0 at once: held, none of its tasks starts until the limit is raised");
+            } else {
+                outln!("queue {queue}: {} at once", shown(limit));
+            }
         }
         QueueCommand::KeyLimit { queue, limit: Setting(limit) } => {
             task_engine::set_queue_key_limit(&mut conn, &queue, limit)?;
@@ -71,6 +93,25 @@ pub fn run(command: QueueCommand, ctx: &Context) -> anyhow::Result<()> {
                 None => outln!("queue {queue}: no rate limit"),
             }
         }
+        QueueCommand::Remove { queue } => {
+            if !task_engine::remove_queue(&mut conn, &queue)? {
+                return Err(UsageError(format!("queue {queue} has no settings to remove")).into());
+            }
+            outln!("queue {queue}: settings removed; its tasks, if any, run as those of a queue without settings");
+        }
+    }
+    Ok(())
+}
+
+/// Warns on stderr about a queue that no task type linked here declares and that no
+/// task or schedule names: a typo, or a queue set up ahead of its tasks.
+fn warn_if_unknown(conn: &mut PgConnection, registry: &Registry, queue: &str) -> anyhow::Result<()> {
+    let declared = queue == DEFAULT_QUEUE || registry.entries().any(|entry| entry.queue() == queue);
+    if !declared && !report::queue_in_use(conn, queue)? {
+        eprintln!(
+            "warning: queue {queue}: no task type this engine knows declares it, and no task or schedule names it \
+             (a typo?); the setting is stored all the same (`engine queue remove {queue}` removes it)"
+        );
     }
     Ok(())
 }

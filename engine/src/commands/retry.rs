@@ -26,6 +26,9 @@ pub fn run(args: Args, ctx: &Context) -> anyhow::Result<()> {
         (None, Some(matching)) => {
             let n = task_engine::retry_many(&mut conn, &matching, filter.batch)?;
             outln!("{n} task(s) waiting again");
+            if n == 0 {
+                filter.warn_if_unknown(&mut conn, &ctx.registry)?;
+            }
         }
         (None, None) => unreachable!("clap requires an id or --status"),
     }

@@ -28,7 +28,8 @@ pub struct Args {
     #[arg(long, env = "TASK_ENGINE_POLL_INTERVAL", value_parser = poll_interval, default_value = "10s")]
     poll_interval: Duration,
     /// An instance silent for this long is taken for dead and its running tasks are
-    /// rescued; use the same value on every instance.
+    /// rescued. Each instance records its own and is judged by it, so instances may
+    /// differ (during a rolling change of it, say).
     #[arg(long, env = "TASK_ENGINE_LEASE", value_parser = lease, default_value = "30s")]
     lease: Duration,
     /// The most tasks claimed ahead of the idle workers, per worker; the buffer in

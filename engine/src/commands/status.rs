@@ -8,6 +8,8 @@ use diesel::PgConnection;
 use task_engine::models::TaskExecution;
 use task_engine::{report, Registry};
 
+use super::table::Align::{self, Left, Right};
+use super::table::Table;
 use super::Context;
 use crate::{outln, UsageError};
 
@@ -47,14 +49,13 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
             totals[column] += row.count;
         }
     }
-    let line = |name: &str, n: &[String]| {
-        format!("{:<16} {}", name, n.iter().map(|c| format!("{c:>10}")).collect::<Vec<_>>().join(""))
-    };
-    outln!("{}", line("TYPE", &report::STATES.map(str::to_owned)));
+    let headers: Vec<(&str, Align)> = [("TYPE", Left)].into_iter().chain(report::STATES.map(|s| (s, Right))).collect();
+    let mut table = Table::new(&headers);
     for (task_class, n) in &by_type {
-        outln!("{}", line(&plain(task_class), &n.map(|c| c.to_string())));
+        table.row([plain(task_class)].into_iter().chain(n.map(|c| c.to_string())).collect());
     }
-    outln!("{}", line("(all)", &totals.map(|c| c.to_string())));
+    table.row(["(all)".to_owned()].into_iter().chain(totals.map(|c| c.to_string())).collect());
+    table.print()?;
     // Instances claim only the types they know: tasks of other types wait.
     let unknown: Vec<String> = by_type
         .iter()
@@ -76,46 +77,51 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
     let failed = report::failed_tasks(conn, FAILED_SHOWN)?;
     if !failed.is_empty() {
         outln!("\nfailed tasks, latest first (engine retry ID puts one back):");
-        outln!("{:>8} {:<16} {:>5} {:<20}  LAST ERROR", "TASK", "TYPE", "TRIES", "FAILED");
+        let mut table =
+            Table::new(&[("TASK", Right), ("TYPE", Left), ("TRIES", Right), ("FAILED", Left), ("LAST ERROR", Left)]);
         for f in failed {
             let error = f.last_error.as_deref().map(plain).unwrap_or_else(|| "-".into());
             let error: String =
                 if error.chars().count() > 100 { error.chars().take(99).chain(['…']).collect() } else { error };
-            outln!(
-                "{:>8} {:<16} {:>5} {:<20}  {}",
-                f.id,
+            table.row(vec![
+                f.id.to_string(),
                 plain(&f.task_class),
-                f.attempts,
-                f.failed_at.format("%Y-%m-%d %H:%M:%S"),
-                error
-            );
+                f.attempts.to_string(),
+                f.failed_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                error,
+            ]);
         }
+        table.print()?;
     }
 
     let instances = report::instances(conn)?;
     if !instances.is_empty() {
         outln!("\ninstances:");
-        outln!(
-            "{:<24} {:<16} {:>8} {:<20} {:<20} {:>8}  STATE",
-            "NAME",
-            "HOST",
-            "PID",
-            "STARTED",
-            "LAST SEEN",
-            "RUNNING"
-        );
+        let mut table = Table::new(&[
+            ("NAME", Left),
+            ("HOST", Left),
+            ("PID", Right),
+            ("STARTED", Left),
+            ("LAST SEEN", Left),
+            ("RUNNING", Right),
+            ("QUEUES", Left),
+            ("STATE", Left),
+        ]);
         for i in instances {
-            outln!(
-                "{:<24} {:<16} {:>8} {:<20} {:<20} {:>8}  {}",
+            // An older version's row does not say: it may run any queue.
+            let queues = i.queues.map_or_else(|| "?".to_owned(), |q| plain(&q.join(",")));
+            table.row(vec![
                 plain(&i.name),
                 plain(&i.host),
-                i.pid,
-                i.started_at.format("%Y-%m-%d %H:%M:%S"),
+                i.pid.to_string(),
+                i.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                 format!("{:.1} s ago", i.silent_for),
-                i.running,
-                if i.dead { "dead (silent past its lease; forgotten after ten)" } else { "live" }
-            );
+                i.running.to_string(),
+                queues,
+                if i.dead { "dead (silent past its lease; forgotten after ten)" } else { "live" }.to_owned(),
+            ]);
         }
+        table.print()?;
     }
 
     let executions = report::recent_executions(conn, recent)?;
@@ -123,20 +129,11 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
         return Ok(());
     }
     outln!("\nlatest executions:");
-    outln!(
-        "{:>8} {:>8} {:<10} {:>3} {:<24} {:<20} {:>10}  OUTCOME",
-        "EXEC",
-        "TASK",
-        "TYPE",
-        "TRY",
-        "STARTED",
-        "INSTANCE",
-        "MS"
-    );
+    let mut table = executions_table("TYPE");
     for (execution, task_class) in executions {
-        print_execution(&execution, Some(&task_class))?;
+        table.row(execution_row(&execution, &task_class));
     }
-    Ok(())
+    table.print()
 }
 
 /// Prints one task and every attempt at it; an unknown id is a usage error.
@@ -179,24 +176,33 @@ pub fn print_task(conn: &mut PgConnection, id: i64) -> anyhow::Result<()> {
     }
     outln!("executions: {}", executions.len());
     if !executions.is_empty() {
-        outln!(
-            "{:>8} {:>8} {:<10} {:>3} {:<24} {:<20} {:>10}  OUTCOME",
-            "EXEC",
-            "TASK",
-            "",
-            "TRY",
-            "STARTED",
-            "INSTANCE",
-            "MS"
-        );
-    }
-    for execution in &executions {
-        print_execution(execution, None)?;
+        let mut table = executions_table("");
+        for execution in &executions {
+            table.row(execution_row(execution, ""));
+        }
+        table.print()?;
     }
     Ok(())
 }
 
-fn print_execution(e: &TaskExecution, task_class: Option<&str>) -> anyhow::Result<()> {
+/// The table of executions, its type column headed `type_header`.
+fn executions_table(type_header: &str) -> Table {
+    Table::new(&[
+        ("EXEC", Right),
+        ("TASK", Right),
+        (type_header, Left),
+        ("TRY", Right),
+        ("STARTED", Left),
+        ("INSTANCE", Left),
+        ("MS", Right),
+        ("OUTCOME", Left),
+    ])
+}
+
+/// An execution as a row of [`executions_table`]: where it ran is `instance/worker`,
+/// `instance/-` for an attempt recorded as lost (which worker ran it died with its
+/// instance).
+fn execution_row(e: &TaskExecution, task_class: &str) -> Vec<String> {
     let ms = e
         .stopped_at
         .map(|stopped| format!("{:.3}", (stopped - e.started_at).num_microseconds().unwrap_or(0) as f64 / 1000.0))
@@ -211,18 +217,17 @@ fn print_execution(e: &TaskExecution, task_class: Option<&str>) -> anyhow::Resul
         (Some(_), None, Some(result)) => format!("ok: {result}"),
         (Some(_), None, None) => "ok".to_owned(),
     };
-    outln!(
-        "{:>8} {:>8} {:<10} {:>3} {:<24} {:<20} {:>10}  {}",
-        e.id,
-        e.task_id,
-        plain(task_class.unwrap_or("")),
-        e.attempt,
-        e.started_at.format("%Y-%m-%d %H:%M:%S%.3f"),
-        format!("{}/{}", plain(&e.instance), e.worker),
+    let worker = if e.worker < 0 { "-".to_owned() } else { e.worker.to_string() };
+    vec![
+        e.id.to_string(),
+        e.task_id.to_string(),
+        plain(task_class),
+        e.attempt.to_string(),
+        e.started_at.format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
+        format!("{}/{worker}", plain(&e.instance)),
         ms,
-        outcome
-    );
-    Ok(())
+        outcome,
+    ]
 }
 
 /// Text from the database as it may be printed on a terminal: control characters
@@ -237,66 +242,77 @@ pub fn print_schedules(conn: &mut PgConnection) -> anyhow::Result<()> {
     let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
         t.map_or_else(|| "-".to_owned(), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
     };
-    outln!(
-        "{:<20} {:<16} {:<16} {:<16} {:>8} {:<23} NEXT TICK",
-        "SCHEDULE",
-        "CRON",
-        "TIME ZONE",
-        "TYPE",
-        "CATCH-UP",
-        "LAST TICK"
-    );
+    let mut table = Table::new(&[
+        ("SCHEDULE", Left),
+        ("CRON", Left),
+        ("TIME ZONE", Left),
+        ("TYPE", Left),
+        ("CATCH-UP", Right),
+        ("LAST TICK", Left),
+        ("NEXT TICK", Left),
+    ]);
     for s in task_engine::list_schedules(conn)? {
-        outln!(
-            "{:<20} {:<16} {:<16} {:<16} {:>8} {:<23} {}",
+        table.row(vec![
             plain(&s.schedule.name),
             plain(&s.schedule.cron),
             plain(&s.schedule.time_zone),
             plain(&s.schedule.task_type),
-            s.schedule.catch_up,
+            s.schedule.catch_up.to_string(),
             time(s.last_tick),
-            s.error.map_or_else(|| time(s.next_tick), |e| format!("never: {}", plain(&e)))
-        );
+            s.error.map_or_else(|| time(s.next_tick), |e| format!("never: {}", plain(&e))),
+        ]);
     }
-    Ok(())
+    table.print()
 }
 
-/// The queues: what waits and runs in each, paused or not, its limits.
+/// The queues: what waits and runs in each, whether it is paused or held (a limit of
+/// 0), its limits; and a note for a queue whose tasks wait where no live instance runs
+/// it.
 pub fn print_queues(conn: &mut PgConnection) -> anyhow::Result<()> {
-    let queues = report::queues(conn)?;
-    outln!(
-        "{:<20} {:>9} {:>9} {:>9} {:<7} {:>7} {:>7} {:<14} OLDEST DUE",
-        "QUEUE",
-        "WAITING",
-        "LATER",
-        "RUNNING",
-        "STATE",
-        "LIMIT",
-        "PER KEY",
-        "RATE"
-    );
+    let mut table = Table::new(&[
+        ("QUEUE", Left),
+        ("WAITING", Right),
+        ("LATER", Right),
+        ("RUNNING", Right),
+        ("STATE", Left),
+        ("LIMIT", Right),
+        ("PER KEY", Right),
+        ("RATE", Left),
+        ("OLDEST DUE", Left),
+        ("NOTE", Left),
+    ]);
     let or_dash = |n: Option<i32>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
-    for q in queues {
+    for q in report::queues(conn)? {
         let rate = match (q.rate_limit, q.rate_period_s) {
             (Some(n), Some(s)) => format!("{n}/{:?}", Duration::from_secs_f64(s)),
             _ => "-".to_owned(),
         };
         let oldest =
             q.oldest_due_s.map_or_else(|| "-".to_owned(), |s| format!("{:.1?}", Duration::from_secs_f64(s.max(0.0))));
-        outln!(
-            "{:<20} {:>9} {:>9} {:>9} {:<7} {:>7} {:>7} {:<14} {}",
+        table.row(vec![
             plain(&q.name),
-            q.waiting,
-            q.later,
-            q.running,
-            if q.paused { "paused" } else { "active" },
+            q.waiting.to_string(),
+            q.later.to_string(),
+            q.running.to_string(),
+            queue_state(&q).to_owned(),
             or_dash(q.concurrency),
             or_dash(q.key_concurrency),
             rate,
-            oldest
-        );
+            oldest,
+            if q.waiting > 0 && !q.served { "no live instance runs this queue" } else { "" }.to_owned(),
+        ]);
     }
-    Ok(())
+    table.print()
+}
+
+/// `paused`; `held (limit 0)` for a limit of 0, which holds the queue as a pause
+/// does; else `active`.
+fn queue_state(q: &report::QueueRow) -> &'static str {
+    match (q.paused, q.concurrency) {
+        (true, _) => "paused",
+        (false, Some(0)) => "held (limit 0)",
+        (false, _) => "active",
+    }
 }
 
 #[cfg(test)]
