@@ -129,14 +129,14 @@ fn engine_enqueue_with_a_unique_key_prints_the_holders_id_and_replaces_its_param
     assert!(said.contains(&format!("task {first} holds the unique key: kept")), "{said}");
     let (replaced, said) = enqueue(r#"{"v": 3}"#, &["--on-conflict", "replace-params"]);
     assert_eq!(replaced, first);
-    assert!(said.contains("its parameters and priority replaced, its due time kept"), "{said}");
+    assert!(said.contains("replaced by this task, its due time kept"), "{said}");
     let params: serde_json::Value =
         tasks::table.find(first).select(tasks::task_parameters).first(&mut db.connect()).unwrap();
     assert_eq!(params, serde_json::json!({"v": 3}));
     // A replace says that the due time (`--in 1h` from now) changed too.
     let (replaced, said) = enqueue(r#"{"v": 3}"#, &["--on-conflict", "replace"]);
     assert_eq!(replaced, first);
-    assert!(said.contains("its parameters, priority and due time replaced"), "{said}");
+    assert!(said.contains("replaced by this task, its due time too"), "{said}");
     assert_eq!(task_count(&db), 1);
     let shown = text(&engine(&db, &["status", "--task", &first.to_string()]).stdout);
     assert!(shown.contains("unique key   nightly (held while waiting)"), "{shown}");

@@ -110,10 +110,10 @@ pub fn run(args: Args, ctx: &Context) -> anyhow::Result<()> {
             Upserted::Kept(id) => eprintln!("task {id} holds the unique key: kept as it is"),
             Upserted::Replaced(id) => match on_conflict {
                 Conflict::Replace => {
-                    eprintln!("task {id} holds the unique key: its parameters, priority and due time replaced")
+                    eprintln!("task {id} holds the unique key: replaced by this task, its due time too")
                 }
                 _ => {
-                    eprintln!("task {id} holds the unique key: its parameters and priority replaced, its due time kept")
+                    eprintln!("task {id} holds the unique key: replaced by this task, its due time kept")
                 }
             },
         }
