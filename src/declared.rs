@@ -263,7 +263,13 @@ pub(crate) fn apply_at_start(conn: &mut PgConnection, declarations: &Declaration
 
 /// Records the set and writes the scope's schedules from it if its turn says so, in one
 /// transaction.
-fn apply(conn: &mut PgConnection, scope: &str, hash: &str, declared: &[&Schedule], at_start: bool) -> Result<(), Error> {
+fn apply(
+    conn: &mut PgConnection,
+    scope: &str,
+    hash: &str,
+    declared: &[&Schedule],
+    at_start: bool,
+) -> Result<(), Error> {
     conn.transaction(|conn| {
         let standing = schedules::record_set(conn, scope, hash, LIVE)?;
         match turn(standing, at_start) {

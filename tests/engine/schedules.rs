@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Timestamptz};
-use task_engine::{add_schedule, fire_due, list_schedules, Declarations, Schedule, ScheduleState};
+use task_engine::{add_schedule, fire_due, list_schedules, register_schedule, Declarations, Schedule, ScheduleState};
 use test_db::TestDatabase;
 
 use crate::support::{runner, wait_until};
@@ -183,16 +183,28 @@ fn newest_set_stopped(conn: &mut PgConnection) {
     .unwrap();
 }
 
+thread_local! {
+    /// Whether the declaration below is made on this thread: in the one test that
+    /// wants it, not in the other tests' instances (each test runs on a thread of its own).
+    static DECLARING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+register_schedule!(if DECLARING.get() =>
+    Schedule::new("declared-every-second", "* * * * * *", &::tasks::Noop {})?.catch_up(1000));
+
 #[test]
 fn a_declared_schedule_fires_once_per_tick_with_two_instances_that_declare_it() {
     let db = TestDatabase::new();
     let mut conn = db.connect();
-    let every_second = Schedule::new("declared-every-second", "* * * * * *", &::tasks::Noop {}).unwrap().catch_up(1000);
-    let declared = billing(&[&every_second]);
-    let start = |name: &str| runner(&db, name, 1).declarations(declared.clone()).start().unwrap();
-    let (a, b) = (start("declared-a"), start("declared-b"));
+    let names = |d: &Declarations| d.schedules().map(|(scope, s)| format!("{scope}: {}", s.name)).collect::<Vec<_>>();
+    assert_eq!(names(&Declarations::from_inventory().unwrap()), [] as [String; 0], "declared without its condition");
+    DECLARING.set(true);
+    assert_eq!(names(&Declarations::from_inventory().unwrap()), ["engine: declared-every-second"]);
+    // Plain instances: they collect the declarations linked into the binary at their start.
+    let (a, b) = (runner(&db, "declared-a", 1).start().unwrap(), runner(&db, "declared-b", 1).start().unwrap());
+    DECLARING.set(false);
     let row = stored(&mut conn, "declared-every-second").expect("the declaration was applied at the start");
-    assert_eq!((row.schedule, row.declared_in.as_deref()), (every_second, Some("billing")));
+    assert_eq!((row.schedule.cron.as_str(), row.declared_in.as_deref()), ("* * * * * *", Some("engine")));
 
     wait_until("four ticks are enqueued", || ticks(&mut conn).len() >= 4);
     a.shutdown();
@@ -208,7 +220,8 @@ fn an_older_declaration_starting_after_a_newer_one_does_not_undo_it_until_the_ne
     let db = TestDatabase::new();
     let mut conn = db.connect();
     let (old, new) = (billing(&[&report("0 2 1 1 *")]), billing(&[&report("0 3 1 1 *")]));
-    let start = |name: &str, declared: &Declarations| runner(&db, name, 1).declarations(declared.clone()).start().unwrap();
+    let start =
+        |name: &str, declared: &Declarations| runner(&db, name, 1).declarations(declared.clone()).start().unwrap();
     let cron_of = |conn: &mut PgConnection| stored(conn, "report").unwrap().schedule.cron;
 
     // The old version runs; the new one is deployed beside it.
@@ -254,7 +267,8 @@ fn a_schedule_removed_from_the_code_is_removed_and_one_added_by_hand_never_is() 
     // v1 also declares `by-hand`, which the hand-added schedule keeps.
     let v1 = billing(&[&report("0 2 * * *"), &cleanup, &Schedule { cron: "0 6 * * *".into(), ..by_hand.clone() }]);
     let v2 = billing(&[&report("0 2 * * *")]);
-    let start = |name: &str, declared: &Declarations| runner(&db, name, 1).declarations(declared.clone()).start().unwrap();
+    let start =
+        |name: &str, declared: &Declarations| runner(&db, name, 1).declarations(declared.clone()).start().unwrap();
     let origins = |conn: &mut PgConnection| -> Vec<(String, Option<String>, String)> {
         list_schedules(conn).unwrap().into_iter().map(|s| (s.schedule.name, s.declared_in, s.schedule.cron)).collect()
     };

@@ -95,7 +95,8 @@ fn print_schedules(conn: &mut PgConnection) -> anyhow::Result<()> {
         .map(|s| {
             [
                 plain(&s.schedule.name),
-                s.declared_in.map_or_else(|| "added by hand".to_owned(), |scope| format!("declared in {}", plain(&scope))),
+                s.declared_in
+                    .map_or_else(|| "added by hand".to_owned(), |scope| format!("declared in {}", plain(&scope))),
                 plain(&s.schedule.cron),
                 plain(&s.schedule.time_zone),
                 plain(&s.schedule.task_type),
