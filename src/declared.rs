@@ -307,16 +307,25 @@ fn write(conn: &mut PgConnection, scope: &str, plan: &Plan<'_>) -> Result<(), Er
 
 fn report(scope: &str, hash: &str, generation: i64, plan: &Plan<'_>, at_start: bool) {
     let names = |schedules: &[&Schedule]| schedules.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
-    let why = if at_start { "" } else { " (the instances of a newer set have stopped)" };
+    let set = format!("set {hash}, generation {generation}");
+    if plan.added.is_empty() && plan.changed.is_empty() && plan.removed.is_empty() {
+        log::info!("schedules declared in {scope}: {} unchanged ({set})", plan.unchanged);
+        return report_held(scope, &plan.held);
+    }
+    let why = if at_start { "" } else { "; the instances of a newer set have stopped" };
     log::info!(
-        "schedules declared in {scope}: set {hash}, generation {generation}, applied{why}: added [{}], changed [{}], \
-         {} unchanged, removed [{}]",
+        "schedules declared in {scope}: added [{}], changed [{}], removed [{}], {} unchanged ({set}{why})",
         names(&plan.added),
         names(&plan.changed),
+        plan.removed.join(", "),
         plan.unchanged,
-        plan.removed.join(", ")
     );
-    for (name, holder) in &plan.held {
+    report_held(scope, &plan.held);
+}
+
+/// Warns of each declaration not applied because another origin holds its name.
+fn report_held(scope: &str, held: &[(String, Option<String>)]) {
+    for (name, holder) in held {
         match holder {
             None => log::warn!(
                 "schedule {name}: declared in {scope}, but a schedule of that name was added by hand (engine cron \

@@ -84,7 +84,10 @@ fn a_declared_schedule_fires_under_two_plain_engine_runs_once_per_tick() {
     assert!(text(&out.stderr).contains("declared in code (by the crate tasks)"), "{}", text(&out.stderr));
 
     let logged = [stop(a), stop(b)].join("\n");
-    assert!(logged.contains("schedules declared in tasks: set "), "the application is not logged: {logged}");
+    assert!(
+        logged.contains("schedules declared in tasks: added [tasks-example-every-second]"),
+        "the application is not logged: {logged}"
+    );
     // Each tick once, and none lost: the example catches up nothing, but two live
     // instances leave no tick unfired.
     let ticks = ticks(&mut conn);
@@ -118,6 +121,6 @@ fn without_its_variable_the_example_schedule_is_not_declared() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let logged = stop(child);
-    assert!(logged.contains("schedules declared in tasks: set "), "{logged}");
+    assert!(logged.contains("schedules declared in tasks: 0 unchanged"), "{logged}");
     assert!(!text(&engine(&db, &["cron", "list"]).stdout).contains(EXAMPLE));
 }
