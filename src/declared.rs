@@ -262,7 +262,7 @@ pub(crate) fn apply_at_start(conn: &mut PgConnection, declarations: &Declaration
 }
 
 /// Records the set and writes the scope's schedules from it if its turn says so, in one
-/// transaction.
+/// transaction; says what it did once that has committed.
 fn apply(
     conn: &mut PgConnection,
     scope: &str,
@@ -270,30 +270,28 @@ fn apply(
     declared: &[&Schedule],
     at_start: bool,
 ) -> Result<(), Error> {
-    conn.transaction(|conn| {
+    let (standing, turn, plan) = conn.transaction(|conn| {
         let standing = schedules::record_set(conn, scope, hash, LIVE)?;
-        match turn(standing, at_start) {
-            Turn::Current => {}
-            Turn::Older { generation, newest } => {
-                if at_start {
-                    log::info!(
-                        "schedules declared in {scope}: this binary's declarations (set {hash}, generation \
-                         {generation}) are older than generation {newest}, which an instance running now declares: \
-                         they are not applied"
-                    );
-                }
-            }
-            Turn::Apply => {
-                let names: Vec<&str> = declared.iter().map(|s| s.name.as_str()).collect();
-                let stored = schedules::lock_declared(conn, scope, &names)?;
-                let plan = plan(scope, declared, &stored);
-                write(conn, scope, &plan)?;
-                schedules::mark_applied(conn, scope, hash)?;
-                report(scope, hash, standing.generation, &plan, at_start);
-            }
+        let turn = turn(standing, at_start);
+        if turn != Turn::Apply {
+            return Ok::<_, Error>((standing, turn, None));
         }
-        Ok(())
-    })
+        let names: Vec<&str> = declared.iter().map(|s| s.name.as_str()).collect();
+        let stored = schedules::lock_declared(conn, scope, &names)?;
+        let plan = plan(scope, declared, &stored);
+        write(conn, scope, &plan)?;
+        schedules::mark_applied(conn, scope, hash)?;
+        Ok((standing, turn, Some(plan)))
+    })?;
+    match (turn, plan) {
+        (Turn::Older { generation, newest }, _) if at_start => log::info!(
+            "schedules declared in {scope}: this binary's declarations (set {hash}, generation {generation}) are \
+             older than generation {newest}, which an instance running now declares: they are not applied"
+        ),
+        (_, Some(plan)) => report(scope, hash, standing.generation, &plan, at_start),
+        _ => {}
+    }
+    Ok(())
 }
 
 fn write(conn: &mut PgConnection, scope: &str, plan: &Plan<'_>) -> Result<(), Error> {
