@@ -388,35 +388,12 @@ mod tests {
             Ok(())
         }
     }
-    crate::register_task!(Digest);
-
-    std::thread_local! {
-        /// Whether this thread's collections see the test's declaration: other tests
-        /// of the library do not.
-        static DECLARING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    }
-    crate::register_schedule!(if DECLARING.get() =>
-        Schedule::new("declared-test-weekly", "0 6 * * MON", &Digest { kind: "weekly".into() })?.time_zone("Asia/Tokyo")?);
-
     fn digest(name: &str, cron: &str) -> Schedule {
         Schedule::new(name, cron, &Digest { kind: "daily".into() }).unwrap()
     }
 
     fn stored(schedule: &Schedule, declared_in: Option<&str>) -> ScheduleRow {
         ScheduleRow { declared_in: declared_in.map(str::to_owned), last_tick: Some(Utc::now()), ..schedule.row() }
-    }
-
-    #[test]
-    fn the_macro_declares_in_its_crate_and_only_when_its_condition_holds() {
-        let off = Declarations::from_inventory().unwrap();
-        assert_eq!(off.schedules().count(), 0, "{off:?}");
-        assert!(!off.is_empty(), "the crate's empty set is still a set");
-        DECLARING.set(true);
-        let on = Declarations::from_inventory().unwrap();
-        DECLARING.set(false);
-        let declared: Vec<(&str, &str, &str)> =
-            on.schedules().map(|(scope, s)| (scope, s.name.as_str(), s.time_zone.as_str())).collect();
-        assert_eq!(declared, [("task_engine", "declared-test-weekly", "Asia/Tokyo")]);
     }
 
     #[test]
