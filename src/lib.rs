@@ -4,8 +4,8 @@
 // `context` (what a running task sees), `retry` (the default retry delay), and in its
 // tests `testing` (a context without a database, one attempt run inline). What a
 // program calls: `registry` (the types it runs), `enqueue`, `admin` (retry, cancel,
-// prune), `queue` (pause, limits), `schedule` (recurring tasks), `runner` (start and
-// stop an instance). Inside: `instance` (the parts of a running instance, one a file),
+// prune), `queue` (pause, limits), `schedule` (recurring tasks), `declared` (schedules
+// declared with the code), `runner` (start and stop an instance). Inside: `instance` (the parts of a running instance, one a file),
 // `db` (every SQL statement, and diesel's schema and models), `attempt` (an attempt
 // between the two); `error` for all. docs/design.md draws the house.
 
@@ -13,6 +13,7 @@ mod admin;
 mod attempt;
 mod context;
 mod db;
+mod declared;
 mod enqueue;
 mod error;
 mod instance;
@@ -29,6 +30,7 @@ pub use context::TaskContext;
 pub use db::connect::{connect, connection_pool, redact_url, PgPool, PooledConnection};
 pub use db::migrate::{pending_migrations, run_migrations};
 pub use db::{models, report, schema};
+pub use declared::{Declarations, ScheduleDeclaration};
 pub use enqueue::{enqueue, enqueue_many, NewTask, OnConflict, Upserted};
 pub use error::Error;
 pub use queue::{

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::db::connect::PgPool;
 use crate::db::migrate;
+use crate::declared::{self, Declarations};
 use crate::error::Error;
 use crate::instance::assembly::{self, Counters, Instance, Settings};
 use crate::instance::completer;
@@ -121,6 +122,8 @@ pub struct Runner {
     max_completion_batch: usize,
     timeout_grace: Duration,
     schedules: Vec<Schedule>,
+    /// None: every `register_schedule!` linked in, collected at the start.
+    declarations: Option<Declarations>,
 }
 
 impl Runner {
@@ -176,12 +179,24 @@ impl Runner {
             max_completion_batch: completer::DEFAULT_MAX_BATCH,
             timeout_grace: Self::DEFAULT_TIMEOUT_GRACE,
             schedules: Vec::new(),
+            declarations: None,
         }
+    }
+
+    /// Declares these schedules instead of every
+    /// [`register_schedule!`](crate::register_schedule) linked into the binary (the
+    /// default, [`Declarations::from_inventory`]); `Declarations::default()` declares
+    /// none. Applied at [`Runner::start`] by the rule of [`Declarations`].
+    pub fn declarations(mut self, declarations: Declarations) -> Self {
+        self.declarations = Some(declarations);
+        self
     }
 
     /// Registers a recurring task: written to the database at [`Runner::start`] (added,
     /// or changed if a schedule of that name exists), and fired from then on by every
-    /// instance, each tick once (see [`Schedule`]).
+    /// instance, each tick once (see [`Schedule`]). Written as one added by hand: the
+    /// last instance to start wins; [`register_schedule!`](crate::register_schedule)
+    /// keeps a newer definition from being undone by an older instance.
     pub fn schedule(mut self, schedule: Schedule) -> Self {
         self.schedules.push(schedule);
         self
@@ -354,6 +369,10 @@ impl Runner {
     /// then if the database cannot be reached or the instance's name is in use.
     pub fn start(self) -> Result<RunningEngine, Error> {
         self.check()?;
+        let declarations = match self.declarations.clone() {
+            Some(declarations) => declarations,
+            None => Declarations::from_inventory()?,
+        };
         if let Some(warning) = unheard_warning(log::max_level()) {
             eprintln!("{warning}");
         }
@@ -371,6 +390,7 @@ impl Runner {
                     missing.join(", ")
                 )));
             }
+            declared::apply_at_start(&mut conn, &declarations)?;
             for schedule in &self.schedules {
                 add_schedule(&mut conn, schedule)?;
             }
@@ -389,6 +409,7 @@ impl Runner {
             flush_delay: self.flush_delay,
             max_completion_batch: self.max_completion_batch,
             timeout_grace: self.timeout_grace,
+            declarations,
         })?;
         Ok(RunningEngine { instance })
     }

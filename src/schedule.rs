@@ -1,7 +1,8 @@
 //! Recurring tasks: a schedule enqueues a task at each tick of a cron expression, in a
-//! time zone. Schedules live in the database (`task_engine_schedules`): added from code
-//! ([`crate::Runner::schedule`], [`add_schedule`]), from the command line (`engine cron
-//! add`) or by SQL, and fired by whichever instances run. Each tick is enqueued once:
+//! time zone. Schedules live in the database (`task_engine_schedules`): declared with
+//! the code ([`crate::register_schedule!`], applied by `crate::declared`), added from
+//! code ([`crate::Runner::schedule`], [`add_schedule`]), from the command line (`engine
+//! cron add`) or by SQL, and fired by whichever instances run. Each tick is enqueued once:
 //! the instance that enqueues it moves the schedule's `last_tick` in the same
 //! transaction, under the schedule's row lock ([`fire_due`]).
 
@@ -15,7 +16,7 @@ use croner::Cron;
 use diesel::{Connection, PgConnection};
 
 use crate::db::insert::{self, TaskInsert};
-use crate::db::schedules::{self, ScheduleRow};
+use crate::db::schedules::{self, ScheduleRow, Upserted};
 use crate::error::Error;
 use crate::registry::Registry;
 use crate::task::Task;
@@ -71,6 +72,9 @@ pub struct ScheduleState {
     /// Why it does not fire: its expression or time zone (written by SQL) does not
     /// parse.
     pub error: Option<String>,
+    /// The crate that declares it with [`crate::register_schedule!`]; `None`: added by
+    /// hand (`engine cron add`, [`add_schedule`], [`crate::Runner::schedule`], SQL).
+    pub declared_in: Option<String>,
 }
 
 impl Schedule {
@@ -147,7 +151,21 @@ impl Schedule {
         self
     }
 
-    fn row(&self) -> ScheduleRow {
+    /// Gives its tasks this many attempts (default: their type's; at least 1).
+    pub fn max_attempts(mut self, max_attempts: i32) -> Self {
+        self.max_attempts = max_attempts.max(1);
+        self
+    }
+
+    /// Refuses a cron expression or time zone that does not parse (the fields are
+    /// public: a schedule may not come from the constructors).
+    pub(crate) fn check(&self) -> Result<(), Error> {
+        parse_cron(&self.cron)?;
+        parse_time_zone(&self.time_zone)?;
+        Ok(())
+    }
+
+    pub(crate) fn row(&self) -> ScheduleRow {
         ScheduleRow {
             name: self.name.clone(),
             cron: self.cron.clone(),
@@ -160,10 +178,11 @@ impl Schedule {
             catch_up: i32::try_from(self.catch_up).unwrap_or(i32::MAX),
             last_tick: None,
             created_at: Utc::now(),
+            declared_in: None,
         }
     }
 
-    fn of(row: ScheduleRow) -> Self {
+    pub(crate) fn of(row: ScheduleRow) -> Self {
         Self {
             name: row.name,
             cron: row.cron,
@@ -191,11 +210,19 @@ fn parse_time_zone(time_zone: &str) -> Result<Tz, Error> {
 }
 
 /// Adds a schedule, or replaces the one of that name (the ticks it already dealt with
-/// stay dealt with). Returns whether it was new.
+/// stay dealt with). Returns whether it was new. Refuses to change a schedule declared
+/// in code ([`crate::register_schedule!`]): its code says what it is
+/// ([`Error::InvalidValue`], nothing written).
 pub fn add_schedule(conn: &mut PgConnection, schedule: &Schedule) -> Result<bool, Error> {
-    parse_cron(&schedule.cron)?;
-    parse_time_zone(&schedule.time_zone)?;
-    Ok(schedules::upsert(conn, &schedule.row())?)
+    schedule.check()?;
+    match schedules::upsert(conn, &schedule.row())? {
+        Upserted::Added => Ok(true),
+        Upserted::Changed => Ok(false),
+        Upserted::Declared(scope) => Err(Error::InvalidValue(format!(
+            "the schedule {:?} is declared in code (by the crate {scope}): change it there",
+            schedule.name
+        ))),
+    }
 }
 
 /// Removes a schedule (the tasks it enqueued stay). Returns whether there was one.
@@ -213,7 +240,13 @@ pub fn list_schedules(conn: &mut PgConnection) -> Result<Vec<ScheduleState>, Err
                 Ok(ticks) => (ticks.after(now), None),
                 Err(error) => (None, Some(error.to_string())),
             };
-            Ok(ScheduleState { last_tick: row.last_tick, next_tick, error, schedule: Schedule::of(row) })
+            Ok(ScheduleState {
+                last_tick: row.last_tick,
+                next_tick,
+                error,
+                declared_in: row.declared_in.clone(),
+                schedule: Schedule::of(row),
+            })
         })
         .collect()
 }

@@ -25,8 +25,14 @@ pub fn pending_migrations(conn: &mut PgConnection) -> Result<Vec<String>, Error>
 
 /// What an instance needs of the schema, the last migration's object last: a database
 /// without it has not been migrated, or not since this version.
-const NEEDED: [&str; 5] =
-    ["tasks", "task_executions", "task_engine_instances", "task_engine_queues", "task_engine_schedules"];
+const NEEDED: [&str; 6] = [
+    "tasks",
+    "task_executions",
+    "task_engine_instances",
+    "task_engine_queues",
+    "task_engine_schedules",
+    "task_engine_declarations",
+];
 
 /// The objects of the schema an instance needs that the database (in the connection's
 /// search path) lacks; none on a migrated database. Reads the catalog only, and creates

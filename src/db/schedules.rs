@@ -1,10 +1,12 @@
-//! Schedules in `task_engine_schedules`: what `engine cron` and `Runner::schedule` write,
-//! and what each instance's cron part reads and moves on. A tick is enqueued in the
-//! transaction that moves the schedule's `last_tick`, under the row's lock.
+//! Schedules in `task_engine_schedules`: what `engine cron`, `Runner::schedule` and the
+//! declarations write, and what each instance's cron part reads and moves on. A tick is
+//! enqueued in the transaction that moves the schedule's `last_tick`, under the row's
+//! lock. The sets of declarations seen, in `task_engine_declarations`, say which
+//! binary's declarations a crate's schedules follow.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Integer, Jsonb, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
 
 /// A schedule as stored.
 #[derive(Debug, Clone, PartialEq, QueryableByName)]
@@ -31,20 +33,33 @@ pub(crate) struct ScheduleRow {
     pub last_tick: Option<DateTime<Utc>>,
     #[diesel(sql_type = Timestamptz)]
     pub created_at: DateTime<Utc>,
+    /// The crate whose declarations wrote it; `None`: added by hand.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub declared_in: Option<String>,
 }
 
-const COLUMNS: &str =
-    "name, cron, time_zone, task_class, task_parameters, queue, priority, max_attempts, catch_up, last_tick, created_at";
+const COLUMNS: &str = "name, cron, time_zone, task_class, task_parameters, queue, priority, max_attempts, catch_up, \
+                       last_tick, created_at, declared_in";
 
-/// Adds a schedule, or changes the one of that name (its ticks already dealt with stay
-/// dealt with). Locks and writes its row. Returns whether it was new.
-pub(crate) fn upsert(conn: &mut PgConnection, row: &ScheduleRow) -> QueryResult<bool> {
+/// What [`upsert`] did.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Upserted {
+    Added,
+    Changed,
+    /// Nothing: a schedule of that name is declared in code, by this crate.
+    Declared(String),
+}
+
+/// Adds a schedule by hand, or changes the one of that name added by hand (its ticks
+/// already dealt with stay dealt with); leaves one declared in code as it is. Locks and
+/// writes its row.
+pub(crate) fn upsert(conn: &mut PgConnection, row: &ScheduleRow) -> QueryResult<Upserted> {
     #[derive(QueryableByName)]
     struct Added {
-        #[diesel(sql_type = diesel::sql_types::Bool)]
+        #[diesel(sql_type = Bool)]
         added: bool,
     }
-    let added: Added = diesel::sql_query(
+    let added: Option<Added> = diesel::sql_query(
         "INSERT INTO task_engine_schedules (name, cron, time_zone, task_class, task_parameters, queue, priority,
                                             max_attempts, catch_up)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
@@ -52,6 +67,7 @@ pub(crate) fn upsert(conn: &mut PgConnection, row: &ScheduleRow) -> QueryResult<
          SET cron = EXCLUDED.cron, time_zone = EXCLUDED.time_zone, task_class = EXCLUDED.task_class,
              task_parameters = EXCLUDED.task_parameters, queue = EXCLUDED.queue, priority = EXCLUDED.priority,
              max_attempts = EXCLUDED.max_attempts, catch_up = EXCLUDED.catch_up, updated_at = now()
+         WHERE task_engine_schedules.declared_in IS NULL
          RETURNING (xmax = 0) AS added",
     )
     .bind::<Text, _>(&row.name)
@@ -63,8 +79,15 @@ pub(crate) fn upsert(conn: &mut PgConnection, row: &ScheduleRow) -> QueryResult<
     .bind::<Integer, _>(row.priority)
     .bind::<Integer, _>(row.max_attempts)
     .bind::<Integer, _>(row.catch_up)
-    .get_result(conn)?;
-    Ok(added.added)
+    .get_result(conn)
+    .optional()?;
+    Ok(match added {
+        Some(Added { added: true }) => Upserted::Added,
+        Some(Added { added: false }) => Upserted::Changed,
+        // The row was left: it is declared (the failed ON CONFLICT locked it, so it
+        // cannot have changed since).
+        None => Upserted::Declared(lock(conn, &row.name)?.and_then(|r| r.declared_in).unwrap_or_default()),
+    })
 }
 
 /// Deletes a schedule (its tasks stay). Locks its row. Returns whether there was one.
@@ -93,6 +116,141 @@ pub(crate) fn record_tick(conn: &mut PgConnection, name: &str, tick: DateTime<Ut
         .bind::<Timestamptz, _>(tick)
         .execute(conn)
         .map(drop)
+}
+
+/// Writes a schedule declared by `scope`: adds it, or changes the one of that name this
+/// scope declared (keeping its `last_tick`); leaves one added by hand or declared by
+/// another scope. Locks and writes its row. Returns whether it wrote.
+pub(crate) fn upsert_declared(conn: &mut PgConnection, row: &ScheduleRow, scope: &str) -> QueryResult<bool> {
+    let written = diesel::sql_query(
+        "INSERT INTO task_engine_schedules (name, cron, time_zone, task_class, task_parameters, queue, priority,
+                                            max_attempts, catch_up, declared_in)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         ON CONFLICT (name) DO UPDATE
+         SET cron = EXCLUDED.cron, time_zone = EXCLUDED.time_zone, task_class = EXCLUDED.task_class,
+             task_parameters = EXCLUDED.task_parameters, queue = EXCLUDED.queue, priority = EXCLUDED.priority,
+             max_attempts = EXCLUDED.max_attempts, catch_up = EXCLUDED.catch_up, updated_at = now()
+         WHERE task_engine_schedules.declared_in = EXCLUDED.declared_in",
+    )
+    .bind::<Text, _>(&row.name)
+    .bind::<Text, _>(&row.cron)
+    .bind::<Text, _>(&row.time_zone)
+    .bind::<Text, _>(&row.task_class)
+    .bind::<Jsonb, _>(&row.task_parameters)
+    .bind::<Text, _>(&row.queue)
+    .bind::<Integer, _>(row.priority)
+    .bind::<Integer, _>(row.max_attempts)
+    .bind::<Integer, _>(row.catch_up)
+    .bind::<Text, _>(scope)
+    .execute(conn)?;
+    Ok(written == 1)
+}
+
+/// The schedules `scope` declared and those named `names`, their rows locked for the
+/// rest of the transaction (`FOR UPDATE`), by name.
+pub(crate) fn lock_declared(conn: &mut PgConnection, scope: &str, names: &[&str]) -> QueryResult<Vec<ScheduleRow>> {
+    diesel::sql_query(format!(
+        "SELECT {COLUMNS} FROM task_engine_schedules WHERE declared_in = $1 OR name = ANY($2) ORDER BY name FOR UPDATE"
+    ))
+    .bind::<Text, _>(scope)
+    .bind::<Array<Text>, _>(names)
+    .load(conn)
+}
+
+/// Deletes the schedules named `names` that `scope` declared (their tasks stay). Locks
+/// and deletes their rows.
+pub(crate) fn remove_declared(conn: &mut PgConnection, scope: &str, names: &[&str]) -> QueryResult<()> {
+    diesel::sql_query("DELETE FROM task_engine_schedules WHERE declared_in = $1 AND name = ANY($2)")
+        .bind::<Text, _>(scope)
+        .bind::<Array<Text>, _>(names)
+        .execute(conn)
+        .map(drop)
+}
+
+/// Where a set of declarations stands among its scope's.
+#[derive(Debug, Clone, Copy, PartialEq, QueryableByName)]
+pub(crate) struct SetStanding {
+    /// Its place in the order its scope's sets were first seen.
+    #[diesel(sql_type = BigInt)]
+    pub generation: i64,
+    /// The highest generation of the scope's sets seen within the window (this one
+    /// counted).
+    #[diesel(sql_type = BigInt)]
+    pub newest_live: i64,
+    /// Whether the scope's schedules were last written from this set.
+    #[diesel(sql_type = Bool)]
+    pub applied: bool,
+}
+
+/// Renews a known set's `last_seen` and says where it stands; `None` for a set not
+/// seen before. Writes the set's row only (no table lock).
+pub(crate) fn renew_set(
+    conn: &mut PgConnection,
+    scope: &str,
+    set_hash: &str,
+    live: std::time::Duration,
+) -> QueryResult<Option<SetStanding>> {
+    // The subquery reads the snapshot before the UPDATE: the set itself is counted
+    // live by its hash.
+    diesel::sql_query(
+        "WITH mine AS (
+             UPDATE task_engine_declarations SET last_seen = now()
+             WHERE scope = $1 AND set_hash = $2
+             RETURNING generation, applied)
+         SELECT mine.generation, mine.applied,
+                (SELECT max(generation) FROM task_engine_declarations
+                 WHERE scope = $1 AND (last_seen > now() - $3 * interval '1 microsecond' OR set_hash = $2)) AS newest_live
+         FROM mine",
+    )
+    .bind::<Text, _>(scope)
+    .bind::<Text, _>(set_hash)
+    .bind::<BigInt, _>(super::micros(live))
+    .get_result(conn)
+    .optional()
+}
+
+/// Records a set (the scope's next generation if it is new, or renews its `last_seen`)
+/// and says where it stands, the declarations table locked against every other
+/// instance's record until the transaction ends (`SHARE ROW EXCLUSIVE`, which readers
+/// pass), so that two new sets get two generations and one applies at a time.
+pub(crate) fn record_set(
+    conn: &mut PgConnection,
+    scope: &str,
+    set_hash: &str,
+    live: std::time::Duration,
+) -> QueryResult<SetStanding> {
+    diesel::sql_query("LOCK TABLE task_engine_declarations IN SHARE ROW EXCLUSIVE MODE").execute(conn)?;
+    diesel::sql_query(
+        "INSERT INTO task_engine_declarations (scope, set_hash, generation)
+         SELECT $1, $2, coalesce(max(generation), 0) + 1 FROM task_engine_declarations WHERE scope = $1
+         ON CONFLICT (scope, set_hash) DO UPDATE SET last_seen = now()",
+    )
+    .bind::<Text, _>(scope)
+    .bind::<Text, _>(set_hash)
+    .execute(conn)?;
+    diesel::sql_query(
+        "SELECT d.generation, d.applied,
+                (SELECT max(generation) FROM task_engine_declarations
+                 WHERE scope = $1 AND last_seen > now() - $3 * interval '1 microsecond') AS newest_live
+         FROM task_engine_declarations d WHERE d.scope = $1 AND d.set_hash = $2",
+    )
+    .bind::<Text, _>(scope)
+    .bind::<Text, _>(set_hash)
+    .bind::<BigInt, _>(super::micros(live))
+    .get_result(conn)
+}
+
+/// Marks `set_hash` as the set its scope's schedules were written from (and no other).
+/// Writes the scope's set rows whose mark changes.
+pub(crate) fn mark_applied(conn: &mut PgConnection, scope: &str, set_hash: &str) -> QueryResult<()> {
+    diesel::sql_query(
+        "UPDATE task_engine_declarations SET applied = (set_hash = $2)
+         WHERE scope = $1 AND applied <> (set_hash = $2)",
+    )
+    .bind::<Text, _>(scope)
+    .bind::<Text, _>(set_hash)
+    .execute(conn)
+    .map(drop)
 }
 
 /// The server's clock, which every instance's cron part reads, so that instances whose

@@ -1,6 +1,17 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
+    task_engine_declarations (scope, set_hash) {
+        scope -> Text,
+        set_hash -> Text,
+        generation -> Int8,
+        first_seen -> Timestamptz,
+        last_seen -> Timestamptz,
+        applied -> Bool,
+    }
+}
+
+diesel::table! {
     task_engine_instances (name) {
         name -> Text,
         host -> Text,
@@ -41,6 +52,7 @@ diesel::table! {
         last_tick -> Nullable<Timestamptz>,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        declared_in -> Nullable<Text>,
     }
 }
 diesel::table! {
@@ -87,6 +99,7 @@ diesel::table! {
 }
 
 diesel::allow_tables_to_appear_in_same_query!(
+    task_engine_declarations,
     task_engine_instances,
     task_engine_queues,
     task_engine_schedules,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::context::InstanceHandle;
+use crate::declared::Declarations;
 use crate::error::Error;
 use crate::instance::connections::Connections;
 use crate::instance::crew::{Crew, Hire, Recipe};
@@ -38,6 +39,8 @@ pub(crate) struct Settings {
     pub flush_delay: Duration,
     pub max_completion_batch: usize,
     pub timeout_grace: Duration,
+    /// The schedules it declares, applied at the start: the cron part renews them.
+    pub declarations: Declarations,
 }
 
 /// The counters of the instance's parts.
@@ -171,7 +174,11 @@ impl Instance {
             shutdown: shutdown.clone(),
             stats: Arc::clone(&counters.vacuum),
         })?);
-        self.parts.add(cron::spawn(cron::Input { connections: connections.clone(), shutdown: shutdown.clone() })?);
+        self.parts.add(cron::spawn(cron::Input {
+            connections: connections.clone(),
+            shutdown: shutdown.clone(),
+            declarations: settings.declarations.clone(),
+        })?);
         // The completer ends once every worker's outbox is gone.
         let (inbox, outboxes) = completer::inbox(settings.flush_delay, settings.max_completion_batch, workers);
         self.parts.add(completer::spawn(completer::Input {

@@ -1,13 +1,15 @@
 //! The cron part: fires the schedules of recurring tasks ([`crate::schedule::fire_due`]) at
 //! their ticks, on a connection of its own. Every instance runs one; the schedule's row
 //! lock makes each tick enqueued once. It reads the schedules again at least every few
-//! seconds, so that a schedule added or changed elsewhere is seen.
+//! seconds, so that a schedule added or changed elsewhere is seen, and renews the sets
+//! of schedules its instance declares ([`Renewal`]).
 
 use std::time::Duration;
 
 use diesel::PgConnection;
 
 use crate::db::schedules;
+use crate::declared::{Declarations, Renewal};
 use crate::error::Error;
 use crate::instance::backoff;
 use crate::instance::connections::Connections;
@@ -23,6 +25,8 @@ pub(crate) struct Input {
     /// Where it gets its own connection.
     pub connections: Connections,
     pub shutdown: Shutdown,
+    /// The schedules the instance declares (already applied at its start).
+    pub declarations: Declarations,
 }
 
 /// Starts cron: it fires schedules until the instance stops.
@@ -32,13 +36,14 @@ pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
 
 fn run(input: Input) {
     let mut conn: Option<PgConnection> = None;
+    let mut renewal = Renewal::new(input.declarations);
     let mut failures = 0;
     let mut sleep = Duration::ZERO;
     while !input.shutdown.sleep(sleep) {
         let result = match conn.as_mut() {
-            Some(conn) => tick(conn),
+            Some(conn) => tick(conn, &mut renewal),
             None => input.connections.own().and_then(|mut new| {
-                let result = tick(&mut new);
+                let result = tick(&mut new, &mut renewal);
                 conn = Some(new);
                 result
             }),
@@ -58,11 +63,15 @@ fn run(input: Input) {
     }
 }
 
-/// Fires what is due; returns how long to sleep until the next tick (at most
-/// [`LOOK_EVERY`]).
-fn tick(conn: &mut PgConnection) -> Result<Duration, Error> {
+/// Fires what is due, then renews the declarations if it is time; returns how long to
+/// sleep until the next tick (at most [`LOOK_EVERY`]).
+fn tick(conn: &mut PgConnection, renewal: &mut Renewal) -> Result<Duration, Error> {
     let now = schedules::now(conn)?;
     fire_due(conn, now)?;
+    if let Err(error) = renewal.renew_if_due(conn) {
+        // Tried again at the next renewal; a connection that broke fails the next firing.
+        log::warn!("cron could not renew the schedules its instance declares: {error}");
+    }
     let next = schedules::list(conn)?
         .iter()
         .filter_map(|row| Ticks::of(row).ok()?.after(now.max(row.last_tick.unwrap_or(row.created_at))))

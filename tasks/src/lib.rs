@@ -1,10 +1,11 @@
 //! The project's own task types, used by the demo and the tests.
-//! Each registers itself with `register_task!`: nothing else lists them.
+//! Each registers itself with `register_task!`: nothing else lists them. One example
+//! schedule is declared with `register_schedule!`, off unless asked for.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use task_engine::{register_task, Task, TaskContext, TaskError};
+use task_engine::{register_schedule, register_task, Schedule, Task, TaskContext, TaskError};
 
 /// Makes sure the linker keeps this crate's registrations: call it once from the
 /// binary (an `inventory` registration in a crate nothing references is dropped).
@@ -24,6 +25,13 @@ impl Task for Noop {
     }
 }
 register_task!(Noop);
+
+// An example of a schedule declared with the code: a `noop` every second. Declared only
+// when TASKS_EXAMPLE_SCHEDULE is set (to anything) as the instance starts, so that an
+// `engine run` (yours, the demo's) enqueues nothing unasked; the tests of `engine` set
+// it. A schedule of one's own is declared the same way, without the condition.
+register_schedule!(if std::env::var_os("TASKS_EXAMPLE_SCHEDULE").is_some() =>
+    Schedule::new("tasks-example-every-second", "* * * * * *", &Noop {})?);
 
 /// Returns its parameters, whatever JSON they are, as its result.
 #[derive(Debug, Serialize, Deserialize)]

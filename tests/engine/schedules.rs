@@ -1,5 +1,7 @@
 //! Recurring tasks: each tick enqueued once, whichever instances run, start, stop or
-//! die around it; missed ticks follow the schedule's catch-up.
+//! die around it; missed ticks follow the schedule's catch-up. Schedules declared with
+//! the code: a newer declaration is not undone by an older instance, one removed from
+//! the code goes, one added by hand stays.
 
 use std::sync::mpsc;
 use std::thread;
@@ -8,7 +10,7 @@ use chrono::{DateTime, Utc};
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Timestamptz};
-use task_engine::{add_schedule, fire_due, Schedule};
+use task_engine::{add_schedule, fire_due, list_schedules, register_schedule, Declarations, Schedule, ScheduleState};
 use test_db::TestDatabase;
 
 use crate::support::{runner, wait_until};
@@ -151,4 +153,145 @@ fn a_schedule_that_cannot_fire_holds_up_no_other_and_says_why() {
     let bad = listed.iter().find(|s| s.schedule.name == "a-bad-cron").unwrap();
     assert!(bad.error.as_deref().is_some_and(|e| e.contains("\"every minute\" is not valid")), "{bad:?}");
     assert!(listed.iter().find(|s| s.schedule.name == "c-good").unwrap().error.is_none());
+}
+
+/// Declarations of one scope, `billing`, as a crate's `register_schedule!`s make them.
+fn billing(schedules: &[&Schedule]) -> Declarations {
+    let mut declarations = Declarations::default();
+    for schedule in schedules {
+        declarations.declare("billing", (*schedule).clone()).unwrap();
+    }
+    declarations
+}
+
+fn stored(conn: &mut PgConnection, name: &str) -> Option<ScheduleState> {
+    list_schedules(conn).unwrap().into_iter().find(|s| s.schedule.name == name)
+}
+
+fn report(cron: &str) -> Schedule {
+    Schedule::new("report", cron, &::tasks::Echo(serde_json::json!("report"))).unwrap()
+}
+
+/// Makes the newest set of `billing` look as if its instances had stopped over a
+/// minute ago.
+fn newest_set_stopped(conn: &mut PgConnection) {
+    conn.batch_execute(
+        "UPDATE task_engine_declarations SET last_seen = now() - interval '2 minutes'
+         WHERE scope = 'billing'
+           AND generation = (SELECT max(generation) FROM task_engine_declarations WHERE scope = 'billing')",
+    )
+    .unwrap();
+}
+
+thread_local! {
+    /// Whether the declaration below is made on this thread: in the one test that
+    /// wants it, not in the other tests' instances (each test runs on a thread of its own).
+    static DECLARING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+register_schedule!(if DECLARING.get() =>
+    Schedule::new("declared-every-second", "* * * * * *", &::tasks::Noop {})?.catch_up(1000));
+
+#[test]
+fn a_declared_schedule_fires_once_per_tick_with_two_instances_that_declare_it() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let names = |d: &Declarations| d.schedules().map(|(scope, s)| format!("{scope}: {}", s.name)).collect::<Vec<_>>();
+    assert_eq!(names(&Declarations::from_inventory().unwrap()), [] as [String; 0], "declared without its condition");
+    DECLARING.set(true);
+    assert_eq!(names(&Declarations::from_inventory().unwrap()), ["engine: declared-every-second"]);
+    // Plain instances: they collect the declarations linked into the binary at their start.
+    let (a, b) = (runner(&db, "declared-a", 1).start().unwrap(), runner(&db, "declared-b", 1).start().unwrap());
+    DECLARING.set(false);
+    let row = stored(&mut conn, "declared-every-second").expect("the declaration was applied at the start");
+    assert_eq!((row.schedule.cron.as_str(), row.declared_in.as_deref()), ("* * * * * *", Some("engine")));
+
+    wait_until("four ticks are enqueued", || ticks(&mut conn).len() >= 4);
+    a.shutdown();
+    b.shutdown();
+    let ticks = ticks(&mut conn);
+    assert!(ticks.iter().all(|t| t.tasks == 1), "a tick enqueued twice: {ticks:?}");
+    let (first, last) = (ticks[0].run_at, ticks[ticks.len() - 1].run_at);
+    assert_eq!((last - first).num_seconds() + 1, ticks.len() as i64, "a tick was lost: {ticks:?}");
+}
+
+#[test]
+fn an_older_declaration_starting_after_a_newer_one_does_not_undo_it_until_the_newer_one_stops_running() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let (old, new) = (billing(&[&report("0 2 1 1 *")]), billing(&[&report("0 3 1 1 *")]));
+    let start =
+        |name: &str, declared: &Declarations| runner(&db, name, 1).declarations(declared.clone()).start().unwrap();
+    let cron_of = |conn: &mut PgConnection| stored(conn, "report").unwrap().schedule.cron;
+
+    // The old version runs; the new one is deployed beside it.
+    let b = start("old-b", &old);
+    assert_eq!(cron_of(&mut conn), "0 2 1 1 *");
+    // Ticks once a year: none comes during the test, the last tick dealt with is now.
+    conn.batch_execute("UPDATE task_engine_schedules SET last_tick = now()").unwrap();
+    let last_tick = stored(&mut conn, "report").unwrap().last_tick;
+    let a = start("new-a", &new);
+    assert_eq!(cron_of(&mut conn), "0 3 1 1 *");
+    // An instance of the old version restarts late: it starts, and its cron part
+    // renews its declarations, without undoing the new one.
+    b.shutdown();
+    let b = start("old-b", &old);
+    assert_eq!(cron_of(&mut conn), "0 3 1 1 *", "the late start of an older instance undid the newer declaration");
+    let old_seen = |conn: &mut PgConnection| -> DateTime<Utc> {
+        diesel::select(diesel::dsl::sql::<Timestamptz>(
+            "(SELECT last_seen FROM task_engine_declarations WHERE scope = 'billing' AND generation = 1)",
+        ))
+        .get_result(conn)
+        .unwrap()
+    };
+    let at_start = old_seen(&mut conn);
+    wait_until("the old instance's cron part has renewed its declarations", || old_seen(&mut conn) > at_start);
+    assert_eq!(cron_of(&mut conn), "0 3 1 1 *", "the older instance's renewal undid the newer declaration");
+
+    // The new version is rolled back: once none of its instances has run for a
+    // minute, the old declaration is applied again, its ticks dealt with kept.
+    a.shutdown();
+    newest_set_stopped(&mut conn);
+    wait_until("the old declaration is applied again", || cron_of(&mut conn) == "0 2 1 1 *");
+    assert_eq!(stored(&mut conn, "report").unwrap().last_tick, last_tick);
+    b.shutdown();
+}
+
+#[test]
+fn a_schedule_removed_from_the_code_is_removed_and_one_added_by_hand_never_is() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let cleanup = Schedule::new("cleanup", "0 4 * * *", &::tasks::Noop {}).unwrap();
+    let by_hand = Schedule::new("by-hand", "0 5 * * *", &::tasks::Noop {}).unwrap();
+    add_schedule(&mut conn, &by_hand).unwrap();
+    // v1 also declares `by-hand`, which the hand-added schedule keeps.
+    let v1 = billing(&[&report("0 2 * * *"), &cleanup, &Schedule { cron: "0 6 * * *".into(), ..by_hand.clone() }]);
+    let v2 = billing(&[&report("0 2 * * *")]);
+    let start =
+        |name: &str, declared: &Declarations| runner(&db, name, 1).declarations(declared.clone()).start().unwrap();
+    let origins = |conn: &mut PgConnection| -> Vec<(String, Option<String>, String)> {
+        list_schedules(conn).unwrap().into_iter().map(|s| (s.schedule.name, s.declared_in, s.schedule.cron)).collect()
+    };
+    let declared = |name: &str, cron: &str| (name.to_owned(), Some("billing".to_owned()), cron.to_owned());
+    let hand = (by_hand.name.clone(), None, by_hand.cron.clone());
+
+    let one = start("v1", &v1);
+    assert_eq!(origins(&mut conn), [hand.clone(), declared("cleanup", "0 4 * * *"), declared("report", "0 2 * * *")]);
+    let two = start("v2", &v2);
+    assert_eq!(origins(&mut conn), [hand.clone(), declared("report", "0 2 * * *")], "cleanup was not removed");
+    one.shutdown();
+    let one = start("v1", &v1);
+    assert_eq!(origins(&mut conn), [hand.clone(), declared("report", "0 2 * * *")], "an older start put cleanup back");
+
+    // A declared schedule is changed in its code, not by hand; removed by hand, it comes
+    // back at the next start of the newest code.
+    let error = add_schedule(&mut conn, &report("0 9 * * *")).unwrap_err();
+    assert!(matches!(error, task_engine::Error::InvalidValue(_)), "{error}");
+    assert!(error.to_string().contains("declared in code (by the crate billing)"), "{error}");
+    assert!(task_engine::remove_schedule(&mut conn, "report").unwrap());
+    two.shutdown();
+    let two = start("v2", &v2);
+    assert_eq!(origins(&mut conn), [hand, declared("report", "0 2 * * *")]);
+    one.shutdown();
+    two.shutdown();
 }

@@ -26,6 +26,7 @@ fn migrations_create_the_tables_on_an_empty_database_and_a_second_run_changes_no
     let mut conn = db.connect();
     conn.batch_execute(
         "DROP TABLE task_executions, tasks, task_engine_instances, task_engine_queues, task_engine_schedules,
+                    task_engine_declarations,
                     __diesel_schema_migrations;
          DROP FUNCTION task_engine_notify_insert(), task_engine_delete_executions(),
                        task_engine_truncate_executions(), task_engine_channel(), task_engine_channel(text),

@@ -1,8 +1,9 @@
 //! `engine cron`: adds, lists and removes the schedules of recurring tasks.
 
 use clap::Subcommand;
+use diesel::PgConnection;
 
-use super::{status, Context};
+use super::Context;
 use crate::{outln, UsageError};
 
 #[derive(Debug, Subcommand)]
@@ -31,9 +32,11 @@ pub enum CronCommand {
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         priority: i32,
     },
-    /// Lists the schedules, with their last and next tick.
+    /// Lists the schedules, with where each comes from (declared in code, or added by
+    /// hand), their last and next tick.
     List,
-    /// Removes a schedule (its tasks stay).
+    /// Removes a schedule (its tasks stay). One declared in code comes back at the next
+    /// start of an instance of the newest code: remove it from the code instead.
     Remove { name: String },
 }
 
@@ -57,15 +60,81 @@ pub fn run(command: CronCommand, ctx: &Context) -> anyhow::Result<()> {
         }
         CronCommand::List => {
             let (_, mut conn) = ctx.open_migrated()?;
-            status::print_schedules(&mut conn)?;
+            print_schedules(&mut conn)?;
         }
         CronCommand::Remove { name } => {
             let (_, mut conn) = ctx.open_migrated()?;
+            let declared_in = task_engine::list_schedules(&mut conn)?
+                .into_iter()
+                .find(|s| s.schedule.name == name)
+                .and_then(|s| s.declared_in);
             if !task_engine::remove_schedule(&mut conn, &name)? {
                 return Err(UsageError(format!("there is no schedule {name:?}")).into());
             }
-            outln!("schedule {name} removed");
+            match declared_in {
+                None => outln!("schedule {name} removed"),
+                Some(scope) => outln!(
+                    "schedule {name} removed; it is declared in code (in {}): the next instance of the newest code \
+                     to start declares it again",
+                    plain(&scope)
+                ),
+            }
         }
     }
     Ok(())
+}
+
+/// The schedules, one a line, each column as wide as its widest value.
+fn print_schedules(conn: &mut PgConnection) -> anyhow::Result<()> {
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map_or_else(|| "-".to_owned(), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+    };
+    let header = ["SCHEDULE", "ORIGIN", "CRON", "TIME ZONE", "TYPE", "CATCH-UP", "LAST TICK", "NEXT TICK"];
+    let rows: Vec<[String; 8]> = task_engine::list_schedules(conn)?
+        .into_iter()
+        .map(|s| {
+            [
+                plain(&s.schedule.name),
+                s.declared_in
+                    .map_or_else(|| "added by hand".to_owned(), |scope| format!("declared in {}", plain(&scope))),
+                plain(&s.schedule.cron),
+                plain(&s.schedule.time_zone),
+                plain(&s.schedule.task_type),
+                s.schedule.catch_up.to_string(),
+                time(s.last_tick),
+                s.error.map_or_else(|| time(s.next_tick), |e| format!("never: {}", plain(&e))),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(|h| h.chars().count());
+    for row in &rows {
+        for (width, value) in widths.iter_mut().zip(row) {
+            *width = (*width).max(value.chars().count());
+        }
+    }
+    let line = |values: [&str; 8]| {
+        let cells: Vec<String> = values
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(column, (value, width))| match column {
+                // The catch-up is a number: right-aligned. The last column is not padded.
+                5 => format!("{value:>width$}"),
+                7 => (*value).to_owned(),
+                _ => format!("{value:<width$}"),
+            })
+            .collect();
+        cells.join(" ")
+    };
+    outln!("{}", line(header));
+    for row in &rows {
+        outln!("{}", line(row.each_ref().map(String::as_str)));
+    }
+    Ok(())
+}
+
+/// Text from the database as it may be printed on a terminal: control characters
+/// escaped, so that nothing read from a row can drive the terminal or break the table.
+fn plain(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
