@@ -15,6 +15,6 @@ for i in $(seq 1 "$pairs"); do
     [ "$which" = B ] && bin=$b
     psql "$DATABASE_URL" -qc CHECKPOINT
     sleep 5
-    printf '%s %s\n' "$which" "$("$bin" "$@" 2>/dev/null | tail -1)"
+    printf '%s %s\n' "$which" "$("$bin" "$@" 2>/dev/null | grep '^{' | tail -1)"
   done
 done

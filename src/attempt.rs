@@ -69,10 +69,3 @@ pub(crate) struct Completion {
     /// instances waiting for one must be told.
     pub frees_a_place: bool,
 }
-
-impl Outcome {
-    /// Whether the task waits again after this outcome (unless a cancel wins).
-    pub(crate) fn waits_again(&self) -> bool {
-        matches!(self, Self::Retry { .. } | Self::Snoozed { .. } | Self::Interrupted(_))
-    }
-}

@@ -41,7 +41,7 @@ pub(crate) const COMPLETE: &str = concat!(
              -- each checked against the whole batch, costs the square of the batch.
              WHERE t.id = ANY($2) AND t.id = d.task_id AND t.attempts = d.attempt
                AND t.status IS NOT DISTINCT FROM 'running'
-             RETURNING t.id, t.instance, t.run_at, t.status
+             RETURNING t.id, t.instance, t.run_at, t.status, t.unique_scope
          ), notified AS (
              -- Under a queue's limit, each recorded attempt freed a place; an interrupted
              -- task waits again, due now (`$11`, either): wake the instances, in this
@@ -50,7 +50,7 @@ pub(crate) const COMPLETE: &str = concat!(
     notify_waiting!("count(*)"),
     "
              FROM moved WHERE $11 HAVING count(*) > 0
-         )
+         ), recorded AS (
          INSERT INTO task_executions (id, task_id, attempt, started_at, stopped_at, result, error, instance, worker,
                                       snoozed_until, interrupted)
          SELECT d.execution_id, d.task_id, d.attempt, d.started_at, d.stopped_at, d.result, d.error, m.instance, d.worker,
@@ -62,7 +62,12 @@ pub(crate) const COMPLETE: &str = concat!(
               AS d(execution_id, task_id, attempt, worker, stopped_at, result, error, started_at, status)
          JOIN moved m ON m.id = d.task_id
          -- Reading `notified` is what runs its pg_notify (once, before the first row).
-         WHERE (SELECT count(*) FROM notified) >= 0"
+         WHERE (SELECT count(*) FROM notified) >= 0
+         RETURNING task_id
+         )
+         -- The tasks back to waiting without their unique key: `keep_keys` looks at them.
+         SELECT (SELECT count(*) FROM recorded) AS recorded,
+                array(SELECT id FROM moved WHERE status = 'waiting' AND unique_scope = 'released') AS released"
 );
 
 /// Records finished attempts, in one statement: moves each task still running that
@@ -105,8 +110,7 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
         errors.push(error);
         delays_us.push(delay);
     }
-    let back: Vec<i64> = completions.iter().filter(|c| c.outcome.waits_again()).map(|c| c.task_id).collect();
-    let recorded = Prepared(
+    let recorded: Recorded = Prepared(
         diesel::sql_query(COMPLETE)
             .bind::<Array<BigInt>, _>(execution_ids)
             .bind::<Array<BigInt>, _>(task_ids)
@@ -122,9 +126,19 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
                 completions.iter().any(|c| c.frees_a_place || matches!(c.outcome, Outcome::Interrupted(_))),
             ),
     )
-    .execute(conn)?;
-    unique::keep_keys(conn, &back);
-    Ok(recorded)
+    .get_result(conn)?;
+    unique::keep_keys(conn, &recorded.released);
+    Ok(usize::try_from(recorded.recorded).unwrap_or(0))
+}
+
+/// What [`COMPLETE`] did: how many attempts it recorded, and which of their tasks
+/// wait again without their unique key.
+#[derive(QueryableByName)]
+struct Recorded {
+    #[diesel(sql_type = BigInt)]
+    recorded: i64,
+    #[diesel(sql_type = Array<BigInt>)]
+    released: Vec<i64>,
 }
 
 /// Sets up the completer's own connection for [`complete`]: with sequential scans and
@@ -167,6 +181,9 @@ pub(crate) fn release(conn: &mut PgConnection, instance: &str, claimed: &[Claime
     struct Released {
         #[diesel(sql_type = BigInt)]
         n: i64,
+        /// Back to waiting without their unique key.
+        #[diesel(sql_type = Array<BigInt>)]
+        released: Vec<i64>,
     }
     let ids: Vec<i64> = claimed.iter().map(|t| t.id).collect();
     let attempts: Vec<i32> = claimed.iter().map(|t| t.attempt).collect();
@@ -175,7 +192,7 @@ pub(crate) fn release(conn: &mut PgConnection, instance: &str, claimed: &[Claime
         .bind::<Array<Integer>, _>(attempts)
         .bind::<Text, _>(instance)
         .get_result(conn)?;
-    unique::keep_keys(conn, &claimed.iter().map(|t| t.id).collect::<Vec<_>>());
+    unique::keep_keys(conn, &released.released);
     Ok(usize::try_from(released.n).unwrap_or(0))
 }
 
@@ -193,7 +210,7 @@ pub(crate) const RELEASE: &str = concat!(
              FROM unnest($1::bigint[], $2::int[]) AS g(id, attempt)
              WHERE t.id = ANY($1) AND t.id = g.id
                AND t.status = 'running' AND t.attempts = g.attempt AND t.instance = $3
-             RETURNING t.id
+             RETURNING t.id, t.status, t.unique_scope
          ), counted AS (
              SELECT count(*) AS n FROM moved
          ), notified AS (
@@ -203,7 +220,9 @@ pub(crate) const RELEASE: &str = concat!(
          )
          -- Reading `notified` (in the select list, where no join removal drops it) is
          -- what runs its pg_notify.
-         SELECT n, (SELECT count(*) FROM notified) AS notifications FROM counted"
+         SELECT n, (SELECT count(*) FROM notified) AS notifications,
+                array(SELECT id FROM moved WHERE status = 'waiting' AND unique_scope = 'released') AS released
+         FROM counted"
 );
 
 /// Records an attempt that passed its time limit and grace without returning (its
@@ -331,5 +350,30 @@ mod tests {
             }
             assert!(plan.contains("tasks_pkey"), "{mode}:\n{plan}");
         }
+    }
+
+    /// On the completer's session (nested loops off), the look for another holder goes
+    /// by key, whatever the number of holders: a task taking its key back reads one
+    /// entry of the index, not all of them.
+    #[test]
+    fn taking_a_key_back_looks_up_its_key_alone_on_the_completer_s_session() {
+        let db = test_db::TestDatabase::new();
+        let mut conn = db.connect();
+        conn.batch_execute(
+            "INSERT INTO tasks (task_class, unique_key) SELECT 'noop', 'k' || n FROM generate_series(1, 20000) n;
+             INSERT INTO tasks (task_class, unique_key, unique_scope) VALUES ('noop', 'back', 'released');
+             ANALYZE tasks;",
+        )
+        .unwrap();
+        prepare_completer_session(&mut conn).unwrap();
+        conn.batch_execute(&format!("BEGIN; {}", unique::KEY_WAIT)).unwrap();
+        let plan: Vec<PlanLine> = diesel::sql_query(format!("EXPLAIN (ANALYZE, COSTS OFF) {}", unique::KEEP_KEYS))
+            .bind::<Array<BigInt>, _>(vec![20001i64])
+            .load(&mut conn)
+            .unwrap();
+        conn.batch_execute("ROLLBACK").unwrap();
+        let plan = plan.into_iter().map(|p| p.line).collect::<Vec<_>>().join("\n");
+        assert!(plan.contains("Nested Loop Anti Join") && plan.contains("tasks_unique_key_idx"), "{plan}");
+        assert!(!plan.contains("Seq Scan") && !plan.contains("Hash"), "{plan}");
     }
 }

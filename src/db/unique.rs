@@ -78,7 +78,7 @@ impl<'a> Columns<'a> {
 /// their type, parameters, priority, queue, fair key, time limit, key scope and
 /// attempts allowed (at least one more than they used), and the due time where
 /// `replace_due` says so (a debounce); a checkpoint is kept only by a task of the same
-/// type (another cannot read it). Each keeps its id and its history. Wakes the
+/// type (another cannot read it), and its progress too. Each keeps its id and its history. Wakes the
 /// instances when one became due, or arms their timers. Locks the waiting holders' rows
 /// only (a claim holding one makes it wait, then finds it running and leaves it).
 /// Returns the replaced tasks.
@@ -111,6 +111,8 @@ pub(crate) const REPLACE_WAITING: &str = concat!(
              SET task_class = d.c, task_parameters = d.p, priority = d.pr, queue = d.q, fair_key = d.fk,
                  unique_scope = d.s, timeout_ms = d.tm, max_attempts = greatest(d.m, t.attempts + 1),
                  checkpoint = CASE WHEN t.task_class = d.c THEN t.checkpoint END,
+                 progress = CASE WHEN t.task_class = d.c THEN t.progress END,
+                 progress_message = CASE WHEN t.task_class = d.c THEN t.progress_message END,
                  run_at = CASE WHEN d.due THEN COALESCE(d.r, now() + d.d * interval '1 microsecond')
                                ELSE t.run_at END,
                  updated_at = now()
@@ -188,7 +190,10 @@ pub(crate) const KEEP_KEYS: &str = concat!(
 
 /// How long taking a key back may wait for a transaction that inserts the same key:
 /// such a transaction gets the key, and a completion is held up no longer than this.
-const KEY_WAIT: &str = "SET LOCAL lock_timeout = '50ms'";
+/// Nested loops on, for this transaction: the completer's session turns them off, and
+/// the look for another holder must go by key (`tasks_unique_key_idx`), not through
+/// every holder.
+pub(crate) const KEY_WAIT: &str = "SET LOCAL lock_timeout = '50ms'; SET LOCAL enable_nestloop = on";
 
 /// Gives back their unique key to the tasks of `ids` that went back to waiting after a
 /// run (a retry, a snooze, an interrupt, a claim given back) and let it go

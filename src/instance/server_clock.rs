@@ -50,8 +50,11 @@ impl ServerClock {
     pub(crate) fn observe(&self, server_now: DateTime<Utc>, answered: Instant) {
         let bound = server_now.timestamp_micros() - micros(answered.saturating_duration_since(self.base));
         let mut bounds = lock(&self.bounds);
-        if bounds.window_from.elapsed() >= WINDOW {
-            bounds.previous = bounds.current.take();
+        let age = bounds.window_from.elapsed();
+        if age >= WINDOW {
+            // After an idle spell of two windows, the last bounds are too old to keep.
+            bounds.previous = if age < 2 * WINDOW { bounds.current.take() } else { None };
+            bounds.current = None;
             bounds.window_from = Instant::now();
         }
         bounds.current = Some(bounds.current.map_or(bound, |b| b.max(bound)));

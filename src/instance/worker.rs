@@ -155,7 +155,7 @@ fn timed_out_message(timeout: Duration, grace: Duration) -> String {
 fn execute(input: &Input, task: ClaimedTask, not_before: Option<DateTime<Utc>>) -> (Completion, Option<TaskEntry>) {
     log::debug!("task {} ({}) attempt {} starting", task.id, task.task_type, task.attempt);
     let mut started = Instant::now();
-    let (ran, stop, entry, finished) = match input.registry.get(&task.task_type) {
+    let (ran, stop, entry, started_at, finished) = match input.registry.get(&task.task_type) {
         Ok(entry) => {
             let timed_out = Arc::new(AtomicBool::new(false));
             let ctx = TaskContext {
@@ -199,14 +199,17 @@ fn execute(input: &Input, task: ClaimedTask, not_before: Option<DateTime<Utc>>) 
                     entry.name()
                 );
             }
-            (ran, Stop::of(&ctx), Some(*entry), finished)
+            (ran, Stop::of(&ctx), Some(*entry), started_at, finished)
         }
         // Claims ask only for registered types; this is a registry changed under us.
-        Err(error) => (Err(RunFailure::Parameters(error.to_string())), Stop::NotAsked, None, Instant::now()),
+        Err(error) => {
+            let started_at = input.clock.at(started).max(not_before.unwrap_or_default());
+            (Err(RunFailure::Parameters(error.to_string())), Stop::NotAsked, None, started_at, Instant::now())
+        }
     };
     let elapsed = finished.duration_since(started);
     let outcome = outcome(&task, entry.as_ref(), ran, stop, elapsed);
-    let started_at = input.clock.at(started).max(not_before.unwrap_or_default());
+    // Dated once, before the run (the watchdog's record has the same start).
     let stopped_at = input.clock.at(finished).max(started_at);
     (attempt_ended(input, &task, started_at, stopped_at, elapsed, outcome), entry)
 }
