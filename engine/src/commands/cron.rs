@@ -1,8 +1,8 @@
 //! `engine cron`: adds, lists and removes the schedules of recurring tasks.
 
 use clap::Subcommand;
-use diesel::PgConnection;
 
+use super::status::{plain, print_schedules};
 use super::Context;
 use crate::{outln, UsageError};
 
@@ -82,59 +82,4 @@ pub fn run(command: CronCommand, ctx: &Context) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The schedules, one a line, each column as wide as its widest value.
-fn print_schedules(conn: &mut PgConnection) -> anyhow::Result<()> {
-    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
-        t.map_or_else(|| "-".to_owned(), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-    };
-    let header = ["SCHEDULE", "ORIGIN", "CRON", "TIME ZONE", "TYPE", "CATCH-UP", "LAST TICK", "NEXT TICK"];
-    let rows: Vec<[String; 8]> = task_engine::list_schedules(conn)?
-        .into_iter()
-        .map(|s| {
-            [
-                plain(&s.schedule.name),
-                s.declared_in
-                    .map_or_else(|| "added by hand".to_owned(), |scope| format!("declared in {}", plain(&scope))),
-                plain(&s.schedule.cron),
-                plain(&s.schedule.time_zone),
-                plain(&s.schedule.task_type),
-                s.schedule.catch_up.to_string(),
-                time(s.last_tick),
-                s.error.map_or_else(|| time(s.next_tick), |e| format!("never: {}", plain(&e))),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(|h| h.chars().count());
-    for row in &rows {
-        for (width, value) in widths.iter_mut().zip(row) {
-            *width = (*width).max(value.chars().count());
-        }
-    }
-    let line = |values: [&str; 8]| {
-        let cells: Vec<String> = values
-            .iter()
-            .zip(widths)
-            .enumerate()
-            .map(|(column, (value, width))| match column {
-                // The catch-up is a number: right-aligned. The last column is not padded.
-                5 => format!("{value:>width$}"),
-                7 => (*value).to_owned(),
-                _ => format!("{value:<width$}"),
-            })
-            .collect();
-        cells.join(" ")
-    };
-    outln!("{}", line(header));
-    for row in &rows {
-        outln!("{}", line(row.each_ref().map(String::as_str)));
-    }
-    Ok(())
-}
-
-/// Text from the database as it may be printed on a terminal: control characters
-/// escaped, so that nothing read from a row can drive the terminal or break the table.
-fn plain(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }

@@ -233,7 +233,7 @@ fn execution_row(e: &TaskExecution, task_class: &str) -> Vec<String> {
 /// Text from the database as it may be printed on a terminal: control characters
 /// (an escape sequence in a type name inserted by SQL, a line feed in an error)
 /// escaped, so that nothing read from a row can drive the terminal or break a table.
-fn plain(text: &str) -> String {
+pub fn plain(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
@@ -244,6 +244,7 @@ pub fn print_schedules(conn: &mut PgConnection) -> anyhow::Result<()> {
     };
     let mut table = Table::new(&[
         ("SCHEDULE", Left),
+        ("ORIGIN", Left),
         ("CRON", Left),
         ("TIME ZONE", Left),
         ("TYPE", Left),
@@ -254,6 +255,7 @@ pub fn print_schedules(conn: &mut PgConnection) -> anyhow::Result<()> {
     for s in task_engine::list_schedules(conn)? {
         table.row(vec![
             plain(&s.schedule.name),
+            s.declared_in.map_or_else(|| "added by hand".to_owned(), |scope| format!("declared in {}", plain(&scope))),
             plain(&s.schedule.cron),
             plain(&s.schedule.time_zone),
             plain(&s.schedule.task_type),
