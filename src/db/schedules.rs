@@ -54,36 +54,10 @@ pub(crate) enum Upserted {
 /// already dealt with stay dealt with); leaves one declared in code as it is. Locks and
 /// writes its row.
 pub(crate) fn upsert(conn: &mut PgConnection, row: &ScheduleRow) -> QueryResult<Upserted> {
-    #[derive(QueryableByName)]
-    struct Added {
-        #[diesel(sql_type = Bool)]
-        added: bool,
-    }
-    let added: Option<Added> = diesel::sql_query(
-        "INSERT INTO task_engine_schedules (name, cron, time_zone, task_class, task_parameters, queue, priority,
-                                            max_attempts, catch_up)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         ON CONFLICT (name) DO UPDATE
-         SET cron = EXCLUDED.cron, time_zone = EXCLUDED.time_zone, task_class = EXCLUDED.task_class,
-             task_parameters = EXCLUDED.task_parameters, queue = EXCLUDED.queue, priority = EXCLUDED.priority,
-             max_attempts = EXCLUDED.max_attempts, catch_up = EXCLUDED.catch_up, updated_at = now()
-         WHERE task_engine_schedules.declared_in IS NULL
-         RETURNING (xmax = 0) AS added",
-    )
-    .bind::<Text, _>(&row.name)
-    .bind::<Text, _>(&row.cron)
-    .bind::<Text, _>(&row.time_zone)
-    .bind::<Text, _>(&row.task_class)
-    .bind::<Jsonb, _>(&row.task_parameters)
-    .bind::<Text, _>(&row.queue)
-    .bind::<Integer, _>(row.priority)
-    .bind::<Integer, _>(row.max_attempts)
-    .bind::<Integer, _>(row.catch_up)
-    .get_result(conn)
-    .optional()?;
+    let added = write(conn, row, None)?;
     Ok(match added {
-        Some(Added { added: true }) => Upserted::Added,
-        Some(Added { added: false }) => Upserted::Changed,
+        Some(true) => Upserted::Added,
+        Some(false) => Upserted::Changed,
         // The row was left: it is declared (the failed ON CONFLICT locked it, so it
         // cannot have changed since).
         None => Upserted::Declared(lock(conn, &row.name)?.and_then(|r| r.declared_in).unwrap_or_default()),
@@ -122,7 +96,20 @@ pub(crate) fn record_tick(conn: &mut PgConnection, name: &str, tick: DateTime<Ut
 /// scope declared (keeping its `last_tick`); leaves one added by hand or declared by
 /// another scope. Locks and writes its row. Returns whether it wrote.
 pub(crate) fn upsert_declared(conn: &mut PgConnection, row: &ScheduleRow, scope: &str) -> QueryResult<bool> {
-    let written = diesel::sql_query(
+    Ok(write(conn, row, Some(scope))?.is_some())
+}
+
+/// Adds a schedule, or changes the one of that name from the same origin (`declared_in`:
+/// a scope, or `None` for by hand), keeping its `last_tick`; leaves one of another
+/// origin. Locks and writes its row. Returns whether it added it (`Some(true)`),
+/// changed it, or left it (`None`).
+fn write(conn: &mut PgConnection, row: &ScheduleRow, declared_in: Option<&str>) -> QueryResult<Option<bool>> {
+    #[derive(QueryableByName)]
+    struct Added {
+        #[diesel(sql_type = Bool)]
+        added: bool,
+    }
+    let added: Option<Added> = diesel::sql_query(
         "INSERT INTO task_engine_schedules (name, cron, time_zone, task_class, task_parameters, queue, priority,
                                             max_attempts, catch_up, declared_in)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
@@ -130,7 +117,8 @@ pub(crate) fn upsert_declared(conn: &mut PgConnection, row: &ScheduleRow, scope:
          SET cron = EXCLUDED.cron, time_zone = EXCLUDED.time_zone, task_class = EXCLUDED.task_class,
              task_parameters = EXCLUDED.task_parameters, queue = EXCLUDED.queue, priority = EXCLUDED.priority,
              max_attempts = EXCLUDED.max_attempts, catch_up = EXCLUDED.catch_up, updated_at = now()
-         WHERE task_engine_schedules.declared_in = EXCLUDED.declared_in",
+         WHERE task_engine_schedules.declared_in IS NOT DISTINCT FROM EXCLUDED.declared_in
+         RETURNING (xmax = 0) AS added",
     )
     .bind::<Text, _>(&row.name)
     .bind::<Text, _>(&row.cron)
@@ -141,9 +129,10 @@ pub(crate) fn upsert_declared(conn: &mut PgConnection, row: &ScheduleRow, scope:
     .bind::<Integer, _>(row.priority)
     .bind::<Integer, _>(row.max_attempts)
     .bind::<Integer, _>(row.catch_up)
-    .bind::<Text, _>(scope)
-    .execute(conn)?;
-    Ok(written == 1)
+    .bind::<Nullable<Text>, _>(declared_in)
+    .get_result(conn)
+    .optional()?;
+    Ok(added.map(|a| a.added))
 }
 
 /// The schedules `scope` declared and those named `names`, their rows locked for the
