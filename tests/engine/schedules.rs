@@ -28,6 +28,13 @@ fn ticks(conn: &mut PgConnection) -> Vec<Tick> {
     diesel::sql_query("SELECT run_at, count(*) AS tasks FROM tasks GROUP BY run_at ORDER BY run_at").load(conn).unwrap()
 }
 
+/// Every second from the first tick to the last enqueued, each once.
+fn each_second_enqueued_once(ticks: &[Tick]) {
+    assert!(ticks.iter().all(|t| t.tasks == 1), "a tick enqueued twice: {ticks:?}");
+    let (first, last) = (ticks[0].run_at, ticks[ticks.len() - 1].run_at);
+    assert_eq!((last - first).num_seconds() + 1, ticks.len() as i64, "a tick was lost: {ticks:?}");
+}
+
 fn at(text: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
 }
@@ -59,10 +66,7 @@ fn a_schedule_fires_once_per_tick_while_three_instances_start_and_stop_around_th
     a.shutdown();
     b.shutdown();
 
-    let ticks = ticks(&mut conn);
-    assert!(ticks.iter().all(|t| t.tasks == 1), "a tick enqueued twice: {ticks:?}");
-    let (first, last) = (ticks[0].run_at, ticks[ticks.len() - 1].run_at);
-    assert_eq!((last - first).num_seconds() + 1, ticks.len() as i64, "a tick was lost: {ticks:?}");
+    each_second_enqueued_once(&ticks(&mut conn));
 }
 
 #[test]
@@ -209,10 +213,7 @@ fn a_declared_schedule_fires_once_per_tick_with_two_instances_that_declare_it() 
     wait_until("four ticks are enqueued", || ticks(&mut conn).len() >= 4);
     a.shutdown();
     b.shutdown();
-    let ticks = ticks(&mut conn);
-    assert!(ticks.iter().all(|t| t.tasks == 1), "a tick enqueued twice: {ticks:?}");
-    let (first, last) = (ticks[0].run_at, ticks[ticks.len() - 1].run_at);
-    assert_eq!((last - first).num_seconds() + 1, ticks.len() as i64, "a tick was lost: {ticks:?}");
+    each_second_enqueued_once(&ticks(&mut conn));
 }
 
 #[test]
