@@ -178,6 +178,73 @@ fn engine_migrate_on_a_migrated_database_says_it_is_up_to_date() {
     assert_eq!(text(&out.stdout).trim(), "the schema is up to date");
 }
 
+/// A fleet whose pods each run `engine migrate` at start, on a fresh deployment: 10
+/// processes released together (each waits on its stdin, closed for all at once), three
+/// times, each time in a fresh schema (a deployment of its own, as `search_path` names it).
+#[test]
+fn ten_engine_migrates_at_once_on_a_fresh_database_all_exit_0_and_apply_each_migration_once() {
+    #[derive(QueryableByName, PartialEq, Debug)]
+    struct Name {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+    }
+    // The schema's objects by name, to compare a fleet's deployment with the test's own.
+    let objects = |conn: &mut PgConnection, schema: &str| -> Vec<Name> {
+        diesel::sql_query(
+            "SELECT relname::text AS name FROM pg_class WHERE relnamespace = $1::regnamespace
+             UNION ALL SELECT proname::text FROM pg_proc WHERE pronamespace = $1::regnamespace
+             UNION ALL SELECT tgname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+                       WHERE c.relnamespace = $1::regnamespace
+             ORDER BY 1",
+        )
+        .bind::<diesel::sql_types::Text, _>(schema)
+        .load(conn)
+        .unwrap()
+    };
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let versions = |conn: &mut PgConnection, schema: &str| -> Vec<Name> {
+        diesel::sql_query(format!("SELECT version::text AS name FROM {schema}.__diesel_schema_migrations ORDER BY 1"))
+            .load(conn)
+            .unwrap()
+    };
+    let every_version = versions(&mut conn, "public");
+    assert!(every_version.len() > 20);
+    let public_objects = objects(&mut conn, "public");
+
+    for round in 0..3 {
+        let schema = format!("fleet_{round}");
+        diesel::connection::SimpleConnection::batch_execute(&mut conn, &format!("CREATE SCHEMA {schema}")).unwrap();
+        let url = format!("{}?options=-csearch_path%3D{schema}", db.url());
+        let mut fleet: Vec<Child> = (0..10)
+            .map(|_| {
+                Command::new("sh")
+                    .args(["-c", r#"read -r go; exec "$0" migrate"#, env!("CARGO_BIN_EXE_engine")])
+                    .env("DATABASE_URL", &url)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("engine migrate starts")
+            })
+            .collect();
+        for pod in &mut fleet {
+            drop(pod.stdin.take()); // go
+        }
+        let mut applied = Vec::new();
+        for pod in fleet {
+            let out = pod.wait_with_output().unwrap();
+            assert!(out.status.success(), "round {round}: {}", text(&out.stderr));
+            applied.extend(text(&out.stdout).lines().filter_map(|l| l.strip_prefix("applied ")).map(str::to_owned));
+        }
+        applied.sort();
+        let expected: Vec<String> = every_version.iter().map(|v| v.name.clone()).collect();
+        assert_eq!(applied, expected, "round {round}: each migration applied once, by one of the fleet");
+        assert_eq!(versions(&mut conn, &schema), every_version, "round {round}");
+        assert_eq!(objects(&mut conn, &schema), public_objects, "round {round}: the schema is complete");
+    }
+}
+
 #[test]
 fn a_connection_failure_exits_1_without_printing_the_password() {
     let out = Command::new(env!("CARGO_BIN_EXE_engine"))
