@@ -178,9 +178,9 @@ fn engine_migrate_on_a_migrated_database_says_it_is_up_to_date() {
     assert_eq!(text(&out.stdout).trim(), "the schema is up to date");
 }
 
-/// A fleet whose pods each run `engine migrate` at start, on a fresh deployment: 10
+/// A fleet whose pods each run `engine migrate` at start, on a fresh database: 10
 /// processes released together (each waits on its stdin, closed for all at once), three
-/// times, each time in a fresh schema (a deployment of its own, as `search_path` names it).
+/// times, each time on a new empty database of the test server.
 #[test]
 fn ten_engine_migrates_at_once_on_a_fresh_database_all_exit_0_and_apply_each_migration_once() {
     #[derive(QueryableByName, PartialEq, Debug)]
@@ -188,34 +188,41 @@ fn ten_engine_migrates_at_once_on_a_fresh_database_all_exit_0_and_apply_each_mig
         #[diesel(sql_type = diesel::sql_types::Text)]
         name: String,
     }
-    // The schema's objects by name, to compare a fleet's deployment with the test's own.
-    let objects = |conn: &mut PgConnection, schema: &str| -> Vec<Name> {
+    // The public schema's objects by name, to compare a fleet's database with the test's own.
+    let objects = |conn: &mut PgConnection| -> Vec<Name> {
         diesel::sql_query(
-            "SELECT relname::text AS name FROM pg_class WHERE relnamespace = $1::regnamespace
-             UNION ALL SELECT proname::text FROM pg_proc WHERE pronamespace = $1::regnamespace
+            "SELECT relname::text AS name FROM pg_class WHERE relnamespace = 'public'::regnamespace
+             UNION ALL SELECT proname::text FROM pg_proc WHERE pronamespace = 'public'::regnamespace
              UNION ALL SELECT tgname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-                       WHERE c.relnamespace = $1::regnamespace
+                       WHERE c.relnamespace = 'public'::regnamespace
              ORDER BY 1",
         )
-        .bind::<diesel::sql_types::Text, _>(schema)
         .load(conn)
         .unwrap()
     };
+    let versions = |conn: &mut PgConnection| -> Vec<Name> {
+        diesel::sql_query("SELECT version::text AS name FROM __diesel_schema_migrations ORDER BY 1").load(conn).unwrap()
+    };
+    /// A database made for one round, dropped at the end of it, or when the test fails.
+    struct Fresh<'a>(&'a mut PgConnection, String);
+    impl Drop for Fresh<'_> {
+        fn drop(&mut self) {
+            let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.1);
+            diesel::connection::SimpleConnection::batch_execute(self.0, &drop).unwrap();
+        }
+    }
     let db = TestDatabase::new();
     let mut conn = db.connect();
-    let versions = |conn: &mut PgConnection, schema: &str| -> Vec<Name> {
-        diesel::sql_query(format!("SELECT version::text AS name FROM {schema}.__diesel_schema_migrations ORDER BY 1"))
-            .load(conn)
-            .unwrap()
-    };
-    let every_version = versions(&mut conn, "public");
+    let every_version = versions(&mut conn);
     assert!(every_version.len() > 20);
-    let public_objects = objects(&mut conn, "public");
+    let expected: Vec<String> = every_version.iter().map(|v| v.name.clone()).collect();
+    let migrated_objects = objects(&mut conn);
 
     for round in 0..3 {
-        let schema = format!("fleet_{round}");
-        diesel::connection::SimpleConnection::batch_execute(&mut conn, &format!("CREATE SCHEMA {schema}")).unwrap();
-        let url = format!("{}?options=-csearch_path%3D{schema}", db.url());
+        let name = format!("task_engine_fleet_{}_{round}", std::process::id());
+        diesel::connection::SimpleConnection::batch_execute(&mut conn, &format!("CREATE DATABASE \"{name}\"")).unwrap();
+        let _fresh = Fresh(&mut conn, name.clone());
+        let url = test_db::with_database(db.url(), &name);
         let mut fleet: Vec<Child> = (0..10)
             .map(|_| {
                 Command::new("sh")
@@ -238,10 +245,10 @@ fn ten_engine_migrates_at_once_on_a_fresh_database_all_exit_0_and_apply_each_mig
             applied.extend(text(&out.stdout).lines().filter_map(|l| l.strip_prefix("applied ")).map(str::to_owned));
         }
         applied.sort();
-        let expected: Vec<String> = every_version.iter().map(|v| v.name.clone()).collect();
         assert_eq!(applied, expected, "round {round}: each migration applied once, by one of the fleet");
-        assert_eq!(versions(&mut conn, &schema), every_version, "round {round}");
-        assert_eq!(objects(&mut conn, &schema), public_objects, "round {round}: the schema is complete");
+        let mut migrated = PgConnection::establish(&url).unwrap();
+        assert_eq!(versions(&mut migrated), every_version, "round {round}");
+        assert_eq!(objects(&mut migrated), migrated_objects, "round {round}: the schema is complete");
     }
 }
 
