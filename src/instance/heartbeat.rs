@@ -169,10 +169,13 @@ impl Heartbeat {
             );
             input.timer.refresh();
         }
+        // The queues' settings before any producer claims: a change after this one is
+        // seen at a heartbeat.
+        let queues = instances::beat(&mut conn, &input.instance, &input.queues)?.map(|beat| beat.queues);
         let mut health = Health { lease: input.lease, since: None };
         health.beat(Instant::now());
         input.alive.renewed(sent, input.lease);
-        Ok(Self { input, conn: Some(conn), backend: Some(backend), health, queues: None })
+        Ok(Self { input, conn: Some(conn), backend: Some(backend), health, queues })
     }
 
     /// Runs until the instance retires, then removes its row and lets go of its name.
@@ -297,7 +300,7 @@ fn open(input: &Input, previous: Option<i32>) -> Result<(PgConnection, i32), Err
 }
 
 /// Records the queues' settings `now` read, and tells whether they changed since they
-/// were last read (not at the first reading: the producers' first claims read them).
+/// were last read (not at a first reading).
 fn settings_changed(last: &mut Option<Option<String>>, now: Option<String>) -> bool {
     last.replace(now.clone()).is_some_and(|last| last != now)
 }
@@ -338,9 +341,9 @@ mod tests {
         let mut last = None;
         assert!(!settings_changed(&mut last, None), "the first reading");
         assert!(!settings_changed(&mut last, None));
-        assert!(settings_changed(&mut last, Some("q/true/////".into())), "a queue paused");
-        assert!(!settings_changed(&mut last, Some("q/true/////".into())));
-        assert!(settings_changed(&mut last, Some("q/false/////".into())), "resumed");
+        assert!(settings_changed(&mut last, Some("q/t////".into())), "a queue paused");
+        assert!(!settings_changed(&mut last, Some("q/t////".into())));
+        assert!(settings_changed(&mut last, Some("q/f////".into())), "resumed");
         assert!(settings_changed(&mut last, None), "its row deleted");
     }
 
