@@ -47,6 +47,13 @@ pub struct EngineStats {
     /// Cancel requests the listener heard (any instance's tasks: a cancel is notified
     /// to all), or found running here after it reconnected.
     pub cancels_heard: u64,
+    /// Cancel requests a heartbeat found for tasks running here before any
+    /// notification reached them (one was lost).
+    pub cancels_found: u64,
+    /// Times a heartbeat found the settings of this instance's queues changed (paused,
+    /// resumed, a limit changed) and woke its producers, as a lost notification would
+    /// have.
+    pub queue_changes_seen: u64,
     /// Times the listener has connected and started listening.
     pub listener_connections: u64,
     /// Whether the listener is connected and listening now.
@@ -436,12 +443,14 @@ impl RunningEngine {
             wasted_claims: read(&producer.wasted_claims),
             notifications: read(&listener.notifications),
             cancels_heard: read(&listener.cancels),
+            cancels_found: read(&heartbeat.cancels_found),
             listener_connections: read(&listener.connections),
             listening: listener.listening.load(Ordering::SeqCst),
             sleeping_workers: self.instance.lanes.sleeping(),
             heartbeats: read(&heartbeat.heartbeats),
             rescue_passes: read(&heartbeat.rescue_passes),
             rescued: read(&heartbeat.rescued),
+            queue_changes_seen: read(&heartbeat.queue_changes),
             completions: read(&completer.completions),
             completion_batches: read(&completer.batches),
             completion_failures: read(&completer.failures),

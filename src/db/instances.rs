@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, Integer, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
 use diesel::PgConnection;
 
 use crate::db::micros;
@@ -75,13 +75,38 @@ pub(crate) fn bound_waits(conn: &mut PgConnection, lock: Duration, statement: Du
     ))
 }
 
-/// Renews the instance's heartbeat (`last_seen_at`); locks its row. Returns how many
-/// rows it renewed: 0 if the row is gone.
-pub(crate) fn beat(conn: &mut PgConnection, instance: &str) -> QueryResult<usize> {
-    diesel::sql_query("UPDATE task_engine_instances SET last_seen_at = now() WHERE name = $1")
-        .bind::<Text, _>(instance)
-        .execute(conn)
+/// What a heartbeat sees besides renewing the row.
+#[derive(Debug, PartialEq, QueryableByName)]
+pub(crate) struct Beat {
+    /// The tasks running on this instance that an operator asked to cancel: their
+    /// notification may have been lost (the listener reconnecting, or none at all).
+    #[diesel(sql_type = Array<BigInt>)]
+    pub cancels: Vec<i64>,
+    /// The settings of the instance's queues (pause, limits), spelled as one text,
+    /// `None` when none has a row: a change since the last heartbeat means a resume or
+    /// a limit whose notification may have been lost.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub queues: Option<String>,
 }
+
+/// Renews the instance's heartbeat (`last_seen_at`), locking its row, and in the same
+/// round trip reads (locking nothing) its running tasks with a cancel requested (the
+/// partial index of running tasks, as the rescue's look for its own ghosts: no more
+/// rows than it runs) and the settings rows of `queues` (by primary key). Returns
+/// `None` if the row is gone.
+pub(crate) fn beat(conn: &mut PgConnection, instance: &str, queues: &[String]) -> QueryResult<Option<Beat>> {
+    diesel::sql_query(BEAT).bind::<Text, _>(instance).bind::<Array<Text>, _>(queues).get_result(conn).optional()
+}
+
+/// The statement of [`beat`].
+const BEAT: &str = "UPDATE task_engine_instances SET last_seen_at = now() WHERE name = $1
+     RETURNING
+         ARRAY(SELECT t.id FROM tasks t
+               WHERE t.status = 'running' AND t.instance = $1 AND t.cancel_requested_at IS NOT NULL
+               ORDER BY t.id) AS cancels,
+         (SELECT string_agg(format('%s/%s/%s/%s/%s/%s', q.name, q.paused, q.concurrency, q.key_concurrency,
+                                   q.rate_limit, q.rate_period), ',' ORDER BY q.name)
+          FROM task_engine_queues q WHERE q.name = ANY($2)) AS queues";
 
 /// The server process of this session.
 pub(crate) fn session(conn: &mut PgConnection) -> QueryResult<i32> {
@@ -118,4 +143,47 @@ pub(crate) fn forget_long_dead(conn: &mut PgConnection, lease: Duration) -> Quer
     )
     .bind::<BigInt, _>(micros(lease))
     .execute(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::connection::SimpleConnection;
+
+    use super::*;
+    use crate::db::claim::tests::PlanLine;
+
+    /// The heartbeat's look reads the running tasks by their partial index and the
+    /// queues by key, whatever the plan mode: a table of many ended tasks costs it
+    /// nothing, and it cannot slow the renewal down.
+    #[test]
+    fn a_heartbeat_finds_its_cancels_and_its_queues_settings_by_index() {
+        let db = test_db::TestDatabase::new();
+        let mut conn = db.connect();
+        conn.batch_execute(
+            "INSERT INTO task_engine_instances (name, host, pid) VALUES ('i', 'h', 1);
+             INSERT INTO tasks (task_class, status) SELECT 'noop', 'stopped' FROM generate_series(1, 20000);
+             INSERT INTO tasks (id, task_class, status, instance, cancel_requested_at)
+             VALUES (-1, 'noop', 'running', 'i', now()), (-2, 'noop', 'running', 'i', NULL),
+                    (-3, 'noop', 'running', 'j', now()), (-4, 'noop', 'stopped', 'i', now());
+             INSERT INTO task_engine_queues (name, paused, concurrency) VALUES ('a', true, 3), ('b', false, NULL);
+             ANALYZE tasks;",
+        )
+        .unwrap();
+        let queues = ["a".to_owned(), "c".to_owned()];
+        let seen = beat(&mut conn, "i", &queues).unwrap().unwrap();
+        assert_eq!(seen, Beat { cancels: vec![-1], queues: Some("a/t/3///".into()) });
+        assert_eq!(beat(&mut conn, "gone", &queues).unwrap(), None);
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            conn.batch_execute(&format!("BEGIN; SET LOCAL plan_cache_mode = {mode}")).unwrap();
+            let plan: Vec<PlanLine> = diesel::sql_query(format!("EXPLAIN (ANALYZE, COSTS OFF) {BEAT}"))
+                .bind::<Text, _>("i")
+                .bind::<Array<Text>, _>(&queues[..])
+                .load(&mut conn)
+                .unwrap();
+            conn.batch_execute("ROLLBACK").unwrap();
+            let plan = plan.into_iter().map(|p| p.line).collect::<Vec<_>>().join("\n");
+            assert!(!plan.contains("Seq Scan on tasks"), "{mode}: the heartbeat reads every task:\n{plan}");
+            assert!(plan.contains("tasks_running_idx"), "{mode}:\n{plan}");
+        }
+    }
 }

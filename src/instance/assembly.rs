@@ -143,6 +143,7 @@ impl Instance {
             timer: Arc::clone(timer),
             alive: Arc::clone(&self.alive),
             in_flight: Arc::clone(&self.in_flight),
+            lanes: Arc::clone(&self.lanes),
             retired: self.retired.clone(),
             stats: Arc::clone(&counters.heartbeat),
         })?);

@@ -13,6 +13,11 @@
 //! waits are bounded, and the instance claims only while its last heartbeat is less
 //! than half a lease old ([`Alive`]): an instance others may soon take for dead takes
 //! no new work. A row found gone is registered again.
+//!
+//! The same statement that renews the row finds the cancels requested for tasks
+//! running here, and the settings of the instance's queues: a cancel, a resumed queue
+//! or a raised limit whose notification was lost (the listener reconnecting, or none)
+//! reaches the instance within one heartbeat.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +30,7 @@ use crate::db::instances;
 use crate::error::Error;
 use crate::instance::connections::Connections;
 use crate::instance::in_flight::InFlight;
+use crate::instance::lanes::Lanes;
 use crate::instance::parts::{Part, Stage};
 use crate::instance::shutdown::Shutdown;
 use crate::instance::timer::Timer;
@@ -49,8 +55,10 @@ pub(crate) struct Input {
     pub timer: Arc<Timer>,
     /// Renewed by each sound heartbeat; read by the producer.
     pub alive: Arc<Alive>,
-    /// What this instance runs: not ghosts.
+    /// What this instance runs: not ghosts; told of cancels found.
     pub in_flight: Arc<InFlight>,
+    /// Woken when a queue's settings changed (resumed, a limit changed).
+    pub lanes: Arc<Lanes>,
     /// Set once the instance's last attempt is recorded (not at its stop: until then
     /// its attempts still run, and another instance must not take them).
     pub retired: Shutdown,
@@ -63,6 +71,11 @@ pub(crate) struct Stats {
     pub heartbeats: AtomicU64,
     pub rescue_passes: AtomicU64,
     pub rescued: AtomicU64,
+    /// Cancels found by a heartbeat before any notification set their task's flag.
+    pub cancels_found: AtomicU64,
+    /// Times a heartbeat found the settings of the instance's queues changed, and woke
+    /// the lanes.
+    pub queue_changes: AtomicU64,
 }
 
 /// Until when the instance may claim: half a lease after the sending of its last sound
@@ -138,6 +151,8 @@ struct Heartbeat {
     /// the next connection ends it to take the name back.
     backend: Option<i32>,
     health: Health,
+    /// The queues' settings as the last heartbeat read them (`None`: not read yet).
+    queues: Option<Option<String>>,
 }
 
 impl Heartbeat {
@@ -154,10 +169,13 @@ impl Heartbeat {
             );
             input.timer.refresh();
         }
+        // The queues' settings before any producer claims: a change after this one is
+        // seen at a heartbeat.
+        let queues = instances::beat(&mut conn, &input.instance, &input.queues)?.map(|beat| beat.queues);
         let mut health = Health { lease: input.lease, since: None };
         health.beat(Instant::now());
         input.alive.renewed(sent, input.lease);
-        Ok(Self { input, conn: Some(conn), backend: Some(backend), health })
+        Ok(Self { input, conn: Some(conn), backend: Some(backend), health, queues })
     }
 
     /// Runs until the instance retires, then removes its row and lets go of its name.
@@ -207,13 +225,26 @@ impl Heartbeat {
                 self.conn.insert(conn)
             }
         };
-        if instances::beat(conn, &input.instance)? == 0 {
-            instances::register(conn, &registration(input))?;
-            log::warn!(
-                "instance {}: its row was gone (deleted by hand, or the instance was paused for ten leases): \
-                 registered again",
-                input.instance
-            );
+        match instances::beat(conn, &input.instance, &input.queues)? {
+            Some(beat) => {
+                for task_id in beat.cancels {
+                    if input.in_flight.cancel_if_running(task_id) {
+                        input.stats.cancels_found.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if settings_changed(&mut self.queues, beat.queues) {
+                    input.stats.queue_changes.fetch_add(1, Ordering::Relaxed);
+                    input.lanes.wake_all();
+                }
+            }
+            None => {
+                instances::register(conn, &registration(input))?;
+                log::warn!(
+                    "instance {}: its row was gone (deleted by hand, or the instance was paused for ten leases): \
+                     registered again",
+                    input.instance
+                );
+            }
         }
         self.health.beat(Instant::now());
         input.alive.renewed(sent, input.lease);
@@ -268,6 +299,12 @@ fn open(input: &Input, previous: Option<i32>) -> Result<(PgConnection, i32), Err
     Ok((conn, backend))
 }
 
+/// Records the queues' settings `now` read, and tells whether they changed since they
+/// were last read (not at a first reading).
+fn settings_changed(last: &mut Option<Option<String>>, now: Option<String>) -> bool {
+    last.replace(now.clone()).is_some_and(|last| last != now)
+}
+
 fn registration(input: &Input) -> instances::Registration<'_> {
     instances::Registration {
         instance: &input.instance,
@@ -297,6 +334,17 @@ mod tests {
         alive.renewed(start + Duration::from_secs(5), lease);
         assert!(alive.may_claim(start + Duration::from_secs(24)));
         assert!(!alive.may_claim(start + Duration::from_secs(25)));
+    }
+
+    #[test]
+    fn a_change_of_the_queues_settings_is_news_from_the_second_reading_on() {
+        let mut last = None;
+        assert!(!settings_changed(&mut last, None), "the first reading");
+        assert!(!settings_changed(&mut last, None));
+        assert!(settings_changed(&mut last, Some("q/t////".into())), "a queue paused");
+        assert!(!settings_changed(&mut last, Some("q/t////".into())));
+        assert!(settings_changed(&mut last, Some("q/f////".into())), "resumed");
+        assert!(settings_changed(&mut last, None), "its row deleted");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The tasks this instance has claimed and not yet recorded, and which of them an
-//! operator cancelled: the producer adds them, the listener marks cancellations, each
+//! operator cancelled: the producer adds them, the listener marks cancellations (and
+//! the heartbeat those whose notification was lost), each
 //! task's context reads its own flag, the completer forgets them once recorded, and
 //! the rescue spares them (they are no ghosts). A cancel heard for a task not (yet)
 //! in flight here is kept a little while: its claim may have committed and not yet
@@ -75,6 +76,12 @@ impl InFlight {
         tasks.early.insert(task_id, now);
     }
 
+    /// Marks a task in flight here cancelled, if it is and its flag is not set yet
+    /// (a cancel found by the heartbeat, not heard); returns whether it did.
+    pub(crate) fn cancel_if_running(&self, task_id: i64) -> bool {
+        lock(&self.tasks).claimed.get(&task_id).is_some_and(|entry| !entry.cancelled.swap(true, Ordering::Relaxed))
+    }
+
     /// The cancel flag of a task in flight (a fresh, unset one for any other).
     pub(crate) fn cancel_flag(&self, task_id: i64) -> Arc<AtomicBool> {
         lock(&self.tasks).claimed.get(&task_id).map(|entry| Arc::clone(&entry.cancelled)).unwrap_or_default()
@@ -118,6 +125,18 @@ mod tests {
         assert!(!in_flight.cancel_flag(3).load(Ordering::Relaxed), "a task not in flight was cancelled");
         in_flight.forget([(1, 10)]);
         assert_eq!(in_flight.ids(), [2]);
+    }
+
+    #[test]
+    fn a_cancel_found_by_the_heartbeat_sets_a_flag_once_and_only_of_a_task_in_flight() {
+        let in_flight = InFlight::default();
+        in_flight.claimed([(1, 10)]);
+        assert!(in_flight.cancel_if_running(1));
+        assert!(in_flight.cancel_flag(1).load(Ordering::Relaxed));
+        assert!(!in_flight.cancel_if_running(1), "found again at the next heartbeat: not news");
+        assert!(!in_flight.cancel_if_running(2), "a task not in flight here");
+        in_flight.claimed([(2, 20)]);
+        assert!(!in_flight.cancel_flag(2).load(Ordering::Relaxed), "a look kept a cancel for a later claim");
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! of the others is due. `engine cancel` notifies the task it cancels. Notifications
 //! sent while the connection is down are lost for us, so after every (re)connection
 //! the listener wakes the producer and the timer to look as if notified; it
-//! reconnects at once after a first loss, then with backoff.
+//! reconnects at once after a first loss, then with backoff. A cancel or a queue's
+//! change whose notification is lost all the same reaches the instance at its next
+//! heartbeat (see [`heartbeat`](crate::instance::heartbeat)).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

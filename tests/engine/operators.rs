@@ -194,6 +194,52 @@ fn a_cancel_sent_while_the_listener_is_away_still_reaches_the_running_task() {
 }
 
 #[test]
+fn a_cancel_whose_notification_is_lost_reaches_the_running_task_within_a_heartbeat() {
+    let db = TestDatabase::new();
+    // A lease of 3 s: a heartbeat every half second.
+    let engine = runner(&db, "lost-cancel", 1).lease(Duration::from_secs(3)).start().unwrap();
+    wait_until_idle(&engine, 1);
+    let mut conn = db.connect();
+    let gate_name = format!("{}-lost-cancel", db.name());
+    let gate = Gate::named(&gate_name);
+    let id = task_engine::enqueue(&mut conn, &UntilCancelled { gate: gate_name }).unwrap();
+    gate.wait_for_started(1);
+
+    // The listener's backend is terminated; it reconnects, and finds no cancel then.
+    #[derive(QueryableByName)]
+    struct Terminated {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let terminated = diesel::sql_query(
+        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity
+         WHERE application_name = 'task_engine listener lost-cancel'",
+    )
+    .get_result::<Terminated>(&mut conn)
+    .unwrap();
+    assert_eq!(terminated.n, 1, "no listener connection to terminate");
+    wait_until("the listener is back", || {
+        let stats = engine.stats();
+        stats.listener_connections == 2 && stats.listening
+    });
+    // The cancel, by plain SQL: no notification at all.
+    diesel::sql_query("UPDATE tasks SET cancel_requested_at = now() WHERE id = $1")
+        .bind::<diesel::sql_types::BigInt, _>(id)
+        .execute(&mut conn)
+        .unwrap();
+    let beats = engine.stats().heartbeats;
+    wait_for_status(&mut conn, id, status::CANCELLED);
+    // One heartbeat may have been on its way as the cancel committed, the next finds
+    // it, and a third may go by while the attempt is recorded.
+    let took = engine.stats().heartbeats - beats;
+    assert!(took <= 3, "the cancel took {took} heartbeats to arrive");
+    assert_eq!(executions_of(&mut conn, id)[0].error.as_deref(), Some("cancelled while running"));
+    let stats = engine.stats();
+    assert_eq!((stats.cancels_found, stats.cancels_heard), (1, 0), "not found by a heartbeat");
+    engine.shutdown();
+}
+
+#[test]
 fn a_bulk_retry_puts_back_the_failed_tasks_its_filters_match_in_batches_and_wakes_an_instance() {
     let db = TestDatabase::new();
     let mut conn = db.connect();

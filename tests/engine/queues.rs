@@ -155,6 +155,45 @@ fn a_paused_queue_starts_nothing_and_resumes_without_polling() {
 }
 
 #[test]
+fn a_queue_paused_and_resumed_by_sql_without_a_notification_follows_within_a_heartbeat() {
+    use diesel::connection::SimpleConnection;
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    record_runs_here(&mut conn);
+    conn.batch_execute("INSERT INTO task_engine_queues (name) VALUES ('by_sql')").unwrap();
+    // A lease of 3 s: a heartbeat every half second; the fallback poll is an hour.
+    let engine = runner(&db, "a", 1).queue("by_sql", 2).lease(Duration::from_secs(3)).start().unwrap();
+    wait_until("the instance is idle and has beaten once", || {
+        let stats = engine.stats();
+        stats.marked_idle && stats.listening && stats.sleeping_workers == 2 && stats.heartbeats >= 1
+    });
+
+    // Paused by a plain UPDATE of its row: no notification; the next claim reads it.
+    conn.batch_execute("UPDATE task_engine_queues SET paused = true WHERE name = 'by_sql'").unwrap();
+    let claims = engine.stats().claims;
+    let ids = enqueue_stints(&mut conn, "by_sql", "", 1, 5);
+    wait_until("the instance claimed after the insert", || engine.stats().claims > claims);
+    let beats = engine.stats().heartbeats;
+    wait_until("two heartbeats have gone by", || engine.stats().heartbeats >= beats + 2);
+    let waiting = count(&mut conn, "SELECT count(*) AS n FROM tasks WHERE queue = 'by_sql' AND status = 'waiting'");
+    assert_eq!(waiting, 5, "a paused queue's task started");
+
+    // Resumed by a plain UPDATE: only a heartbeat can notice it.
+    conn.batch_execute("UPDATE task_engine_queues SET paused = false WHERE name = 'by_sql'").unwrap();
+    let beats = engine.stats().heartbeats;
+    wait_until("the resumed queue's tasks are claimed", || engine.stats().claimed_tasks >= 5);
+    let took = engine.stats().heartbeats - beats;
+    assert!(took <= 2, "the resume took {took} heartbeats to arrive");
+    wait_until_all_ended(&mut conn);
+    let mut ran = run_order(&mut conn);
+    ran.sort_unstable();
+    assert_eq!(ran, ids);
+    assert!(engine.stats().queue_changes_seen >= 1);
+    assert_eq!(engine.stats().notifications, 1, "only the insert notified: the test proves nothing");
+    engine.shutdown();
+}
+
+#[test]
 fn a_rate_limit_holds_over_a_window() {
     let db = TestDatabase::new();
     let mut conn = db.connect();
