@@ -5,6 +5,7 @@
 //! the other. Without them (a developer's machine) it says so and passes: the suite has
 //! run on the machine's own server.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -19,11 +20,11 @@ fn the_engine_tests_pass_on_the_other_postgresql_versions_present() {
     let root = versions_dir();
     let versions = versions_in(&root);
     if versions.is_empty() {
-        eprintln!(
+        say(&format!(
             "skipped: no other PostgreSQL versions in {} (`.ci/run` fetches 13 and 18 there); \
              the tests ran on the machine's server only",
             root.display()
-        );
+        ));
         return;
     }
     let this_binary = std::env::current_exe().expect("the path of this test binary");
@@ -41,13 +42,19 @@ fn the_engine_tests_pass_on_the_other_postgresql_versions_present() {
         let summary = stdout.lines().rfind(|l| l.starts_with("test result:")).unwrap_or("no summary").to_owned();
         let skipped =
             if bin.join("pg_basebackup").is_file() { "" } else { " (failover test skipped: no pg_basebackup)" };
-        eprintln!("{server} ({}): {summary}{skipped}", bin.display());
+        say(&format!("{server} ({}): {summary}{skipped}", bin.display()));
         if !output.status.success() {
             eprintln!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
             failed.push(server);
         }
     }
     assert!(failed.is_empty(), "the engine's tests failed on {}", failed.join(", "));
+}
+
+/// Writes a line to stderr past the test harness's capture, so that CI's log shows which
+/// versions ran even when the test passes.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "versions: {line}");
 }
 
 /// `target/postgresql` of this workspace (or of `CARGO_TARGET_DIR`).
