@@ -12,8 +12,15 @@ use crate::db::insert::TaskInsert;
 use crate::db::transitions::notify_waiting;
 
 /// The predicate of `tasks_unique_key_idx`, spelled as the migration spells it (an
-/// `ON CONFLICT` target must repeat it to use the index).
+/// `ON CONFLICT` target must repeat it to use the index). `holds_key!()` leaves the
+/// columns unqualified, as a conflict target needs on PostgreSQL 13 (which refuses the
+/// table's name there: "invalid reference to FROM-clause entry"); `holds_key!("t")`
+/// qualifies them with `t.`.
 macro_rules! holds_key {
+    () => {
+        "unique_key IS NOT NULL AND (status = 'waiting' AND unique_scope <> 'released' OR \
+         status = 'running' AND unique_scope = 'running')"
+    };
     ($t:literal) => {
         concat!(
             $t,
@@ -150,7 +157,7 @@ pub(crate) fn insert_free(conn: &mut PgConnection, tasks: &[&TaskInsert<'_>]) ->
               WITH ORDINALITY AS n(c, p, pr, r, m, d, q, k, u, s, tm, ord)
          ORDER BY ord
          ON CONFLICT (unique_key) WHERE ",
-        holds_key!("tasks"),
+        holds_key!(),
         " DO NOTHING
          RETURNING id, unique_key, true AS waiting"
     ))
@@ -219,5 +226,20 @@ pub(crate) fn keep_keys(conn: &mut PgConnection, ids: &[i64]) {
         if let Err(error) = take_back(conn, std::slice::from_ref(id)) {
             log::debug!("task {id} waits without its unique key, which another task takes: {error}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Whitespace runs made single spaces.
+    fn squeezed(sql: &str) -> String {
+        sql.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn both_spellings_of_the_holders_predicate_are_the_index_predicate() {
+        let migration = squeezed(include_str!("../../migrations/2026-11-30-000016_unique/up.sql"));
+        assert!(migration.contains(&format!("ON tasks (unique_key) WHERE {};", holds_key!())), "{migration}");
+        assert_eq!(holds_key!("t").replace("t.", ""), holds_key!());
     }
 }

