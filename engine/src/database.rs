@@ -5,8 +5,9 @@
 use std::path::Path;
 
 use anyhow::{bail, Context as _};
-use diesel::PgConnection;
+use diesel::connection::CacheSize;
 use diesel::RunQueryDsl;
+use diesel::{Connection as _, PgConnection};
 use pg_cluster::{quote_identifier, Cluster, ClusterOptions};
 use task_engine::redact_url;
 
@@ -83,9 +84,16 @@ impl Database {
         &self.url
     }
 
-    /// Connects, with an error that names the server without its password.
+    /// Connects, with an error that names the server without its password; the
+    /// connection keeps no prepared statement between statements, so that a command
+    /// works through a transaction pooler (PgBouncer in transaction mode), where each
+    /// transaction may run on another server connection, which the previous client may
+    /// have left its own statements on. Diesel then sends each statement unnamed, with
+    /// its parameters, in one round trip.
     pub fn connect(&self) -> anyhow::Result<PgConnection> {
-        Ok(task_engine::connect(&self.url)?)
+        let mut conn = task_engine::connect(&self.url)?;
+        conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+        Ok(conn)
     }
 
     /// Connects and makes sure the schema is there: the embedded cluster is migrated

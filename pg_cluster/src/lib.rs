@@ -8,6 +8,13 @@
 //! root, so when we are root the cluster belongs to, and runs as, the `postgres` user.
 //! Authentication is `trust` and the server listens on 127.0.0.1 only, with no Unix
 //! socket: it is for development and tests on this machine, not for production.
+//!
+//! [`Bouncer`] puts a PgBouncer in transaction pool mode in front of a cluster, for the
+//! tests that run through one.
+
+mod bouncer;
+
+pub use bouncer::{Bouncer, POOL_SIZE};
 
 use std::ffi::OsString;
 use std::fs;
@@ -386,6 +393,11 @@ impl Cluster {
     /// The directory of the server binaries it uses (`pg_ctl`, `postgres`).
     pub fn bin_dir(&self) -> &Path {
         &self.bin_dir
+    }
+
+    /// The user its URLs log in as: the superuser `initdb` created.
+    pub fn user(&self) -> &'static str {
+        SUPERUSER
     }
 
     /// A connection URL for `database` on this cluster.

@@ -6,6 +6,12 @@
 //! and that a watchdog stops and deletes when the process exits.
 //!
 //! Tests that break the server (stop it, restart it) take a [`TestCluster`] of their own.
+//! Tests through a transaction pooler use [`TestDatabase::pooled_url`] (a PgBouncer in
+//! front of the private cluster), after [`pooler_unavailable`].
+
+mod pooler;
+
+pub use pooler::pooler_unavailable;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,7 +29,7 @@ struct Server {
     /// The maintenance connection that creates and drops databases.
     admin: Mutex<PgConnection>,
     /// The private cluster, when there is no `TEST_DATABASE_URL`.
-    _cluster: Option<Cluster>,
+    cluster: Option<Cluster>,
 }
 
 fn server() -> &'static Server {
@@ -39,7 +45,7 @@ fn server() -> &'static Server {
         let admin_url = with_database(&base_url, "postgres");
         let admin = PgConnection::establish(&admin_url)
             .unwrap_or_else(|e| panic!("test server {} unreachable: {e}", redact_url(&admin_url)));
-        Server { base_url, admin: Mutex::new(admin), _cluster: cluster }
+        Server { base_url, admin: Mutex::new(admin), cluster }
     })
 }
 
