@@ -7,6 +7,8 @@ use diesel::prelude::*;
 use task_engine::schema::{task_executions, tasks};
 use test_db::TestDatabase;
 
+mod fleet;
+
 fn engine(db: &TestDatabase, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_engine"))
         .args(args)
@@ -223,28 +225,7 @@ fn ten_engine_migrates_at_once_on_a_fresh_database_all_exit_0_and_apply_each_mig
         diesel::connection::SimpleConnection::batch_execute(&mut conn, &format!("CREATE DATABASE \"{name}\"")).unwrap();
         let _fresh = Fresh(&mut conn, name.clone());
         let url = test_db::with_database(db.url(), &name);
-        let mut fleet: Vec<Child> = (0..10)
-            .map(|_| {
-                Command::new("sh")
-                    .args(["-c", r#"read -r go; exec "$0" migrate"#, env!("CARGO_BIN_EXE_engine")])
-                    .env("DATABASE_URL", &url)
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .expect("engine migrate starts")
-            })
-            .collect();
-        for pod in &mut fleet {
-            drop(pod.stdin.take()); // go
-        }
-        let mut applied = Vec::new();
-        for pod in fleet {
-            let out = pod.wait_with_output().unwrap();
-            assert!(out.status.success(), "round {round}: {}", text(&out.stderr));
-            applied.extend(text(&out.stdout).lines().filter_map(|l| l.strip_prefix("applied ")).map(str::to_owned));
-        }
-        applied.sort();
+        let applied = fleet::migrate_at_once(&url, 10);
         assert_eq!(applied, expected, "round {round}: each migration applied once, by one of the fleet");
         let mut migrated = PgConnection::establish(&url).unwrap();
         assert_eq!(versions(&mut migrated), every_version, "round {round}");

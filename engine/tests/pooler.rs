@@ -4,11 +4,13 @@
 //! connection passes from one client to the next with what they left on it. Skipped,
 //! saying why, where the harness cannot start one (no `pgbouncer` installed).
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use diesel::prelude::*;
 use task_engine::schema::tasks;
 use test_db::TestDatabase;
+
+mod fleet;
 
 /// Whether PgBouncer can run here; if not, says why (past the test capture, so that a
 /// run's log shows it) and the test passes.
@@ -136,29 +138,7 @@ fn engine_migrates_at_once_through_a_transaction_pooler_all_exit_0_and_apply_eac
         "DROP SCHEMA public CASCADE; CREATE SCHEMA public",
     )
     .unwrap();
-    let fleet: Vec<Child> = (0..pg_cluster::POOL_SIZE + 2)
-        .map(|_| {
-            Command::new("sh")
-                .args(["-c", r#"read -r go; exec "$0" migrate"#, env!("CARGO_BIN_EXE_engine")])
-                .env("DATABASE_URL", db.pooled_url())
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("engine migrate starts")
-        })
-        .collect();
-    let mut fleet = fleet;
-    for pod in &mut fleet {
-        drop(pod.stdin.take()); // go
-    }
-    let mut applied = Vec::new();
-    for pod in fleet {
-        let out = pod.wait_with_output().unwrap();
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-        applied.extend(text(&out.stdout).lines().filter_map(|l| l.strip_prefix("applied ")).map(str::to_owned));
-    }
-    applied.sort();
+    let applied = fleet::migrate_at_once(&db.pooled_url(), pg_cluster::POOL_SIZE as usize + 2);
     assert_eq!(applied, expected, "each migration applied once, by one of the fleet");
     assert_eq!(versions(&mut db.connect()), expected);
 }
