@@ -52,6 +52,7 @@ pub(crate) struct InstanceHandle {
     pub name: String,
     /// Set when the instance stops.
     pub stopping: Arc<AtomicBool>,
+    /// The tasks' own pool.
     pub pool: PgPool,
 }
 

@@ -6,13 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::db::connect::redact_url;
 use crate::db::connect::PgPool;
 use crate::db::migrate;
 use crate::declared::{self, Declarations};
 use crate::error::Error;
 use crate::instance::assembly::{self, Counters, Instance, Settings};
 use crate::instance::completer;
-use crate::instance::connections::Connections;
+use crate::instance::connections::{Connections, Listen, Plan};
 use crate::instance::in_flight::InFlight;
 use crate::instance::shutdown::Shutdown;
 use crate::registry::Registry;
@@ -82,7 +83,8 @@ pub struct EngineStats {
     /// Attempts recorded as failed for good (a permanent error, the last attempt, a
     /// cancel).
     pub failed: u64,
-    /// Whether the instance holds the stripes that make inserts notify (it is idle).
+    /// Whether the instance is marked idle: its session holds the stripes that make
+    /// inserts notify, and its lanes have looked for work once more since.
     pub marked_idle: bool,
     /// Tasks claimed.
     pub claimed_tasks: u64,
@@ -114,7 +116,11 @@ pub struct EngineStats {
 /// ```
 pub struct Runner {
     database_url: String,
+    /// Where the session connects (LISTEN, the name lock, the stripes).
+    listen: Listen,
     pool: Option<PgPool>,
+    /// The size of the tasks' own pool; none: one per worker.
+    task_connections: Option<usize>,
     registry: Registry,
     instance: Option<String>,
     workers: usize,
@@ -172,7 +178,9 @@ impl Runner {
     pub fn new(database_url: impl Into<String>, registry: Registry) -> Self {
         Self {
             database_url: database_url.into(),
+            listen: Listen::Database,
             pool: None,
+            task_connections: None,
             registry,
             instance: None,
             workers: Self::DEFAULT_WORKERS,
@@ -271,10 +279,43 @@ impl Runner {
         self
     }
 
-    /// Uses this pool (of the same database) for the workers instead of opening one
-    /// of `workers + 2` connections. The listener always has a connection of its own.
+    /// Uses this pool (of the same database) for the tasks' own queries
+    /// ([`TaskContext::connection`](crate::TaskContext::connection)) instead of opening
+    /// one of [`Runner::task_connections`]. The engine's own connections are never
+    /// taken from it.
     pub fn pool(mut self, pool: PgPool) -> Self {
         self.pool = Some(pool);
+        self
+    }
+
+    /// Sizes the tasks' own pool (default: one connection per worker): its
+    /// connections are opened only when a task asks for one
+    /// ([`TaskContext::connection`](crate::TaskContext::connection), and a task's
+    /// progress and checkpoint), and closed after a minute unused. Tasks that never
+    /// ask cost none. At least 1.
+    pub fn task_connections(mut self, connections: usize) -> Self {
+        self.task_connections = Some(connections);
+        self
+    }
+
+    /// Opens the instance's session on `url` instead of the database URL: the
+    /// connection that LISTENs for wake-ups and cancels and holds the instance's name
+    /// lock and the wake-up stripes, which must reach PostgreSQL itself (or a pooler
+    /// in session mode). The database URL may then be a transaction pooler (PgBouncer
+    /// in transaction mode): the engine keeps no session state on its connections
+    /// there. One session per instance, whatever its workers.
+    pub fn listen_url(mut self, url: impl Into<String>) -> Self {
+        self.listen = Listen::Url(url.into());
+        self
+    }
+
+    /// Runs without a session: no notifications (the instance looks for work every
+    /// [`Runner::poll_interval`], and hears cancels and queue changes at its
+    /// heartbeat), no name lock (the instance's row and lease stand in for it:
+    /// docs/operations.md, "Without a listener"), and the database URL may be a
+    /// transaction pooler.
+    pub fn without_listener(mut self) -> Self {
+        self.listen = Listen::None;
         self
     }
 
@@ -360,6 +401,14 @@ impl Runner {
         if self.timeout_grace > Duration::from_secs(86_400) {
             return refuse("timeout_grace", format!("{:?}: at most 1 day", self.timeout_grace));
         }
+        if let Listen::Url(url) = &self.listen {
+            if let Err(error) = url.parse::<postgres::Config>() {
+                return refuse("listen_url", format!("{}: {error}", redact_url(url)));
+            }
+        }
+        if self.task_connections == Some(0) {
+            return refuse("task_connections", "0: at least 1".into());
+        }
         if self.max_completion_batch == 0 {
             return refuse("max_completion_batch", "0: at least 1".into());
         }
@@ -385,15 +434,22 @@ impl Runner {
         }
         let queues = self.lanes();
         let workers: usize = queues.iter().map(|(_, w)| *w).sum();
-        let connections = Connections::open(&self.database_url, self.pool, workers)?;
+        let instance = self.instance.clone().unwrap_or_else(default_instance_name);
+        let connections = Connections::open(Plan {
+            instance: &instance,
+            database_url: &self.database_url,
+            listen: self.listen.clone(),
+            tasks: self.pool,
+            task_connections: self.task_connections.unwrap_or(workers),
+        })?;
         {
-            let mut conn = connections.pool().get()?;
+            let mut conn = connections.maintenance()?;
             let missing = migrate::missing_schema(&mut conn)?;
             if !missing.is_empty() {
                 return Err(Error::Config(format!(
                     "the database at {} lacks the engine's schema ({} missing): run \
                      task_engine::run_migrations(&mut conn) (or `engine migrate`) first",
-                    connections.server(),
+                    redact_url(&self.database_url),
                     missing.join(", ")
                 )));
             }
@@ -403,7 +459,7 @@ impl Runner {
             }
         }
         let instance = assembly::start(Settings {
-            instance: self.instance.unwrap_or_else(default_instance_name),
+            instance,
             host: host_name(),
             registry: self.registry,
             connections,
@@ -436,7 +492,8 @@ impl RunningEngine {
 
     /// Returns the instance's counters.
     pub fn stats(&self) -> EngineStats {
-        let Instance { counters: Counters { producer, completer, listener, heartbeat, vacuum }, .. } = &self.instance;
+        let Instance { counters: Counters { producer, completer, listener, heartbeat, vacuum, stripes }, .. } =
+            &self.instance;
         let read = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::SeqCst);
         EngineStats {
             claims: read(&producer.claims),
@@ -458,7 +515,7 @@ impl RunningEngine {
             retried: read(&completer.retried),
             interrupted: read(&completer.interrupted),
             failed: read(&completer.failed),
-            marked_idle: producer.marked_idle.load(Ordering::SeqCst),
+            marked_idle: stripes.marked_idle(),
             claimed_tasks: read(&producer.claimed_tasks),
             vacuums: read(&vacuum.vacuums),
             given_back: read(&producer.given_back),

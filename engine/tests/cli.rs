@@ -342,7 +342,7 @@ fn engine_run_idle_exits_0_within_a_second_or_two_of_sigterm() {
     wait_until("the listener waits", || {
         diesel::sql_query(
             "SELECT count(*) AS n FROM pg_stat_activity
-             WHERE application_name = 'task_engine listener cli-idle' AND state = 'idle' AND query LIKE '%LISTEN%'",
+             WHERE application_name = 'task_engine session cli-idle' AND state = 'idle' AND query LIKE '%advisory_lock_shared%'",
         )
         .get_result::<N>(&mut conn)
         .unwrap()

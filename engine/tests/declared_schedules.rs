@@ -114,8 +114,8 @@ fn without_its_variable_the_example_schedule_is_not_declared() {
     // The start applies the declarations before its listener listens (and the signals
     // are heard soon after).
     let deadline = Instant::now() + Duration::from_secs(30);
-    let listening = "SELECT 1 FROM pg_stat_activity WHERE application_name = 'task_engine listener plain'
-                     AND state = 'idle' AND query LIKE '%LISTEN%'";
+    let listening = "SELECT 1 FROM pg_stat_activity WHERE application_name = 'task_engine session plain'
+                     AND state = 'idle' AND query LIKE '%advisory_lock_shared%'";
     while diesel::sql_query(listening).execute(&mut conn).unwrap() == 0 {
         assert!(Instant::now() < deadline, "the instance did not listen within 30 s");
         std::thread::sleep(Duration::from_millis(20));

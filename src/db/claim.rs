@@ -7,13 +7,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text, Timestamptz};
 
 use crate::attempt::ClaimedTask;
-use crate::db::connect::bound_lock_waits;
+use crate::db::connect::{Session, BOUNDED_LOCK_WAITS};
 use crate::db::prepared::Prepared;
 use crate::db::transitions::mark_running;
 
@@ -343,12 +342,12 @@ pub(crate) struct Claim {
 /// Its cost follows the tasks it claims and the (type, priority, key) levels in use, not
 /// the number of waiting tasks: it reads at most `2.5 * limit + 16` candidates (room for
 /// the rows concurrent claims hold) through `tasks_claim_idx`, or a share of that per
-/// level when levels are many. Run it on a connection set up by
-/// [`prepare_claimer_session`], so that the plan is the same whatever the table's
-/// statistics: a burst into a table analyzed while empty would otherwise be claimed by
-/// a bitmap scan and a sort of every waiting task.
-pub(crate) fn claim(conn: &mut PgConnection, lane: &LaneClaim<'_>, limit: i64) -> QueryResult<Claim> {
-    run_claim(conn, lane, limit, QueueLimits::default(), false)
+/// level when levels are many. It runs with [`SETTINGS`] (on the `session`, or for its
+/// transaction), so that the plan is the same whatever the table's statistics: a burst
+/// into a table analyzed while empty would otherwise be claimed by a bitmap scan and a
+/// sort of every waiting task.
+pub(crate) fn claim(conn: &mut PgConnection, session: Session, lane: &LaneClaim<'_>, limit: i64) -> QueryResult<Claim> {
+    session.with(conn, SETTINGS, |conn| run_claim(conn, lane, limit, QueueLimits::default(), false))
 }
 
 /// Who claims, from where: the same from one claim to the next, but `after_key`.
@@ -388,9 +387,19 @@ struct Limits {
 /// counts the claims in the window. A queue without a row, or without limits, is
 /// claimed as by [`claim`]; a paused one not at all. Changes the queue's row and the
 /// claimed tasks.
-pub(crate) fn claim_limited(conn: &mut PgConnection, lane: &LaneClaim<'_>, limit: i64) -> QueryResult<Claim> {
+pub(crate) fn claim_limited(
+    conn: &mut PgConnection,
+    session: Session,
+    lane: &LaneClaim<'_>,
+    limit: i64,
+) -> QueryResult<Claim> {
     let queue = lane.queue;
-    conn.transaction(|conn| {
+    let transaction =
+        |conn: &mut PgConnection, f: &mut dyn FnMut(&mut PgConnection) -> QueryResult<Claim>| match session {
+            Session::Own => conn.transaction(f),
+            Session::Pooled => session.with(conn, SETTINGS, f),
+        };
+    transaction(conn, &mut |conn| {
         let limits: Option<Limits> = Prepared(
             diesel::sql_query(
                 "SELECT paused, concurrency, key_concurrency,
@@ -546,22 +555,22 @@ fn run_claim(
     Ok(Claim { tasks, more, limited, rate_wait: None, last_key, keys })
 }
 
-/// Sets up a connection that claims (the producer's) or looks for due tasks: with
-/// sequential and bitmap scans off, [`claim`] and [`due`] walk `tasks_claim_idx` level
-/// by level whatever the statistics say (taken while the table was empty, they make a
-/// scan look cheaper). Their generic plan is kept: planning the claim anew, as a
-/// custom plan would, takes longer (about 1 ms) than running it. JIT is off: once
+/// The settings of the claims' statements ([`claim`], [`claim_limited`], [`due`]): with
+/// sequential and bitmap scans off, they walk `tasks_claim_idx` level by level whatever
+/// the statistics say (taken while the table was empty, they make a scan look
+/// cheaper). On a session of the engine's own their generic plan is kept: planning the
+/// claim anew, as a custom plan would, takes longer (about 1 ms) than running it;
+/// through a pooler each is planned anew, by index all the same. JIT is off: once
 /// statistics show a big table, the plan's estimated cost (which the disabled scans
 /// inflate) passes `jit_above_cost`, and compiling it took 400 ms, every claim. Lock
-/// waits are bounded by [`ROW_LOCK_WAIT`](crate::db::connect::ROW_LOCK_WAIT). Changes this session's settings only.
-pub(crate) fn prepare_claimer_session(conn: &mut PgConnection) -> QueryResult<()> {
-    conn.batch_execute(PLAN_BY_INDEX)?;
-    bound_lock_waits(conn)
-}
-
-/// The settings of [`prepare_claimer_session`].
-const PLAN_BY_INDEX: &str =
-    "SET enable_seqscan = off; SET enable_bitmapscan = off; SET plan_cache_mode = force_generic_plan; SET jit = off";
+/// waits are bounded ([`BOUNDED_LOCK_WAITS`]).
+pub(crate) const SETTINGS: &[&str] = &[
+    "enable_seqscan = off",
+    "enable_bitmapscan = off",
+    "plan_cache_mode = force_generic_plan",
+    "jit = off",
+    BOUNDED_LOCK_WAITS,
+];
 
 /// What the timer learns from [`due`].
 #[derive(Debug, QueryableByName)]
@@ -578,11 +587,15 @@ pub(crate) struct Due {
 /// aside) due now (up to `limit`) and finds the next due time of those not due yet (a task due at 'infinity' is never due), level by
 /// level as [`claim`] does: each level's due tasks are the head of its range of
 /// `tasks_claim_idx`, and its next one the first entry after them. Locks and changes
-/// nothing. Its plan is pinned as the claim's, for this statement's transaction only
-/// (the connection comes from the pool).
-pub(crate) fn due(conn: &mut PgConnection, queues: &[&str], task_types: &[&str], limit: i64) -> QueryResult<Due> {
-    conn.transaction(|conn| {
-        conn.batch_execute(&PLAN_BY_INDEX.replace("SET ", "SET LOCAL "))?;
+/// nothing. Its plan is pinned as the claim's ([`SETTINGS`]).
+pub(crate) fn due(
+    conn: &mut PgConnection,
+    session: Session,
+    queues: &[&str],
+    task_types: &[&str],
+    limit: i64,
+) -> QueryResult<Due> {
+    session.with(conn, SETTINGS, |conn| {
         diesel::sql_query(concat!(
             "WITH RECURSIVE ",
             waiting_levels!("$1", "$3", "true", "''", "1000000"),

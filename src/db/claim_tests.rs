@@ -7,6 +7,7 @@ pub(crate) fn lane<'a>(instance: &'a str, task_types: &'a [&'a str]) -> LaneClai
 }
 
 use super::*;
+use diesel::connection::SimpleConnection;
 
 /// A line of `EXPLAIN`'s output.
 #[derive(QueryableByName)]
@@ -35,7 +36,7 @@ fn the_claim_reads_what_it_claims_not_what_else_waits_whatever_the_statistics() 
          INSERT INTO tasks (task_class, priority) SELECT 'noop', 1 FROM generate_series(1, 5)",
     )
     .unwrap();
-    prepare_claimer_session(&mut conn).unwrap();
+    Session::Own.prepare(&mut conn, SETTINGS).unwrap();
     // Prepared as the producer's connection has it (diesel's bound statements are
     // one-shot: planned with their values).
     conn.batch_execute(&format!(
@@ -73,13 +74,72 @@ fn the_claim_reads_what_it_claims_not_what_else_waits_whatever_the_statistics() 
     let plan = explain(&mut conn, "force_generic_plan");
     assert!(!plan.contains("JIT"), "the claim was compiled:\n{plan}");
 
-    let claimed = claim(&mut conn, &lane("i", &["noop", "echo"]), 10).unwrap();
+    let claimed = claim(&mut conn, Session::Own, &lane("i", &["noop", "echo"]), 10).unwrap();
     assert!(!claimed.more, "a claim alone was told that others held tasks");
     let ids: Vec<i64> = claimed.tasks.iter().map(|t| t.id).collect();
     // The five of priority 1 (the last inserted), then the oldest of priority 0.
     let first_of_priority_0 = 200_001;
     let expected: Vec<i64> = (220_001..=220_005).chain(first_of_priority_0..first_of_priority_0 + 5).collect();
     assert_eq!(ids, expected, "not claimed in priority, then due, then id order");
+}
+
+/// Through a transaction pooler the claim is planned anew each time (no named
+/// statement, no session setting): its settings for its transaction keep the plan by
+/// index on a table analyzed while empty, and it claims what it claims directly.
+#[test]
+fn through_a_transaction_pooler_the_claim_reads_by_index_all_the_same() {
+    if let Some(why) = test_db::pooler_unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let db = test_db::TestDatabase::new();
+    db.connect()
+        .batch_execute(
+            "ANALYZE tasks;
+             INSERT INTO tasks (task_class, priority) SELECT 'unknown', 5 FROM generate_series(1, 100000);
+             INSERT INTO tasks (task_class, priority) SELECT 'noop', 0 FROM generate_series(1, 20000)",
+        )
+        .unwrap();
+    let mut pooled = PgConnection::establish(&db.pooled_url()).unwrap();
+    Session::Pooled.prepare(&mut pooled, SETTINGS).unwrap();
+    let plan: Vec<PlanLine> = Session::Pooled
+        .with(&mut pooled, SETTINGS, |conn| {
+            diesel::sql_query(format!("EXPLAIN (ANALYZE, BUFFERS) {CLAIM}"))
+                .bind::<Array<Text>, _>(&["noop", "echo"][..])
+                .bind::<BigInt, _>(10)
+                .bind::<Text, _>("i")
+                .bind::<BigInt, _>(41)
+                .bind::<Array<Text>, _>(&["default"][..])
+                .bind::<Nullable<Integer>, _>(None::<i32>)
+                .bind::<Bool, _>(false)
+                .bind::<Text, _>("")
+                .bind::<Nullable<Integer>, _>(None::<i32>)
+                .load(conn)
+        })
+        .unwrap();
+    let plan = plan.into_iter().map(|p| p.line).collect::<Vec<_>>().join("\n");
+    for bad in ["Seq Scan", "Bitmap", "JIT"] {
+        assert!(!plan.contains(bad), "through the pooler, the claim's plan has a {bad}:\n{plan}");
+    }
+    let claimed = claim(&mut pooled, Session::Pooled, &lane("i", &["noop"]), 10).unwrap();
+    let ids: Vec<i64> = claimed.tasks.iter().map(|t| t.id).collect();
+    // EXPLAIN ANALYZE ran the claim, and its transaction committed: ten were claimed.
+    assert_eq!(ids, (100_011..=100_020).collect::<Vec<_>>());
+    #[derive(QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = Text)]
+        setting: String,
+    }
+    // Nothing was left on the server's sessions, where the next client would find it.
+    for _ in 0..20 {
+        let seen: Setting =
+            diesel::sql_query("SELECT current_setting('enable_seqscan') AS setting").get_result(&mut pooled).unwrap();
+        assert_eq!(seen.setting, "on", "a setting of the claim stayed on a pooled session");
+    }
+    let prepared: i64 = diesel::select(diesel::dsl::sql::<BigInt>("count(*) FROM pg_prepared_statements"))
+        .get_result(&mut pooled)
+        .unwrap();
+    assert_eq!(prepared, 0, "a named statement was left on a pooled session");
 }
 
 /// Among more keys than a claim walks, keys come in rounds from one claim to the
@@ -94,12 +154,13 @@ fn claims_among_many_keys_serve_every_key_in_rounds() {
          SELECT 'noop', 'k' || lpad((i % 40)::text, 2, '0') FROM generate_series(1, 400) i",
     )
     .unwrap();
-    prepare_claimer_session(&mut conn).unwrap();
+    Session::Own.prepare(&mut conn, SETTINGS).unwrap();
     let mut after = String::new();
     let mut served = std::collections::BTreeSet::new();
     for _ in 0..4 {
         let claimed =
-            claim(&mut conn, &LaneClaim { after_key: &after, fair: true, ..lane("i", &["noop"]) }, 16).unwrap();
+            claim(&mut conn, Session::Own, &LaneClaim { after_key: &after, fair: true, ..lane("i", &["noop"]) }, 16)
+                .unwrap();
         assert_eq!(claimed.tasks.len(), 16);
         let ids: Vec<i64> = claimed.tasks.iter().map(|t| t.id).collect();
         let keys: Vec<String> = diesel::sql_query("SELECT fair_key AS key FROM tasks WHERE id = ANY($1)")
@@ -114,7 +175,8 @@ fn claims_among_many_keys_serve_every_key_in_rounds() {
     }
     assert_eq!(served.len(), 40, "keys served in four claims: {served:?}");
     // A claim that wants more than 16 keys hold comes back short, and says more waits.
-    let big = claim(&mut conn, &LaneClaim { after_key: &after, fair: true, ..lane("i", &["noop"]) }, 300).unwrap();
+    let big = claim(&mut conn, Session::Own, &LaneClaim { after_key: &after, fair: true, ..lane("i", &["noop"]) }, 300)
+        .unwrap();
     assert!(big.tasks.len() < 300 && big.more, "{} claimed, more: {}", big.tasks.len(), big.more);
 }
 
@@ -132,17 +194,17 @@ fn a_claim_among_tasks_other_claims_hold_says_more_may_wait() {
     let (mut first, mut second) = (db.connect(), db.connect());
     first.batch_execute("INSERT INTO tasks (task_class) SELECT 'noop' FROM generate_series(1, 100)").unwrap();
     first.batch_execute("BEGIN").unwrap();
-    let held = claim(&mut first, &lane("first", &["noop"]), 40).unwrap();
+    let held = claim(&mut first, Session::Own, &lane("first", &["noop"]), 40).unwrap();
     assert_eq!(held.tasks.len(), 40);
     assert!(!held.more);
 
     // Its 28 candidates are the first 40's first 28: all held.
-    let blocked = claim(&mut second, &lane("second", &["noop"]), 5).unwrap();
+    let blocked = claim(&mut second, Session::Own, &lane("second", &["noop"]), 5).unwrap();
     assert!(blocked.tasks.is_empty(), "claimed tasks another claim holds");
     assert!(blocked.more, "an empty claim among held tasks took the queue for drained");
 
     first.batch_execute("COMMIT").unwrap();
-    let after = claim(&mut second, &lane("second", &["noop"]), 5).unwrap();
+    let after = claim(&mut second, Session::Own, &lane("second", &["noop"]), 5).unwrap();
     let ids: Vec<i64> = after.tasks.iter().map(|t| t.id).collect();
     assert_eq!(ids, vec![41, 42, 43, 44, 45]);
     assert!(!after.more);

@@ -6,13 +6,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
 
 use crate::attempt::{ClaimedTask, Completion, Outcome};
-use crate::db::connect::bound_lock_waits;
+use crate::db::connect::{Session, BOUNDED_LOCK_WAITS};
 use crate::db::micros;
 use crate::db::prepared::Prepared;
 use crate::db::transitions::{cancel_wins, lets_waiting_key_go, notify_waiting};
@@ -81,11 +80,11 @@ pub(crate) const COMPLETE: &str = concat!(
 /// one more attempt allowed, as a snooze does, and wakes the instances. Returns how
 /// many attempts were recorded.
 ///
-/// Run it on a connection set up by [`prepare_completer_session`]: there the plan finds
-/// the batch's tasks by primary key and joins by hash (or merge) whatever the
-/// statistics and the batch's size, so the statement can stay prepared, with a generic
-/// plan, and is not planned again for every batch.
-pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> QueryResult<usize> {
+/// It runs with [`SETTINGS`] (on the `session`, or for its transaction): there the
+/// plan finds the batch's tasks by primary key and joins by hash (or merge) whatever
+/// the statistics and the batch's size, so the statement can stay prepared, with a
+/// generic plan, and is not planned again for every batch.
+pub(crate) fn complete(conn: &mut PgConnection, session: Session, completions: &[Completion]) -> QueryResult<usize> {
     let n = completions.len();
     let started_at: Vec<DateTime<Utc>> = completions.iter().map(|c| c.started_at).collect();
     let stopped_at: Vec<DateTime<Utc>> = completions.iter().map(|c| c.stopped_at).collect();
@@ -110,7 +109,7 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
         errors.push(error);
         delays_us.push(delay);
     }
-    let recorded: Recorded = Prepared(
+    let statement = Prepared(
         diesel::sql_query(COMPLETE)
             .bind::<Array<BigInt>, _>(execution_ids)
             .bind::<Array<BigInt>, _>(task_ids)
@@ -125,8 +124,8 @@ pub(crate) fn complete(conn: &mut PgConnection, completions: &[Completion]) -> Q
             .bind::<Bool, _>(
                 completions.iter().any(|c| c.frees_a_place || matches!(c.outcome, Outcome::Interrupted(_))),
             ),
-    )
-    .get_result(conn)?;
+    );
+    let recorded: Recorded = session.with(conn, SETTINGS, |conn| statement.get_result(conn))?;
     unique::keep_keys(conn, &recorded.released);
     Ok(usize::try_from(recorded.recorded).unwrap_or(0))
 }
@@ -141,15 +140,13 @@ struct Recorded {
     released: Vec<i64>,
 }
 
-/// Sets up the completer's own connection for [`complete`]: with sequential scans and
-/// nested loops off (and JIT, as for the claim), the planner finds the batch's rows through the primary keys
-/// (`id = ANY(...)`) and joins them by hash even while stale statistics make a scan of
-/// the whole table look cheap; its lock waits are bounded by [`ROW_LOCK_WAIT`](crate::db::connect::ROW_LOCK_WAIT). Changes
-/// this session's settings only.
-pub(crate) fn prepare_completer_session(conn: &mut PgConnection) -> QueryResult<()> {
-    conn.batch_execute("SET enable_seqscan = off; SET enable_nestloop = off; SET jit = off")?;
-    bound_lock_waits(conn)
-}
+/// The settings of the completer's statements ([`complete`]): with sequential scans
+/// and nested loops off (and JIT, as for the claim), the planner finds the batch's rows
+/// through the primary keys (`id = ANY(...)`) and joins them by hash even while stale
+/// statistics make a scan of the whole table look cheap; lock waits are bounded by
+/// [`BOUNDED_LOCK_WAITS`].
+pub(crate) const SETTINGS: &[&str] =
+    &["enable_seqscan = off", "enable_nestloop = off", "jit = off", BOUNDED_LOCK_WAITS];
 
 /// The tasks of `completions` whose row another session holds locked now. Tries to
 /// lock each with `SKIP LOCKED` for this statement only (its locks end with it), and
@@ -303,6 +300,8 @@ pub(crate) const RELEASE_ABANDONED: &str = concat!(
 
 #[cfg(test)]
 mod tests {
+    use diesel::connection::SimpleConnection;
+
     use super::*;
     use crate::db::claim::claim;
     use crate::db::claim::tests::{lane, PlanLine};
@@ -321,11 +320,11 @@ mod tests {
              ANALYZE tasks; ANALYZE task_executions;",
         )
         .unwrap();
-        let claimed = claim(&mut conn, &lane("i", &["noop"]), 300).unwrap().tasks;
+        let claimed = claim(&mut conn, Session::Own, &lane("i", &["noop"]), 300).unwrap().tasks;
         assert_eq!(claimed.len(), 300);
 
         let mut session = db.connect();
-        prepare_completer_session(&mut session).unwrap();
+        Session::Own.prepare(&mut session, SETTINGS).unwrap();
         let n = claimed.len();
         for mode in ["force_custom_plan", "force_generic_plan"] {
             session.batch_execute(&format!("BEGIN; SET LOCAL plan_cache_mode = {mode}")).unwrap();
@@ -365,7 +364,7 @@ mod tests {
              ANALYZE tasks;",
         )
         .unwrap();
-        prepare_completer_session(&mut conn).unwrap();
+        Session::Own.prepare(&mut conn, SETTINGS).unwrap();
         conn.batch_execute(&format!("BEGIN; {}", unique::KEY_WAIT)).unwrap();
         let plan: Vec<PlanLine> = diesel::sql_query(format!("EXPLAIN (ANALYZE, COSTS OFF) {}", unique::KEEP_KEYS))
             .bind::<Array<BigInt>, _>(vec![20001i64])

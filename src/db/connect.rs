@@ -31,6 +31,27 @@ pub fn connection_pool(database_url: &str, max_size: u32) -> Result<PgPool, Erro
         .build(ConnectionManager::new(database_url))?)
 }
 
+/// Opens no connection yet: a pool of at most `max_size` connections to
+/// `database_url`, each opened when first asked for and closed after a minute unused
+/// (the tasks' own, of an instance: tasks that never ask cost none).
+pub(crate) fn lazy_pool(database_url: &str, max_size: u32, session: Session) -> PgPool {
+    #[derive(Debug)]
+    struct Ready(Session);
+    impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Ready {
+        fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+            self.0.prepare(conn, &[]).map_err(diesel::r2d2::Error::QueryError)
+        }
+    }
+    Pool::builder()
+        .max_size(max_size.max(1))
+        .min_idle(Some(0))
+        .idle_timeout(Some(Duration::from_secs(60)))
+        .test_on_check_out(true)
+        .connection_timeout(Duration::from_secs(5))
+        .connection_customizer(Box::new(Ready(session)))
+        .build_unchecked(ConnectionManager::new(database_url))
+}
+
 /// Opens a connection to `database_url`; the error names the server without its
 /// password.
 pub fn connect(database_url: &str) -> Result<PgConnection, Error> {
@@ -49,21 +70,95 @@ pub fn connect(database_url: &str) -> Result<PgConnection, Error> {
     })
 }
 
-/// `database_url` asking for TCP keepalives (a peer that vanished without closing the
-/// socket is noticed within about half a minute), as a URL or as `key=value` pairs.
-pub(crate) fn with_keepalives(database_url: &str) -> String {
-    const KEEPALIVES: [(&str, &str); 4] =
-        [("keepalives", "1"), ("keepalives_idle", "10"), ("keepalives_interval", "5"), ("keepalives_count", "3")];
+/// TCP keepalives: a peer that vanished without closing the socket is noticed within
+/// about half a minute.
+pub(crate) const KEEPALIVES: [(&str, &str); 4] =
+    [("keepalives", "1"), ("keepalives_idle", "10"), ("keepalives_interval", "5"), ("keepalives_count", "3")];
+
+/// `database_url` with these connection parameters added (escaped), as a URL or as
+/// `key=value` pairs.
+pub(crate) fn with_parameters(database_url: &str, parameters: &[(&str, &str)]) -> String {
     if database_url.contains("://") {
         let mut url = database_url.to_owned();
-        for (i, (key, value)) in KEEPALIVES.iter().enumerate() {
+        for (i, (key, value)) in parameters.iter().enumerate() {
             let separator = if i == 0 && !database_url.contains('?') { '?' } else { '&' };
+            let value: String = value
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => char::from(b).to_string(),
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
             url.push_str(&format!("{separator}{key}={value}"));
         }
         url
     } else {
-        KEEPALIVES.iter().fold(database_url.to_owned(), |url, (key, value)| format!("{url} {key}={value}"))
+        parameters.iter().fold(database_url.to_owned(), |url, (key, value)| {
+            format!("{url} {key}='{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+        })
     }
+}
+
+/// Where the settings a part's statements rely on live (plans by index, bounded lock
+/// waits): on the session, or in each transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Session {
+    /// A connection straight to PostgreSQL, the part's own for as long as it lives: the
+    /// settings are set once on it, and statements stay prepared (named) with their
+    /// plans.
+    Own,
+    /// A connection that may go through a transaction pooler (PgBouncer in transaction
+    /// mode), where a session is anyone's: nothing is left on it. A statement that
+    /// needs settings runs in a transaction that sets them (`SET LOCAL`), and every
+    /// statement is sent unnamed.
+    Pooled,
+}
+
+impl Session {
+    /// Readies a new connection: sets `settings` on an own session; on a pooled one,
+    /// turns diesel's named statements off.
+    pub(crate) fn prepare(self, conn: &mut PgConnection, settings: &[&str]) -> QueryResult<()> {
+        match self {
+            Self::Own if settings.is_empty() => Ok(()),
+            Self::Own => conn.batch_execute(&sets("SET", settings)),
+            Self::Pooled => {
+                conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs `f` with `settings` in force: as the session has them, or in a transaction
+    /// that sets them (begun with them, in one round trip) and commits if `f`
+    /// succeeds.
+    pub(crate) fn with<T, E: From<diesel::result::Error>>(
+        self,
+        conn: &mut PgConnection,
+        settings: &[&str],
+        f: impl FnOnce(&mut PgConnection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        use diesel::connection::{AnsiTransactionManager, TransactionManager};
+        if self == Self::Own || settings.is_empty() {
+            return f(conn);
+        }
+        AnsiTransactionManager::begin_transaction_sql(conn, &format!("BEGIN; {}", sets("SET LOCAL", settings)))?;
+        match f(conn) {
+            Ok(value) => {
+                AnsiTransactionManager::commit_transaction(conn)?;
+                Ok(value)
+            }
+            Err(error) => {
+                // A connection that cannot roll back is dropped by its owner.
+                let _ = AnsiTransactionManager::rollback_transaction(conn);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// `settings` as `SET` (or `SET LOCAL`) statements.
+fn sets(set: &str, settings: &[&str]) -> String {
+    settings.iter().map(|s| format!("{set} {s}")).collect::<Vec<_>>().join("; ")
 }
 
 /// Checks that a connection of the engine's own still answers.
@@ -191,17 +286,12 @@ fn mistyped_url_secret(text: &str) -> Option<Range<usize>> {
     Some(word + colon + 1..at)
 }
 
-/// How long the producer's and the completer's statements may wait for a row another
-/// session holds locked: then the statement fails. The completer then sets aside the
-/// attempts whose rows are locked ([`locked_by_others`](crate::db::completion::locked_by_others)) and records the others; a
-/// give-back that fails leaves its tasks to the rescue.
-pub(crate) const ROW_LOCK_WAIT: Duration = Duration::from_secs(1);
-
-/// Bounds this session's lock waits by [`ROW_LOCK_WAIT`] (the producer's connection;
-/// the completer's gets it from [`prepare_completer_session`](crate::db::completion::prepare_completer_session)).
-pub(crate) fn bound_lock_waits(conn: &mut PgConnection) -> QueryResult<()> {
-    conn.batch_execute(&format!("SET lock_timeout = {}", ROW_LOCK_WAIT.as_millis()))
-}
+/// The setting that bounds how long the claims' and the completer's statements wait
+/// for a row another session holds locked (a second): then the statement fails. The
+/// completer then sets aside the attempts whose rows are locked
+/// ([`locked_by_others`](crate::db::completion::locked_by_others)) and records the
+/// others; a give-back that fails leaves its tasks to the rescue.
+pub(crate) const BOUNDED_LOCK_WAITS: &str = "lock_timeout = 1000";
 
 #[cfg(test)]
 mod tests {
@@ -210,15 +300,25 @@ mod tests {
     #[test]
     fn keepalives_are_asked_for_in_urls_and_key_value_strings() {
         assert_eq!(
-            with_keepalives("postgres://h/db"),
+            with_parameters("postgres://h/db", &KEEPALIVES),
             "postgres://h/db?keepalives=1&keepalives_idle=10&keepalives_interval=5&keepalives_count=3"
         );
-        assert!(with_keepalives("postgres://h/db?sslmode=require")
+        assert!(with_parameters("postgres://h/db?sslmode=require", &KEEPALIVES)
             .starts_with("postgres://h/db?sslmode=require&keepalives=1&"));
         assert_eq!(
-            with_keepalives("host=h"),
-            "host=h keepalives=1 keepalives_idle=10 keepalives_interval=5 keepalives_count=3"
+            with_parameters("host=h", &KEEPALIVES),
+            "host=h keepalives='1' keepalives_idle='10' keepalives_interval='5' keepalives_count='3'"
         );
+    }
+
+    #[test]
+    fn a_parameter_with_spaces_and_quotes_is_escaped_in_either_form() {
+        let name = [("application_name", "task_engine it's a/b")];
+        assert_eq!(
+            with_parameters("postgres://h/db", &name),
+            "postgres://h/db?application_name=task_engine%20it%27s%20a%2Fb"
+        );
+        assert_eq!(with_parameters("host=h", &name), "host=h application_name='task_engine it\\'s a/b'");
     }
 
     #[test]

@@ -1,35 +1,17 @@
-//! The instances' rows (`task_engine_instances`) and the advisory locks on their names.
+//! The instances' rows (`task_engine_instances`); the advisory locks on their names are
+//! taken by their sessions ([`channel`](super::channel)).
 
 use std::time::Duration;
 
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
 use diesel::PgConnection;
 
 use crate::db::micros;
 
 /// The first key of the instance-name advisory locks ("task" in ASCII); the second is
-/// `hashtext(name)`.
+/// `hashtext(<channel>/<name>)`.
 pub(crate) const NAME_LOCK: i32 = 0x7461_736b;
-
-/// Takes a session advisory lock on the instance's name in this deployment (the key
-/// is `(NAME_LOCK, hashtext(<channel>/<name>))`: two schemas' instances of one name do
-/// not share it), on the heartbeat's own connection, for as long as that session
-/// lives. Returns false when another live session holds it (a running instance of that
-/// name).
-pub(crate) fn take_name(conn: &mut PgConnection, instance: &str) -> QueryResult<bool> {
-    #[derive(QueryableByName)]
-    struct Locked {
-        #[diesel(sql_type = Bool)]
-        locked: bool,
-    }
-    let locked: Locked =
-        diesel::sql_query("SELECT pg_try_advisory_lock($1, hashtext(task_engine_channel() || '/' || $2)) AS locked")
-            .bind::<Integer, _>(NAME_LOCK)
-            .bind::<Text, _>(instance)
-            .get_result(conn)?;
-    Ok(locked.locked)
-}
 
 /// What an instance records of itself.
 pub(crate) struct Registration<'a> {
@@ -51,7 +33,7 @@ pub(crate) fn register(conn: &mut PgConnection, registration: &Registration<'_>)
          VALUES ($1, $2, $3, $4, $5 * interval '1 microsecond', $6)
          ON CONFLICT (name) DO UPDATE
          SET host = EXCLUDED.host, pid = EXCLUDED.pid, task_types = EXCLUDED.task_types, lease = EXCLUDED.lease,
-             queues = EXCLUDED.queues, started_at = now(), last_seen_at = now()",
+             queues = EXCLUDED.queues, started_at = now(), last_seen_at = now(), connections = NULL",
     )
     .bind::<Text, _>(registration.instance)
     .bind::<Text, _>(registration.host)
@@ -63,16 +45,45 @@ pub(crate) fn register(conn: &mut PgConnection, registration: &Registration<'_>)
     .map(drop)
 }
 
-/// Bounds how long the heartbeat's statements may wait for a lock (a row of its
-/// table locked by another session) and run, on its own connection, so that a stuck
-/// heartbeat fails and says so instead of silently letting its lease run out.
-pub(crate) fn bound_waits(conn: &mut PgConnection, lock: Duration, statement: Duration) -> QueryResult<()> {
-    use diesel::connection::SimpleConnection;
-    conn.batch_execute(&format!(
-        "SET lock_timeout = {}; SET statement_timeout = {}",
-        lock.as_millis().max(1),
-        statement.as_millis().max(1)
-    ))
+/// Registers a starting instance, as the one of its name, if the previous one is gone:
+/// inserts its row, or takes over the row of its name if that row's instance is
+/// silent past its lease, or if `listening` (this instance holds the name lock now, so
+/// the previous holder's session is gone) and that row's instance had a listener too
+/// (a row of an instance without one, which held no lock, proves nothing until it goes
+/// silent). Without a listener, it never inserts while another session holds the name
+/// (a live instance whose row was deleted). One statement, so two instances starting at
+/// once cannot both see the name free. Locks that row. Returns whether it registered.
+pub(crate) fn register_if_free(
+    conn: &mut PgConnection,
+    registration: &Registration<'_>,
+    listening: bool,
+    connections: &str,
+) -> QueryResult<bool> {
+    let taken = diesel::sql_query(
+        "INSERT INTO task_engine_instances AS i (name, host, pid, task_types, lease, queues, connections)
+         SELECT $1, $2, $3, $4, $5 * interval '1 microsecond', $6, $7::jsonb
+         WHERE $8 OR NOT EXISTS (
+             SELECT FROM pg_locks l
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND l.classid = $9::int4::oid AND l.objid = hashtext(task_engine_channel() || '/' || $1)::oid)
+         ON CONFLICT (name) DO UPDATE
+         SET host = EXCLUDED.host, pid = EXCLUDED.pid, task_types = EXCLUDED.task_types, lease = EXCLUDED.lease,
+             queues = EXCLUDED.queues, started_at = now(), last_seen_at = now(), connections = EXCLUDED.connections
+         WHERE i.last_seen_at < now() - coalesce(i.lease, EXCLUDED.lease)
+            OR ($8 AND coalesce((i.connections->>'listener')::boolean, true))",
+    )
+    .bind::<Text, _>(registration.instance)
+    .bind::<Text, _>(registration.host)
+    .bind::<Integer, _>(i32::try_from(registration.pid).unwrap_or(i32::MAX))
+    .bind::<Array<Text>, _>(registration.task_types)
+    .bind::<BigInt, _>(micros(registration.lease))
+    .bind::<Array<Text>, _>(registration.queues)
+    .bind::<Text, _>(connections)
+    .bind::<diesel::sql_types::Bool, _>(listening)
+    .bind::<Integer, _>(NAME_LOCK)
+    .execute(conn)?;
+    Ok(taken == 1)
 }
 
 /// What a heartbeat sees besides renewing the row.
@@ -89,17 +100,27 @@ pub(crate) struct Beat {
     pub queues: Option<String>,
 }
 
-/// Renews the instance's heartbeat (`last_seen_at`), locking its row, and in the same
-/// round trip reads (locking nothing) its running tasks with a cancel requested (the
+/// Renews the instance's heartbeat (`last_seen_at`) and records the connections it
+/// holds (`connections`, JSON), locking its row, and in the same round trip reads (locking nothing) its running tasks with a cancel requested (the
 /// partial index of running tasks, as the rescue's look for its own ghosts: no more
 /// rows than it runs) and the settings rows of `queues` (by primary key). Returns
 /// `None` if the row is gone.
-pub(crate) fn beat(conn: &mut PgConnection, instance: &str, queues: &[String]) -> QueryResult<Option<Beat>> {
-    diesel::sql_query(BEAT).bind::<Text, _>(instance).bind::<Array<Text>, _>(queues).get_result(conn).optional()
+pub(crate) fn beat(
+    conn: &mut PgConnection,
+    instance: &str,
+    queues: &[String],
+    connections: &str,
+) -> QueryResult<Option<Beat>> {
+    diesel::sql_query(BEAT)
+        .bind::<Text, _>(instance)
+        .bind::<Array<Text>, _>(queues)
+        .bind::<Text, _>(connections)
+        .get_result(conn)
+        .optional()
 }
 
 /// The statement of [`beat`].
-const BEAT: &str = "UPDATE task_engine_instances SET last_seen_at = now() WHERE name = $1
+const BEAT: &str = "UPDATE task_engine_instances SET last_seen_at = now(), connections = $3::jsonb WHERE name = $1
      RETURNING
          ARRAY(SELECT t.id FROM tasks t
                WHERE t.status = 'running' AND t.instance = $1 AND t.cancel_requested_at IS NOT NULL
@@ -107,22 +128,6 @@ const BEAT: &str = "UPDATE task_engine_instances SET last_seen_at = now() WHERE 
          (SELECT string_agg(format('%s/%s/%s/%s/%s/%s', q.name, q.paused, q.concurrency, q.key_concurrency,
                                    q.rate_limit, q.rate_period), ',' ORDER BY q.name)
           FROM task_engine_queues q WHERE q.name = ANY($2)) AS queues";
-
-/// The server process of this session.
-pub(crate) fn session(conn: &mut PgConnection) -> QueryResult<i32> {
-    #[derive(QueryableByName)]
-    struct Pid {
-        #[diesel(sql_type = Integer)]
-        pid: i32,
-    }
-    Ok(diesel::sql_query("SELECT pg_backend_pid() AS pid").get_result::<Pid>(conn)?.pid)
-}
-
-/// Ends the server session `pid` (the instance's own earlier heartbeat session, left
-/// on the server by a connection that died half-open), which lets its locks go.
-pub(crate) fn end_session(conn: &mut PgConnection, pid: i32) -> QueryResult<()> {
-    diesel::sql_query("SELECT pg_terminate_backend($1)").bind::<Integer, _>(pid).execute(conn).map(drop)
-}
 
 /// Deletes the instance's row, after a clean stop.
 pub(crate) fn deregister(conn: &mut PgConnection, instance: &str) -> QueryResult<()> {
@@ -170,14 +175,15 @@ mod tests {
         )
         .unwrap();
         let queues = ["a".to_owned(), "c".to_owned()];
-        let seen = beat(&mut conn, "i", &queues).unwrap().unwrap();
+        let seen = beat(&mut conn, "i", &queues, "{}").unwrap().unwrap();
         assert_eq!(seen, Beat { cancels: vec![-1], queues: Some("a/t/3///".into()) });
-        assert_eq!(beat(&mut conn, "gone", &queues).unwrap(), None);
+        assert_eq!(beat(&mut conn, "gone", &queues, "{}").unwrap(), None);
         for mode in ["force_custom_plan", "force_generic_plan"] {
             conn.batch_execute(&format!("BEGIN; SET LOCAL plan_cache_mode = {mode}")).unwrap();
             let plan: Vec<PlanLine> = diesel::sql_query(format!("EXPLAIN (ANALYZE, COSTS OFF) {BEAT}"))
                 .bind::<Text, _>("i")
                 .bind::<Array<Text>, _>(&queues[..])
+                .bind::<Text, _>("{}")
                 .load(&mut conn)
                 .unwrap();
             conn.batch_execute("ROLLBACK").unwrap();

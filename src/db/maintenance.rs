@@ -6,31 +6,17 @@ use std::time::Duration;
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool};
+use diesel::sql_types::BigInt;
 
 use crate::db::micros;
 
-/// The advisory lock that lets one instance at a time vacuum ("vacu" in ASCII).
-const VACUUM_LOCK: i64 = 0x7661_6375;
-
-/// Runs `VACUUM tasks` unless another instance is at it (a session advisory lock,
-/// released after): it removes the dead index entries claims leave behind, and blocks
-/// no claim, insert or completion. Returns false when another instance holds the lock.
-pub(crate) fn vacuum(conn: &mut PgConnection) -> QueryResult<bool> {
-    #[derive(QueryableByName)]
-    struct Locked {
-        #[diesel(sql_type = Bool)]
-        locked: bool,
-    }
-    let locked: Locked = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked")
-        .bind::<BigInt, _>(VACUUM_LOCK)
-        .get_result(conn)?;
-    if !locked.locked {
-        return Ok(false);
-    }
-    let vacuumed = conn.batch_execute("VACUUM tasks");
-    diesel::sql_query("SELECT pg_advisory_unlock($1)").bind::<BigInt, _>(VACUUM_LOCK).execute(conn)?;
-    vacuumed.map(|_| true)
+/// Runs `VACUUM tasks` unless another vacuum is at it (another instance's, or
+/// autovacuum: `SKIP_LOCKED` passes over a table whose lock it cannot take at once,
+/// with a warning to the client, which needs no session lock of ours and so works
+/// through a pooler): it removes the dead index entries claims leave behind, and
+/// blocks no claim, insert or completion.
+pub(crate) fn vacuum(conn: &mut PgConnection) -> QueryResult<()> {
+    conn.batch_execute("VACUUM (SKIP_LOCKED) tasks")
 }
 
 /// Deletes at most `batch` finished tasks (`stopped`, `failed`, `cancelled`) last

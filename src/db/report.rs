@@ -273,6 +273,11 @@ pub struct InstanceRow {
     /// them (before migration 21).
     #[diesel(sql_type = Nullable<diesel::sql_types::Array<Text>>)]
     pub queues: Option<Vec<String>>,
+    /// The connections it held at its last heartbeat, as `4 (session 1, heartbeat 1,
+    /// claims 1, completer 1, maintenance 0) + tasks 2/8`; `None` for an instance of
+    /// a version that does not record them (before migration 22).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub connections: Option<String>,
 }
 
 /// The instances that have registered and not yet been forgotten, by name.
@@ -283,7 +288,14 @@ pub fn instances(conn: &mut PgConnection) -> Result<Vec<InstanceRow>, Error> {
         instance_is_dead!(),
         " AS dead,
                 (SELECT count(*) FROM tasks t WHERE t.status = 'running' AND t.instance = i.name) AS running,
-                i.queues
+                i.queues,
+                (SELECT format('%s (session %s, heartbeat %s, claims %s, completer %s, maintenance %s) + tasks %s/%s',
+                               s + h + c + d + m, s, h, c, d, m, t, tm)
+                 FROM (SELECT (j->>'session')::int AS s, (j->>'heartbeat')::int AS h, (j->>'claims')::int AS c,
+                              (j->>'completer')::int AS d, (j->>'maintenance')::int AS m, (j->>'tasks')::int AS t,
+                              (j->>'tasks_max')::int AS tm
+                       FROM (SELECT i.connections AS j) j
+                       WHERE i.connections IS NOT NULL) n) AS connections
          FROM task_engine_instances i ORDER BY i.name"
     ))
     .load(conn)?)

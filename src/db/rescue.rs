@@ -244,7 +244,8 @@ mod tests {
         let db = test_db::TestDatabase::new();
         let mut conn = db.connect();
         conn.batch_execute("INSERT INTO tasks (task_class) VALUES ('noop')").unwrap();
-        let task = claim(&mut conn, &lane("me", &["noop"]), 1).unwrap().tasks.remove(0);
+        let task =
+            claim(&mut conn, crate::db::connect::Session::Own, &lane("me", &["noop"]), 1).unwrap().tasks.remove(0);
         assert!(recorded(&mut conn).is_empty(), "an execution was written before the attempt ended");
         assert_eq!(rescue(&mut conn, Lost::PreviousSelf, "me", Duration::from_secs(1), &[]).unwrap(), 1);
         let outcome = Completion {
@@ -258,7 +259,7 @@ mod tests {
             outcome: Outcome::Succeeded(serde_json::Value::Null),
             frees_a_place: false,
         };
-        assert_eq!(complete(&mut conn, &[outcome]).unwrap(), 0);
+        assert_eq!(complete(&mut conn, crate::db::connect::Session::Own, &[outcome]).unwrap(), 0);
         let errors: Vec<Option<String>> = recorded(&mut conn).into_iter().map(|r| r.error).collect();
         assert_eq!(errors, vec![Some("lost: its instance restarted (instance me, attempt 1)".to_string())]);
     }
@@ -294,8 +295,9 @@ mod tests {
         let db = test_db::TestDatabase::new();
         let mut conn = db.connect();
         running_on(&mut conn, 1, "rowless");
-        let mut holder = db.connect();
-        assert!(crate::db::instances::take_name(&mut holder, "rowless").unwrap());
+        let config: postgres::Config = db.url().parse().unwrap();
+        let (holder, _) = crate::db::channel::Listening::start(&config, "test", "rowless", None).unwrap();
+        assert!(holder.holds_name());
         let lease = Duration::from_secs(1);
         assert_eq!(rescue(&mut conn, Lost::Dead, "judge", lease, &[]).unwrap(), 0, "a live instance was robbed");
         assert_eq!(status_of(&mut conn, 1), "running");

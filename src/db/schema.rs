@@ -21,6 +21,7 @@ diesel::table! {
         last_seen_at -> Timestamptz,
         lease -> Nullable<Interval>,
         queues -> Nullable<Array<Nullable<Text>>>,
+        connections -> Nullable<Jsonb>,
     }
 }
 

@@ -17,6 +17,7 @@ use crate::instance::lanes::{Lane, Lanes};
 use crate::instance::parts::{Parts, Stage};
 use crate::instance::server_clock::ServerClock;
 use crate::instance::shutdown::Shutdown;
+use crate::instance::stripes::Stripes;
 use crate::instance::timer::{self, Timer};
 use crate::instance::watchdog::{self, Watchdog};
 use crate::instance::{completer, cron, listener, producer, vacuum};
@@ -51,6 +52,8 @@ pub(crate) struct Counters {
     pub listener: Arc<listener::Stats>,
     pub heartbeat: Arc<heartbeat::Stats>,
     pub vacuum: Arc<vacuum::Stats>,
+    /// Whether the instance is marked idle.
+    pub stripes: Arc<Stripes>,
 }
 
 /// A running instance: what its parts share, and the parts.
@@ -133,6 +136,23 @@ impl Instance {
         let task_types = registry.names();
         let workers = self.lanes.capacity();
         let (shutdown, counters) = (&self.shutdown, &self.counters);
+        let stripes = Arc::clone(&counters.stripes);
+        stripes.set_session(connections.listens());
+        log::info!("instance {instance}: connections: {}", connections.budget());
+        // The session first: it takes the instance's name (or the start fails here).
+        if let Some(listener) = listener::spawn(listener::Input {
+            instance: instance.clone(),
+            connections: connections.clone(),
+            lanes: Arc::clone(&self.lanes),
+            timer: Arc::clone(timer),
+            in_flight: Arc::clone(&self.in_flight),
+            stripes: Arc::clone(&stripes),
+            poll_interval: settings.poll_interval,
+            retired: self.retired.clone(),
+            stats: Arc::clone(&counters.listener),
+        })? {
+            self.parts.add(listener);
+        }
         self.parts.add(heartbeat::spawn(heartbeat::Input {
             instance: instance.clone(),
             host: host.clone(),
@@ -146,15 +166,6 @@ impl Instance {
             lanes: Arc::clone(&self.lanes),
             retired: self.retired.clone(),
             stats: Arc::clone(&counters.heartbeat),
-        })?);
-        self.parts.add(listener::spawn(listener::Input {
-            instance: instance.clone(),
-            connections: connections.clone(),
-            lanes: Arc::clone(&self.lanes),
-            timer: Arc::clone(timer),
-            in_flight: Arc::clone(&self.in_flight),
-            shutdown: shutdown.clone(),
-            stats: Arc::clone(&counters.listener),
         })?);
         let queues: Vec<String> = self.lanes.iter().map(|l| format!("{}={}", l.queue, l.handoff.capacity())).collect();
         log::info!(
@@ -194,7 +205,7 @@ impl Instance {
         let context = Arc::new(InstanceHandle {
             name: instance.clone(),
             stopping: shutdown.flag(),
-            pool: connections.pool().clone(),
+            pool: connections.tasks().clone(),
         });
         let mut outboxes = outboxes.into_iter().enumerate();
         let mut hires = Vec::new();
@@ -206,6 +217,7 @@ impl Instance {
                 in_flight: Arc::clone(&self.in_flight),
                 clock: Arc::clone(&self.clock),
                 watchdog: Arc::clone(&watchdog),
+                connections: connections.clone(),
                 grace: settings.timeout_grace,
             });
             for (index, outbox) in outboxes.by_ref().take(lane.handoff.capacity()) {
@@ -221,6 +233,7 @@ impl Instance {
                 instance: instance.clone(),
                 name: if named { format!("producer-{}", lane.queue) } else { "producer".to_owned() },
                 connections: connections.clone(),
+                stripes: Arc::clone(&stripes),
                 queue: lane.queue.clone(),
                 task_types: task_types.clone(),
                 handoff: Arc::clone(&lane.handoff),

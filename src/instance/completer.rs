@@ -16,13 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use diesel::PgConnection;
-
 use crate::attempt::{Completion, Outcome};
 use crate::db::completion;
 use crate::db::connect::ping;
 use crate::error::Error;
-use crate::instance::connections::Connections;
+use crate::instance::connections::{Connections, Counted};
 use crate::instance::in_flight::InFlight;
 use crate::instance::parts::{Part, Stage};
 use crate::instance::timer::Timer;
@@ -35,6 +33,8 @@ pub(crate) const DEFAULT_MAX_BATCH: usize = 1000;
 const RECORD_PATIENCE: Duration = Duration::from_secs(120);
 /// How often attempts set aside for locked rows are tried again.
 const SET_ASIDE_RETRY: Duration = Duration::from_secs(1);
+/// How long the completer keeps its connection once attempts stop ending.
+const CLOSE_AFTER: Duration = Duration::from_secs(30);
 /// The most of a refused text kept, escaped, in its replacement.
 const REPLACEMENT_TEXT: usize = 4096;
 
@@ -209,17 +209,22 @@ pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
 }
 
 fn run(input: Input) {
-    // Its own connection, kept between batches, with the session settings its
-    // statement is planned with (in the pool they would leak to the tasks'
-    // connections). Connected before the first outcome (a failure is met again, and
-    // handled, there).
-    let conn = open(&input.connections).ok();
-    let mut recorder = Recorder { input: &input, conn, set_aside: Vec::new(), since: HashMap::new() };
+    // Its own connection, opened at the first outcome and kept between batches, with
+    // the settings its statement is planned with; closed once attempts stop ending.
+    let mut recorder = Recorder { input: &input, conn: None, set_aside: Vec::new(), since: HashMap::new() };
     let mut retried_at = Instant::now();
     loop {
-        let quiet = (!recorder.set_aside.is_empty()).then_some(SET_ASIDE_RETRY);
+        let quiet = if !recorder.set_aside.is_empty() {
+            Some(SET_ASIDE_RETRY)
+        } else {
+            recorder.conn.is_some().then_some(CLOSE_AFTER)
+        };
         match input.inbox.next(quiet) {
             Inbound::Batch(batch) => recorder.record(batch),
+            Inbound::Quiet if recorder.set_aside.is_empty() => {
+                // Nothing ended for a while: the instance is idle.
+                recorder.conn = None;
+            }
             Inbound::Quiet => {}
             Inbound::Closed if recorder.set_aside.is_empty() => break,
             // The last outcomes wait for their rows.
@@ -233,16 +238,10 @@ fn run(input: Input) {
     log::debug!("completer stopped");
 }
 
-fn open(connections: &Connections) -> Result<PgConnection, Error> {
-    let mut conn = connections.own()?;
-    completion::prepare_completer_session(&mut conn)?;
-    Ok(conn)
-}
-
 /// The completer's side of the database.
 struct Recorder<'a> {
     input: &'a Input,
-    conn: Option<PgConnection>,
+    conn: Option<Counted>,
     /// Attempts whose rows another session held locked, to try again.
     set_aside: Vec<Completion>,
     /// When each attempt set aside (by execution) was first set aside.
@@ -304,11 +303,12 @@ impl Recorder<'_> {
     }
 
     fn complete(&mut self, batch: &[Completion]) -> Result<(), Error> {
+        let connections = &self.input.connections;
         let conn = match &mut self.conn {
             Some(conn) => conn,
-            None => self.conn.insert(open(&self.input.connections)?),
+            None => self.conn.insert(connections.completer(completion::SETTINGS)?),
         };
-        completion::complete(conn, batch)?;
+        completion::complete(conn, connections.session(), batch)?;
         Ok(())
     }
 

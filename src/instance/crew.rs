@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::context::InstanceHandle;
 use crate::error::Error;
 use crate::instance::completer::Outbox;
+use crate::instance::connections::Connections;
 use crate::instance::handoff::Handoff;
 use crate::instance::in_flight::InFlight;
 use crate::instance::lock;
@@ -27,6 +28,8 @@ pub(crate) struct Recipe {
     pub in_flight: Arc<InFlight>,
     pub clock: Arc<ServerClock>,
     pub watchdog: Arc<Watchdog>,
+    /// Where an abandoned attempt is recorded.
+    pub connections: Connections,
     pub grace: Duration,
 }
 
@@ -95,6 +98,7 @@ impl Crew {
             in_flight: Arc::clone(&recipe.in_flight),
             clock: Arc::clone(&recipe.clock),
             watchdog: Arc::clone(&recipe.watchdog),
+            connections: recipe.connections.clone(),
             grace: recipe.grace,
             replace,
         };

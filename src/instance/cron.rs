@@ -1,5 +1,6 @@
 //! The cron part: fires the schedules of recurring tasks ([`crate::schedule::fire_due`]) at
-//! their ticks, on a connection of its own. Every instance runs one; the schedule's row
+//! their ticks, on the instance's claims connection (its statements are short; a wait
+//! for a schedule's row is bounded as the claims' are). Every instance runs one; the schedule's row
 //! lock makes each tick enqueued once. It reads the schedules again at least every few
 //! seconds, so that a schedule added or changed elsewhere is seen, and renews the sets
 //! of schedules its instance declares ([`Renewal`]).
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use diesel::PgConnection;
 
+use crate::db::claim::SETTINGS;
 use crate::db::schedules;
 use crate::declared::{Declarations, Renewal};
 use crate::error::Error;
@@ -22,7 +24,7 @@ const LOOK_EVERY: Duration = Duration::from_secs(5);
 
 /// What the cron part needs.
 pub(crate) struct Input {
-    /// Where it gets its own connection.
+    /// Where it gets the claims' connection.
     pub connections: Connections,
     pub shutdown: Shutdown,
     /// The schedules the instance declares (already applied at its start).
@@ -35,19 +37,11 @@ pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
 }
 
 fn run(input: Input) {
-    let mut conn: Option<PgConnection> = None;
     let mut renewal = Renewal::new(input.declarations);
     let mut failures = 0;
     let mut sleep = Duration::ZERO;
     while !input.shutdown.sleep(sleep) {
-        let result = match conn.as_mut() {
-            Some(conn) => tick(conn, &mut renewal),
-            None => input.connections.own().and_then(|mut new| {
-                let result = tick(&mut new, &mut renewal);
-                conn = Some(new);
-                result
-            }),
-        };
+        let result = input.connections.claims(SETTINGS, |conn| tick(conn, &mut renewal));
         sleep = match result {
             Ok(sleep) => {
                 failures = 0;
@@ -55,7 +49,6 @@ fn run(input: Input) {
             }
             Err(error) => {
                 failures += 1;
-                conn = None;
                 log::warn!("cron could not fire the schedules: {error}");
                 backoff::pause(failures)
             }

@@ -1,10 +1,13 @@
-//! The heartbeat: proves the instance alive, with a connection of its own. At start
-//! it takes a session advisory lock on the instance's name (a second live instance
-//! cannot use the name; one restarted under it knows the previous holder is gone and
-//! rescues that one's tasks at once) and registers the instance's row. Then, six times
-//! per lease, it renews `last_seen_at` and runs a [`rescue`] pass. It outlives the
-//! instance's stop: it retires only once the last attempt has ended and been recorded,
-//! then removes the row and lets go of the name.
+//! The heartbeat: proves the instance alive, with a connection of its own that no slow
+//! work shares. At start, once the instance's name is its own (the listener's session
+//! holds the name lock: a second live instance cannot use the name, and one restarted
+//! under it knows the previous holder is gone), it registers the instance's row and
+//! rescues what a previous run of that name left running. Without a listener there is
+//! no name lock: the row's lease stands in for it, and the instance registers only
+//! once a row of its name has gone silent for its lease. Then, six times per lease, it
+//! renews `last_seen_at` (recording the connections the instance holds) and runs a
+//! [`rescue`] pass. It outlives the instance's stop: it retires only once the last
+//! attempt has ended and been recorded, then removes the row.
 //!
 //! It judges other instances only once its own heartbeat has succeeded for a whole
 //! lease without a break: after a database restart every instance gets a full lease to
@@ -28,7 +31,7 @@ use diesel::PgConnection;
 use crate::db::connect::ping;
 use crate::db::instances;
 use crate::error::Error;
-use crate::instance::connections::Connections;
+use crate::instance::connections::{Connections, Counted};
 use crate::instance::in_flight::InFlight;
 use crate::instance::lanes::Lanes;
 use crate::instance::parts::{Part, Stage};
@@ -130,9 +133,9 @@ impl Health {
     }
 }
 
-/// Starts the heartbeat: connects, takes the instance's name (or fails here), registers
-/// it, and recovers the tasks a previous instance of that name left running, before
-/// anything claims; then beats until the instance retires (`input.retired`, which its
+/// Starts the heartbeat: connects, registers the instance (or fails here: its name is
+/// in use), and recovers the tasks a previous instance of that name left running,
+/// before anything claims; then beats until the instance retires (`input.retired`, which its
 /// [`Part`] sets at the last stage), and removes its row.
 pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
     let retired = input.retired.clone();
@@ -142,26 +145,33 @@ pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
     }))
 }
 
-/// A heartbeat that holds the instance's name.
+/// A heartbeat of a registered instance.
 struct Heartbeat {
     input: Input,
-    conn: Option<PgConnection>,
-    /// The server process of the session that holds (or held) the name: if the
-    /// connection is lost but that session lingers on the server (a half-open socket),
-    /// the next connection ends it to take the name back.
-    backend: Option<i32>,
+    conn: Option<Counted>,
+    /// The bounds of its statements' waits, as settings.
+    bounds: [String; 2],
     health: Health,
     /// The queues' settings as the last heartbeat read them (`None`: not read yet).
     queues: Option<Option<String>>,
 }
 
 impl Heartbeat {
-    /// Connects, takes the instance's name, registers it, and recovers the tasks a
-    /// previous instance of that name left running.
+    /// Connects, registers the instance, and recovers the tasks a previous instance of
+    /// that name left running.
     fn start(input: Input) -> Result<Self, Error> {
+        let interval = input.lease / BEATS_PER_LEASE;
+        let bounds = [
+            format!("lock_timeout = {}", interval.as_millis().max(1)),
+            format!("statement_timeout = {}", (input.lease / 3).as_millis().max(1)),
+        ];
+        let session = input.connections.session();
+        let mut conn = open(&input, &bounds)?;
+        let bounds_ref = [bounds[0].as_str(), bounds[1].as_str()];
+        register_when_free(&input, &mut conn, &bounds_ref)?;
         let sent = Instant::now();
-        let (mut conn, backend) = open(&input, None)?;
-        let recovered = rescue::previous_self(&mut conn, &input.instance, input.lease)?;
+        let recovered =
+            session.with(&mut conn, &bounds_ref, |c| rescue::previous_self(c, &input.instance, input.lease))?;
         if recovered > 0 {
             log::warn!(
                 "instance {}: {recovered} task(s) left running by its previous run put back to waiting",
@@ -171,11 +181,14 @@ impl Heartbeat {
         }
         // The queues' settings before any producer claims: a change after this one is
         // seen at a heartbeat.
-        let queues = instances::beat(&mut conn, &input.instance, &input.queues)?.map(|beat| beat.queues);
+        let open = connections_text(&input);
+        let queues = session
+            .with(&mut conn, &bounds_ref, |c| instances::beat(c, &input.instance, &input.queues, &open))?
+            .map(|beat| beat.queues);
         let mut health = Health { lease: input.lease, since: None };
         health.beat(Instant::now());
         input.alive.renewed(sent, input.lease);
-        Ok(Self { input, conn: Some(conn), backend: Some(backend), health, queues })
+        Ok(Self { input, conn: Some(conn), bounds, health, queues })
     }
 
     /// Runs until the instance retires, then removes its row and lets go of its name.
@@ -187,8 +200,7 @@ impl Heartbeat {
                     log::error!("instance {}: heartbeat failed: {error}", self.input.instance);
                 }
                 // A statement that failed (a lock wait, a timeout) on a connection that
-                // still answers keeps the connection, and with it the name: closing it
-                // would let the name go, and the instance look dead.
+                // still answers keeps the connection.
                 if !self.conn.as_mut().is_some_and(|conn| ping(conn).is_ok()) {
                     self.conn = None;
                 }
@@ -198,15 +210,14 @@ impl Heartbeat {
         log::debug!("heartbeat stopped");
     }
 
-    /// Removes the instance's row, on the connection that holds the name (or, if that
-    /// is gone, a new one); closing it then lets go of the name.
+    /// Removes the instance's row, on its connection (or, if that is gone, a new one).
     fn deregister(&mut self) {
         let instance = &self.input.instance;
         let removed = match self.conn.as_mut() {
             Some(conn) => instances::deregister(conn, instance).map_err(Error::from),
             None => Err(Error::Config("no heartbeat connection".into())),
         }
-        .or_else(|_| Ok::<_, Error>(instances::deregister(&mut self.input.connections.own()?, instance)?));
+        .or_else(|_| Ok::<_, Error>(instances::deregister(&mut *self.input.connections.heartbeat()?, instance)?));
         if let Err(error) = removed {
             log::warn!("instance {instance}: could not remove its row: {error}");
         }
@@ -219,13 +230,15 @@ impl Heartbeat {
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => {
-                let (conn, backend) = open(input, self.backend)?;
-                self.backend = Some(backend);
+                let conn = open(input, &self.bounds)?;
                 log::info!("instance {}: heartbeat connection back", input.instance);
                 self.conn.insert(conn)
             }
         };
-        match instances::beat(conn, &input.instance, &input.queues)? {
+        let session = input.connections.session();
+        let bounds = [self.bounds[0].as_str(), self.bounds[1].as_str()];
+        let open = connections_text(input);
+        match session.with(conn, &bounds, |c| instances::beat(c, &input.instance, &input.queues, &open))? {
             Some(beat) => {
                 for task_id in beat.cancels {
                     if input.in_flight.cancel_if_running(task_id) {
@@ -238,7 +251,7 @@ impl Heartbeat {
                 }
             }
             None => {
-                instances::register(conn, &registration(input))?;
+                session.with(conn, &bounds, |c| instances::register(c, &registration(input)))?;
                 log::warn!(
                     "instance {}: its row was gone (deleted by hand, or the instance was paused for ten leases): \
                      registered again",
@@ -254,7 +267,8 @@ impl Heartbeat {
             return Ok(());
         }
         let judge_others = self.health.may_judge_others(Instant::now());
-        let rescued = rescue::pass(conn, &input.instance, input.lease, &input.in_flight, judge_others)?;
+        let rescued =
+            rescue::pass(conn, (session, &bounds), &input.instance, input.lease, &input.in_flight, judge_others)?;
         if judge_others {
             input.stats.rescue_passes.fetch_add(1, Ordering::Relaxed);
         }
@@ -267,36 +281,51 @@ impl Heartbeat {
     }
 }
 
-/// Opens the heartbeat's connection (a vanished peer noticed within half a minute, lock
-/// waits bounded by a heartbeat's interval and statements by a third of the lease),
-/// takes the name lock on it, registers
-/// the row; returns the connection and its server process. If the name is held by
-/// `previous`, the instance's own earlier session that lingers on the server, that
-/// session is ended first.
-fn open(input: &Input, previous: Option<i32>) -> Result<(PgConnection, i32), Error> {
-    let mut conn = input.connections.own_kept_alive()?;
-    let interval = input.lease / BEATS_PER_LEASE;
-    instances::bound_waits(&mut conn, interval, input.lease / 3)?;
-    let mut taken = instances::take_name(&mut conn, &input.instance)?;
-    if !taken {
-        if let Some(previous) = previous {
-            instances::end_session(&mut conn, previous)?;
-            let deadline = Instant::now() + interval;
-            while !taken && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-                taken = instances::take_name(&mut conn, &input.instance)?;
-            }
+/// Opens the heartbeat's connection: a vanished peer noticed within half a minute, lock
+/// waits bounded by a heartbeat's interval and statements by a third of the lease
+/// (`bounds`, on its session if it is its own).
+fn open(input: &Input, bounds: &[String; 2]) -> Result<Counted, Error> {
+    let mut conn = input.connections.heartbeat()?;
+    input.connections.session().prepare(&mut conn, &[bounds[0].as_str(), bounds[1].as_str()])?;
+    Ok(conn)
+}
+
+/// Registers the instance once the previous one of its name is gone
+/// ([`instances::register_if_free`]): at once, unless a row of its name is still
+/// renewed by an instance that no name lock tells about (one without a listener):
+/// then once that row has gone silent for its lease (its instance is dead by the rule
+/// every instance follows). Fails if the row is still renewed a lease later.
+fn register_when_free(input: &Input, conn: &mut PgConnection, bounds: &[&str]) -> Result<(), Error> {
+    let deadline = Instant::now() + input.lease + input.lease / BEATS_PER_LEASE;
+    let (session, listening) = (input.connections.session(), input.connections.listens());
+    let mut told = false;
+    let register = |c: &mut PgConnection| {
+        instances::register_if_free(c, &registration(input), listening, &connections_text(input))
+    };
+    while !session.with(conn, bounds, register)? {
+        if Instant::now() >= deadline {
+            return Err(Error::Config(format!(
+                "instance name `{}` is in use by a running instance (its row is renewed): give this one another name",
+                input.instance
+            )));
         }
+        if !told {
+            told = true;
+            log::warn!(
+                "instance {}: a row of this name is renewed by an instance no lock tells about (one without a \
+                 listener): waiting up to {:?} for it to go silent",
+                input.instance,
+                input.lease
+            );
+        }
+        std::thread::sleep((input.lease / BEATS_PER_LEASE).min(Duration::from_secs(1)));
     }
-    if !taken {
-        return Err(Error::Config(format!(
-            "instance name `{}` is in use by a running instance: give this one another name",
-            input.instance
-        )));
-    }
-    instances::register(&mut conn, &registration(input))?;
-    let backend = instances::session(&mut conn)?;
-    Ok((conn, backend))
+    Ok(())
+}
+
+/// The connections the instance holds now, as its row records them.
+fn connections_text(input: &Input) -> String {
+    serde_json::to_string(&input.connections.open_now()).unwrap_or_default()
 }
 
 /// Records the queues' settings `now` read, and tells whether they changed since they

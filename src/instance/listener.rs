@@ -1,5 +1,9 @@
-//! The listener: one raw `postgres` connection per instance, outside the pool, that
-//! listens on the engine's channel and turns each notification into a wake-up.
+//! The listener: the instance's session, one raw `postgres` connection straight to
+//! PostgreSQL (the listen URL), that listens on the engine's channel and turns each
+//! notification into a wake-up. What needs a session lives on it: the instance's name
+//! lock, taken first (a second live instance cannot use the name; one restarted under
+//! it knows the previous holder is gone), and the [`stripes`](super::stripes) while a
+//! lane sleeps. It lives until the instance retires, with the heartbeat.
 //!
 //! The insert trigger notifies once per inserting statement, inside the inserting
 //! transaction (PostgreSQL delivers at commit, drops on rollback), whoever inserts; its
@@ -17,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::db::channel::Listening;
+use crate::db::channel::{self, Listening};
 use crate::error::Error;
 use crate::instance::backoff;
 use crate::instance::connections::Connections;
@@ -25,10 +29,15 @@ use crate::instance::in_flight::InFlight;
 use crate::instance::lanes::Lanes;
 use crate::instance::parts::{Part, Stage};
 use crate::instance::shutdown::Shutdown;
+use crate::instance::stripes::Stripes;
 use crate::instance::timer::Timer;
 
-/// How often the listener, while waiting for notifications, looks at the shutdown.
+/// How often the listener, while waiting for notifications, looks at the instance's
+/// retirement and at the stripes (a producer falling asleep wakes it sooner).
 const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// How soon the listener tries the stripes again when an inserter held one.
+const STRIPES_RETRY: Duration = Duration::from_millis(1);
 
 /// What the listener needs.
 pub(crate) struct Input {
@@ -42,7 +51,13 @@ pub(crate) struct Input {
     pub timer: Arc<Timer>,
     /// Told of cancellations.
     pub in_flight: Arc<InFlight>,
-    pub shutdown: Shutdown,
+    /// Held on the session while a lane sleeps.
+    pub stripes: Arc<Stripes>,
+    /// Logged when there is no listener.
+    pub poll_interval: Duration,
+    /// Set once the instance's last attempt is recorded: the session, which holds the
+    /// name, lives until then.
+    pub retired: Shutdown,
     pub stats: Arc<Stats>,
 }
 
@@ -82,28 +97,58 @@ impl Payload {
     }
 }
 
-/// Starts the listener, once its connection settings are checked (it fails here if it
-/// could never connect with them); it listens until the instance stops.
-pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
-    let config = input.connections.listener(&input.instance)?;
-    let listener = Listener { input, config };
-    Part::spawn("listener", Stage::Others, move || listener.run())
+/// Starts the listener, unless the instance has none: opens its session (or fails
+/// here: the database cannot be reached, or the instance's name is held by another
+/// live session); it listens until the instance retires (its name lives as long).
+pub(crate) fn spawn(input: Input) -> Result<Option<Part>, Error> {
+    let Some(config) = input.connections.listener()? else {
+        log::info!("instance {}: no listener: it polls every {:?}", input.instance, input.poll_interval);
+        return Ok(None);
+    };
+    let (listening, cancelled) = Listening::start(&config, &input.connections.listen_server(), &input.instance, None)?;
+    if !listening.holds_name() {
+        return Err(Error::Config(format!(
+            "instance name `{}` is in use by a running instance: give this one another name",
+            input.instance
+        )));
+    }
+    let retired = input.retired.clone();
+    let listener = Listener { input, config, backend: None };
+    let first = Some((listening, cancelled));
+    Ok(Some(Part::spawn("listener", Stage::Heartbeat, move || listener.run(first))?.stopped_by(move || {
+        retired.stop();
+    })))
 }
 
 /// A listener ready to run: its connection settings are checked.
 struct Listener {
     input: Input,
     config: postgres::Config,
+    /// The server process of its last session: one that lingers on the server (a
+    /// half-open socket) is ended by the next, to take the name back.
+    backend: Option<i32>,
 }
 
 impl Listener {
-    /// Runs until the instance stops.
-    fn run(self) {
+    /// Runs until the instance retires, from its first session.
+    fn run(mut self, mut first: Option<(Listening, Vec<i64>)>) {
         let mut failures = 0u32;
-        while !self.input.shutdown.is_stopped() {
-            let lost = match Listening::start(&self.config, &self.input.connections.server(), &self.input.instance) {
+        while !self.input.retired.is_stopped() {
+            let server = self.input.connections.listen_server();
+            let started = first
+                .take()
+                .map_or_else(|| Listening::start(&self.config, &server, &self.input.instance, self.backend), Ok);
+            let lost = match started {
                 Ok((listening, cancelled)) => {
                     failures = 0;
+                    self.backend = Some(listening.backend());
+                    if !listening.holds_name() {
+                        log::error!(
+                            "instance {}: its name is held by another session (a second instance of that name?): \
+                             listening without it",
+                            self.input.instance
+                        );
+                    }
                     // Cancels of tasks running here, sent while nobody listened.
                     for id in cancelled {
                         self.input.stats.cancels.fetch_add(1, Ordering::Relaxed);
@@ -114,6 +159,8 @@ impl Listener {
                 Err(error) => Some(error.to_string()),
             };
             self.input.stats.listening.store(false, Ordering::SeqCst);
+            self.input.connections.session_open(false);
+            self.input.stripes.set_held(false);
             let Some(why) = lost else { break };
             failures += 1;
             // None after a first loss: the server may have closed just this connection.
@@ -123,25 +170,53 @@ impl Listener {
             } else {
                 log::error!("{why}; trying again in {pause:?}");
             }
-            if self.input.shutdown.sleep(pause) {
+            if self.input.retired.sleep(pause) {
                 break;
             }
         }
         log::debug!("listener stopped");
     }
 
-    /// Listens until the instance stops (`None`) or the connection is lost (why).
+    /// Listens until the instance retires (`None`) or the connection is lost (why);
+    /// between waits, holds the stripes while a lane sleeps.
     fn listen(&self, mut listening: Listening) -> Option<String> {
         let input = &self.input;
         log::debug!("listening on {}", listening.channel());
+        input.connections.session_open(true);
         // Whatever was inserted while we were not listening: look for it now, and for
         // the next task due later.
         input.lanes.wake_all();
         input.timer.refresh();
         input.stats.connections.fetch_add(1, Ordering::SeqCst);
         input.stats.listening.store(true, Ordering::SeqCst);
-        while !input.shutdown.is_stopped() {
-            match listening.next(STOP_CHECK) {
+        let mut held = false;
+        while !input.retired.is_stopped() {
+            let wanted = input.stripes.wanted();
+            let mut wait = STOP_CHECK;
+            if wanted && !held {
+                match listening.take_stripes() {
+                    Ok(true) => {
+                        held = true;
+                        input.stripes.set_held(true);
+                        // A look for what was inserted before they were held, and for
+                        // what became due meanwhile.
+                        input.lanes.wake(1);
+                        input.timer.refresh();
+                    }
+                    // An inserter holds one: it is about to commit. Try again shortly.
+                    Ok(false) => wait = STRIPES_RETRY,
+                    Err(error) => return Some(error.to_string()),
+                }
+            } else if !wanted && held {
+                if let Err(error) = listening.release_stripes() {
+                    return Some(error.to_string());
+                }
+                held = false;
+                input.stripes.set_held(false);
+            }
+            match listening.next(wait) {
+                // A producer falling asleep woke the listeners (to take the stripes).
+                Ok(Some(payload)) if payload == channel::WAKE_LISTENERS => {}
                 Ok(Some(payload)) => {
                     input.stats.notifications.fetch_add(1, Ordering::Relaxed);
                     self.wake_for(&Payload::read(&payload));

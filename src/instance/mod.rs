@@ -34,6 +34,7 @@ pub(crate) mod producer;
 pub(crate) mod rescue;
 pub(crate) mod server_clock;
 pub(crate) mod shutdown;
+pub(crate) mod stripes;
 pub(crate) mod timer;
 pub(crate) mod vacuum;
 pub(crate) mod watchdog;

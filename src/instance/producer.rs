@@ -4,22 +4,20 @@
 //! claimed under its row lock ([`claim::claim_limited`]); the producer learns that it
 //! has limits from a plain claim, which then claims nothing.
 //!
-//! It also tells inserters whether to notify: while the instance is idle, its
-//! connection holds the stripes (see `task_engine_notify_insert`), and inserts notify;
-//! while it is busy it holds none, and inserts skip their NOTIFY. It takes them only
-//! when no inserter holds one, then claims once more before it sleeps, so that no
-//! insert goes unseen. While claims find tasks less than [`STREAMING`] apart, it
-//! stays awake and claims again after each short claim, until one comes back empty.
-//! The stripes live and die with its connection, which it pings while idle.
+//! It also tells inserters whether to notify: when its claims come back short it
+//! falls asleep, and the instance's session holds the [`stripes`](super::stripes)
+//! (inserts notify) and has it claim once more, so that no insert goes unseen; when a
+//! claim comes back full it is busy, and once no lane sleeps the stripes go (inserts
+//! skip their NOTIFY). While claims find tasks less than [`STREAMING`] apart, it stays
+//! awake and claims again after each short claim, until one comes back empty. It
+//! claims on the instance's claims connection, which it shares with the other lanes'
+//! producers, the timer and cron.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use diesel::PgConnection;
-
 use crate::attempt::ClaimedTask;
-use crate::db::connect::ping;
 use crate::db::{channel, claim, completion};
 use crate::error::Error;
 use crate::instance::backoff;
@@ -30,6 +28,7 @@ use crate::instance::in_flight::InFlight;
 use crate::instance::parts::{Part, Stage};
 use crate::instance::server_clock::ServerClock;
 use crate::instance::shutdown::Shutdown;
+use crate::instance::stripes::Stripes as Asleep;
 use crate::instance::timer::Timer;
 
 /// The longest the producer waits before it looks at its connection, the fallback
@@ -47,8 +46,10 @@ pub(crate) struct Input {
     pub instance: String,
     /// Its thread's name.
     pub name: String,
-    /// Where it gets its own connection.
+    /// Where it gets the claims' connection.
     pub connections: Connections,
+    /// Told when its lane falls asleep and when it is busy again.
+    pub stripes: Arc<Asleep>,
     /// The queue it claims from.
     pub queue: String,
     /// The types it claims: those the instance can run.
@@ -81,14 +82,14 @@ pub(crate) struct Stats {
     pub given_back: AtomicU64,
     /// Reasons to claim it left alone, its heartbeat being late.
     pub paused_claims: AtomicU64,
-    /// Whether its connection holds the stripes.
+    /// Whether its lane sleeps (the session holds the stripes for it).
     pub marked_idle: AtomicBool,
 }
 
 /// The producer's decisions, apart from the database.
 #[derive(Debug)]
 struct Pace {
-    /// Whether the connection holds the stripes (the instance is idle).
+    /// Whether its lane sleeps: the session holds the stripes for it.
     holding: bool,
     last_claim: Instant,
     /// When a claim last found tasks.
@@ -103,15 +104,6 @@ enum Stripes {
     /// The instance is busy: inserts need not notify it.
     Release,
     Keep,
-}
-
-/// What to do when a tick passes without a claim.
-#[derive(Debug, PartialEq, Eq)]
-struct Quiet {
-    /// Check the connection that holds the stripes.
-    ping: bool,
-    /// Look for work unprompted (the fallback poll).
-    poll: bool,
 }
 
 impl Pace {
@@ -146,15 +138,15 @@ impl Pace {
         }
     }
 
-    fn quiet(&self, now: Instant, poll_interval: Duration) -> Quiet {
-        Quiet { ping: self.holding, poll: now.saturating_duration_since(self.last_claim) >= poll_interval }
+    /// Whether a tick at `now` without a claim should look for work unprompted (the
+    /// fallback poll).
+    fn poll(&self, now: Instant, poll_interval: Duration) -> bool {
+        now.saturating_duration_since(self.last_claim) >= poll_interval
     }
 }
 
 struct Producer {
     input: Input,
-    /// Its own connection, outside the pool: the stripes are session locks.
-    conn: Option<PgConnection>,
     pace: Pace,
     /// Whether it is holding off claims, its heartbeat being late.
     paused: bool,
@@ -176,15 +168,17 @@ pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
 fn run(input: Input) {
     let mut producer = Producer {
         input,
-        conn: None,
         pace: Pace::new(Instant::now()),
         paused: false,
         limited: false,
         last_key: String::new(),
         fair: false,
     };
-    // Connect before the first claim is due (a failure is met again, and handled, there).
-    let _ = producer.conn();
+    // Prepare the claim with a claim of nothing, connecting if need be (a failure is
+    // met again, and handled, at the first claim): a real claim is then one round trip,
+    // and its `now()` (the executions' start) follows its sending closely, as the time
+    // its tasks spend in the hand-off assumes.
+    let _ = producer.claim_nothing();
     let mut failures = 0u32;
     loop {
         let input = &producer.input;
@@ -195,12 +189,7 @@ fn run(input: Input) {
         match input.handoff.next(tick) {
             Next::Stop => break,
             Next::Tick => {
-                let quiet = producer.pace.quiet(Instant::now(), producer.input.poll_interval);
-                if quiet.ping && producer.conn().and_then(|c| Ok(ping(c)?)).is_err() {
-                    // The stripes went with the connection: look again, anew.
-                    producer.lost();
-                    producer.input.handoff.wake(1);
-                } else if quiet.poll {
+                if producer.pace.poll(Instant::now(), producer.input.poll_interval) {
                     producer.input.handoff.wake(1);
                 }
             }
@@ -213,6 +202,7 @@ fn run(input: Input) {
             Next::Claim(demand) => match producer.claim(demand.count) {
                 Ok((claim::Claim { tasks: claimed, more, .. }, sent_at)) => {
                     failures = 0;
+                    producer.input.stripes.looked();
                     let found = claimed.len();
                     producer.count(&claimed);
                     let streaming = producer.pace.found(found, Instant::now());
@@ -231,7 +221,6 @@ fn run(input: Input) {
                     }
                 }
                 Err(error) => {
-                    producer.lost();
                     failures += 1;
                     let pause = backoff::pause(failures);
                     log::error!("could not claim tasks, trying again in {pause:?}: {error}");
@@ -245,7 +234,9 @@ fn run(input: Input) {
     }
     let left = producer.input.handoff.finish();
     producer.give_back(left, "the instance stops");
-    producer.lost();
+    if producer.pace.holding {
+        producer.wake_up();
+    }
     log::debug!("producer stopped");
 }
 
@@ -271,18 +262,11 @@ impl Producer {
         alive
     }
 
-    fn conn(&mut self) -> Result<&mut PgConnection, Error> {
-        if self.conn.is_none() {
-            let mut conn = self.input.connections.own()?;
-            claim::prepare_claimer_session(&mut conn)?;
-            // Prepare the claim with a claim of nothing: a real claim is then one round
-            // trip, and its `now()` (the executions' start) follows its sending closely,
-            // as the time its tasks spend in the hand-off assumes.
-            claim::claim(&mut conn, &self.lane(), 0)?;
-            self.conn = Some(conn);
-            self.set_holding(false);
-        }
-        Ok(self.conn.as_mut().expect("just connected"))
+    /// A claim of nothing, which prepares the claim on the claims' connection.
+    fn claim_nothing(&self) -> Result<(), Error> {
+        let (connections, lane) = (&self.input.connections, self.lane());
+        let session = connections.session();
+        connections.claims(claim::SETTINGS, |conn| Ok(claim::claim(conn, session, &lane, 0).map(drop)?))
     }
 
     /// Its claims' description, as of now.
@@ -297,12 +281,6 @@ impl Producer {
         }
     }
 
-    /// Forgets a connection that failed (closing it drops its locks).
-    fn lost(&mut self) {
-        self.conn = None;
-        self.set_holding(false);
-    }
-
     fn set_holding(&mut self, holding: bool) {
         self.pace.holding = holding;
         self.input.stats.marked_idle.store(holding, Ordering::SeqCst);
@@ -314,22 +292,22 @@ impl Producer {
     fn claim(&mut self, count: usize) -> Result<(claim::Claim, Instant), Error> {
         self.pace.claiming(Instant::now());
         let limit = i64::try_from(count).unwrap_or(i64::MAX);
-        self.conn()?;
-        let (conn, input) = (self.conn.as_mut().expect("connected"), &self.input);
-        let sent_at = Instant::now();
-        let lane = claim::LaneClaim {
-            instance: &input.instance,
-            queue: &input.queue,
-            task_types: &input.task_types,
-            after_key: &self.last_key,
-            fair: self.fair,
-        };
-        let mut claim =
-            if self.limited { claim::claim_limited(conn, &lane, limit)? } else { claim::claim(conn, &lane, limit)? };
-        if claim.limited && !self.limited {
-            // Limits were set on the queue: a plain claim of it claims nothing.
-            claim = claim::claim_limited(conn, &lane, limit)?;
-        }
+        let (input, lane, limited) = (&self.input, self.lane(), self.limited);
+        let session = input.connections.session();
+        let (mut claim, sent_at) = input.connections.claims(claim::SETTINGS, |conn| {
+            let sent_at = Instant::now();
+            let mut claim = if limited {
+                claim::claim_limited(conn, session, &lane, limit)?
+            } else {
+                claim::claim(conn, session, &lane, limit)?
+            };
+            if claim.limited && !limited {
+                // Limits were set on the queue: a plain claim of it claims nothing.
+                claim = claim::claim_limited(conn, session, &lane, limit)?;
+            }
+            Ok((claim, sent_at))
+        })?;
+        let input = &self.input;
         if let Some(task) = claim.tasks.first() {
             input.clock.observe(task.claimed_at, Instant::now());
         }
@@ -357,31 +335,23 @@ impl Producer {
         self.input.in_flight.claimed(claimed.iter().map(|t| (t.id, t.execution_id)));
     }
 
-    /// The instance goes idle: take the stripes, then look once more (for what was
-    /// inserted without a notification before we held them), and have the timer
-    /// look for what became due meanwhile. If an inserter holds a stripe, it is about
-    /// to commit: look again shortly and try again.
+    /// Its lane falls asleep: the session takes the stripes if no other lane holds
+    /// them already (woken at once for it), then has the lanes look once more, for
+    /// what was inserted without a notification before they were held.
     fn fall_asleep(&mut self) {
-        match self.conn().and_then(|conn| Ok(channel::take_stripes(conn)?)) {
-            Ok(true) => {
-                self.set_holding(true);
-                self.input.timer.refresh();
-            }
-            Ok(false) => std::thread::sleep(Duration::from_millis(1)),
-            Err(error) => {
-                log::warn!("could not mark the instance idle ({error}); looking again");
-                self.lost();
+        self.set_holding(true);
+        if self.input.stripes.asleep() {
+            if let Err(error) = self.input.connections.claims(&[], |conn| Ok(channel::wake_listeners(conn)?)) {
+                // The listener takes them at its next look, a tenth of a second away.
+                log::debug!("could not wake the listener ({error})");
             }
         }
-        self.input.handoff.wake(1);
     }
 
-    /// The instance is busy: inserts need not notify it.
+    /// Its lane is busy: once no lane sleeps, inserts need not notify the instance.
     fn wake_up(&mut self) {
-        match self.conn().and_then(|conn| Ok(channel::release_stripes(conn)?)) {
-            Ok(()) => self.set_holding(false),
-            Err(_) => self.lost(),
-        }
+        self.input.stripes.busy();
+        self.set_holding(false);
     }
 
     /// Gives back tasks claimed but never started (the instance is stopping, or they
@@ -393,14 +363,16 @@ impl Producer {
         }
         // A release that waited too long for a locked row is tried again, twice: tasks
         // not given back are rescued later, with an attempt used.
-        let instance = self.input.instance.clone();
-        let mut released = self.conn().and_then(|conn| Ok(completion::release(conn, &instance, &claimed)?));
+        let (connections, instance) = (&self.input.connections, self.input.instance.as_str());
+        let release = || connections.claims(claim::SETTINGS, |conn| Ok(completion::release(conn, instance, &claimed)?));
+        let mut released = release();
         for _ in 0..2 {
-            if released.is_ok() || !self.conn.as_mut().is_some_and(|conn| ping(conn).is_ok()) {
+            // A connection that failed is closed: the database is away.
+            if !matches!(&released, Err(Error::Database(_))) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
-            released = self.conn().and_then(|conn| Ok(completion::release(conn, &instance, &claimed)?));
+            released = release();
         }
         match released {
             Ok(n) => {
@@ -409,7 +381,6 @@ impl Producer {
             }
             Err(error) => {
                 log::error!("could not give back {} unstarted task(s) ({error}); they will be rescued", claimed.len());
-                self.lost();
             }
         }
         self.input.in_flight.forget(claimed.iter().map(|t| (t.id, t.execution_id)));
@@ -448,17 +419,12 @@ mod tests {
     }
 
     #[test]
-    fn a_quiet_tick_pings_the_stripes_connection_and_polls_only_after_the_poll_interval() {
+    fn a_quiet_tick_polls_only_after_the_poll_interval() {
         let start = Instant::now();
         let mut pace = Pace::new(start);
-        assert_eq!(pace.quiet(start + ms(500), ms(1000)), Quiet { ping: false, poll: false });
-        assert_eq!(pace.quiet(start + ms(1000), ms(1000)), Quiet { ping: false, poll: true });
-        pace.holding = true;
+        assert!(!pace.poll(start + ms(500), ms(1000)));
+        assert!(pace.poll(start + ms(1000), ms(1000)));
         pace.claiming(start + ms(900));
-        assert_eq!(
-            pace.quiet(start + ms(1000), ms(1000)),
-            Quiet { ping: true, poll: false },
-            "a claim resets the poll"
-        );
+        assert!(!pace.poll(start + ms(1000), ms(1000)), "a claim resets the poll");
     }
 }

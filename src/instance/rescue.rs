@@ -3,8 +3,8 @@
 //! as an attempt: the task waits again, due at once, or fails after its last attempt.
 //! Lost are the running tasks of:
 //!
-//! - a previous instance of this name (at start, once the name lock is ours: the
-//!   previous holder's session is gone);
+//! - a previous instance of this name (at start, once the name is ours: the previous
+//!   holder's session is gone, or, without a listener, its row silent for its lease);
 //! - this instance, that none of its workers runs, claimed over a lease ago (ghosts: a
 //!   claim whose answer was lost with the connection, an outcome never recorded);
 //! - instances whose own lease (recorded in their row) expired, or that have no row and
@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use diesel::PgConnection;
 
+use crate::db::connect::Session;
 use crate::db::instances;
 use crate::db::rescue::{self as statements, Lost};
 use crate::error::Error;
@@ -27,19 +28,23 @@ pub(crate) fn previous_self(conn: &mut PgConnection, instance: &str, lease: Dura
 }
 
 /// One pass: this instance's ghosts, and the tasks of dead instances if it may judge
-/// others (whose rows, long dead and with nothing left running, it then forgets).
-/// Returns how many tasks wait again.
+/// others (whose rows, long dead and with nothing left running, it then forgets), each
+/// statement with the heartbeat's bounds (`settings`, on its session or for each
+/// transaction). Returns how many tasks wait again.
 pub(crate) fn pass(
     conn: &mut PgConnection,
+    (session, bounds): (Session, &[&str]),
     instance: &str,
     lease: Duration,
     in_flight: &InFlight,
     judge_others: bool,
 ) -> Result<usize, Error> {
-    let mut rescued = statements::rescue(conn, Lost::OwnGhosts, instance, lease, &in_flight.ids())?;
+    let ghosts = in_flight.ids();
+    let mut rescued =
+        session.with(conn, bounds, |c| statements::rescue(c, Lost::OwnGhosts, instance, lease, &ghosts))?;
     if judge_others {
-        rescued += statements::rescue(conn, Lost::Dead, instance, lease, &[])?;
-        instances::forget_long_dead(conn, lease)?;
+        rescued += session.with(conn, bounds, |c| statements::rescue(c, Lost::Dead, instance, lease, &[]))?;
+        session.with(conn, bounds, |c| instances::forget_long_dead(c, lease))?;
     }
     Ok(rescued)
 }

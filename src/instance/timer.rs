@@ -20,7 +20,7 @@ use crate::instance::{backoff, lock};
 
 /// What the timer needs.
 pub(crate) struct Input {
-    /// Its look for the next due time takes a connection of the pool.
+    /// Its look for the next due time goes on the claims' connection.
     pub connections: Connections,
     /// The types it looks for: those the instance can run.
     pub task_types: Vec<&'static str>,
@@ -140,9 +140,11 @@ fn run(input: Input) {
 }
 
 fn look(input: &Input) -> Result<claim::Due, Error> {
-    let mut conn = input.connections.pool().get()?;
     let workers = i64::try_from(input.lanes.capacity()).unwrap_or(i64::MAX);
-    Ok(claim::due(&mut conn, &input.lanes.queues(), &input.task_types, workers)?)
+    let (connections, queues) = (&input.connections, input.lanes.queues());
+    connections.claims(claim::SETTINGS, |conn| {
+        Ok(claim::due(conn, connections.session(), &queues, &input.task_types, workers)?)
+    })
 }
 
 #[cfg(test)]

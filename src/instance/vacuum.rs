@@ -3,15 +3,14 @@
 //! index's predicate), and each claim walks past those entries until a vacuum removes
 //! them.
 //! Autovacuum comes too rarely for a queue (at most once a minute per table), so each
-//! instance runs `VACUUM tasks` itself, on a connection of its own, once it has claimed
+//! instance runs `VACUUM tasks` itself, on a maintenance connection opened for it and
+//! closed after (one instance at a time: the others skip it), once it has claimed
 //! [`VACUUM_EVERY`] tasks since the last time, or [`VACUUM_AFTER`] tasks and
 //! [`VACUUM_PERIOD`] has passed (a slow stream of claims piles up dead entries too).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use diesel::PgConnection;
 
 use crate::db::maintenance;
 use crate::error::Error;
@@ -30,7 +29,7 @@ const LOOK_EVERY: Duration = Duration::from_millis(500);
 
 /// What the vacuum needs.
 pub(crate) struct Input {
-    /// Where it gets its own connection.
+    /// Where it opens its maintenance connection.
     pub connections: Connections,
     /// Where it reads how many tasks the instance has claimed.
     pub claims: Arc<producer::Stats>,
@@ -57,30 +56,25 @@ pub(crate) fn spawn(input: Input) -> Result<Part, Error> {
 
 fn run(input: Input) {
     let (mut last, mut last_at) = (0u64, Instant::now());
-    let mut conn: Option<PgConnection> = None;
     while !input.shutdown.sleep(LOOK_EVERY) {
         let claimed = input.claims.claimed_tasks.load(Ordering::Relaxed);
         if !due(claimed - last, last_at.elapsed()) {
             continue;
         }
         (last, last_at) = (claimed, Instant::now());
-        if conn.is_none() {
-            match input.connections.own() {
-                Ok(c) => conn = Some(c),
-                Err(error) => {
-                    log::warn!("cannot VACUUM tasks ({error}); trying again later");
-                    continue;
-                }
+        let mut conn = match input.connections.maintenance() {
+            Ok(conn) => conn,
+            Err(error) => {
+                log::warn!("cannot VACUUM tasks ({error}); trying again later");
+                continue;
             }
-        }
-        let c = conn.as_mut().expect("connected");
+        };
         let started = Instant::now();
-        match maintenance::vacuum(c) {
-            Ok(true) => {
+        match maintenance::vacuum(&mut conn) {
+            Ok(()) => {
                 input.stats.vacuums.fetch_add(1, Ordering::Relaxed);
                 log::debug!("VACUUM tasks took {:?}", started.elapsed());
             }
-            Ok(false) => {} // another instance is at it
             Err(error) => {
                 let message = error.to_string();
                 if message.contains("permission") || message.contains("owner") {
@@ -88,7 +82,6 @@ fn run(input: Input) {
                     break;
                 }
                 log::warn!("VACUUM tasks failed: {message}");
-                conn = None;
             }
         }
     }

@@ -16,6 +16,7 @@ use crate::context::{Host, InstanceHandle, TaskContext};
 use crate::db::completion;
 use crate::error::Error;
 use crate::instance::completer::Outbox;
+use crate::instance::connections::Connections;
 use crate::instance::handoff::Handoff;
 use crate::instance::in_flight::InFlight;
 use crate::instance::lock;
@@ -27,9 +28,6 @@ use crate::task::TaskError;
 /// The longest wait before a retry: a type's `retry_delay` beyond it (up to
 /// `Duration::MAX`) would put the task past what the database and the clock can hold.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(100 * 365 * 86_400);
-
-/// How long the watchdog waits for a connection to record a timed-out attempt.
-const RECORD_WAIT: Duration = Duration::from_secs(1);
 
 /// What a worker needs.
 pub(crate) struct Input {
@@ -47,6 +45,8 @@ pub(crate) struct Input {
     /// What its attempts are dated by.
     pub clock: Arc<ServerClock>,
     pub watchdog: Arc<Watchdog>,
+    /// Where an abandoned attempt is recorded, on a maintenance connection.
+    pub connections: Connections,
     /// How long a task past its time limit has to return before it is abandoned.
     pub grace: Duration,
     /// Starts a worker in this one's place, with its outbox (called by the watchdog).
@@ -132,7 +132,7 @@ pub(crate) fn run(input: Input) {
 /// The task of an abandoned worker returned: its attempt was recorded as timed out;
 /// the task is moved on as a timed-out attempt is, whatever it returned.
 fn release_abandoned(input: &Input, completion: &Completion, retry: Option<Duration>) {
-    let released = input.instance.pool.get().map_err(Error::from).and_then(|mut conn| {
+    let released = input.connections.maintenance().and_then(|mut conn| {
         completion::release_abandoned(&mut conn, &input.instance.name, completion, retry).map_err(Error::from)
     });
     if let Err(error) = released {
@@ -249,6 +249,7 @@ fn watch(
 ) -> u64 {
     let (slot, handoff, replace, instance) =
         (Arc::clone(&input.slot), Arc::clone(&input.handoff), Arc::clone(&input.replace), Arc::clone(&input.instance));
+    let connections = input.connections.clone();
     let grace = input.grace;
     let stopped_at = input.clock.at(started + timeout + grace).max(started_at);
     let failed = Outcome::Failed(timed_out_message(timeout, grace));
@@ -269,9 +270,9 @@ fn watch(
             // The place first: a record that waits for the database must not cost it.
             handoff.task_done(timeout + grace);
             replace(outbox);
-            // A pool the tasks hold to the last connection is not waited for long: the
-            // watchdog has other deadlines.
-            let recorded = instance.pool.get_timeout(RECORD_WAIT).map_err(Error::from).and_then(|mut conn| {
+            // A connection that cannot be opened is not waited for long (its connect
+            // timeout): the watchdog has other deadlines.
+            let recorded = connections.maintenance().and_then(|mut conn| {
                 completion::record_timed_out(&mut conn, &instance.name, &record).map_err(Error::from)
             });
             if let Err(error) = recorded {

@@ -181,7 +181,7 @@ fn a_cancel_sent_while_the_listener_is_away_still_reaches_the_running_task() {
     admin
         .batch_execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE application_name = 'task_engine listener reconnecting'",
+             WHERE application_name = 'task_engine session reconnecting'",
         )
         .unwrap();
     wait_until("the listener has noticed", || !engine.stats().listening);
@@ -213,7 +213,7 @@ fn a_cancel_whose_notification_is_lost_reaches_the_running_task_within_a_heartbe
     }
     let terminated = diesel::sql_query(
         "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity
-         WHERE application_name = 'task_engine listener lost-cancel'",
+         WHERE application_name = 'task_engine session lost-cancel'",
     )
     .get_result::<Terminated>(&mut conn)
     .unwrap();

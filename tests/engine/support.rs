@@ -34,7 +34,7 @@ pub fn start_engine(db: &TestDatabase, instance: &str, workers: usize) -> Runnin
 pub fn wait_until_idle(engine: &RunningEngine, workers: usize) {
     wait_until("the engine is idle and listening", || {
         let stats = engine.stats();
-        stats.listening && stats.sleeping_workers == workers
+        stats.listening && stats.marked_idle && stats.sleeping_workers == workers
     });
 }
 

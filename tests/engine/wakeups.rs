@@ -179,7 +179,7 @@ fn a_task_inserted_while_the_listener_is_disconnected_runs_once_it_reconnects() 
     }
     let terminated = diesel::sql_query(
         "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity
-         WHERE application_name = 'task_engine listener reconnect'",
+         WHERE application_name = 'task_engine session reconnect'",
     )
     .get_result::<Terminated>(&mut conn)
     .unwrap();

@@ -48,6 +48,18 @@ pub struct Args {
     /// worker is abandoned (recorded as timed out) and replaced.
     #[arg(long, env = "TASK_ENGINE_TIMEOUT_GRACE", value_parser = timeout_grace, default_value = "10s")]
     timeout_grace: Duration,
+    /// Where the instance's session connects: the one connection that LISTENs for
+    /// wake-ups and cancels and holds the instance's name lock and the wake-up stripes.
+    /// PostgreSQL itself, when DATABASE_URL is a transaction pooler (PgBouncer in
+    /// transaction mode); `none`: no session, the instance polls every
+    /// --poll-interval. Default: DATABASE_URL.
+    #[arg(long, env = "TASK_ENGINE_LISTEN_URL", hide_env_values = true)]
+    listen_url: Option<String>,
+    /// The most connections the tasks' own queries hold at once (`ctx.connection()`,
+    /// progress, checkpoints), each opened when a task first asks. Default: one per
+    /// worker.
+    #[arg(long, env = "TASK_ENGINE_TASK_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    task_connections: Option<u32>,
 }
 
 impl Args {
@@ -70,6 +82,8 @@ pub fn run(args: Args, ctx: Context) -> anyhow::Result<()> {
         max_queue_wait,
         summary_every,
         timeout_grace,
+        listen_url,
+        task_connections,
     } = args;
     let workers = usize::from(workers);
     let all_workers = if queues.is_empty() { workers } else { queues.iter().map(|(_, w)| *w).sum() };
@@ -77,7 +91,15 @@ pub fn run(args: Args, ctx: Context) -> anyhow::Result<()> {
     // its own.
     let (db, _) = ctx.open_migrated()?;
     log::info!("task crates linked in: {}", crate::task_crates::TASK_CRATES.join(", "));
-    let runner = queues.into_iter().fold(Runner::new(db.url(), ctx.registry), |r, (q, w)| r.queue(q, w));
+    let mut runner = queues.into_iter().fold(Runner::new(db.url(), ctx.registry), |r, (q, w)| r.queue(q, w));
+    runner = match listen_url.as_deref() {
+        None => runner,
+        Some("none") => runner.without_listener(),
+        Some(url) => runner.listen_url(url),
+    };
+    if let Some(n) = task_connections {
+        runner = runner.task_connections(n as usize);
+    }
     let engine = runner
         .workers(workers)
         .instance(instance.unwrap_or_else(task_engine::default_instance_name))

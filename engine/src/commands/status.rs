@@ -105,6 +105,7 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
             ("LAST SEEN", Left),
             ("RUNNING", Right),
             ("QUEUES", Left),
+            ("CONNECTIONS", Left),
             ("STATE", Left),
         ]);
         for i in instances {
@@ -118,6 +119,7 @@ pub fn print_overview(conn: &mut PgConnection, registry: &Registry, recent: i64)
                 format!("{:.1} s ago", i.silent_for),
                 i.running.to_string(),
                 queues,
+                i.connections.unwrap_or_else(|| "?".to_owned()),
                 if i.dead { "dead (silent past its lease; forgotten after ten)" } else { "live" }.to_owned(),
             ]);
         }

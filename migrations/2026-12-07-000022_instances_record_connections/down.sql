@@ -1,0 +1,1 @@
+ALTER TABLE task_engine_instances DROP COLUMN connections;
