@@ -13,18 +13,41 @@
 //! - a live instance is never robbed: while it runs an attempt, that attempt stays open;
 //! - every claimed task ends recorded, once no crash or stall is left to happen;
 //! - each attempt's execution is written once (by its completion, or by the rescue
-//!   that finds it lost), never twice, and every attempt a task used has one.
+//!   that finds it lost), never twice, and every attempt a task used has one;
+//! - a name passes to a newcomer only from a dead instance.
 //!
 //! "While every instance follows the protocol": a live instance renews its lease in
 //! time. Its heartbeat may stall (it then stops claiming), but only a dead instance's
 //! lease runs out; a partition longer than the lease is outside the promise
 //! (docs/operations.md, "Partitions", says what it costs).
 //!
+//! Each instance runs with a listener, whose session holds the instance's name lock, or
+//! with `--listen-url none`: no session of its own, so no name lock, and its row with
+//! its lease stands in for it. A newcomer under a name (a restart, or a second process
+//! given the same name, which the model lets start whether or not the previous one still
+//! runs) takes it only once the previous holder is dead by what the database shows: with
+//! a listener, once it holds the lock and the row, if fresh, is not of an instance
+//! without a listener; without, once the previous holder is dead by the rescue's rule
+//! (its row stale by its lease, or gone while nobody holds the lock), checked in the
+//! statement that registers it. Until then it waits, and refuses to start if the row
+//! keeps being renewed. Nobody ever holds the name of an instance without a listener, so
+//! its row, once gone, makes it dead at once: rows of live instances without a listener
+//! must not be deleted by hand (outside the promise; the model deletes only dead ones'),
+//! while a live instance with a listener survives that. The model holds with every
+//! instance without a listener, and in mixed fleets (one of each, or a restart that
+//! changes `--listen-url`). Wake-ups are not modelled: polling instead of LISTEN changes
+//! only how soon a step happens.
+//!
 //! The same model with one of the engine's rules undone must fail, and does (the
 //! last tests): the heartbeat stopping at a graceful stop instead of outliving the
 //! drain, an instance without a row taken for dead while it holds its name, a
-//! timed-out task retried while its abandoned thread still runs it, and an instance
-//! retiring before its abandoned workers return.
+//! timed-out task retried while its abandoned thread still runs it, an instance
+//! retiring before its abandoned workers return, a newcomer taking its name under a
+//! fresh row of an instance without a listener, two newcomers without a listener that
+//! saw the row stale registering without checking it again, and an instance without a
+//! listener taking a row-less instance for dead without reading the name locks. Outside
+//! the promise it fails too: in a partition, and when a live row of an instance without
+//! a listener is deleted by hand.
 
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -73,6 +96,8 @@ enum Lease {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Instance {
+    /// Run with a listener (its row says so).
+    listener: bool,
     alive: bool,
     stopping: bool,
     has_row: bool,
@@ -96,12 +121,15 @@ struct Instance {
 }
 
 impl Instance {
-    fn new(fragile: bool) -> Self {
+    /// A new instance, registered; with a listener, its session holds its name lock
+    /// (without one, nobody ever holds it).
+    fn new(fragile: bool, listener: bool) -> Self {
         Instance {
+            listener,
             alive: true,
             stopping: false,
             has_row: true,
-            holds_name: true,
+            holds_name: listener,
             lease: Lease::Live,
             queued: Vec::new(),
             running: Vec::new(),
@@ -131,6 +159,11 @@ struct State {
     /// Restarts left for the fragile instance, and graceful stops.
     restarts: u8,
     stops: u8,
+    /// Newcomers without a listener that saw their name's row stale and have not
+    /// registered yet (only when they register without checking it again).
+    newcomers: u8,
+    /// A newcomer took its name while the previous holder was alive.
+    name_taken_from_the_living: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -159,8 +192,12 @@ enum Action {
     RescueDead(usize),
     /// A rescue pass of an instance over its own ghosts.
     RescueGhosts(usize),
-    /// A dead instance starts again under its name and recovers its previous self.
+    /// A new process starts under the instance's name, takes the name (with a listener,
+    /// its lock; without, its row), registers and recovers its previous self.
     Restart(usize),
+    /// A newcomer without a listener sees its name's row stale and will register later
+    /// (only when it registers without checking the row again).
+    SeesTheNameFree(usize),
     /// A graceful stop (SIGTERM): no more claims, tasks in flight finish.
     Stop(usize),
     /// The instance has recorded its last attempt: it removes its row and name.
@@ -173,11 +210,19 @@ enum Action {
     Return(usize, usize, u8),
 }
 
-/// The protocol, with switches to undo four of its rules, and one to step outside it.
+/// The protocol in a fleet with or without listeners, with switches to undo its rules,
+/// and two to step outside it.
 #[derive(Clone)]
 struct Protocol {
     tasks: usize,
     max_attempts: u8,
+    /// Which instances run with a listener, whose session holds the instance's name
+    /// lock; the others run with `--listen-url none`: no session of their own, their row
+    /// and its lease stand in for the lock.
+    listeners: [bool; INSTANCES],
+    /// The fragile instance restarts with the other choice (a deploy that changes
+    /// `--listen-url`).
+    switches_mode_at_restart: bool,
     /// The heartbeat goes on through a graceful stop until the last attempt is recorded.
     heartbeat_outlives_the_drain: bool,
     /// An instance without a row is dead only if it does not hold its name lock.
@@ -193,6 +238,19 @@ struct Protocol {
     abandoned_tasks_stay_held: bool,
     /// A stopped instance stays registered until its abandoned workers return.
     retire_waits_for_the_abandoned: bool,
+    /// A newcomer without a listener takes its name only once the previous holder is
+    /// dead by the rescue's rule (its row stale by its lease: a live instance renews in
+    /// time); one with a listener, once it holds the lock and the row, if fresh, is not
+    /// of an instance without a listener.
+    newcomer_waits_for_a_stale_row: bool,
+    /// Without a listener, an instance still reads the name locks (`pg_locks`) before it
+    /// takes a row-less instance for dead: instances with a listener hold theirs.
+    name_locks_read_without_a_listener: bool,
+    /// Without a listener, a newcomer checks the row in the statement that registers it
+    /// (a second newcomer then finds the row fresh).
+    newcomer_registers_as_it_checks: bool,
+    /// Outside the promise without a listener: an operator deletes a live instance's row.
+    deletes_live_rows_without_a_listener: bool,
 }
 
 impl Protocol {
@@ -207,7 +265,18 @@ impl Protocol {
             partitions: false,
             abandoned_tasks_stay_held: true,
             retire_waits_for_the_abandoned: true,
+            listeners: [true; INSTANCES],
+            switches_mode_at_restart: false,
+            newcomer_waits_for_a_stale_row: true,
+            name_locks_read_without_a_listener: true,
+            newcomer_registers_as_it_checks: true,
+            deletes_live_rows_without_a_listener: false,
         }
+    }
+
+    /// The protocol with `--listen-url none` on every instance.
+    fn without_listeners(tasks: usize) -> Self {
+        Protocol { listeners: [false; INSTANCES], ..Protocol::new(tasks) }
     }
 
     /// Whether any step of the engine (not of its environment: crashes, stalls,
@@ -222,18 +291,56 @@ impl Protocol {
             | Action::Crash(_)
             | Action::DeleteRow(_)
             | Action::Restart(_)
+            | Action::SeesTheNameFree(_)
             | Action::Stop(_) => false,
             Action::LeaseExpires(i) => !s.instances[*i].alive || !self.partitions,
             _ => true,
         })
     }
 
-    /// Whether others may take the instance for dead (RESCUE_DEAD's condition).
-    fn dead(&self, instance: &Instance) -> bool {
+    /// Whether an instance (with a listener or not) may take `instance` for dead
+    /// (RESCUE_DEAD's condition).
+    fn dead(&self, judge_has_listener: bool, instance: &Instance) -> bool {
         if instance.has_row {
             instance.lease == Lease::Expired
         } else {
-            !self.rowless_needs_a_free_name || !instance.holds_name
+            !self.rowless_needs_a_free_name
+                || !instance.holds_name
+                || (!judge_has_listener && !self.name_locks_read_without_a_listener)
+        }
+    }
+
+    /// Whether a newcomer (with a listener or not) may take the name `inst` had. With a
+    /// listener, once it holds the name lock (the previous holder's session is gone) and
+    /// the row, if fresh, was written by an instance with a listener; without, once the
+    /// previous holder is dead by the rescue's rule: its row stale by its lease, or gone
+    /// while nobody holds the lock. Neither asks whether the previous holder is alive:
+    /// only what the database shows.
+    fn name_free(&self, newcomer_has_listener: bool, inst: &Instance) -> bool {
+        if newcomer_has_listener {
+            !inst.holds_name
+                && (!self.newcomer_waits_for_a_stale_row
+                    || inst.listener
+                    || !inst.has_row
+                    || inst.lease == Lease::Expired)
+        } else {
+            !self.newcomer_waits_for_a_stale_row || self.dead(false, inst)
+        }
+    }
+
+    /// Whether the fragile instance's newcomer runs with a listener.
+    fn newcomer_has_listener(&self) -> bool {
+        self.listeners[FRAGILE] != self.switches_mode_at_restart
+    }
+
+    /// Whether an operator may delete the instance's row: with a listener, while it runs
+    /// (its name lock keeps it from being taken for dead); without, once it is dead (a
+    /// live one's row is outside the promise, unless that is what is checked).
+    fn row_deletable(&self, inst: &Instance) -> bool {
+        if inst.listener {
+            inst.alive
+        } else {
+            !inst.alive || self.deletes_live_rows_without_a_listener
         }
     }
 }
@@ -264,9 +371,12 @@ impl Model for Protocol {
         };
         vec![State {
             tasks: vec![task; self.tasks],
-            instances: (0..INSTANCES).map(|i| Instance::new(i == FRAGILE)).collect(),
-            restarts: 1,
+            instances: (0..INSTANCES).map(|i| Instance::new(i == FRAGILE, self.listeners[i])).collect(),
+            // Two newcomers at once, where registering without checking again lets both in.
+            restarts: if self.newcomer_registers_as_it_checks { 1 } else { 2 },
             stops: 1,
+            newcomers: 0,
+            name_taken_from_the_living: false,
         }]
     }
 
@@ -301,11 +411,8 @@ impl Model for Protocol {
                 if inst.crashes > 0 {
                     actions.push(Action::Crash(i));
                 }
-                if inst.has_row && inst.row_deletions > 0 {
-                    actions.push(Action::DeleteRow(i));
-                }
                 // Rescue passes, when they would take something.
-                let dead: Vec<bool> = s.instances.iter().map(|other| self.dead(other)).collect();
+                let dead: Vec<bool> = s.instances.iter().map(|other| self.dead(inst.listener, other)).collect();
                 let lost_elsewhere = s.tasks.iter().any(
                     |task| matches!(task.status, Status::Running { instance, .. } if instance != i && dead[instance]),
                 );
@@ -338,8 +445,20 @@ impl Model for Protocol {
             if silent && inst.lease != Lease::Expired {
                 actions.push(Action::LeaseExpires(i));
             }
-            if !inst.alive && !inst.holds_name && s.restarts > 0 && i == FRAGILE {
-                actions.push(Action::Restart(i));
+            if inst.has_row && inst.row_deletions > 0 && self.row_deletable(inst) {
+                actions.push(Action::DeleteRow(i));
+            }
+            // A new process under the fragile instance's name, whether or not the previous
+            // one still runs: the database's view decides.
+            if i == FRAGILE {
+                let listener = self.newcomer_has_listener();
+                let checks_again = listener || self.newcomer_registers_as_it_checks;
+                if s.restarts > 0 && self.name_free(listener, inst) {
+                    actions.push(if checks_again { Action::Restart(i) } else { Action::SeesTheNameFree(i) });
+                }
+                if s.newcomers > 0 {
+                    actions.push(Action::Restart(i));
+                }
             }
         }
     }
@@ -427,7 +546,8 @@ impl Model for Protocol {
                 s.instances[i].row_deletions -= 1;
             }
             Action::RescueDead(rescuer) => {
-                let dead: Vec<bool> = s.instances.iter().map(|inst| self.dead(inst)).collect();
+                let judge = s.instances[rescuer].listener;
+                let dead: Vec<bool> = s.instances.iter().map(|inst| self.dead(judge, inst)).collect();
                 for task in &mut s.tasks {
                     if let Status::Running { instance, .. } = task.status {
                         if instance != rescuer && dead[instance] {
@@ -445,13 +565,35 @@ impl Model for Protocol {
                     }
                 }
             }
+            Action::SeesTheNameFree(_) => {
+                s.restarts -= 1;
+                s.newcomers += 1;
+            }
             Action::Restart(i) => {
                 let old = &s.instances[i];
-                let mut inst = Instance::new(false);
-                inst.stalls = old.stalls;
-                s.instances[i] = inst;
-                s.restarts -= 1;
-                // The previous self's tasks, at once: its session is gone (the name was free).
+                let listener = self.newcomer_has_listener();
+                s.name_taken_from_the_living |= old.alive;
+                s.instances[i] = if old.alive {
+                    // Only with a rule undone or the promise broken: a namesake takes the
+                    // name beside a live instance. The model keeps one slot per name: the
+                    // live one's work stays in it, the newcomer's claims join it, and the
+                    // newcomer's rescue of its "previous self" below takes that work.
+                    Instance {
+                        listener,
+                        has_row: true,
+                        holds_name: old.holds_name || listener,
+                        lease: Lease::Live,
+                        ..old.clone()
+                    }
+                } else {
+                    Instance { stalls: old.stalls, ..Instance::new(false, listener) }
+                };
+                if s.newcomers > 0 {
+                    s.newcomers -= 1;
+                } else {
+                    s.restarts -= 1;
+                }
+                // The previous self's tasks, at once: the name was free, so it is dead.
                 for task in &mut s.tasks {
                     if matches!(task.status, Status::Running { instance, .. } if instance == i) {
                         lose(task, self.max_attempts);
@@ -512,6 +654,7 @@ impl Model for Protocol {
                         })
                 })
             }),
+            Property::always("a name passes only from a dead instance", |_, s: &State| !s.name_taken_from_the_living),
             Property::always("every claimed task ends recorded", |model: &Protocol, s: &State| {
                 // Once the engine has nothing left to do, no task is left claimed or open.
                 model.can_progress(s)
@@ -614,5 +757,79 @@ fn retiring_before_the_abandoned_workers_return_would_let_a_rescue_run_their_tas
 fn taking_an_instance_without_a_row_for_dead_while_it_holds_its_name_would_rob_it() {
     let protocol = Protocol { rowless_needs_a_free_name: false, ..Protocol::new(1) };
     let failed = failed_properties(protocol);
+    assert!(failed.contains(&"a live instance is never robbed"), "{failed:?}");
+}
+
+#[test]
+fn without_a_listener_the_protocol_holds_for_two_instances_and_one_task() {
+    assert_eq!(failed_properties(Protocol::without_listeners(1)), Vec::<&str>::new());
+}
+
+#[test]
+fn without_a_listener_the_protocol_holds_for_two_instances_and_two_tasks() {
+    assert_eq!(failed_properties(Protocol::without_listeners(2)), Vec::<&str>::new());
+}
+
+/// The fleets with instances of both kinds, at once or one after the other: one with a
+/// listener and one without, either of them the fragile one (which crashes, restarts,
+/// stops, loses its row) and restarting in the same mode or in the other (a deploy that
+/// changes `--listen-url`); and fleets of one kind whose fragile instance switches.
+fn mixed_fleets(protocol: &Protocol) -> impl Iterator<Item = Protocol> + '_ {
+    let mixed =
+        [[false, true], [true, false]].into_iter().flat_map(|listeners| [(listeners, false), (listeners, true)]);
+    let switching = [([true, true], true), ([false, false], true)];
+    mixed.chain(switching).map(move |(listeners, switches_mode_at_restart)| Protocol {
+        listeners,
+        switches_mode_at_restart,
+        ..protocol.clone()
+    })
+}
+
+#[test]
+fn the_protocol_holds_in_fleets_of_instances_with_and_without_a_listener() {
+    for protocol in mixed_fleets(&Protocol::new(1)) {
+        let (listeners, switches) = (protocol.listeners, protocol.switches_mode_at_restart);
+        assert_eq!(failed_properties(protocol), Vec::<&str>::new(), "{listeners:?}, switches: {switches}");
+    }
+}
+
+#[test]
+fn an_instance_without_a_listener_that_read_no_name_locks_would_rob_one_with_a_listener_whose_row_is_gone() {
+    // The instance with a listener whose row an operator deleted is taken for dead by an
+    // instance without one, or by its own newcomer without one (after a switch).
+    let careless = Protocol { name_locks_read_without_a_listener: false, ..Protocol::new(1) };
+    for protocol in mixed_fleets(&careless) {
+        let (listeners, switches) = (protocol.listeners, protocol.switches_mode_at_restart);
+        let robbed = failed_properties(protocol).contains(&"a live instance is never robbed");
+        assert_eq!(robbed, listeners[FRAGILE], "{listeners:?}, switches: {switches}");
+    }
+}
+
+#[test]
+fn without_a_listener_deleting_a_live_instances_row_by_hand_would_rob_it() {
+    // Nobody holds the name of an instance without a listener: once its row is gone,
+    // others take it for dead at once. Outside the promise: do not delete live rows.
+    let protocol = Protocol { deletes_live_rows_without_a_listener: true, ..Protocol::without_listeners(1) };
+    let failed = failed_properties(protocol);
+    assert!(failed.contains(&"a live instance is never robbed"), "{failed:?}");
+}
+
+#[test]
+fn a_newcomer_that_took_its_name_under_a_fresh_row_of_an_instance_without_a_listener_would_rob_it() {
+    // A newcomer without a listener, and one with (whose lock proves nothing here).
+    let hasty = Protocol { newcomer_waits_for_a_stale_row: false, ..Protocol::without_listeners(1) };
+    let switching = Protocol { listeners: [false, true], switches_mode_at_restart: true, ..hasty.clone() };
+    for protocol in [hasty, switching] {
+        let failed = failed_properties(protocol);
+        assert!(failed.contains(&"a name passes only from a dead instance"), "{failed:?}");
+        assert!(failed.contains(&"a live instance is never robbed"), "{failed:?}");
+    }
+}
+
+#[test]
+fn without_a_listener_a_second_newcomer_that_registered_without_checking_the_row_again_would_rob_the_first() {
+    let protocol = Protocol { newcomer_registers_as_it_checks: false, ..Protocol::without_listeners(1) };
+    let failed = failed_properties(protocol);
+    assert!(failed.contains(&"a name passes only from a dead instance"), "{failed:?}");
     assert!(failed.contains(&"a live instance is never robbed"), "{failed:?}");
 }
