@@ -3,6 +3,7 @@
 //! per test so that tests run in parallel.
 
 mod batching;
+mod connections;
 mod disasters;
 mod due_times;
 mod enqueueing;
