@@ -1195,3 +1195,40 @@ fn a_sleep_interrupted_by_sigterm_waits_again_with_its_attempt_unused() {
     let shown = text(&engine(&db, &["status", "--task", &id]).stdout);
     assert!(shown.contains("interrupted by its instance's stop: asked to stop while sleeping"), "{shown}");
 }
+
+/// `--listen-url none`: no session at all. The instance says it polls, finds a task
+/// inserted with no one listening, and a cancel whose notification nobody hears
+/// reaches the running task within a heartbeat or so; `engine status` shows the
+/// connections it holds (no session).
+#[test]
+fn engine_run_without_a_listener_polls_and_hears_a_cancel_at_its_heartbeat() {
+    let db = TestDatabase::new();
+    let mut child = spawn_engine_run(
+        &db,
+        &["--workers", "1", "--instance", "deaf", "--listen-url", "none", "--lease", "3s", "--poll-interval", "200ms"],
+        Stdio::piped(),
+    );
+    let out = engine(&db, &["enqueue", "sleep", "--params", r#"{"ms": 600000}"#]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let id: i64 = text(&out.stdout).trim().parse().unwrap();
+    let status = |db: &TestDatabase| -> String {
+        tasks::table.find(id).select(tasks::status).first(&mut db.connect()).unwrap()
+    };
+    wait_until("the polling instance runs the task", || status(&db) == "running");
+    let cancelled = engine(&db, &["cancel", &id.to_string()]);
+    assert_eq!(cancelled.status.code(), Some(0), "{}", text(&cancelled.stderr));
+    let asked = std::time::Instant::now();
+    wait_until("the cancel reaches the task", || status(&db) == "cancelled");
+    // A heartbeat every half second: one on its way, the next finds it.
+    assert!(asked.elapsed() < std::time::Duration::from_secs(3), "the cancel took {:?}", asked.elapsed());
+
+    wait_until("a heartbeat records the connections", || {
+        text(&engine(&db, &["status"]).stdout).contains("(session 0, heartbeat 1, claims 1")
+    });
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{log}");
+    assert!(log.contains("no listener: it polls every 200ms"), "{log}");
+    assert!(log.contains("connections: no session (no listener: the instance polls)"), "{log}");
+}

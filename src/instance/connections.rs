@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use diesel::PgConnection;
 
+use crate::db::claim;
 use crate::db::connect::{connect, lazy_pool, ping, redact_url, with_parameters, PgPool, Session, KEEPALIVES};
 use crate::error::Error;
 use crate::instance::lock;
@@ -168,17 +169,13 @@ impl Connections {
         self.connect("maintenance", &[], |open| &open.maintenance, &[])
     }
 
-    /// Runs `f` on the claims' connection (connecting it, with `settings` on its
-    /// session if it is its own), which the producers, the timer and cron share, one
-    /// at a time. A connection that no longer answers after a failure is closed.
-    pub(crate) fn claims<T>(
-        &self,
-        settings: &[&str],
-        f: impl FnOnce(&mut PgConnection) -> Result<T, Error>,
-    ) -> Result<T, Error> {
+    /// Runs `f` on the claims' connection (connecting it, with the claims' settings on
+    /// its session if it is its own), which the producers, the timer and cron share,
+    /// one at a time. A connection that no longer answers after a failure is closed.
+    pub(crate) fn claims<T>(&self, f: impl FnOnce(&mut PgConnection) -> Result<T, Error>) -> Result<T, Error> {
         let mut claims = lock(&self.claims);
         if claims.is_none() {
-            *claims = Some(self.connect("claims", &[], |open| &open.claims, settings)?);
+            *claims = Some(self.connect("claims", &[], |open| &open.claims, claim::SETTINGS)?);
         }
         let conn = claims.as_mut().expect("just connected");
         let result = f(conn);

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use diesel::PgConnection;
 
-use crate::db::claim::SETTINGS;
 use crate::db::schedules;
 use crate::declared::{Declarations, Renewal};
 use crate::error::Error;
@@ -41,7 +40,7 @@ fn run(input: Input) {
     let mut failures = 0;
     let mut sleep = Duration::ZERO;
     while !input.shutdown.sleep(sleep) {
-        let result = input.connections.claims(SETTINGS, |conn| tick(conn, &mut renewal));
+        let result = input.connections.claims(|conn| tick(conn, &mut renewal));
         sleep = match result {
             Ok(sleep) => {
                 failures = 0;

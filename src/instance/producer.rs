@@ -266,7 +266,7 @@ impl Producer {
     fn claim_nothing(&self) -> Result<(), Error> {
         let (connections, lane) = (&self.input.connections, self.lane());
         let session = connections.session();
-        connections.claims(claim::SETTINGS, |conn| Ok(claim::claim(conn, session, &lane, 0).map(drop)?))
+        connections.claims(|conn| Ok(claim::claim(conn, session, &lane, 0).map(drop)?))
     }
 
     /// Its claims' description, as of now.
@@ -294,7 +294,7 @@ impl Producer {
         let limit = i64::try_from(count).unwrap_or(i64::MAX);
         let (input, lane, limited) = (&self.input, self.lane(), self.limited);
         let session = input.connections.session();
-        let (mut claim, sent_at) = input.connections.claims(claim::SETTINGS, |conn| {
+        let (mut claim, sent_at) = input.connections.claims(|conn| {
             let sent_at = Instant::now();
             let mut claim = if limited {
                 claim::claim_limited(conn, session, &lane, limit)?
@@ -341,7 +341,7 @@ impl Producer {
     fn fall_asleep(&mut self) {
         self.set_holding(true);
         if self.input.stripes.asleep() {
-            if let Err(error) = self.input.connections.claims(&[], |conn| Ok(channel::wake_listeners(conn)?)) {
+            if let Err(error) = self.input.connections.claims(|conn| Ok(channel::wake_listeners(conn)?)) {
                 // The listener takes them at its next look, a tenth of a second away.
                 log::debug!("could not wake the listener ({error})");
             }
@@ -364,7 +364,7 @@ impl Producer {
         // A release that waited too long for a locked row is tried again, twice: tasks
         // not given back are rescued later, with an attempt used.
         let (connections, instance) = (&self.input.connections, self.input.instance.as_str());
-        let release = || connections.claims(claim::SETTINGS, |conn| Ok(completion::release(conn, instance, &claimed)?));
+        let release = || connections.claims(|conn| Ok(completion::release(conn, instance, &claimed)?));
         let mut released = release();
         for _ in 0..2 {
             // A connection that failed is closed: the database is away.

@@ -142,9 +142,7 @@ fn run(input: Input) {
 fn look(input: &Input) -> Result<claim::Due, Error> {
     let workers = i64::try_from(input.lanes.capacity()).unwrap_or(i64::MAX);
     let (connections, queues) = (&input.connections, input.lanes.queues());
-    connections.claims(claim::SETTINGS, |conn| {
-        Ok(claim::due(conn, connections.session(), &queues, &input.task_types, workers)?)
-    })
+    connections.claims(|conn| Ok(claim::due(conn, connections.session(), &queues, &input.task_types, workers)?))
 }
 
 #[cfg(test)]

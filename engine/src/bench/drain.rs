@@ -65,6 +65,9 @@ pub(super) struct Options {
     pub task_ms: u64,
     /// Every task has a unique key of its own.
     pub unique: bool,
+    /// The instances' `DATABASE_URL`, a transaction pooler (their session on the
+    /// benchmark's URL).
+    pub pooler: Option<&'static str>,
 }
 
 pub(super) fn run(db: &Database, registry: &Registry, options: &Options) -> anyhow::Result<()> {
@@ -103,7 +106,7 @@ pub(super) fn drain_once(
     mode: Mode,
     run: usize,
 ) -> anyhow::Result<Drained> {
-    let Options { tasks, instances, workers, scenario, buffer, keys, limit, task_ms, unique, .. } = *options;
+    let Options { tasks, instances, workers, scenario, buffer, keys, limit, task_ms, unique, pooler, .. } = *options;
     let url = fresh_schema(db)?;
     let mut conn = PgConnection::establish(&url)?;
     if limit.is_some() {
@@ -120,13 +123,16 @@ pub(super) fn drain_once(
         )?;
     }
     let runner = |i: usize| {
-        let mut runner = Runner::new(&url, registry.clone())
+        let mut runner = Runner::new(pooler.unwrap_or(&url), registry.clone())
             .instance(format!("drain-{run}-{i}"))
             .workers(workers)
             // The fallback poll must not explain a pickup.
             .poll_interval(Duration::from_secs(3600));
         if let Some(buffer) = buffer {
             runner = runner.claim_buffer(buffer);
+        }
+        if pooler.is_some() {
+            runner = runner.listen_url(&url);
         }
         if mode == Mode::SingleRoundTrip {
             runner = runner.max_claim(1).claim_buffer(0).max_completion_batch(1).flush_delay(Duration::ZERO);

@@ -143,6 +143,12 @@ pub struct DrainArgs {
     /// Give every task a unique key of its own.
     #[arg(long)]
     unique: bool,
+    /// Run the instances through this transaction pooler: their `DATABASE_URL` is this
+    /// URL (PgBouncer in transaction mode, in front of the benchmark's database, its
+    /// server connections on the benchmark's schema: `connect_query = 'SET search_path
+    /// TO task_engine_bench'`), their session on the benchmark's own URL.
+    #[arg(long)]
+    pooler: Option<String>,
 }
 
 impl DrainArgs {
@@ -158,6 +164,7 @@ impl DrainArgs {
             limit: self.limit,
             task_ms: self.task_ms,
             unique: self.unique,
+            pooler: self.pooler.clone().map(|url| &*Box::leak(url.into_boxed_str())),
             batched_only: true,
         }
     }
