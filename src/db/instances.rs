@@ -28,21 +28,31 @@ pub(crate) struct Registration<'a> {
 /// Inserts or renews the instance's row, as of now (a restart under the name replaces
 /// the previous row). Locks that row.
 pub(crate) fn register(conn: &mut PgConnection, registration: &Registration<'_>) -> QueryResult<()> {
-    diesel::sql_query(
+    registering(
         "INSERT INTO task_engine_instances (name, host, pid, task_types, lease, queues)
          VALUES ($1, $2, $3, $4, $5 * interval '1 microsecond', $6)
          ON CONFLICT (name) DO UPDATE
          SET host = EXCLUDED.host, pid = EXCLUDED.pid, task_types = EXCLUDED.task_types, lease = EXCLUDED.lease,
              queues = EXCLUDED.queues, started_at = now(), last_seen_at = now(), connections = NULL",
+        registration,
     )
-    .bind::<Text, _>(registration.instance)
-    .bind::<Text, _>(registration.host)
-    .bind::<Integer, _>(i32::try_from(registration.pid).unwrap_or(i32::MAX))
-    .bind::<Array<Text>, _>(registration.task_types)
-    .bind::<BigInt, _>(micros(registration.lease))
-    .bind::<Array<Text>, _>(registration.queues)
     .execute(conn)
     .map(drop)
+}
+
+/// `statement` with the registration bound as its first six parameters.
+fn registering<'a>(
+    statement: &str,
+    registration: &'a Registration<'a>,
+) -> diesel::query_builder::BoxedSqlQuery<'a, diesel::pg::Pg, diesel::query_builder::SqlQuery> {
+    diesel::sql_query(statement)
+        .into_boxed()
+        .bind::<Text, _>(registration.instance)
+        .bind::<Text, _>(registration.host)
+        .bind::<Integer, _>(i32::try_from(registration.pid).unwrap_or(i32::MAX))
+        .bind::<Array<Text>, _>(registration.task_types)
+        .bind::<BigInt, _>(micros(registration.lease))
+        .bind::<Array<Text>, _>(registration.queues)
 }
 
 /// Registers a starting instance, as the one of its name, if the previous one is gone:
@@ -59,7 +69,7 @@ pub(crate) fn register_if_free(
     listening: bool,
     connections: &str,
 ) -> QueryResult<bool> {
-    let taken = diesel::sql_query(
+    let taken = registering(
         "INSERT INTO task_engine_instances AS i (name, host, pid, task_types, lease, queues, connections)
          SELECT $1, $2, $3, $4, $5 * interval '1 microsecond', $6, $7::jsonb
          WHERE $8 OR NOT EXISTS (
@@ -72,13 +82,8 @@ pub(crate) fn register_if_free(
              queues = EXCLUDED.queues, started_at = now(), last_seen_at = now(), connections = EXCLUDED.connections
          WHERE i.last_seen_at < now() - coalesce(i.lease, EXCLUDED.lease)
             OR ($8 AND coalesce((i.connections->>'listener')::boolean, true))",
+        registration,
     )
-    .bind::<Text, _>(registration.instance)
-    .bind::<Text, _>(registration.host)
-    .bind::<Integer, _>(i32::try_from(registration.pid).unwrap_or(i32::MAX))
-    .bind::<Array<Text>, _>(registration.task_types)
-    .bind::<BigInt, _>(micros(registration.lease))
-    .bind::<Array<Text>, _>(registration.queues)
     .bind::<Text, _>(connections)
     .bind::<diesel::sql_types::Bool, _>(listening)
     .bind::<Integer, _>(NAME_LOCK)
