@@ -7,7 +7,7 @@
 #
 #   DATABASE_URL=postgres://postgres@127.0.0.1:PORT/task_engine scripts/bench-pooler.sh [DIR] [PORT]
 set -euo pipefail
-: "${DATABASE_URL:?set DATABASE_URL: the benchmark's server}"
+: "${DATABASE_URL:?set DATABASE_URL to the server of the benchmarks}"
 dir=${1:-/tmp/bench-pooler}
 port=${2:-6439}
 server_port=$(sed -E 's|.*:([0-9]+)/.*|\1|' <<<"$DATABASE_URL")

@@ -1211,9 +1211,8 @@ fn engine_run_without_a_listener_polls_and_hears_a_cancel_at_its_heartbeat() {
     let out = engine(&db, &["enqueue", "sleep", "--params", r#"{"ms": 600000}"#]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let id: i64 = text(&out.stdout).trim().parse().unwrap();
-    let status = |db: &TestDatabase| -> String {
-        tasks::table.find(id).select(tasks::status).first(&mut db.connect()).unwrap()
-    };
+    let status =
+        |db: &TestDatabase| -> String { tasks::table.find(id).select(tasks::status).first(&mut db.connect()).unwrap() };
     wait_until("the polling instance runs the task", || status(&db) == "running");
     let cancelled = engine(&db, &["cancel", &id.to_string()]);
     assert_eq!(cancelled.status.code(), Some(0), "{}", text(&cancelled.stderr));

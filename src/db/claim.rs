@@ -13,7 +13,7 @@ use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text, Ti
 
 use crate::attempt::ClaimedTask;
 use crate::db::connect::{Session, BOUNDED_LOCK_WAITS};
-use crate::db::prepared::Prepared;
+use crate::db::prepared::{is_missing_function, Prepared, ServerSide};
 use crate::db::transitions::mark_running;
 
 /// The levels of waiting tasks of the types `$types` in the queues `$queues`: one row per
@@ -347,8 +347,48 @@ pub(crate) struct Claim {
 /// into a table analyzed while empty would otherwise be claimed by a bitmap scan and a
 /// sort of every waiting task.
 pub(crate) fn claim(conn: &mut PgConnection, session: Session, lane: &LaneClaim<'_>, limit: i64) -> QueryResult<Claim> {
-    session.with(conn, SETTINGS, |conn| run_claim(conn, lane, limit, QueueLimits::default(), false))
+    match Way::of(conn, session) {
+        Way::Plain(session) => session.with(conn, SETTINGS, |conn| {
+            run_claim(conn, Way::Plain(session), lane, limit, QueueLimits::default(), false)
+        }),
+        Way::Planned => run_claim(conn, Way::Planned, lane, limit, QueueLimits::default(), false),
+    }
 }
+
+/// How a claim goes: as it is (with its settings on the session, or set for its
+/// transaction), or as a call of its statement's function ([`ServerSide`]), through a
+/// pooler.
+#[derive(Clone, Copy)]
+enum Way {
+    Plain(Session),
+    Planned,
+}
+
+impl Way {
+    /// Through a pooler, the functions of the three claims, if they can be made; found
+    /// outside any transaction.
+    fn of(conn: &mut PgConnection, session: Session) -> Self {
+        match session {
+            Session::Pooled if PLANNED.iter().all(|p| p.planned(conn)) => Self::Planned,
+            _ => Self::Plain(session),
+        }
+    }
+}
+
+/// The parameters of the claims ([`CLAIM`], [`CLAIM_FAIR`], [`CLAIM_CAPPED`]), and
+/// their columns, as their functions declare them.
+const CLAIM_PARAMETERS: &[&str] =
+    &["text[]", "bigint", "text", "bigint", "text[]", "integer", "boolean", "text", "integer"];
+const CLAIM_COLUMNS: &str = "id bigint, task_class text, task_parameters text, attempt integer, max_attempts integer, \
+     fair_key text, timeout_ms integer, execution_id bigint, claimed_at timestamptz, candidates bigint, \
+     limited boolean, room bigint, unread boolean, keys bigint";
+
+/// The claims kept planned on the server, for connections through a pooler.
+static PLANNED: [ServerSide; 3] = [
+    ServerSide::new(CLAIM, CLAIM_PARAMETERS, CLAIM_COLUMNS, SETTINGS),
+    ServerSide::new(CLAIM_FAIR, CLAIM_PARAMETERS, CLAIM_COLUMNS, SETTINGS),
+    ServerSide::new(CLAIM_CAPPED, CLAIM_PARAMETERS, CLAIM_COLUMNS, SETTINGS),
+];
 
 /// Who claims, from where: the same from one claim to the next, but `after_key`.
 #[derive(Clone, Copy)]
@@ -394,11 +434,11 @@ pub(crate) fn claim_limited(
     limit: i64,
 ) -> QueryResult<Claim> {
     let queue = lane.queue;
-    let transaction =
-        |conn: &mut PgConnection, f: &mut dyn FnMut(&mut PgConnection) -> QueryResult<Claim>| match session {
-            Session::Own => conn.transaction(f),
-            Session::Pooled => session.with(conn, SETTINGS, f),
-        };
+    let way = Way::of(conn, session);
+    let transaction = |conn: &mut PgConnection, f: &mut dyn FnMut(&mut PgConnection) -> QueryResult<Claim>| match way {
+        Way::Plain(Session::Pooled) => Session::Pooled.with(conn, SETTINGS, f),
+        _ => conn.transaction(f),
+    };
     transaction(conn, &mut |conn| {
         let limits: Option<Limits> = Prepared(
             diesel::sql_query(
@@ -415,7 +455,7 @@ pub(crate) fn claim_limited(
         .get_result(conn)
         .optional()?;
         let Some(limits) = limits else {
-            return run_claim(conn, lane, limit, QueueLimits::default(), true);
+            return run_claim(conn, way, lane, limit, QueueLimits::default(), true);
         };
         if limits.paused {
             return Ok(Claim { limited: true, ..Claim::default() });
@@ -435,7 +475,7 @@ pub(crate) fn claim_limited(
             return Ok(Claim { limited, rate_wait, ..Claim::default() });
         }
         let applied = QueueLimits { concurrency: limits.concurrency, key_cap: limits.key_concurrency };
-        let mut claim = run_claim(conn, lane, room, applied, true)?;
+        let mut claim = run_claim(conn, way, lane, room, applied, true)?;
         if limits.rate_left.is_some() && !claim.tasks.is_empty() {
             let claimed = i32::try_from(claim.tasks.len()).unwrap_or(i32::MAX);
             Prepared(
@@ -470,6 +510,7 @@ struct QueueLimits {
 /// caller holds the queue's row lock (and may claim from a queue with limits).
 fn run_claim(
     conn: &mut PgConnection,
+    way: Way,
     lane: &LaneClaim<'_>,
     limit: i64,
     limits: QueueLimits,
@@ -513,10 +554,14 @@ fn run_claim(
     // it saved (20,000-task drains, medians of 3: 22,000, 27,300 and 23,300 tasks/s).
     let window = limit.saturating_mul(5) / 2 + 16;
     // The fair statements cost more than the simple one: only where keys take turns.
-    let statement = match (key_cap, lane.fair) {
-        (Some(_), _) => CLAIM_CAPPED,
-        (None, true) => CLAIM_FAIR,
-        (None, false) => CLAIM,
+    let which = match (key_cap, lane.fair) {
+        (Some(_), _) => 2,
+        (None, true) => 1,
+        (None, false) => 0,
+    };
+    let statement = match way {
+        Way::Plain(_) => PLANNED[which].statement.to_owned(),
+        Way::Planned => PLANNED[which].call(),
     };
     let rows: Vec<Row> = Prepared(
         diesel::sql_query(statement)
@@ -530,7 +575,12 @@ fn run_claim(
             .bind::<Text, _>(after_key)
             .bind::<Nullable<Integer>, _>(concurrency),
     )
-    .load(conn)?;
+    .load(conn)
+    .inspect_err(|error| {
+        if is_missing_function(error) {
+            PLANNED.iter().for_each(ServerSide::missing);
+        }
+    })?;
     let Some(first) = rows.first() else { return Ok(Claim::default()) };
     let (candidates, limited, unread, keys, room) =
         (first.candidates, first.limited, first.unread, first.keys, first.room);

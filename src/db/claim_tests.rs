@@ -125,6 +125,75 @@ fn through_a_transaction_pooler_the_claim_reads_by_index_all_the_same() {
     let ids: Vec<i64> = claimed.tasks.iter().map(|t| t.id).collect();
     // EXPLAIN ANALYZE ran the claim, and its transaction committed: ten were claimed.
     assert_eq!(ids, (100_011..=100_020).collect::<Vec<_>>());
+    // That claim went as a call of its function, kept planned on the server, and its
+    // completion as well.
+    #[derive(QueryableByName)]
+    struct Functions {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let functions: Functions =
+        diesel::sql_query("SELECT count(*) AS n FROM pg_proc WHERE proname LIKE 'task_engine\\_planned\\_%'")
+            .get_result(&mut pooled)
+            .unwrap();
+    assert_eq!(functions.n, 3, "the three claims' functions");
+    let done: Vec<crate::attempt::Completion> = claimed
+        .tasks
+        .iter()
+        .map(|t| crate::attempt::Completion {
+            execution_id: t.execution_id,
+            task_id: t.id,
+            attempt: t.attempt,
+            worker: 0,
+            started_at: t.claimed_at,
+            stopped_at: t.claimed_at,
+            elapsed: Duration::ZERO,
+            outcome: crate::attempt::Outcome::Succeeded(serde_json::Value::Null),
+            frees_a_place: false,
+        })
+        .collect();
+    assert_eq!(crate::db::completion::complete(&mut pooled, Session::Pooled, &done).unwrap(), 10);
+
+    // The function plans its statement by index, with its settings: auto_explain shows
+    // the plan of the statement it runs (where the server has it).
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut config: postgres::Config = db.url().parse().unwrap();
+    let heard = std::sync::Arc::clone(&notices);
+    config.notice_callback(move |notice| heard.lock().unwrap().push(notice.message().to_owned()));
+    let mut client = config.connect(postgres::NoTls).unwrap();
+    if client.batch_execute("LOAD 'auto_explain'").is_ok() {
+        client
+            .batch_execute(
+                "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;
+                 SET auto_explain.log_level = notice; SET client_min_messages = notice",
+            )
+            .unwrap();
+        let call = PLANNED[0].call();
+        let claimed = client
+            .query(
+                &call,
+                &[
+                    &vec!["noop".to_owned()],
+                    &10i64,
+                    &"i",
+                    &41i64,
+                    &vec!["default".to_owned()],
+                    &None::<i32>,
+                    &false,
+                    &"",
+                    &None::<i32>,
+                ],
+            )
+            .unwrap();
+        assert_eq!(claimed.len(), 10);
+        let plans = notices.lock().unwrap().join("\n");
+        assert!(plans.contains("tasks_claim_idx"), "no nested plan seen:\n{plans}");
+        for bad in ["Seq Scan on tasks", "Bitmap"] {
+            assert!(!plans.contains(bad), "the claim's function plans with a {bad}:\n{plans}");
+        }
+    } else {
+        eprintln!("auto_explain is not installed: the function's plan is not checked");
+    }
     #[derive(QueryableByName)]
     struct Setting {
         #[diesel(sql_type = Text)]

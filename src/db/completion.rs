@@ -13,7 +13,7 @@ use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Tim
 use crate::attempt::{ClaimedTask, Completion, Outcome};
 use crate::db::connect::{Session, BOUNDED_LOCK_WAITS};
 use crate::db::micros;
-use crate::db::prepared::Prepared;
+use crate::db::prepared::{is_missing_function, Prepared, ServerSide};
 use crate::db::transitions::{cancel_wins, lets_waiting_key_go, notify_waiting};
 use crate::db::unique;
 
@@ -109,8 +109,10 @@ pub(crate) fn complete(conn: &mut PgConnection, session: Session, completions: &
         errors.push(error);
         delays_us.push(delay);
     }
+    let planned = session == Session::Pooled && PLANNED_COMPLETE.planned(conn);
+    let sql = if planned { PLANNED_COMPLETE.call() } else { COMPLETE.to_owned() };
     let statement = Prepared(
-        diesel::sql_query(COMPLETE)
+        diesel::sql_query(sql)
             .bind::<Array<BigInt>, _>(execution_ids)
             .bind::<Array<BigInt>, _>(task_ids)
             .bind::<Array<Integer>, _>(attempts)
@@ -125,7 +127,15 @@ pub(crate) fn complete(conn: &mut PgConnection, session: Session, completions: &
                 completions.iter().any(|c| c.frees_a_place || matches!(c.outcome, Outcome::Interrupted(_))),
             ),
     );
-    let recorded: Recorded = session.with(conn, SETTINGS, |conn| statement.get_result(conn))?;
+    let recorded: Recorded = if planned {
+        statement.get_result(conn).inspect_err(|error| {
+            if is_missing_function(error) {
+                PLANNED_COMPLETE.missing();
+            }
+        })?
+    } else {
+        session.with(conn, SETTINGS, |conn| statement.get_result(conn))?
+    };
     unique::keep_keys(conn, &recorded.released);
     Ok(usize::try_from(recorded.recorded).unwrap_or(0))
 }
@@ -139,6 +149,26 @@ struct Recorded {
     #[diesel(sql_type = Array<BigInt>)]
     released: Vec<i64>,
 }
+
+/// [`COMPLETE`] kept planned on the server, for connections through a pooler.
+static PLANNED_COMPLETE: ServerSide = ServerSide::new(
+    COMPLETE,
+    &[
+        "bigint[]",
+        "bigint[]",
+        "integer[]",
+        "integer[]",
+        "timestamptz[]",
+        "text[]",
+        "jsonb[]",
+        "text[]",
+        "bigint[]",
+        "timestamptz[]",
+        "boolean",
+    ],
+    "recorded bigint, released bigint[]",
+    SETTINGS,
+);
 
 /// The settings of the completer's statements ([`complete`]): with sequential scans
 /// and nested loops off (and JIT, as for the claim), the planner finds the batch's rows
