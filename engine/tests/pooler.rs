@@ -3,13 +3,20 @@
 //! transaction of a client may run on another server connection, and a server
 //! connection passes from one client to the next with what they left on it. Skipped,
 //! saying why, where the harness cannot start one (no `pgbouncer` installed).
+//!
+//! The fleet tests run 20 `engine run` processes through one PgBouncer, their sessions
+//! on the server itself (`--listen-url`): a drain of 100,000 tasks, and the same with
+//! PgBouncer killed and restarted in its midst. Their figures go to stderr (`--nocapture`
+//! shows them); the instances' logs stay under `target/tmp/<test>/`.
 
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use task_engine::schema::tasks;
 use test_db::TestDatabase;
 
+mod drain;
 mod fleet;
 
 /// Whether PgBouncer can run here; if not, says why (past the test capture, so that a
@@ -141,4 +148,122 @@ fn engine_migrates_at_once_through_a_transaction_pooler_all_exit_0_and_apply_eac
     let applied = fleet::migrate_at_once(&db.pooled_url(), pg_cluster::POOL_SIZE as usize + 2);
     assert_eq!(applied, expected, "each migration applied once, by one of the fleet");
     assert_eq!(versions(&mut db.connect()), expected);
+}
+
+/// The fleet tests' tasks.
+const TASKS: i64 = 100_000;
+/// How long the fleet tests wait for the instances to be idle, and for the drain: a
+/// bound for a loaded machine (a drain takes about 4 minutes on two cores); a drain
+/// that stalls fails sooner (see `drain::insert_and_drain`).
+const IDLE_WITHIN: Duration = Duration::from_secs(60);
+const DRAIN_WITHIN: Duration = Duration::from_secs(900);
+
+/// Taken by each fleet test for its whole run: each keeps the machine's cores busy, so
+/// two at once take no less time, and the figures each prints are its own.
+static FLEET_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The most client connections the server may see on the fleet's database: the
+/// pooler's pool and one session per instance (the test's own connection, which
+/// counts them, left out; the test holds no other).
+fn connection_bound() -> i64 {
+    i64::from(pg_cluster::POOL_SIZE) + drain::INSTANCES as i64
+}
+
+#[test]
+fn twenty_instances_drain_100000_tasks_inserted_by_sql_through_one_pooler_with_one_direct_connection_each() {
+    if !pooler_available() {
+        return;
+    }
+    let _turn = FLEET_TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    drain::create_journal(&mut conn);
+    let mut fleet = drain::Fleet::start("pooler-fleet", &db.pooled_url(), Some(db.url()));
+    let ready = Instant::now();
+    fleet.wait_until_idle(&mut conn, IDLE_WITHIN);
+    let ready = ready.elapsed();
+
+    let drained = drain::insert_and_drain(&mut conn, &fleet, TASKS, DRAIN_WITHIN, |_| {});
+    fleet.assert_all_running();
+    let record = drain::judge(&mut conn, &fleet, TASKS);
+    eprintln!(
+        "pooler fleet: {} instances x {} workers through one PgBouncer (pool {}), idle after {ready:.1?}; \
+         {TASKS} tasks inserted in {:.1?}, drained in {:.1?} ({:.0} tasks/s); server connections at most {} \
+         (bound {}); {} attempts recorded, {} failed",
+        drain::INSTANCES,
+        drain::WORKERS,
+        pg_cluster::POOL_SIZE,
+        drained.insert,
+        drained.elapsed,
+        TASKS as f64 / drained.elapsed.as_secs_f64(),
+        drained.max_connections,
+        connection_bound(),
+        record.executions,
+        record.failed,
+    );
+    assert!(
+        drained.max_connections <= connection_bound(),
+        "the server saw {} connections, more than the pool and a session per instance ({})",
+        drained.max_connections,
+        connection_bound()
+    );
+    assert_eq!(record.failed, 0, "attempts failed with nothing to make them fail");
+    assert_eq!(record.executions, TASKS, "tasks ran more than once with nothing to make them");
+    fleet.stop();
+}
+
+#[test]
+fn twenty_instances_drain_100000_tasks_through_a_pooler_killed_and_restarted_mid_drain_none_lost_none_run_twice() {
+    if !pooler_available() {
+        return;
+    }
+    let _turn = FLEET_TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let db = TestDatabase::new();
+    let mut pooler = db.own_pooler();
+    let mut conn = db.connect();
+    drain::create_journal(&mut conn);
+    let mut fleet = drain::Fleet::start("pooler-fleet-restart", pooler.url(), Some(db.url()));
+    fleet.wait_until_idle(&mut conn, IDLE_WITHIN);
+
+    // Killed once a fifth have stopped, started again on its port 1.5 s later.
+    const DOWN_FOR: Duration = Duration::from_millis(1500);
+    let mut killed: Option<(Instant, i64)> = None;
+    let mut restarted_at = None;
+    let started = Instant::now();
+    let drained = drain::insert_and_drain(&mut conn, &fleet, TASKS, DRAIN_WITHIN, |stopped| match killed {
+        None if stopped >= TASKS / 5 => {
+            pooler.kill();
+            killed = Some((Instant::now(), stopped));
+        }
+        Some((at, _)) if restarted_at.is_none() && at.elapsed() >= DOWN_FOR => {
+            pooler.restart();
+            restarted_at = Some(started.elapsed());
+        }
+        _ => {}
+    });
+    let (killed_at, stopped_at_kill) = killed.expect("the drain outlasted a fifth of it");
+    let killed_at = killed_at - started;
+    let restarted_at = restarted_at.expect("restarted before the drain ended");
+    fleet.assert_all_running();
+    let record = drain::judge(&mut conn, &fleet, TASKS);
+    eprintln!(
+        "pooler fleet, PgBouncer killed at {killed_at:.1?} ({stopped_at_kill} tasks stopped) and restarted at \
+         {restarted_at:.1?}: {TASKS} tasks drained in {:.1?} ({:.0} tasks/s); server connections at most {} (bound {}); \
+         {} attempts recorded, {} failed, of which {} lost",
+        drained.elapsed,
+        TASKS as f64 / drained.elapsed.as_secs_f64(),
+        drained.max_connections,
+        connection_bound(),
+        record.executions,
+        record.failed,
+        record.lost,
+    );
+    assert!(
+        drained.max_connections <= connection_bound(),
+        "the server saw {} connections, more than the pool and a session per instance ({})",
+        drained.max_connections,
+        connection_bound()
+    );
+    assert!(record.failed > 0, "the kill cut no attempt short: the scenario tested nothing");
+    fleet.stop();
 }

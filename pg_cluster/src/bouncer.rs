@@ -29,6 +29,10 @@ pub struct Bouncer {
     child: Child,
     port: u16,
     dir: PathBuf,
+    /// What it takes to start it again ([`Bouncer::restart`]).
+    program: PathBuf,
+    run_as: Option<(u32, u32)>,
+    server_port: u16,
 }
 
 impl Bouncer {
@@ -86,7 +90,9 @@ impl Bouncer {
         for _ in 0..5 {
             let port = free_port()?;
             match Self::start_on(&program, dir, run_as, server_port, port) {
-                Ok(child) => return Ok(Self { child, port, dir: dir.to_path_buf() }),
+                Ok(child) => {
+                    return Ok(Self { child, port, dir: dir.to_path_buf(), program, run_as, server_port });
+                }
                 Err(error) => last_error = Some(error),
             }
         }
@@ -153,6 +159,24 @@ impl Bouncer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Kills it with SIGKILL, as a crash would: its clients' connections and its
+    /// server connections are cut at once, whatever they were doing.
+    pub fn kill(&mut self) -> Result<(), ClusterError> {
+        self.child.kill().map_err(io("could not kill pgbouncer"))?;
+        self.child.wait().map_err(io("could not wait for pgbouncer"))?;
+        Ok(())
+    }
+
+    /// Starts it again, on the same port with the same configuration, killing it first
+    /// if it still runs; returns once it accepts connections.
+    pub fn restart(&mut self) -> Result<(), ClusterError> {
+        if self.child.try_wait().map_err(io("could not watch pgbouncer"))?.is_none() {
+            self.kill()?;
+        }
+        self.child = Self::start_on(&self.program, &self.dir, self.run_as, self.server_port, self.port)?;
+        Ok(())
     }
 
     /// The port it listens on, on 127.0.0.1.

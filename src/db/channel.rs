@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
+use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 
@@ -25,6 +26,11 @@ pub(crate) struct Listening {
     holds_name: bool,
     stripes: i32,
 }
+
+/// What a listener whose session goes through a transaction pooler is told.
+const POOLED_SESSION: &str = "its statements ran on different server connections: is the listen URL a transaction \
+     pooler? The session needs PostgreSQL itself (or a pool in session mode): give `engine run --listen-url` \
+     (TASK_ENGINE_LISTEN_URL, `Runner::listen_url`) a direct URL";
 
 /// How long a new session waits for the instance's previous one, which it ended, to
 /// let go of the name.
@@ -47,12 +53,24 @@ impl Listening {
     ) -> Result<(Self, Vec<i64>), Error> {
         let fail = |context: &str| {
             let context = format!("could not {context} on {server}");
-            move |source| Error::Listener { context, source }
+            move |source: postgres::Error| {
+                // Its prepared statements unknown, or known twice: the session's
+                // statements ran on different server connections.
+                let pooled = [SqlState::INVALID_SQL_STATEMENT_NAME, SqlState::DUPLICATE_PSTATEMENT];
+                let context = match source.code() {
+                    Some(code) if pooled.contains(code) => format!("{context}: {POOLED_SESSION}"),
+                    _ => context,
+                };
+                Error::Listener { context, source }
+            }
         };
         let mut client = config.connect(NoTls).map_err(fail("connect"))?;
         let row = client
             .query_one("SELECT task_engine_channel(), task_engine_stripes(), pg_backend_pid()", &[])
-            .map_err(fail("find the tasks table (run `engine migrate`)"))?;
+            .map_err(|source| match source.code() {
+                Some(&SqlState::UNDEFINED_FUNCTION) => fail("find the tasks table (run `engine migrate`)")(source),
+                _ => fail("find the engine's channel")(source),
+            })?;
         let (channel, stripes, backend): (String, i32, i32) = (row.get(0), row.get(1), row.get(2));
         let take_name = "SELECT pg_try_advisory_lock($1, hashtext(task_engine_channel() || '/' || $2))";
         let mut holds_name: bool =

@@ -153,7 +153,12 @@ register_task!(Steps);
 /// Writes its run into `task_journal`, a table of yours (`task_id bigint, attempt int,
 /// instance text, started_at timestamptz, ended_at timestamptz`): its start, then after
 /// sleeping `ms` milliseconds its end. An example of a task doing its own database work
-/// through its context; the load test judges overlapping runs by this record.
+/// through its context; the load and pooler tests judge overlapping runs by this record,
+/// so it must be complete: a run's end is written even when the database cannot be
+/// reached for a while (a pooler restarting), trying again every 100 ms for up to two
+/// minutes, on a fresh connection from the pool each time. A start that fails fails the
+/// attempt (the engine retries it); if it failed with its connection, it may have been
+/// written all the same, its answer lost, so its end is written before the attempt fails.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Journal {
@@ -161,27 +166,66 @@ pub struct Journal {
     pub ms: u64,
 }
 
+impl Journal {
+    /// How long a run's end is tried, and the pause between tries.
+    const END_TRIES_FOR: Duration = Duration::from_secs(120);
+    const END_PAUSE: Duration = Duration::from_millis(100);
+
+    /// Writes the run's end, on a fresh connection at each try, until it is written or
+    /// [`Journal::END_TRIES_FOR`] has passed; returns the last error then.
+    fn write_end(ctx: &TaskContext) -> Result<(), TaskError> {
+        use diesel::sql_types::{BigInt, Integer};
+        use diesel::RunQueryDsl;
+        let deadline = std::time::Instant::now() + Self::END_TRIES_FOR;
+        loop {
+            let written = ctx.connection().map_err(TaskError::from).and_then(|mut conn| {
+                diesel::sql_query(
+                    "UPDATE task_journal SET ended_at = clock_timestamp() WHERE task_id = $1 AND attempt = $2",
+                )
+                .bind::<BigInt, _>(ctx.task_id())
+                .bind::<Integer, _>(ctx.attempt())
+                .execute(&mut conn)
+                .map_err(TaskError::from)
+            });
+            match written {
+                Ok(_) => return Ok(()),
+                Err(error) if std::time::Instant::now() >= deadline => return Err(error),
+                Err(_) => std::thread::sleep(Self::END_PAUSE),
+            }
+        }
+    }
+}
+
 impl Task for Journal {
     const NAME: &'static str = "journal";
     type Output = ();
 
     fn run(&self, ctx: &TaskContext) -> Result<(), TaskError> {
+        use diesel::result::{DatabaseErrorKind, Error as DieselError};
         use diesel::sql_types::{BigInt, Integer, Text};
         use diesel::RunQueryDsl;
-        let mut conn = ctx.connection()?;
-        diesel::sql_query(
+        let started = diesel::sql_query(
             "INSERT INTO task_journal (task_id, attempt, instance, started_at) VALUES ($1, $2, $3, clock_timestamp())",
         )
         .bind::<BigInt, _>(ctx.task_id())
         .bind::<Integer, _>(ctx.attempt())
         .bind::<Text, _>(ctx.instance())
-        .execute(&mut conn)?;
+        .execute(&mut ctx.connection()?);
+        match started {
+            Ok(_) => {}
+            Err(
+                error @ DieselError::DatabaseError(
+                    DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                    _,
+                ),
+            ) => {
+                Self::write_end(ctx)?;
+                return Err(error.into());
+            }
+            Err(error) => return Err(error.into()),
+        }
         std::thread::sleep(Duration::from_millis(self.ms));
-        diesel::sql_query("UPDATE task_journal SET ended_at = clock_timestamp() WHERE task_id = $1 AND attempt = $2")
-            .bind::<BigInt, _>(ctx.task_id())
-            .bind::<Integer, _>(ctx.attempt())
-            .execute(&mut conn)?;
-        Ok(())
+        Self::write_end(ctx)
     }
 }
 register_task!(Journal);

@@ -7,11 +7,12 @@
 //!
 //! Tests that break the server (stop it, restart it) take a [`TestCluster`] of their own.
 //! Tests through a transaction pooler use [`TestDatabase::pooled_url`] (a PgBouncer in
-//! front of the private cluster), after [`pooler_unavailable`].
+//! front of the private cluster), after [`pooler_unavailable`]; a test that kills and
+//! restarts its pooler takes one of its own ([`TestDatabase::own_pooler`]).
 
 mod pooler;
 
-pub use pooler::pooler_unavailable;
+pub use pooler::{pooler_unavailable, OwnPooler};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
