@@ -166,6 +166,15 @@ const DRAIN_WITHIN: Duration = Duration::from_secs(900);
 /// two at once take no less time, and the figures each prints are its own.
 static FLEET_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Fails unless the server saw at most the pool and a session per instance.
+fn assert_within_bound(most: i64) {
+    assert!(
+        most <= connection_bound(),
+        "the server saw {most} connections, more than the pool and a session per instance ({})",
+        connection_bound()
+    );
+}
+
 /// The most client connections the server may see on the fleet's database: the
 /// pooler's pool and one session per instance (the test's own connection, which
 /// counts them, left out; the test holds no other).
@@ -206,12 +215,7 @@ fn twenty_instances_drain_a_burst_inserted_by_sql_through_one_pooler_with_one_di
         record.executions,
         record.failed,
     );
-    assert!(
-        drained.max_connections <= connection_bound(),
-        "the server saw {} connections, more than the pool and a session per instance ({})",
-        drained.max_connections,
-        connection_bound()
-    );
+    assert_within_bound(drained.max_connections);
     assert_eq!(record.failed, 0, "attempts failed with nothing to make them fail");
     assert_eq!(record.executions, total, "tasks ran more than once with nothing to make them");
     fleet.stop();
@@ -264,12 +268,7 @@ fn twenty_instances_drain_a_burst_through_a_pooler_killed_and_restarted_mid_drai
         record.failed,
         record.lost,
     );
-    assert!(
-        drained.max_connections <= connection_bound(),
-        "the server saw {} connections, more than the pool and a session per instance ({})",
-        drained.max_connections,
-        connection_bound()
-    );
+    assert_within_bound(drained.max_connections);
     assert!(record.failed > 0, "the kill cut no attempt short: the scenario tested nothing");
     fleet.stop();
 }
