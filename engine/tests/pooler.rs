@@ -166,6 +166,19 @@ const DRAIN_WITHIN: Duration = Duration::from_secs(900);
 /// two at once take no less time, and the figures each prints are its own.
 static FLEET_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Starts the fleet (`label` names its logs) with `pooled_url` for its `DATABASE_URL`
+/// and its sessions on the server itself, on a database with the journal's table;
+/// returns once every instance is idle, with the test's one connection and how long
+/// the instances took to be idle once started.
+fn idle_fleet(db: &TestDatabase, label: &str, pooled_url: &str) -> (PgConnection, drain::Fleet, Duration) {
+    let mut conn = db.connect();
+    drain::create_journal(&mut conn);
+    let mut fleet = drain::Fleet::start(label, pooled_url, Some(db.url()));
+    let started = Instant::now();
+    fleet.wait_until_idle(&mut conn, IDLE_WITHIN);
+    (conn, fleet, started.elapsed())
+}
+
 /// Fails unless the server saw at most the pool and a session per instance.
 fn assert_within_bound(most: i64) {
     assert!(
@@ -190,12 +203,7 @@ fn twenty_instances_drain_a_burst_inserted_by_sql_through_one_pooler_with_one_di
     let total = tasks();
     let _turn = FLEET_TURN.lock().unwrap_or_else(|p| p.into_inner());
     let db = TestDatabase::new();
-    let mut conn = db.connect();
-    drain::create_journal(&mut conn);
-    let mut fleet = drain::Fleet::start("pooler-fleet", &db.pooled_url(), Some(db.url()));
-    let ready = Instant::now();
-    fleet.wait_until_idle(&mut conn, IDLE_WITHIN);
-    let ready = ready.elapsed();
+    let (mut conn, mut fleet, ready) = idle_fleet(&db, "pooler-fleet", &db.pooled_url());
 
     let drained = drain::insert_and_drain(&mut conn, &fleet, total, DRAIN_WITHIN, |_| {});
     fleet.assert_all_running();
@@ -230,10 +238,7 @@ fn twenty_instances_drain_a_burst_through_a_pooler_killed_and_restarted_mid_drai
     let _turn = FLEET_TURN.lock().unwrap_or_else(|p| p.into_inner());
     let db = TestDatabase::new();
     let mut pooler = db.own_pooler();
-    let mut conn = db.connect();
-    drain::create_journal(&mut conn);
-    let mut fleet = drain::Fleet::start("pooler-fleet-restart", pooler.url(), Some(db.url()));
-    fleet.wait_until_idle(&mut conn, IDLE_WITHIN);
+    let (mut conn, mut fleet, _) = idle_fleet(&db, "pooler-fleet-restart", pooler.url());
 
     // Killed once a fifth have stopped, started again on its port 1.5 s later.
     const DOWN_FOR: Duration = Duration::from_millis(1500);
